@@ -1,0 +1,5 @@
+"""`python -m lmtrain` runs the CLI."""
+
+from lmtrain.cli import run
+
+run()

@@ -1,0 +1,125 @@
+"""Self-contained checkpoints: weights, resolved config, tokenizer, optimizer state, progress, data
+position and RNG states, all as CPU tensors and plain Python values.
+
+Written atomically (a temporary file in the same folder, flushed and fsynced, then renamed over the
+old one), so a crash mid-write leaves the previous checkpoint intact. Read only with
+`torch.load(..., weights_only=True)`: a checkpoint cannot run code when loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtrain.config import Config, from_dict
+from lmtrain.errors import LmtrainError
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "config", "tokenizer", "model")
+
+
+def to_cpu(tree: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor detached on the CPU (named tuples
+    become plain tuples, which the safe loader accepts)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {key: to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [to_cpu(value) for value in tree]
+    if isinstance(tree, tuple):
+        return tuple(to_cpu(value) for value in tree)
+    return tree
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader sees either the old file or the whole new one."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(to_cpu({"format_version": FORMAT_VERSION, **payload}), buffer)
+    try:
+        atomic_write_bytes(Path(path), buffer.getvalue())
+    except OSError as error:
+        raise LmtrainError(f"could not write checkpoint {path}: {error.strerror or error}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents on the CPU; a clear error for anything that is not one of ours."""
+    path = Path(path)
+    if not path.exists():
+        raise LmtrainError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise LmtrainError(f"checkpoint path is a directory: {path} (give the .pt file, e.g. {path}/best.pt)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise LmtrainError(f"{path}: refused to load: it holds Python objects{what}, not only tensors and plain "
+                           f"data; lmtrain never unpickles code") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise LmtrainError(f"{path}: not a readable lmtrain checkpoint (truncated, corrupt, or another kind "
+                           f"of file)") from None
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED):
+        raise LmtrainError(f"{path}: not an lmtrain checkpoint")
+    version = payload["format_version"]
+    if version != FORMAT_VERSION:
+        relation = "newer" if isinstance(version, int) and version > FORMAT_VERSION else "older"
+        raise LmtrainError(f"{path}: checkpoint format {version} is {relation} than this lmtrain reads "
+                           f"({FORMAT_VERSION}); use a matching lmtrain version")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint"
+                          ) -> tuple[LanguageModel, Tokenizer, Config]:
+    """Rebuild the model (on the CPU, in eval mode), its tokenizer and config."""
+    try:
+        config = from_dict(payload["config"])
+        tokenizer = Tokenizer.from_dict(payload["tokenizer"])
+        model = LanguageModel.from_config(config.model, tokenizer.vocab_size)
+        model.load_state_dict(payload["model"])
+    except (LmtrainError, KeyError, TypeError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LmtrainError(f"{path}: checkpoint does not match its own model config: {message}") from None
+    return model.eval(), tokenizer, config
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, Tokenizer, Config]:
+    """Load a checkpoint for sampling or evaluation: (model on `device`, tokenizer, config)."""
+    model, tokenizer, config = model_from_checkpoint(load_checkpoint(path), path)
+    return model.to(device), tokenizer, config
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

@@ -1,0 +1,156 @@
+"""The `lmtrain` command: parses arguments and delegates. A user's mistake ends in one line on stderr
+and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# torch warns at import when NumPy is absent; lmtrain does not use NumPy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from lmtrain.errors import LmtrainError  # noqa: E402
+
+app = typer.Typer(help="Train recurrent language models (RNN, GRU, LSTM) and sample text from them.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)
+eval_app = typer.Typer(help="Evaluate a checkpoint.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+_options = {"debug": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False) -> None:
+    _options["debug"] = debug
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors into one line on stderr and an exit code: 2 for a user's mistake, 1 for a bug."""
+    try:
+        yield
+    except LmtrainError as error:
+        if _options["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(getattr(error, "exit_code", 2)) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if _options["debug"]:
+            traceback.print_exc()
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        typer.echo(f"error: internal error {type(error).__name__}: {first_line} (rerun with lmtrain --debug ... "
+                   f"for the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    config: Annotated[Optional[str], typer.Argument(help="YAML config (default: configs/quickstart.yaml).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. model.hidden_size=256.",
+                                                              show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in train.out_dir from its last.pt.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a model; prints the resolved config, progress, validation loss and a few samples."""
+    from lmtrain.config import load_config, to_yaml
+    from lmtrain.train import train as run_training
+
+    with user_errors():
+        overrides = list(overrides or [])
+        if config is not None and "=" in config and not Path(config).exists():
+            config, overrides = None, [config, *overrides]  # `lmtrain train key=value` on the default config
+        path = Path(config) if config is not None else _default_config()
+        resolved = load_config(path, overrides)
+        typer.echo(f"# config: {path}\n{to_yaml(resolved)}")
+        result = run_training(resolved, resume=resume, echo=typer.echo, progress_bar=progress)
+        typer.echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
+                   f"{result.progress.best_valid_loss:.4f}, checkpoints in {result.out_dir}")
+        if result.samples:
+            typer.echo("samples:\n" + "\n".join(result.samples))
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],
+    num: Annotated[int, typer.Option(help="Number of samples, one a line.")] = 1,
+    prime: Annotated[str, typer.Option(help="Text to start every sample with.")] = "",
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set reaching p.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Stop a sample after this many new tokens.")] = 200,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same samples.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Generate sentences, each until <eos> (not printed) or --max-tokens."""
+    from lmtrain.sampling import sample_checkpoint
+
+    with user_errors():
+        samples, notes = sample_checkpoint(checkpoint, num=num, prime=prime, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, max_tokens=max_tokens, seed=seed, device=_device(device))
+        for note in notes:
+            typer.echo(note, err=True)
+        typer.echo("\n".join(samples))
+
+
+@eval_app.command()
+def perplexity(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],
+    data: Annotated[Optional[str], typer.Option(help="Text file to score (default: a split of the training corpus).")] = None,
+    split: Annotated[str, typer.Option(help="valid or test split of the checkpoint's corpus.")] = "valid",
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences scored at once (the result does not depend on it).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Loss (nats/token), perplexity and, for character models, bits per character; every token counted."""
+    from lmtrain.evaluate import evaluate_checkpoint
+
+    with user_errors():
+        if split not in ("valid", "test"):
+            raise LmtrainError(f"--split must be valid or test; got {split!r}")
+        if batch_size is not None and batch_size < 1:
+            raise LmtrainError(f"--batch-size must be >= 1; got {batch_size}")
+        numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split, batch_size=batch_size,
+                                             device=_device(device))
+        for note in notes:
+            typer.echo(note, err=True)
+        typer.echo(json.dumps(numbers) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))
+
+
+def _format(key: str, value: float | int) -> str:
+    return f"{key} {value:,}" if isinstance(value, int) else f"{key} {value:.4f}"
+
+
+def _device(name: str) -> str:
+    from lmtrain.train import resolve_device
+
+    if name == "auto":
+        raise LmtrainError("--device auto is for training; give cpu or cuda")
+    return str(resolve_device(name))
+
+
+def _default_config() -> Path:
+    if not DEFAULT_CONFIG.exists():
+        raise LmtrainError("no config given and the bundled configs/quickstart.yaml is not installed here; "
+                           "pass a config file: lmtrain train CONFIG.yaml")
+    return DEFAULT_CONFIG
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="lmtrain")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

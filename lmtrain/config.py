@@ -1,0 +1,296 @@
+"""Typed configuration: three dataclass sections (`data`, `model`, `train`) read from YAML plus
+dotted `key=value` overrides that win over the file.
+
+A leaf module: it imports neither torch nor anything else of lmtrain but `errors`, so a config can
+be checked before anything heavy loads. Every mistake raises `ConfigError` naming the key.
+
+Paths: a relative `data.*` path written in a YAML file is relative to that file's folder (so a
+config works from any directory); a relative path given on the command line, and `train.out_dir`,
+are relative to the current directory. The resolved config holds absolute data paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmtrain.errors import LmtrainError
+
+
+class ConfigError(LmtrainError):
+    """A config key is unknown, has the wrong type, or an impossible value."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None            # one corpus file, cut by `split`
+    split: list[float] = field(default_factory=lambda: [0.9, 0.1])  # train, valid[, test] fractions
+    train: str | None = None           # or three files
+    valid: str | None = None
+    test: str | None = None
+    level: str = "char"                # char | word
+    mode: str = "stream"               # stream | sentences
+    eos: str = "line"                  # line: <eos> at each line end | none
+    min_freq: int = 1                  # word level: rarer words become <unk>
+    max_vocab: int | None = None       # word level: keep the most frequent, specials included
+    encoding: str = "utf-8"
+    encoding_errors: str = "strict"    # strict: undecodable bytes are an error | replace
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"                 # rnn | gru | lstm
+    embed_size: int = 64
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.0
+    tie_weights: bool = False
+    relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    bptt: int = 64                     # stream: truncated-BPTT length; sentences: longest sequence
+    optimizer: str = "adam"            # adam | adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0              # sgd only
+    schedule: str = "constant"         # constant | cosine (after warmup)
+    warmup_steps: int = 0
+    min_lr: float = 0.0                # cosine floor
+    clip: float = 5.0                  # global gradient-norm clip; 0 turns it off
+    max_steps: int | None = None       # stop at whichever of the three limits comes first
+    max_epochs: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 500
+    eval_segment: int = 2048           # stream mode: evaluation reads the split in segments this long
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    final_samples: int = 5             # sentences printed when training ends
+    seed: int = 1234
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.level": ("char", "word"),
+    "data.mode": ("stream", "sentences"),
+    "data.eos": ("line", "none"),
+    "data.encoding_errors": ("strict", "replace"),
+    "model.cell": ("rnn", "gru", "lstm"),
+    "train.optimizer": ("adam", "adamw", "sgd"),
+    "train.schedule": ("constant", "cosine"),
+}
+POSITIVE = ("model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
+            "train.bptt", "train.lr", "train.eval_every", "train.eval_segment", "train.log_every",
+            "train.checkpoint_every", "train.max_steps", "train.max_epochs", "train.max_seconds",
+            "data.min_freq")
+NON_NEGATIVE = ("train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
+                "train.clip", "train.final_samples", "train.seed")
+DATA_PATHS = ("data.path", "data.train", "data.valid", "data.test")
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a config accepts, e.g. `model.hidden_size`."""
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read `path` (YAML), apply `KEY=VALUE` overrides, check types and values; return the config."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        values = _read_yaml(path)
+        for key in DATA_PATHS:
+            if isinstance(values.get(key), str):
+                values[key] = str((path.parent / values[key]).resolve())
+    for item in overrides:
+        key, value = parse_override(item)
+        values[key] = str(Path(value).resolve()) if key in DATA_PATHS and isinstance(value, str) else value
+    return build_config(values)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`model.hidden_size=256` -> ("model.hidden_size", 256); the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. model.hidden_size=256)")
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return key.strip(), text
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Build a Config from a flat {dotted key: value} dict; unknown keys and bad values raise."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if key not in all_keys():
+            raise ConfigError(f"unknown config key '{key}'{_suggestion(key)}")
+        sections[section][name] = _coerce(key, value, _field_type(SECTIONS[section], name))
+    config = Config(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Values that are of the right type but impossible, named by key."""
+    for key, choices in CHOICES.items():
+        if get_value(config, key) not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {get_value(config, key)!r}")
+    for key in POSITIVE:
+        value = get_value(config, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key} must be positive; got {value}")
+    for key in NON_NEGATIVE:
+        if get_value(config, key) < 0:
+            raise ConfigError(f"{key} must not be negative; got {get_value(config, key)}")
+    data, model, train = config.data, config.model, config.train
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1); got {model.dropout}")
+    if model.tie_weights and model.embed_size != model.hidden_size:
+        raise ConfigError(f"model.tie_weights needs model.embed_size == model.hidden_size; "
+                          f"got {model.embed_size} and {model.hidden_size}")
+    if data.max_vocab is not None and data.max_vocab < 3:
+        raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word); got {data.max_vocab}")
+    if data.path is None and data.train is None:
+        raise ConfigError("no corpus: set data.path (cut by data.split) or data.train and data.valid")
+    if data.path is not None and data.train is not None:
+        raise ConfigError("set either data.path or data.train/valid/test, not both")
+    if data.path is not None:
+        split = data.split
+        if len(split) not in (2, 3) or any(not f > 0 for f in split) or not math.isclose(sum(split), 1.0):
+            raise ConfigError(f"data.split must be 2 or 3 positive fractions summing to 1; got {split}")
+    elif data.valid is None:
+        raise ConfigError("data.valid is required with data.train (validation drives best.pt)")
+    if data.mode == "sentences" and data.eos == "none":
+        raise ConfigError("data.mode: sentences needs data.eos: line (each line is one sentence ending in <eos>)")
+    if train.max_steps is None and train.max_epochs is None and train.max_seconds is None:
+        raise ConfigError("set at least one of train.max_steps, train.max_epochs, train.max_seconds")
+    if train.schedule == "cosine" and train.max_steps is None and train.max_epochs is None:
+        raise ConfigError("train.schedule: cosine needs train.max_steps or train.max_epochs to know its length")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {train.device!r}")
+
+
+def get_value(config: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (YAML- and checkpoint-safe)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(nested: dict[str, dict[str, Any]]) -> Config:
+    """Inverse of `to_dict`, validated (used for the config stored in a checkpoint)."""
+    return build_config({f"{s}.{k}": v for s, section in nested.items() for k, v in section.items()})
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def differences(a: Config, b: Config, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    return [key for key in all_keys() if key not in ignore and get_value(a, key) != get_value(b, key)]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {error.start})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{line}: {getattr(error, 'problem', error)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections data, model, train")
+    values: dict[str, Any] = {}
+    for section, entries in tree.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown config section '{section}'{_suggestion(str(section), list(SECTIONS))}")
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping of keys to values")
+        values.update({f"{section}.{name}": value for name, value in entries.items()})
+    return values
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check `value` against the field's annotation; widen int -> float and read '3e-3' as a float
+    (YAML 1.1 reads `3e-3` as a string)."""
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is type(None):
+            continue
+        if typing.get_origin(option) is list:
+            (item_type,) = typing.get_args(option)
+            if isinstance(value, list):
+                return [_coerce(key, item, item_type) for item in value]
+            continue
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if option is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be {_type_name(expected)}; got {value!r}")
+
+
+def _type_name(expected: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    return " or ".join(names.get(o, "a list of numbers") for o in options)
+
+
+def _suggestion(key: str, candidates: list[str] | None = None) -> str:
+    candidates = candidates if candidates is not None else all_keys()
+    # A bare field name ("hidden_size") is matched against the last part of each key too.
+    by_name = {c.rpartition(".")[2]: c for c in candidates}
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    close = close or [by_name[m] for m in difflib.get_close_matches(key.rpartition(".")[2], by_name, n=1, cutoff=0.75)]
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,196 @@
+"""From corpus files to batches of token ids. Knows tokens, not models.
+
+Two ways to read a corpus (`data.mode`):
+
+- stream: the split is one token stream (`<eos>` between lines) cut into B parallel streams and read
+  in chunks of `bptt` steps; the recurrent state is carried from one chunk to the next (truncated
+  backpropagation through time).
+- sentences: every line is its own sequence, the lecture's set-up: it starts from a(0) = 0 with the
+  input x(1) = 0 and ends by predicting `<eos>`; lines are batched with padding, and padded targets
+  are left out of the loss. A line longer than `bptt` tokens is cut into pieces of at most `bptt`.
+
+Targets are always the inputs shifted by one step: the model predicts token t+1 from tokens <= t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmtrain.config import DataConfig
+from lmtrain.errors import LmtrainError
+from lmtrain.tokenizer import ZERO_INPUT, Tokenizer, read_text
+
+IGNORE = -100  # target id left out of the loss (torch's cross_entropy default ignore_index)
+SPLITS = ("train", "valid", "test")
+
+Sequence = tuple[Tensor, Tensor]  # (inputs (T,), targets (T,))
+
+
+def load_splits(config: DataConfig) -> dict[str, str]:
+    """The text of each split that the config names: {"train": ..., "valid": ..., ["test": ...]}.
+
+    With `data.path`, the file is cut into contiguous parts by `data.split` (first 90% train, then
+    valid, then test: nanoGPT's convention for Tiny Shakespeare), see `split_points`.
+    """
+    read = lambda path: read_text(path, encoding=config.encoding, errors=config.encoding_errors)  # noqa: E731
+    if config.path is not None:
+        text = read(config.path)
+        bounds = split_points(text, config.split)
+        texts = {name: text[start:end] for name, start, end in zip(SPLITS, bounds, bounds[1:])}
+        origin = config.path
+    else:
+        texts = {name: read(getattr(config, name)) for name in SPLITS if getattr(config, name) is not None}
+        origin = config.train
+    if not texts["train"].strip():
+        raise LmtrainError(f"the training text is empty or only whitespace ({origin})")
+    return texts
+
+
+def split_points(text: str, fractions: list[float]) -> list[int]:
+    """Character offsets [0, ..., len(text)] cutting `text` into parts of the given fractions. Each
+    cut moves forward to the end of its line so no word or sentence is split between two parts."""
+    bounds, cumulative = [0], 0.0
+    for fraction in fractions[:-1]:
+        cumulative += fraction
+        cut = round(cumulative * len(text))
+        line_end = text.find("\n", cut - 1) if cut > 0 else 0
+        bounds.append(max(bounds[-1], len(text) if line_end < 0 else line_end + 1))
+    return [*bounds, len(text)]
+
+
+def fit_tokenizer(config: DataConfig, train_text: str) -> Tokenizer:
+    tokenizer = Tokenizer.fit(train_text, level=config.level, eos=config.eos, min_freq=config.min_freq,
+                              max_vocab=config.max_vocab)
+    if tokenizer.vocab_size <= 2:
+        raise LmtrainError("the training text has no tokens besides line ends")
+    return tokenizer
+
+
+def stream_ids(tokenizer: Tokenizer, text: str) -> Tensor:
+    """The split as one id stream, starting with `<eos>` so the first token is read as the start of
+    a line, just as every later line follows an `<eos>`."""
+    return torch.tensor([tokenizer.eos_id, *tokenizer.encode(text)], dtype=torch.long)
+
+
+def batchify(ids: Tensor, batch_size: int) -> Tensor:
+    """Cut a stream into `batch_size` contiguous rows, dropping the remainder:
+
+        ids = a b c d e f g h i j k l m n o p q r s t u v w x y z, batch_size = 4
+
+        ┌ a b c d e f ┐   row 0 continues into ...
+        │ g h i j k l │   row 1, ... ; each row is read left to right in
+        │ m n o p q r │   chunks of bptt columns, the state carried from
+        └ s t u v w x ┘   one chunk to the next (y z dropped)
+    """
+    columns = ids.numel() // batch_size
+    if columns < 2:
+        raise LmtrainError(f"the training split has {ids.numel()} tokens: too few for train.batch_size "
+                           f"{batch_size} (each of the {batch_size} streams needs at least 2)")
+    return ids[: columns * batch_size].view(batch_size, columns)
+
+
+def num_chunks(data: Tensor, bptt: int) -> int:
+    """Chunks in one pass over batchified `data` (the last may be shorter than `bptt`)."""
+    return -(-(data.size(1) - 1) // bptt)
+
+
+def get_chunk(data: Tensor, index: int, bptt: int) -> Sequence:
+    """Chunk `index` of batchified data: inputs (B, T) and the targets, the next column over:
+
+        data    a b c d e f g       bptt = 3, index 1
+        inputs        d e f
+        targets         e f g
+    """
+    start = index * bptt
+    length = min(bptt, data.size(1) - 1 - start)
+    return data[:, start:start + length], data[:, start + 1:start + 1 + length]
+
+
+def sentence_pieces(tokenizer: Tokenizer, text: str, max_length: int) -> list[Sequence]:
+    """Every non-empty line as a sequence from x(1) = 0 to `<eos>`, cut into pieces of at most
+    `max_length` steps (a later piece starts from a zero state with its preceding token as input):
+
+        line "the cat sat"  ->  inputs  0   the cat sat
+                                targets the cat sat <eos>
+    """
+    pieces = []
+    for line in tokenizer.encode_lines(text):
+        if len(line) < 2:  # an empty line is only <eos>: it holds no sentence
+            continue
+        inputs = torch.tensor([ZERO_INPUT, *line[:-1]], dtype=torch.long)
+        targets = torch.tensor(line, dtype=torch.long)
+        pieces.extend(zip(inputs.split(max_length), targets.split(max_length)))
+    return pieces
+
+
+def stream_segments(ids: Tensor, segment_length: int) -> list[Sequence]:
+    """An id stream as consecutive segments whose targets cover every token after the first exactly
+    once; evaluation reads each from a zero state. Fixed by `segment_length`, not by the batch size,
+    so the loss does not depend on how many segments run side by side."""
+    inputs, targets = ids[:-1], ids[1:]
+    return list(zip(inputs.split(segment_length), targets.split(segment_length)))
+
+
+def pad_batch(sequences: list[Sequence]) -> Sequence:
+    """Right-pad sequences to one length: inputs with ZERO_INPUT, targets with IGNORE. Padding comes
+    after a sequence's end, so it cannot change the outputs at real positions."""
+    length = max(inputs.numel() for inputs, _ in sequences)
+    inputs = torch.full((len(sequences), length), ZERO_INPUT, dtype=torch.long)
+    targets = torch.full((len(sequences), length), IGNORE, dtype=torch.long)
+    for row, (sequence_inputs, sequence_targets) in enumerate(sequences):
+        inputs[row, : sequence_inputs.numel()] = sequence_inputs
+        targets[row, : sequence_targets.numel()] = sequence_targets
+    return inputs, targets
+
+
+def shuffled_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch of training batches (lists of sequence indices) in random order. Sequences of
+    similar length share a batch (sorted within pools of 50 batches) so that little is padding."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), pool):
+        members = sorted(order[start:start + pool], key=lambda index: lengths[index])
+        batches.extend(members[i:i + batch_size] for i in range(0, len(members), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: longest sequences first (so the worst memory use shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TrainingBatches:
+    """The training split as numbered batches: batch `index` of epoch `epoch`, either mode.
+
+    Stream mode reads the same columns every epoch and carries the state across chunks; sentences
+    mode shuffles with a generator seeded by (seed, epoch), so a resumed run sees the same order.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, text: str, *, mode: str, batch_size: int, bptt: int, seed: int) -> None:
+        self.carries_state = mode == "stream"
+        self.batch_size, self.bptt, self.seed = batch_size, bptt, seed
+        if self.carries_state:
+            self.data = batchify(stream_ids(tokenizer, text), batch_size)   # (B, N)
+            self.per_epoch = num_chunks(self.data, bptt)
+        else:
+            self.pieces = sentence_pieces(tokenizer, text, bptt)
+            if not self.pieces:
+                raise LmtrainError("the training split has no non-empty lines")
+            self.lengths = [inputs.numel() for inputs, _ in self.pieces]
+            self._order_epoch, self._order = -1, []
+            self.per_epoch = len(self._epoch_order(0))
+
+    def batch(self, epoch: int, index: int) -> Sequence:
+        """(inputs, targets), each (B, T)."""
+        if self.carries_state:
+            return get_chunk(self.data, index, self.bptt)
+        return pad_batch([self.pieces[i] for i in self._epoch_order(epoch)[index]])
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        if epoch != self._order_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order_epoch, self._order = epoch, shuffled_batches(self.lengths, self.batch_size, generator)
+        return self._order

@@ -1,0 +1,112 @@
+"""Loss, perplexity and bits per character.
+
+Perplexity is the exponential of the token-weighted mean negative log-likelihood, every token
+counted (`<eos>` included), as in the published PTB results. The sequences evaluated are fixed by
+the data (lines, or stream segments of `train.eval_segment` tokens), never by the batch size, so the
+number does not depend on `batch_size`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from lmtrain.checkpoint import load_model
+from lmtrain.config import Config
+from lmtrain.data import (IGNORE, Sequence, length_sorted_batches, load_splits, pad_batch, sentence_pieces,
+                          stream_ids, stream_segments)
+from lmtrain.errors import LmtrainError
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import Tokenizer, read_text
+
+
+def summed_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    """(sum of -log p(target), number of targets), padded targets (IGNORE) left out."""
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, int((targets != IGNORE).sum())
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean NLL in nats per token)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def bits_per_character(loss: float) -> float:
+    """Nats per character to bits per character."""
+    return loss / math.log(2)
+
+
+def evaluation_sequences(tokenizer: Tokenizer, text: str, config: Config) -> list[Sequence]:
+    """The sequences a split is scored on: its lines (sentences mode) or its stream cut into
+    `train.eval_segment`-token segments (stream mode)."""
+    if config.data.mode == "sentences":
+        return sentence_pieces(tokenizer, text, config.train.bptt)
+    return stream_segments(stream_ids(tokenizer, text), config.train.eval_segment)
+
+
+@dataclass
+class Score:
+    loss: float   # mean NLL, nats per token
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+
+@torch.no_grad()
+def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int,
+          device: torch.device | str = "cpu") -> Score:
+    """Token-weighted mean loss of `model` on `sequences`, each read from a zero state."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    lengths = [inputs.numel() for inputs, _ in sequences]
+    for batch in length_sorted_batches(lengths, batch_size):
+        inputs, targets = pad_batch([sequences[index] for index in batch])
+        logits, _ = model(inputs.to(device))
+        batch_total, batch_count = summed_nll(logits.float(), targets.to(device))
+        total += float(batch_total)
+        count += batch_count
+    model.train(was_training)
+    return Score(loss=total / count if count else math.nan, tokens=count)
+
+
+def report(result: Score, tokenizer: Tokenizer) -> dict[str, float | int]:
+    """The numbers `lmtrain eval perplexity` prints (`bpc` only for character models)."""
+    numbers: dict[str, float | int] = {"loss": result.loss, "perplexity": result.perplexity}
+    if tokenizer.level == "char":
+        numbers["bpc"] = bits_per_character(result.loss)
+    numbers["tokens"] = result.tokens
+    return numbers
+
+
+def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str = "valid",
+                        batch_size: int | None = None, device: str = "cpu") -> tuple[dict[str, float | int], list[str]]:
+    """`lmtrain eval perplexity`: score a checkpoint on a file, or on a split of its own corpus.
+    Returns the numbers and any warnings (e.g. the rate of tokens unseen in training)."""
+    model, tokenizer, config = load_model(path, device)
+    if data_file is not None:
+        text = read_text(data_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
+        origin = data_file
+    else:
+        texts = load_splits(config.data)
+        if split not in texts:
+            raise LmtrainError(f"the checkpoint's corpus has no {split} split (it has {', '.join(texts)}); "
+                               f"give --data FILE")
+        text, origin = texts[split], f"{split} split"
+    sequences = evaluation_sequences(tokenizer, text, config)
+    if not sequences:
+        raise LmtrainError(f"{origin} holds no tokens to evaluate")
+    warnings = []
+    unknown, total = tokenizer.count_unknown(text)
+    if unknown:
+        warnings.append(f"warning: {unknown} of {total} tokens ({100 * unknown / total:.2f}%) in {origin} are not "
+                        f"in the training vocabulary and are scored as <unk>")
+    result = score(model, sequences, batch_size=batch_size or config.train.batch_size, device=device)
+    return report(result, tokenizer), warnings

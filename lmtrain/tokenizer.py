@@ -1,0 +1,141 @@
+"""Reading text and turning it into token ids, as the lecture describes: build a dictionary from the
+corpus, map each token to its index, and add `<eos>` to signify the end of a sentence (one per line).
+
+Character level works on Unicode code points (not bytes); word level splits on whitespace. The
+vocabulary is fit on the training split only and travels inside every checkpoint (`to_dict`).
+A leaf module: it knows nothing of torch or the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmtrain.errors import LmtrainError
+
+UNK = "<unk>"
+EOS = "<eos>"
+SPECIALS = (UNK, EOS)  # ids 0 and 1 in every vocabulary
+# Not a token: an input id meaning "x(t) is the zero vector", the lecture's first input x(1) = 0.
+ZERO_INPUT = -1
+
+
+def read_text(path: str | Path, *, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Read a corpus file as text with '\\n' line ends and no byte-order mark.
+
+    Undecodable bytes are an error naming the file and byte offset unless `errors="replace"`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LmtrainError(f"corpus file not found: {path}")
+    if path.is_dir():
+        raise LmtrainError(f"corpus path is a directory, not a file: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise LmtrainError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        text = raw.decode(encoding, errors=errors)
+    except UnicodeDecodeError as error:
+        raise LmtrainError(f"{path}: byte offset {error.start} is not valid {encoding} "
+                           f"(set data.encoding_errors: replace to substitute U+FFFD)") from None
+    except LookupError:
+        raise LmtrainError(f"unknown text encoding {encoding!r} (data.encoding)") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines of `text`; a final newline does not start another line. (Not `str.splitlines`, which
+    also breaks on form feeds and U+2028 inside a line.)"""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+@dataclass
+class Tokenizer:
+    """Maps text to ids and back. `tokens[i]` is the token of id i; ids 0 and 1 are `<unk>`, `<eos>`."""
+
+    level: str                         # "char" | "word"
+    eos: str                           # "line": <eos> ends every line | "none"
+    tokens: list[str]
+    ids: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if tuple(self.tokens[:2]) != SPECIALS:
+            raise LmtrainError("tokenizer vocabulary must start with <unk>, <eos>")
+        self.ids = {token: index for index, token in enumerate(self.tokens)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def unk_id(self) -> int:
+        return 0
+
+    @property
+    def eos_id(self) -> int:
+        return 1
+
+    @classmethod
+    def fit(cls, text: str, *, level: str, eos: str = "line", min_freq: int = 1,
+            max_vocab: int | None = None) -> Tokenizer:
+        """Build the vocabulary from (training) text: tokens seen at least `min_freq` times, the most
+        frequent first, cut to `max_vocab` entries including the specials."""
+        counts = Counter(token for line in _units(text, level, eos) for token in line)
+        for special in SPECIALS:
+            counts.pop(special, None)
+        kept = [token for token, count in counts.items() if count >= min_freq]
+        kept.sort(key=lambda token: (-counts[token], token))
+        if max_vocab is not None:
+            kept = kept[: max_vocab - len(SPECIALS)]
+        if level == "char":
+            kept.sort()  # code-point order reads better in `lmtrain info`; frequency only chose them
+        return cls(level=level, eos=eos, tokens=[*SPECIALS, *kept])
+
+    def encode(self, text: str) -> list[int]:
+        """All of `text` as one id stream, `<eos>` after every line when `eos == "line"`."""
+        return [token_id for line in self.encode_lines(text) for token_id in line]
+
+    def encode_lines(self, text: str) -> list[list[int]]:
+        """One id list per line (each ending in `<eos>`); with `eos == "none"`, a single list."""
+        get = self.ids.get
+        return [[get(token, 0) for token in line] for line in _units(text, self.level, self.eos)]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`: `<eos>` becomes a line end; words are joined by single spaces."""
+        parts: list[str] = []
+        for token_id in ids:
+            token = self.tokens[token_id]
+            if token == EOS and self.eos == "line":
+                parts.append("\n")
+            elif self.level == "word" and parts and parts[-1] != "\n":
+                parts.append(" " + token)
+            else:
+                parts.append(token)
+        return "".join(parts)
+
+    def count_unknown(self, text: str) -> tuple[int, int]:
+        """(tokens not in the vocabulary, all tokens) of `text`; a literal `<unk>` counts as known."""
+        total = unknown = 0
+        for line in _units(text, self.level, self.eos):
+            total += len(line)
+            unknown += sum(1 for token in line if token not in self.ids)
+        return unknown, total
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "eos": self.eos, "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Tokenizer:
+        return cls(level=state["level"], eos=state["eos"], tokens=list(state["tokens"]))
+
+
+def _units(text: str, level: str, eos: str) -> list[list[str]]:
+    """The text as lists of token strings: one list per line ending in `<eos>`, or one list."""
+    if eos == "none":
+        return [list(text) if level == "char" else text.split()]
+    if level == "char":
+        return [[*line, EOS] for line in split_lines(text)]
+    return [[*line.split(), EOS] for line in split_lines(text)]
