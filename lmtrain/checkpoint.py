@@ -85,9 +85,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        what = f" ({found.group(1)})" if found else ""
-        raise LmtrainError(f"{path}: refused to load: it holds Python objects{what}, not only tensors and plain "
-                           f"data; lmtrain never unpickles code") from None
+        if found is None:  # the safe loader also raises this for files that are no pickle at all
+            raise LmtrainError(f"{path}: not a readable lmtrain checkpoint (truncated, corrupt, or another kind "
+                               f"of file)") from None
+        raise LmtrainError(f"{path}: refused to load: it holds Python objects ({found.group(1)}), not only "
+                           f"tensors and plain data; lmtrain never unpickles code") from None
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
         raise LmtrainError(f"{path}: not a readable lmtrain checkpoint (truncated, corrupt, or another kind "
                            f"of file)") from None

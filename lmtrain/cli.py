@@ -65,7 +65,6 @@ def train(
 ) -> None:
     """Train a model; prints the resolved config, progress, validation loss and a few samples."""
     from lmtrain.config import load_config, to_yaml
-    from lmtrain.train import train as run_training
 
     with user_errors():
         overrides = list(overrides or [])
@@ -74,6 +73,8 @@ def train(
         path = Path(config) if config is not None else _default_config()
         resolved = load_config(path, overrides)
         typer.echo(f"# config: {path}\n{to_yaml(resolved)}")
+        from lmtrain.train import train as run_training  # torch loads only once the config is known good
+
         result = run_training(resolved, resume=resume, echo=typer.echo, progress_bar=progress)
         typer.echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
                    f"{result.progress.best_valid_loss:.4f}, checkpoints in {result.out_dir}")

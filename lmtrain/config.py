@@ -106,6 +106,7 @@ POSITIVE = ("model.embed_size", "model.hidden_size", "model.num_layers", "train.
 NON_NEGATIVE = ("train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
                 "train.clip", "train.final_samples", "train.seed")
 DATA_PATHS = ("data.path", "data.train", "data.valid", "data.test")
+PATHS = (*DATA_PATHS, "train.out_dir")
 
 
 def all_keys() -> list[str]:
@@ -124,6 +125,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 values[key] = str((path.parent / values[key]).resolve())
     for item in overrides:
         key, value = parse_override(item)
+        if key in PATHS and isinstance(value, (int, float, bool)):
+            value = item.partition("=")[2].strip()  # `data.path=2024` is the file "2024", not a number
         values[key] = str(Path(value).resolve()) if key in DATA_PATHS and isinstance(value, str) else value
     return build_config(values)
 
@@ -162,7 +165,7 @@ def validate(config: Config) -> None:
         if value is not None and not value > 0:
             raise ConfigError(f"{key} must be positive; got {value}")
     for key in NON_NEGATIVE:
-        if get_value(config, key) < 0:
+        if not get_value(config, key) >= 0:  # written so that NaN fails too
             raise ConfigError(f"{key} must not be negative; got {get_value(config, key)}")
     data, model, train = config.data, config.model, config.train
     if not 0.0 <= model.dropout < 1.0:
@@ -174,7 +177,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word); got {data.max_vocab}")
     if data.path is None and data.train is None:
         raise ConfigError("no corpus: set data.path (cut by data.split) or data.train and data.valid")
-    if data.path is not None and data.train is not None:
+    if data.path is not None and any(path is not None for path in (data.train, data.valid, data.test)):
         raise ConfigError("set either data.path or data.train/valid/test, not both")
     if data.path is not None:
         split = data.split

@@ -54,8 +54,9 @@ def split_points(text: str, fractions: list[float]) -> list[int]:
     for fraction in fractions[:-1]:
         cumulative += fraction
         cut = round(cumulative * len(text))
-        line_end = text.find("\n", cut - 1) if cut > 0 else 0
-        bounds.append(max(bounds[-1], len(text) if line_end < 0 else line_end + 1))
+        line_end = text.find("\n", cut - 1)
+        bound = 0 if cut <= 0 else len(text) if line_end < 0 else line_end + 1
+        bounds.append(max(bounds[-1], bound))
     return [*bounds, len(text)]
 
 
@@ -128,6 +129,8 @@ def stream_segments(ids: Tensor, segment_length: int) -> list[Sequence]:
     """An id stream as consecutive segments whose targets cover every token after the first exactly
     once; evaluation reads each from a zero state. Fixed by `segment_length`, not by the batch size,
     so the loss does not depend on how many segments run side by side."""
+    if ids.numel() < 2:
+        return []
     inputs, targets = ids[:-1], ids[1:]
     return list(zip(inputs.split(segment_length), targets.split(segment_length)))
 

@@ -33,7 +33,7 @@ def summed_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
 
 def perplexity(loss: float) -> float:
     """exp(mean NLL in nats per token)."""
-    return math.exp(loss) if loss < 700 else math.inf
+    return math.inf if loss >= 700 else math.exp(loss)  # NaN stays NaN
 
 
 def bits_per_character(loss: float) -> float:
@@ -59,20 +59,28 @@ class Score:
         return perplexity(self.loss)
 
 
+EVAL_BATCH_SIZE = 64       # sequences scored side by side; the result does not depend on it
+LOGITS_BUDGET = 1 << 25    # logits held at once (B x T x V floats, 128 MB): longer inputs go in time chunks
+
+
 @torch.no_grad()
-def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int,
+def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = EVAL_BATCH_SIZE,
           device: torch.device | str = "cpu") -> Score:
-    """Token-weighted mean loss of `model` on `sequences`, each read from a zero state."""
+    """Token-weighted mean loss of `model` on `sequences`, each read from a zero state. A long batch
+    runs in time chunks with the state carried, which gives the same result in bounded memory."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     lengths = [inputs.numel() for inputs, _ in sequences]
     for batch in length_sorted_batches(lengths, batch_size):
         inputs, targets = pad_batch([sequences[index] for index in batch])
-        logits, _ = model(inputs.to(device))
-        batch_total, batch_count = summed_nll(logits.float(), targets.to(device))
-        total += float(batch_total)
-        count += batch_count
+        chunk = max(1, LOGITS_BUDGET // (len(batch) * model.projection.out_features))
+        state = None
+        for start in range(0, inputs.size(1), chunk):
+            logits, state = model(inputs[:, start:start + chunk].to(device), state)
+            chunk_total, chunk_count = summed_nll(logits.float(), targets[:, start:start + chunk].to(device))
+            total += float(chunk_total)
+            count += chunk_count
     model.train(was_training)
     return Score(loss=total / count if count else math.nan, tokens=count)
 
@@ -108,5 +116,5 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
     if unknown:
         warnings.append(f"warning: {unknown} of {total} tokens ({100 * unknown / total:.2f}%) in {origin} are not "
                         f"in the training vocabulary and are scored as <unk>")
-    result = score(model, sequences, batch_size=batch_size or config.train.batch_size, device=device)
+    result = score(model, sequences, batch_size=batch_size or EVAL_BATCH_SIZE, device=device)
     return report(result, tokenizer), warnings

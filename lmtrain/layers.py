@@ -61,7 +61,7 @@ class RecurrentStack(nn.Module):
                 ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
         state = state if state is not None else [None] * len(self.layers)
         new_state = []
-        for index, (layer, layer_state) in enumerate(zip(self.layers, state)):
+        for index, (layer, layer_state) in enumerate(zip(self.layers, state, strict=True)):
             if index > 0:
                 x = self.dropout(x)
             x, layer_state = layer(x, layer_state)

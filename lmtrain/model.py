@@ -27,6 +27,11 @@ class LanguageModel(nn.Module):
                                   relevance_gate=relevance_gate)
         self.dropout = nn.Dropout(dropout)
         self.projection = nn.Linear(hidden_size, vocab_size)                # W_y, b_y
+        # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept by
+        # pytorch/examples word_language_model (nn.Embedding's N(0, 1) default is too large for SGD at lr 20).
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.projection.weight, -0.1, 0.1)
+        nn.init.zeros_(self.projection.bias)
         if tie_weights:
             # One matrix as both input embedding and output projection (Press & Wolf 2017, Inan et al. 2017).
             self.projection.weight = self.embedding.weight

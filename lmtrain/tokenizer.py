@@ -104,12 +104,15 @@ class Tokenizer:
         return [[get(token, 0) for token in line] for line in _units(text, self.level, self.eos)]
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`: `<eos>` becomes a line end; words are joined by single spaces."""
+        """Text of `ids`: `<eos>` becomes a line end; words are joined by single spaces; a character
+        model's `<unk>` is shown as U+FFFD."""
         parts: list[str] = []
         for token_id in ids:
             token = self.tokens[token_id]
             if token == EOS and self.eos == "line":
                 parts.append("\n")
+            elif token == UNK and self.level == "char":
+                parts.append("\ufffd")  # one character, as it stood for one
             elif self.level == "word" and parts and parts[-1] != "\n":
                 parts.append(" " + token)
             else:

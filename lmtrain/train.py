@@ -101,6 +101,8 @@ class Trainer:
         self.batches = TrainingBatches(self.tokenizer, texts["train"], mode=config.data.mode,
                                        batch_size=config.train.batch_size, bptt=config.train.bptt, seed=config.train.seed)
         self.valid = evaluation_sequences(self.tokenizer, texts["valid"], config)
+        if not self.valid:
+            raise LmtrainError("the validation split holds no tokens (a larger data.split fraction or another data.valid?)")
         self.progress, self.state = Progress(), None
         if payload:
             self._restore(payload)
@@ -250,7 +252,7 @@ class Trainer:
 
     def _evaluate(self) -> float:
         begin = time.perf_counter()
-        result: Score = score(self.model, self.valid, batch_size=self.config.train.batch_size, device=self.device)
+        result: Score = score(self.model, self.valid, device=self.device)
         self._log_event("valid", result.loss, result.tokens / max(time.perf_counter() - begin, 1e-9))
         best = self.progress.best_valid_loss
         if math.isfinite(result.loss) and (best is None or result.loss < best):

@@ -1,0 +1,51 @@
+"""Shared test fixtures: small, CPU-only, no files outside `tmp_path`."""
+
+from __future__ import annotations
+
+import warnings
+
+# torch warns at import when NumPy is absent; lmtrain does not use NumPy (as lmtrain/cli.py does).
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lmtrain.config import Config, build_config  # noqa: E402
+from lmtrain.tokenizer import Tokenizer  # noqa: E402
+
+# The models here are tiny: one thread is many times faster than several fighting over 2 busy cores.
+torch.set_num_threads(1)
+
+SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same torch RNG state, so it is deterministic on its own."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_text() -> str:
+    return SMALL_TEXT
+
+
+@pytest.fixture
+def char_tokenizer() -> Tokenizer:
+    return Tokenizer.fit(SMALL_TEXT, level="char", eos="line")
+
+
+@pytest.fixture
+def word_tokenizer() -> Tokenizer:
+    return Tokenizer.fit(SMALL_TEXT, level="word", eos="line")
+
+
+def make_config(**values) -> Config:
+    """A valid Config from dotted keys (`make_config(**{"model.cell": "gru"})`) over a minimal base."""
+    base = {"data.path": "/nonexistent/corpus.txt", "train.max_steps": 10}
+    return build_config({**base, **values})
+
+
+@pytest.fixture
+def config_factory():
+    return make_config

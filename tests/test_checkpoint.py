@@ -1,0 +1,214 @@
+"""lmtrain.checkpoint: round trips with identical logits, safe loading only, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain.checkpoint import (FORMAT_VERSION, atomic_write_bytes, load_checkpoint, load_model,
+                                model_from_checkpoint, parameter_count, save_checkpoint, to_cpu)
+from lmtrain.config import to_dict
+from lmtrain.errors import LmtrainError
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import Tokenizer
+
+
+class WritesAFile:
+    """Unpickling this runs `open(path, "w")`: the classic pickle code-execution payload."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture
+def saved(tmp_path: Path, config_factory, small_text: str):
+    config = config_factory(**{"model.cell": "gru", "model.embed_size": 6, "model.hidden_size": 6,
+                               "model.num_layers": 2, "model.tie_weights": True})
+    tokenizer = Tokenizer.fit(small_text, level="char")
+    model = LanguageModel.from_config(config.model, tokenizer.vocab_size)
+    path = tmp_path / "model.pt"
+    optimizer_state = {"step": torch.tensor(3.0), "lr": [0.1, 0.2]}
+    save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict(),
+                           "optimizer": optimizer_state, "progress": {"step": 7, "best": None}})
+    return path, model, tokenizer, config
+
+
+def one_line_error(function, *args) -> str:
+    with pytest.raises(LmtrainError) as caught:
+        function(*args)
+    message = str(caught.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_round_trip(saved):
+    path, model, tokenizer, config = saved
+    payload = load_checkpoint(path)
+    assert payload["format_version"] == FORMAT_VERSION
+    assert payload["config"] == to_dict(config)
+    assert payload["tokenizer"] == tokenizer.to_dict()
+    assert payload["progress"] == {"step": 7, "best": None}
+    assert torch.equal(payload["optimizer"]["step"], torch.tensor(3.0)) and payload["optimizer"]["lr"] == [0.1, 0.2]
+    assert payload["model"].keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(payload["model"][name], tensor)
+
+
+def test_model_from_checkpoint_identical_logits(saved, small_text: str):
+    path, model, tokenizer, config = saved
+    loaded, loaded_tokenizer, loaded_config = model_from_checkpoint(load_checkpoint(path), path)
+    assert loaded_config == config and loaded_tokenizer == tokenizer
+    assert not loaded.training
+    assert loaded.projection.weight is loaded.embedding.weight  # tying survives
+    tokens = torch.tensor([tokenizer.encode(small_text)])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+
+
+def test_load_model(saved):
+    path, model, tokenizer, _ = saved
+    loaded, _, _ = load_model(str(path), "cpu")
+    assert parameter_count(loaded) == parameter_count(model)
+    assert next(loaded.parameters()).device.type == "cpu"
+
+
+def test_plain_safe_torch_load(saved):
+    path = saved[0]
+    payload = torch.load(path, weights_only=True)
+    assert payload["format_version"] == FORMAT_VERSION and "model" in payload
+
+
+def test_named_tuple_state_saved_as_plain_tuple(tmp_path: Path, saved):
+    path, model, _, _ = saved
+    state = model.initial_state(2)
+    tree = to_cpu({"state": state})
+    assert type(tree["state"][0]) is tuple
+    payload = torch.load(saved[0], weights_only=True)
+    payload["state"] = state
+    save_checkpoint(tmp_path / "with_state.pt", payload)
+    loaded = load_checkpoint(tmp_path / "with_state.pt")
+    assert [tuple(t.shape) for t in loaded["state"][1]] == [(2, 6)]
+
+
+def test_to_cpu_detaches():
+    x = torch.ones(2, requires_grad=True) * 2
+    tree = to_cpu({"a": [x, (x, 3)], "b": "s"})
+    assert not tree["a"][0].requires_grad and tree["a"][1][1] == 3 and tree["b"] == "s"
+
+
+# --- atomic writes ---------------------------------------------------------------------------------
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path: Path):
+    path = tmp_path / "file.bin"
+    atomic_write_bytes(path, b"first")
+    assert path.read_bytes() == b"first"
+    atomic_write_bytes(path, b"second, longer")
+    assert path.read_bytes() == b"second, longer"
+    assert sorted(os.listdir(tmp_path)) == ["file.bin"]
+
+
+def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path: Path, monkeypatch):
+    path = tmp_path / "file.bin"
+    atomic_write_bytes(path, b"old")
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["file.bin"]
+
+
+def test_save_checkpoint_into_missing_folder_is_an_lmtrain_error(tmp_path: Path):
+    message = one_line_error(save_checkpoint, tmp_path / "no" / "such" / "c.pt", {"model": {}})
+    assert "could not write checkpoint" in message
+
+
+# --- refusing what is not ours ---------------------------------------------------------------------
+
+def test_truncated_file(saved, tmp_path: Path):
+    data = saved[0].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    message = one_line_error(load_checkpoint, truncated)
+    assert str(truncated) in message and "not a readable lmtrain checkpoint" in message
+
+
+def test_not_a_checkpoint_file(tmp_path: Path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    assert "not a readable lmtrain checkpoint" in one_line_error(load_checkpoint, text)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert "not a readable lmtrain checkpoint" in one_line_error(load_checkpoint, empty)
+
+
+def test_other_torch_file_is_not_a_checkpoint(tmp_path: Path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(2)}, path)
+    assert one_line_error(load_checkpoint, path) == f"{path}: not an lmtrain checkpoint"
+    torch.save([1, 2, 3], path)
+    assert one_line_error(load_checkpoint, path) == f"{path}: not an lmtrain checkpoint"
+
+
+def test_directory(tmp_path: Path):
+    assert "is a directory" in one_line_error(load_checkpoint, tmp_path)
+
+
+def test_missing_file(tmp_path: Path):
+    missing = tmp_path / "missing.pt"
+    assert one_line_error(load_checkpoint, missing) == f"checkpoint not found: {missing}"
+
+
+@pytest.mark.parametrize("version, relation", [(FORMAT_VERSION + 1, "newer"), (0, "older"), ("1", "older")])
+def test_wrong_format_version(saved, tmp_path: Path, version, relation: str):
+    payload = load_checkpoint(saved[0])
+    path = tmp_path / "other.pt"
+    save_checkpoint(path, {**payload, "format_version": version})
+    message = one_line_error(load_checkpoint, path)
+    assert f"checkpoint format {version} is {relation}" in message
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": FORMAT_VERSION, "config": {}, "tokenizer": {}, "model": {},
+                "extra": WritesAFile(marker)}, path)
+    assert not marker.exists()
+    message = one_line_error(load_checkpoint, path)
+    assert "refused to load" in message and str(path) in message
+    assert f"({open.__module__}.{open.__name__})" in message  # names what it refused (io.open)
+    assert not marker.exists()
+    with pytest.raises(LmtrainError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_whose_weights_do_not_match_its_config(saved, tmp_path: Path):
+    payload = load_checkpoint(saved[0])
+    payload["config"]["model"]["hidden_size"] = 12
+    payload["config"]["model"]["embed_size"] = 12
+    message = one_line_error(model_from_checkpoint, payload, "x.pt")
+    assert message.startswith("x.pt: checkpoint does not match its own model config")
+
+
+def test_checkpoint_with_invalid_config(saved):
+    payload = load_checkpoint(saved[0])
+    payload["config"]["model"]["cell"] = "transformer"
+    assert "model.cell must be one of" in one_line_error(model_from_checkpoint, payload, "x.pt")
+
+
+def test_checkpoint_without_tokenizer_entry(saved):
+    payload = load_checkpoint(saved[0])
+    model_from_checkpoint(payload, "x.pt")  # fine as saved
+    del payload["tokenizer"]["tokens"]
+    assert "x.pt: checkpoint does not match" in one_line_error(model_from_checkpoint, payload, "x.pt")

@@ -1,0 +1,399 @@
+"""lmtrain.config: every shipped config validates; overrides win and are typed; mistakes name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmtrain.config import (Config, ConfigError, all_keys, build_config, differences, from_dict, load_config,
+                            parse_override, to_dict, to_yaml)
+from lmtrain.errors import LmtrainError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(CONFIGS_DIR.glob("*.yaml"))
+
+MINIMAL_YAML = "data:\n  path: corpus.txt\ntrain:\n  max_steps: 10\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def minimal(tmp_path: Path) -> Path:
+    return write(tmp_path / "c.yaml", MINIMAL_YAML)
+
+
+def config_error(path, overrides=()) -> str:
+    """The message of the ConfigError that loading raises; checked to be a single line."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, list(overrides))
+    message = str(caught.value)
+    assert "\n" not in message and message.strip() == message and message
+    return message
+
+
+# --- shipped configs -------------------------------------------------------------------------------
+
+def test_configs_dir_is_not_empty():
+    assert SHIPPED, f"no *.yaml in {CONFIGS_DIR}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_and_validates(path: Path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    written = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+    for key in ("path", "train", "valid", "test"):
+        value = getattr(config.data, key)
+        if written.get(key) is None:
+            assert value is None
+        else:  # resolved relative to the YAML's folder, not to the current directory
+            assert value == str((path.parent / written[key]).resolve())
+    # The resolved config survives the dict round trip stored in checkpoints.
+    assert from_dict(to_dict(config)) == config
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_first_line_is_a_command(path: Path):
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# lmtrain ")
+
+
+# --- overrides -------------------------------------------------------------------------------------
+
+def test_defaults_without_overrides(minimal: Path):
+    config = load_config(minimal)
+    assert config.model.hidden_size == 256
+    assert config.train.lr == 2e-3
+    assert config.data.split == [0.9, 0.1]
+
+
+def test_override_wins_over_yaml(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "model:\n  hidden_size: 32\n  embed_size: 32\n")
+    assert load_config(path).model.hidden_size == 32
+    assert load_config(path, ["model.hidden_size=48"]).model.hidden_size == 48
+    # The last of two overrides of one key wins.
+    assert load_config(path, ["model.hidden_size=48", "model.hidden_size=16"]).model.hidden_size == 16
+
+
+def test_override_lr_in_exponent_notation_is_a_float(minimal: Path):
+    lr = load_config(minimal, ["train.lr=3e-3"]).train.lr
+    assert type(lr) is float and lr == 0.003
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path):
+    # YAML 1.1 reads `3e-3` as a string; the config still takes it as a number.
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML.replace("train:\n", "train:\n  lr: 3e-3\n"))
+    lr = load_config(path).train.lr
+    assert type(lr) is float and lr == 0.003
+
+
+def test_integer_widened_to_float(minimal: Path):
+    clip = load_config(minimal, ["train.clip=1"]).train.clip
+    assert type(clip) is float and clip == 1.0
+
+
+@pytest.mark.parametrize("text, expected", [("yes", True), ("true", True), ("no", False), ("false", False)])
+def test_bool_override(minimal: Path, text: str, expected: bool):
+    config = load_config(minimal, [f"model.tie_weights={text}", "model.embed_size=8", "model.hidden_size=8"])
+    assert config.model.tie_weights is expected
+
+
+def test_override_null_clears_optional(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "  max_epochs: 3\n")
+    assert load_config(path).train.max_epochs == 3
+    assert load_config(path, ["train.max_epochs=null"]).train.max_epochs is None
+    assert load_config(path, ["train.max_epochs="]).train.max_epochs is None
+
+
+def test_list_override(minimal: Path):
+    assert load_config(minimal, ["data.split=[0.8, 0.1, 0.1]"]).data.split == [0.8, 0.1, 0.1]
+
+
+def test_parse_override():
+    assert parse_override("model.hidden_size=256") == ("model.hidden_size", 256)
+    assert parse_override(" train.lr = 0.5") == ("train.lr", 0.5)
+    assert parse_override("train.out_dir=runs/x=y") == ("train.out_dir", "runs/x=y")
+
+
+@pytest.mark.parametrize("item", ["model.hidden_size", "=3", ""])
+def test_override_without_equals_is_an_error(minimal: Path, item: str):
+    message = config_error(minimal, [item])
+    assert "KEY=VALUE" in message
+
+
+def test_no_yaml_only_overrides(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.path=corpus.txt", "train.max_steps=1"])
+    assert config.data.path == str(tmp_path.resolve() / "corpus.txt")
+
+
+# --- paths -----------------------------------------------------------------------------------------
+
+def test_yaml_paths_relative_to_yaml_folder(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = write(folder / "c.yaml", "data:\n  train: ../corpus/train.txt\n  valid: v.txt\n"
+                                    "  test: /abs/test.txt\ntrain:\n  max_steps: 1\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path)
+    assert config.data.train == str((tmp_path / "corpus" / "train.txt").resolve())
+    assert config.data.valid == str((folder / "v.txt").resolve())
+    assert config.data.test == str(Path("/abs/test.txt").resolve())
+
+
+def test_override_paths_relative_to_cwd(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = write(folder / "c.yaml", MINIMAL_YAML)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert load_config(path).data.path == str((folder / "corpus.txt").resolve())
+    assert load_config(path, ["data.path=other.txt"]).data.path == str((cwd / "other.txt").resolve())
+
+
+def test_out_dir_is_not_resolved(minimal: Path):
+    assert load_config(minimal, ["train.out_dir=runs/x"]).train.out_dir == "runs/x"
+
+
+# --- unknown keys and sections ---------------------------------------------------------------------
+
+def test_unknown_override_key_suggests_close_one(minimal: Path):
+    message = config_error(minimal, ["model.hiden_size=3"])
+    assert "'model.hiden_size'" in message
+    assert "did you mean 'model.hidden_size'" in message
+
+
+def test_bare_field_name_suggests_dotted_key(minimal: Path):
+    message = config_error(minimal, ["hidden_size=3"])
+    assert "'hidden_size'" in message and "'model.hidden_size'" in message
+
+
+def test_unknown_yaml_key_suggests_close_one(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "model:\n  num_layer: 2\n")
+    message = config_error(path)
+    assert "'model.num_layer'" in message and "did you mean 'model.num_layers'" in message
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(minimal: Path):
+    message = config_error(minimal, ["model.zzzzzzzz=1"])
+    assert "'model.zzzzzzzz'" in message and "did you mean" not in message
+
+
+def test_unknown_section(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "modle:\n  cell: gru\n")
+    message = config_error(path)
+    assert "unknown config section 'modle'" in message and "did you mean 'model'" in message
+    assert str(path) in message
+
+
+def test_section_must_be_a_mapping(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "model: 3\n")
+    assert "section 'model' must be a mapping" in config_error(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "- a\n- b\n")
+    assert "top level must be a mapping" in config_error(path)
+
+
+def test_empty_section_and_empty_file(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "model:\n")
+    assert load_config(path).model.cell == "lstm"
+    empty = write(tmp_path / "empty.yaml", "")
+    # Empty is fine as YAML, but there is no corpus.
+    assert "no corpus" in config_error(empty)
+
+
+# --- wrong types -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("item, key, kind", [
+    ("model.hidden_size=2.5", "model.hidden_size", "an integer"),
+    ("model.hidden_size=true", "model.hidden_size", "an integer"),
+    ("model.hidden_size=abc", "model.hidden_size", "an integer"),
+    ("train.lr=fast", "train.lr", "a number"),
+    ("train.lr=true", "train.lr", "a number"),
+    ("model.tie_weights=1", "model.tie_weights", "true or false"),
+    ("model.cell=3", "model.cell", "a string"),
+    ("train.max_steps=1.5", "train.max_steps", "an integer or null"),
+    ("data.split=0.5", "data.split", "a list of numbers"),
+    ("data.split=[0.5, x]", "data.split", "a number"),
+    ("data.path=[a, b]", "data.path", "a string or null"),
+])
+def test_wrong_type_names_key(minimal: Path, item: str, key: str, kind: str):
+    message = config_error(minimal, [item])
+    assert message.startswith(f"{key} must be {kind}; got ")
+
+
+def test_wrong_type_in_yaml(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML + "model:\n  num_layers: two\n")
+    assert config_error(path) == "model.num_layers must be an integer; got 'two'"
+
+
+# --- impossible values -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
+                                 "train.bptt", "train.lr", "train.eval_segment", "train.max_steps",
+                                 "data.min_freq"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_sizes_must_be_positive(minimal: Path, key: str, value: int):
+    message = config_error(minimal, [f"{key}={value}"])
+    assert message in (f"{key} must be positive; got {value}", f"{key} must be positive; got {float(value)}")
+
+
+@pytest.mark.parametrize("key", ["train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
+                                 "train.clip", "train.seed"])
+def test_must_not_be_negative(minimal: Path, key: str):
+    message = config_error(minimal, [f"{key}=-1"])
+    assert message.startswith(f"{key} must not be negative")
+    load_config(minimal, [f"{key}=0"])  # zero is allowed
+
+
+@pytest.mark.parametrize("key", ["train.min_lr", "train.clip", "train.weight_decay", "train.momentum"])
+def test_nan_is_not_a_valid_non_negative_number(minimal: Path, key: str):
+    # `nan < 0` is False, so a plain `< 0` check lets NaN through (POSITIVE uses `not value > 0`).
+    message = config_error(minimal, [f"{key}=.nan"])
+    assert key in message
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("model.cell", "transformer", "model.cell must be one of rnn, gru, lstm; got 'transformer'"),
+    ("data.level", "byte", "data.level must be one of char, word"),
+    ("data.mode", "batch", "data.mode must be one of stream, sentences"),
+    ("train.optimizer", "lbfgs", "train.optimizer must be one of adam, adamw, sgd"),
+    ("train.schedule", "linear", "train.schedule must be one of constant, cosine"),
+    ("model.dropout", "1.0", "model.dropout must be in [0, 1)"),
+    ("model.dropout", "-0.1", "model.dropout must be in [0, 1)"),
+    ("data.max_vocab", "2", "data.max_vocab must be at least 3"),
+    ("train.device", "gpu", "train.device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_values_name_key(minimal: Path, key: str, value: str, needle: str):
+    assert needle in config_error(minimal, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_good_devices(minimal: Path, device: str):
+    assert load_config(minimal, [f"train.device={device}"]).train.device == device
+
+
+def test_tie_weights_needs_equal_sizes(minimal: Path):
+    message = config_error(minimal, ["model.tie_weights=true", "model.embed_size=64", "model.hidden_size=128"])
+    assert "model.tie_weights" in message and "64" in message and "128" in message
+    config = load_config(minimal, ["model.tie_weights=true", "model.embed_size=32", "model.hidden_size=32"])
+    assert config.model.tie_weights is True
+
+
+@pytest.mark.parametrize("split", ["[0.9]", "[0.5, 0.6]", "[0.5, 0.2, 0.2, 0.1]", "[1.0, 0.0]", "[1.2, -0.2]",
+                                   "[0.8, 0.1, 0.05]"])
+def test_bad_split_fractions(minimal: Path, split: str):
+    assert "data.split must be 2 or 3 positive fractions summing to 1" in config_error(minimal, [f"data.split={split}"])
+
+
+def test_good_three_way_split(minimal: Path):
+    assert load_config(minimal, ["data.split=[0.8, 0.1, 0.1]"]).data.split == [0.8, 0.1, 0.1]
+
+
+def test_corpus_choices(tmp_path: Path):
+    base = "train:\n  max_steps: 1\n"
+    assert "no corpus" in config_error(write(tmp_path / "a.yaml", base))
+    both = write(tmp_path / "b.yaml", base + "data:\n  path: x\n  train: y\n  valid: z\n")
+    assert "not both" in config_error(both)
+    no_valid = write(tmp_path / "c.yaml", base + "data:\n  train: y\n")
+    assert "data.valid is required" in config_error(no_valid)
+    config = load_config(write(tmp_path / "d.yaml", base + "data:\n  train: y\n  valid: z\n"))
+    assert config.data.test is None
+
+
+@pytest.mark.parametrize("extra", ["valid: z", "test: z"])
+def test_path_with_valid_or_test_file_is_an_error(tmp_path: Path, extra: str):
+    # data.path is cut by data.split; a valid/test file next to it would be silently ignored.
+    path = write(tmp_path / "c.yaml", f"train:\n  max_steps: 1\ndata:\n  path: x\n  {extra}\n")
+    assert "not both" in config_error(path)
+
+
+def test_sentences_mode_needs_eos(minimal: Path):
+    assert "data.mode: sentences needs data.eos: line" in config_error(minimal, ["data.mode=sentences",
+                                                                                 "data.eos=none"])
+
+
+def test_needs_a_stopping_limit(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "data:\n  path: x\n")
+    assert "at least one of train.max_steps" in config_error(path)
+    assert load_config(path, ["train.max_seconds=1.5"]).train.max_seconds == 1.5
+
+
+def test_cosine_needs_a_length(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "data:\n  path: x\ntrain:\n  max_seconds: 5\n  schedule: cosine\n")
+    assert "train.schedule: cosine needs" in config_error(path)
+    assert load_config(path, ["train.max_epochs=2"]).train.schedule == "cosine"
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+def test_invalid_yaml_names_line(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "data:\n  path: x\nmodel:\n  cell: [lstm\n  hidden_size: 3\n")
+    message = config_error(path)
+    assert str(path) in message and "invalid YAML at line" in message
+
+
+def test_invalid_yaml_line_number_is_one_based(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "data:\n  path: x\n\tbad: tab\n")
+    assert "at line 3" in config_error(path)
+
+
+def test_missing_file(tmp_path: Path):
+    missing = tmp_path / "nope.yaml"
+    message = config_error(missing)
+    assert message == f"config file not found: {missing}"
+
+
+def test_directory(tmp_path: Path):
+    assert "is a directory" in config_error(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"data:\n  path: \xff\n")
+    assert "not UTF-8 text (byte offset 14)" in config_error(path)
+
+
+def test_config_error_is_lmtrain_error():
+    assert issubclass(ConfigError, LmtrainError)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def test_all_keys_are_dotted_and_unique():
+    keys = all_keys()
+    assert len(keys) == len(set(keys))
+    assert "model.hidden_size" in keys and "train.lr" in keys and "data.path" in keys
+    assert all(key.split(".")[0] in ("data", "model", "train") for key in keys)
+
+
+def test_dict_and_yaml_round_trip(minimal: Path, tmp_path: Path):
+    config = load_config(minimal, ["model.cell=gru", "train.lr=0.01", "data.split=[0.8, 0.1, 0.1]"])
+    assert from_dict(to_dict(config)) == config
+    again = write(tmp_path / "again.yaml", to_yaml(config))
+    assert load_config(again) == config
+
+
+def test_from_dict_validates():
+    nested = to_dict(build_config({"data.path": "/x", "train.max_steps": 1}))
+    nested["model"]["hidden_size"] = -3
+    with pytest.raises(ConfigError, match="model.hidden_size must be positive"):
+        from_dict(nested)
+
+
+def test_differences(minimal: Path):
+    a = load_config(minimal)
+    b = load_config(minimal, ["train.lr=0.5", "model.cell=rnn"])
+    assert differences(a, b) == ["model.cell", "train.lr"]
+    assert differences(a, b, ignore=("train.lr",)) == ["model.cell"]
+    assert differences(a, a) == []

@@ -1,0 +1,165 @@
+"""lmtrain.evaluate: perplexity is exp of the token-weighted mean NLL and does not depend on batch size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmtrain import evaluate
+from lmtrain.data import IGNORE, sentence_pieces, stream_ids, stream_segments
+from lmtrain.evaluate import (Score, bits_per_character, evaluation_sequences, perplexity, report, score,
+                              summed_nll)
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import Tokenizer
+
+
+@pytest.mark.parametrize("vocab_size", [2, 7, 10, 50, 1000])
+def test_uniform_logits_give_perplexity_vocab_size(vocab_size: int):
+    logits = torch.zeros(3, 5, vocab_size, dtype=torch.float64)
+    targets = torch.randint(0, vocab_size, (3, 5))
+    total, count = summed_nll(logits, targets)
+    assert count == 15
+    assert total.item() == pytest.approx(15 * math.log(vocab_size), rel=1e-15)
+    assert perplexity(total.item() / count) == pytest.approx(vocab_size, rel=1e-14)
+
+
+def test_summed_nll_matches_log_softmax():
+    logits = torch.randn(2, 4, 6, dtype=torch.float64)
+    targets = torch.randint(0, 6, (2, 4))
+    total, count = summed_nll(logits, targets)
+    expected = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).sum()
+    assert count == 8
+    torch.testing.assert_close(total, expected, rtol=1e-14, atol=0)
+
+
+def test_ignored_targets_are_left_out():
+    logits = torch.randn(2, 4, 6, dtype=torch.float64)
+    targets = torch.tensor([[1, 2, IGNORE, IGNORE], [3, IGNORE, IGNORE, IGNORE]])
+    total, count = summed_nll(logits, targets)
+    assert count == 3
+    log_p = logits.log_softmax(-1)
+    expected = -(log_p[0, 0, 1] + log_p[0, 1, 2] + log_p[1, 0, 3])
+    torch.testing.assert_close(total, expected, rtol=1e-14, atol=0)
+
+
+def test_all_targets_ignored():
+    total, count = summed_nll(torch.randn(1, 3, 4), torch.full((1, 3), IGNORE))
+    assert count == 0 and total.item() == 0.0
+
+
+def test_perplexity_and_bits():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(42)) == pytest.approx(42, rel=1e-15)
+    assert perplexity(1000.0) == math.inf  # no OverflowError
+    assert bits_per_character(math.log(2)) == 1.0
+    assert bits_per_character(0.0) == 0.0
+    assert bits_per_character(3 * math.log(2)) == pytest.approx(3.0, rel=1e-15)
+    assert Score(loss=math.log(5), tokens=3).perplexity == pytest.approx(5, rel=1e-15)
+
+
+def test_perplexity_of_nan_loss_is_nan():
+    # A diverged model's NaN loss must not be reported as an (overflowed) infinite perplexity.
+    assert math.isnan(perplexity(math.nan))
+
+
+def test_report(char_tokenizer: Tokenizer, word_tokenizer: Tokenizer):
+    result = Score(loss=math.log(2), tokens=10)
+    numbers = report(result, char_tokenizer)
+    assert numbers == {"loss": math.log(2), "perplexity": pytest.approx(2.0, rel=1e-15), "bpc": 1.0, "tokens": 10}
+    assert "bpc" not in report(result, word_tokenizer)
+
+
+def tiny_model(tokenizer: Tokenizer, cell: str = "lstm") -> LanguageModel:
+    return LanguageModel(tokenizer.vocab_size, cell=cell, embed_size=6, hidden_size=8, num_layers=2).double()
+
+
+TEXT = "".join(f"{'ab' * (i % 7 + 1)}{'c' * (i % 3)}d\n" for i in range(23))
+
+
+def sequences(tokenizer: Tokenizer, mode: str):
+    if mode == "sentences":
+        return sentence_pieces(tokenizer, TEXT, 9)
+    return stream_segments(stream_ids(tokenizer, TEXT), 17)
+
+
+@pytest.mark.parametrize("mode", ["sentences", "stream"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_score_independent_of_batch_size(mode: str, cell: str):
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    model = tiny_model(tokenizer, cell)
+    seqs = sequences(tokenizer, mode)
+    results = [score(model, seqs, batch_size=size) for size in (1, 3, 64)]
+    expected_tokens = sum(targets.numel() for _, targets in seqs)
+    assert all(result.tokens == expected_tokens for result in results)
+    for result in results[1:]:
+        assert result.loss == pytest.approx(results[0].loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sentences", "stream"])
+@pytest.mark.parametrize("budget", [1, 100, 1000])
+def test_score_in_time_chunks_equals_whole(monkeypatch, mode: str, budget: int):
+    # A small logits budget makes score() run each batch in time chunks with the state carried.
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    model = tiny_model(tokenizer)
+    seqs = sequences(tokenizer, mode)
+    whole = score(model, seqs, batch_size=5)
+    monkeypatch.setattr(evaluate, "LOGITS_BUDGET", budget)
+    chunked = score(model, seqs, batch_size=5)
+    assert chunked.tokens == whole.tokens
+    assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
+
+
+def test_score_equals_per_sequence_sum():
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    model = tiny_model(tokenizer).eval()
+    seqs = sequences(tokenizer, "sentences")
+    total = count = 0
+    with torch.no_grad():
+        for inputs, targets in seqs:
+            logits, _ = model(inputs.unsqueeze(0))
+            total += -logits[0].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).sum().item()
+            count += targets.numel()
+    result = score(model, seqs, batch_size=4)
+    assert result.tokens == count
+    assert result.loss == pytest.approx(total / count, rel=1e-6)
+
+
+def test_score_restores_training_mode_and_ignores_dropout():
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    model = LanguageModel(tokenizer.vocab_size, embed_size=6, hidden_size=8, num_layers=2, dropout=0.5)
+    seqs = sequences(tokenizer, "sentences")
+    model.train()
+    first = score(model, seqs, batch_size=5)
+    assert model.training
+    assert score(model, seqs, batch_size=5).loss == first.loss  # eval mode inside: no dropout
+    model.eval()
+    score(model, seqs, batch_size=5)
+    assert not model.training
+
+
+def test_score_of_nothing_is_nan():
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    result = score(tiny_model(tokenizer), [], batch_size=4)
+    assert result.tokens == 0 and math.isnan(result.loss)
+
+
+def test_evaluation_sequences(config_factory):
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    stream = config_factory(**{"train.eval_segment": 17})
+    got = evaluation_sequences(tokenizer, TEXT, stream)
+    expected = stream_segments(stream_ids(tokenizer, TEXT), 17)
+    assert len(got) == len(expected) and all(torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+    sentences = config_factory(**{"data.mode": "sentences", "train.bptt": 9})
+    got = evaluation_sequences(tokenizer, TEXT, sentences)
+    assert [t.tolist() for _, t in got] == [t.tolist() for _, t in sentence_pieces(tokenizer, TEXT, 9)]
+
+
+@pytest.mark.parametrize("mode", ["stream", "sentences"])
+def test_evaluation_sequences_of_empty_text_is_empty(config_factory, mode: str):
+    # An empty split must give no sequences (evaluate_checkpoint then says "holds no tokens to
+    # evaluate"), not one empty sequence that scores as 0 tokens with a NaN loss.
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    config = config_factory(**{"data.mode": mode})
+    assert evaluation_sequences(tokenizer, "", config) == []

@@ -1,0 +1,135 @@
+"""lmtrain.model: shapes, the zero input x(1) = 0, tied weights, and that a tiny model can learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
+
+V = 11
+
+
+def make(**kwargs) -> LanguageModel:
+    options = dict(cell="lstm", embed_size=6, hidden_size=8, num_layers=2)
+    return LanguageModel(V, **{**options, **kwargs}).double()
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_logits_shape_and_state(cell: str):
+    model = make(cell=cell)
+    tokens = torch.randint(0, V, (3, 5))
+    logits, state = model(tokens)
+    assert logits.shape == (3, 5, V) and logits.dtype == torch.float64
+    assert len(state) == 2
+    assert all(t.shape == (3, 8) for layer in state for t in layer)
+
+
+def test_forward_equals_stack_by_hand():
+    model = make(num_layers=1, cell="gru")
+    tokens = torch.tensor([[ZERO_INPUT, 3, 4, 1]])
+    logits, _ = model(tokens)
+    x = model.embedding.weight[[0, 3, 4, 1]].unsqueeze(0).clone()
+    x[0, 0] = 0.0
+    a, _ = model.rnn(x)
+    torch.testing.assert_close(logits, a @ model.projection.weight.T + model.projection.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_state_carried_across_calls():
+    model = make()
+    tokens = torch.randint(0, V, (2, 9))
+    whole, _ = model(tokens)
+    first, state = model(tokens[:, :4])
+    second, _ = model(tokens[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_input_is_a_zero_embedding():
+    model = make()
+    tokens = torch.tensor([[ZERO_INPUT, 3, 4], [ZERO_INPUT, ZERO_INPUT, 2]])
+    before, _ = model(tokens)
+    with torch.no_grad():
+        model.embedding.weight[0] += 5.0   # the row ZERO_INPUT would read if it were clamped to id 0
+    after, _ = model(tokens)
+    assert torch.equal(before, after)
+
+
+def test_output_at_zero_input_ignores_every_embedding():
+    model = make()
+    tokens = torch.tensor([[ZERO_INPUT, 3, 4]])
+    before, _ = model(tokens)
+    with torch.no_grad():
+        model.embedding.weight.normal_()
+    after, _ = model(tokens)
+    assert torch.equal(before[:, 0], after[:, 0])       # from a(0) = 0 and x(1) = 0 only
+    assert not torch.equal(before[:, 1], after[:, 1])   # reads the embedding of token 3
+    # ... and equals the logits of a model fed a zero vector directly.
+    a, _ = model.rnn(torch.zeros(1, 1, 6, dtype=torch.float64))
+    torch.testing.assert_close(after[:, 0], model.projection(a)[:, 0], rtol=1e-12, atol=1e-12)
+
+
+def test_token_zero_is_not_the_zero_input():
+    model = make()
+    zero_input, _ = model(torch.tensor([[ZERO_INPUT]]))
+    unk, _ = model(torch.tensor([[0]]))
+    assert not torch.equal(zero_input, unk)
+
+
+def test_tie_weights_shares_one_parameter():
+    model = LanguageModel(V, embed_size=8, hidden_size=8, tie_weights=True)
+    assert model.projection.weight is model.embedding.weight
+    names = [name for name, _ in model.named_parameters()]
+    assert "projection.weight" not in names  # listed once
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n != "projection.weight")
+    untied = LanguageModel(V, embed_size=8, hidden_size=8)
+    assert untied.projection.weight is not untied.embedding.weight
+
+
+def test_from_config(config_factory):
+    config = config_factory(**{"model.cell": "gru", "model.relevance_gate": False, "model.embed_size": 5,
+                               "model.hidden_size": 7, "model.num_layers": 3, "model.dropout": 0.25})
+    model = LanguageModel.from_config(config.model, V)
+    assert model.embedding.num_embeddings == V and model.embedding.embedding_dim == 5
+    assert len(model.rnn.layers) == 3
+    assert all(layer.cell.hidden_size == 7 and layer.cell.relevance_gate is False for layer in model.rnn.layers)
+    assert model.dropout.p == 0.25 and model.rnn.dropout.p == 0.25
+    assert model.projection.out_features == V
+
+
+def test_initialisation():
+    # Zaremba et al. 2014 / pytorch word_language_model: U(-0.1, 0.1) embedding and projection, zero bias.
+    model = LanguageModel(50, embed_size=16, hidden_size=16)
+    for weight in (model.embedding.weight, model.projection.weight):
+        assert weight.abs().max() <= 0.1 and weight.std() > 0.03
+    assert torch.equal(model.projection.bias, torch.zeros(50))
+
+
+def test_initial_state():
+    model = make()
+    state = model.initial_state(4, dtype=torch.float64)
+    assert len(state) == 2 and all(torch.equal(t, torch.zeros(4, 8, dtype=torch.float64)) for s in state for t in s)
+
+
+def test_tiny_model_overfits_a_short_text():
+    text = "the quick brown fox jumps over\n"  # 31 chars; every next char follows from the context
+    tokenizer = Tokenizer.fit(text, level="char")
+    ids = torch.tensor([tokenizer.eos_id, *tokenizer.encode(text * 2)])
+    inputs, targets = ids[:-1].unsqueeze(0), ids[1:].unsqueeze(0)
+    model = LanguageModel(tokenizer.vocab_size, cell="lstm", embed_size=16, hidden_size=48, num_layers=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(200):
+        logits, _ = model(inputs)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(inputs)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    assert loss.item() < 0.1
+    # After the first line the model knows every next character.
+    assert torch.equal(logits[0, len(text):].argmax(-1), targets[0, len(text):])

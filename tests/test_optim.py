@@ -1,0 +1,97 @@
+"""lmtrain.optim: the learning-rate schedule as a pure function of the step; the optimizer choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmtrain.model import LanguageModel
+from lmtrain.optim import build_optimizer, learning_rate
+
+
+def lr_at(step: int, **options) -> float:
+    defaults = dict(lr=1.0, schedule="constant", warmup_steps=0, total_steps=None, min_lr=0.0)
+    return learning_rate(step, **{**defaults, **options})
+
+
+def test_constant_stays():
+    assert [lr_at(step, lr=0.3) for step in (0, 1, 10, 10**6)] == [0.3] * 4
+    assert lr_at(500, lr=0.3, total_steps=100) == 0.3  # constant ignores total_steps
+
+
+def test_warmup_is_linear_and_reaches_lr():
+    rates = [lr_at(step, lr=0.8, warmup_steps=4) for step in range(7)]
+    assert rates[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8], rel=1e-15)
+    assert rates[3] == 0.8 and rates[4:] == [0.8, 0.8, 0.8]
+    differences = [b - a for a, b in zip(rates, rates[1:4])]
+    assert differences == pytest.approx([0.2] * 3, rel=1e-12)
+
+
+def test_warmup_then_cosine():
+    options = dict(lr=1.0, schedule="cosine", warmup_steps=10, total_steps=110, min_lr=0.1)
+    assert lr_at(0, **options) == pytest.approx(0.1, rel=1e-15)   # lr / warmup_steps
+    assert lr_at(9, **options) == 1.0
+    assert lr_at(10, **options) == pytest.approx(1.0, rel=1e-15)  # cosine starts at lr
+    assert lr_at(60, **options) == pytest.approx(0.55, rel=1e-14)  # half way: the mean of lr and min_lr
+    assert lr_at(110, **options) == 0.1
+
+
+def test_cosine_from_lr_to_min_lr():
+    options = dict(lr=2e-3, schedule="cosine", warmup_steps=0, total_steps=100, min_lr=1e-4)
+    assert lr_at(0, **options) == pytest.approx(2e-3, rel=1e-15)
+    assert lr_at(100, **options) == 1e-4
+    for step in range(101):
+        expected = 1e-4 + 0.5 * (2e-3 - 1e-4) * (1 + math.cos(math.pi * step / 100))
+        assert lr_at(step, **options) == pytest.approx(expected, rel=1e-14)
+    # Continuous at the end: one step before is within a hair of min_lr.
+    assert lr_at(99, **options) - 1e-4 == pytest.approx(0.5 * 1.9e-3 * (1 - math.cos(math.pi / 100)), rel=1e-9)
+
+
+def test_cosine_monotone_after_warmup():
+    options = dict(lr=1.0, schedule="cosine", warmup_steps=5, total_steps=57, min_lr=0.05)
+    rates = [lr_at(step, **options) for step in range(5, 80)]
+    assert all(b <= a for a, b in zip(rates, rates[1:]))
+    assert all(0.05 <= rate <= 1.0 for rate in rates)
+
+
+@pytest.mark.parametrize("step", [100, 101, 1000, 10**9])
+def test_cosine_past_the_end_is_min_lr(step: int):
+    assert lr_at(step, lr=1.0, schedule="cosine", total_steps=100, min_lr=0.01) == 0.01
+
+
+def test_cosine_without_total_steps_is_min_lr():
+    assert lr_at(3, lr=1.0, schedule="cosine", total_steps=None, min_lr=0.2) == 0.2
+
+
+def test_cosine_with_warmup_as_long_as_training():
+    # total_steps == warmup_steps: no division by zero; min_lr after warmup.
+    options = dict(lr=1.0, schedule="cosine", warmup_steps=10, total_steps=10, min_lr=0.0)
+    assert lr_at(9, **options) == 1.0
+    assert lr_at(10, **options) == 0.0
+
+
+def tiny_model(**kwargs) -> LanguageModel:
+    return LanguageModel(7, embed_size=4, hidden_size=4, num_layers=1, **kwargs)
+
+
+@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                        ("sgd", torch.optim.SGD)])
+def test_build_optimizer(config_factory, name: str, kind: type):
+    config = config_factory(**{"train.optimizer": name, "train.lr": 0.05, "train.weight_decay": 0.01,
+                               "train.momentum": 0.9})
+    optimizer = build_optimizer(tiny_model(), config.train)
+    assert type(optimizer) is kind
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.05 and group["weight_decay"] == 0.01
+    if name == "sgd":
+        assert group["momentum"] == 0.9
+
+
+def test_tied_weight_appears_once(config_factory):
+    model = tiny_model(tie_weights=True)
+    optimizer = build_optimizer(model, config_factory().train)
+    parameters = optimizer.param_groups[0]["params"]
+    assert len(parameters) == len({id(p) for p in parameters}) == len(list(model.parameters()))
+    assert any(p is model.embedding.weight for p in parameters)

@@ -1,0 +1,258 @@
+"""The training loop through the Python API: exact resume, the three stopping limits, best.pt, the
+evaluation and checkpoint cadence, learning, the saved config, the LR schedule and the checkpoint
+payload. Tiny corpora written to tmp_path, tiny models, a few dozen steps each."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lmtrain.train as train_module
+from lmtrain.config import Config, build_config
+from lmtrain.errors import LmtrainError
+from lmtrain.evaluate import evaluate_checkpoint
+from lmtrain.train import train
+
+WORDS = ("the a cat dog sat ran on under mat rug big small red blue old new saw ate fish bird").split()
+BATCH_SIZE, BPTT = 4, 16
+
+
+# -- shared helpers ---------------------------------------------------------------------------------
+
+def sentences(count: int, seed: int) -> list[str]:
+    """`count` deterministic lines of 2 to 6 words drawn from a 20-word vocabulary."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(count)]
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> dict[str, Path]:
+    """40 training and 10 validation lines (every line shorter than 64 characters)."""
+    lines = sentences(50, seed=7)
+    return {"train": write_lines(tmp_path / "train.txt", lines[:40]),
+            "valid": write_lines(tmp_path / "valid.txt", lines[40:])}
+
+
+def make_config(corpus: dict[str, Path], out_dir: Path, **values) -> Config:
+    """A tiny char-level config over `corpus`; `values` are dotted keys with '.' written as '__'."""
+    base = {"data.train": str(corpus["train"]), "data.valid": str(corpus["valid"]), "data.level": "char",
+            "data.mode": "stream", "model.cell": "lstm", "model.embed_size": 16, "model.hidden_size": 24,
+            "model.num_layers": 1, "train.batch_size": BATCH_SIZE, "train.bptt": BPTT, "train.lr": 0.005,
+            "train.eval_every": 1000, "train.log_every": 1, "train.checkpoint_every": 1000,
+            "train.final_samples": 0, "train.device": "cpu", "train.out_dir": str(out_dir)}
+    base.update({key.replace("__", "."): value for key, value in values.items()})
+    return build_config(base)
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def events(out_dir: Path, split: str) -> list[dict]:
+    return [event for event in metrics(out_dir) if event["split"] == split]
+
+
+def load_payload(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stream_batches_per_epoch(train_file: Path) -> int:
+    """Chunks per epoch in stream mode, computed here from the documented layout: the split is one
+    stream (a leading <eos>, every character, an <eos> per line), cut into BATCH_SIZE rows read in
+    chunks of BPTT steps, each chunk predicting the next column."""
+    tokens = 1 + len(train_file.read_text(encoding="utf-8"))  # each "\n" is one <eos>
+    columns = tokens // BATCH_SIZE
+    return math.ceil((columns - 1) / BPTT)
+
+
+def sentence_batches_per_epoch(train_file: Path) -> int:
+    lines = [line for line in train_file.read_text(encoding="utf-8").split("\n") if line]
+    return math.ceil(len(lines) / BATCH_SIZE)
+
+
+# -- exact resume -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, cell", [("stream", "lstm"), ("sentences", "gru")])
+def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell):
+    # dropout > 0 makes the result depend on the restored RNG state; bptt 64 keeps every sentence whole.
+    settings = dict(data__mode=mode, model__cell=cell, model__num_layers=2, model__dropout=0.3,
+                    train__bptt=64 if mode == "sentences" else BPTT, train__eval_every=5, train__schedule="constant")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(make_config(corpus, straight, train__max_steps=30, **settings), progress_bar=False)
+    first = train(make_config(corpus, stopped, train__max_steps=13, **settings), progress_bar=False)
+
+    per_epoch = (stream_batches_per_epoch(corpus["train"]) if mode == "stream"
+                 else sentence_batches_per_epoch(corpus["train"]))
+    assert 13 % per_epoch != 0 and 13 // per_epoch >= 1, "test setup: step 13 should be inside a later epoch"
+    assert first.progress.step == 13 and first.progress.batch_index == 13 % per_epoch
+    if mode == "stream":
+        assert load_payload(stopped / "last.pt")["stream_state"] is not None  # state carried across the stop
+
+    resumed = train(make_config(corpus, stopped, train__max_steps=30, **settings), resume=True, progress_bar=False)
+    assert resumed.progress.step == 30
+
+    a, b = load_payload(straight / "last.pt"), load_payload(stopped / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"weights differ after resume: {name}"
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key])), \
+                f"optimizer state differs after resume: {index}.{key}"
+    assert a["progress"]["tokens"] == b["progress"]["tokens"]
+
+    # The resumed run appends to the first part's metrics.
+    train_steps = [event["step"] for event in events(stopped, "train")]
+    assert train_steps == list(range(1, 31))
+    assert [e["loss"] for e in events(stopped, "train")] == [e["loss"] for e in events(straight, "train")]
+
+
+@pytest.mark.parametrize("key, value", [("model.hidden_size", 32), ("data.mode", "sentences"),
+                                        ("model.cell", "gru"), ("train.lr", 0.01)])
+def test_resume_refuses_a_changed_key(tmp_path, corpus, key, value):
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=3), progress_bar=False)
+    before = (out_dir / "last.pt").read_bytes()
+    changed = make_config(corpus, out_dir, train__max_steps=6, **{key.replace(".", "__"): value})
+    with pytest.raises(LmtrainError, match=key.replace(".", r"\.")):
+        train(changed, resume=True, progress_bar=False)
+    assert (out_dir / "last.pt").read_bytes() == before
+
+
+def test_resume_without_a_run_is_an_error(tmp_path, corpus):
+    with pytest.raises(LmtrainError, match="last.pt"):
+        train(make_config(corpus, tmp_path / "empty", train__max_steps=3), resume=True, progress_bar=False)
+
+
+# -- stopping ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["stream", "sentences"])
+def test_max_epochs_stops_at_the_epoch_boundary(tmp_path, corpus, mode):
+    bptt = 64 if mode == "sentences" else BPTT
+    result = train(make_config(corpus, tmp_path / "run", data__mode=mode, train__bptt=bptt, train__max_epochs=2),
+                   progress_bar=False)
+    per_epoch = (stream_batches_per_epoch(corpus["train"]) if mode == "stream"
+                 else sentence_batches_per_epoch(corpus["train"]))
+    assert result.stopped_by == "max_epochs"
+    assert result.progress.step == 2 * per_epoch
+    assert events(tmp_path / "run", "train")[-1]["step"] == 2 * per_epoch
+
+
+def test_max_steps_is_respected(tmp_path, corpus):
+    result = train(make_config(corpus, tmp_path / "run", train__max_steps=7), progress_bar=False)
+    assert result.stopped_by == "max_steps"
+    assert result.progress.step == 7
+    assert result.progress.tokens == 7 * BATCH_SIZE * BPTT  # seven full chunks, all inside the first epoch
+    assert [event["step"] for event in events(tmp_path / "run", "train")] == list(range(1, 8))
+    assert load_payload(tmp_path / "run" / "last.pt")["progress"]["step"] == 7
+
+
+def test_max_seconds_stops(tmp_path, corpus):
+    result = train(make_config(corpus, tmp_path / "run", train__max_seconds=0.5, train__log_every=1000),
+                   progress_bar=False)
+    assert result.stopped_by == "max_seconds"
+    assert result.progress.step > 0
+    assert 0.5 <= result.progress.train_seconds < 0.5 + 1.5
+    assert result.progress.elapsed_seconds < 20
+
+
+# -- best.pt and the event cadence ------------------------------------------------------------------------
+
+def test_best_checkpoint_holds_the_lowest_validation_loss(tmp_path):
+    # Train on "abc" repeated and validate on "acb" repeated: the unigram statistics help both at
+    # first, the learned transitions then hurt validation, so the best evaluation is not the last.
+    train_file = write_lines(tmp_path / "train.txt", ["abcabcabcabc"] * 60)
+    valid_file = write_lines(tmp_path / "valid.txt", ["acbacbacbacb"] * 10)
+    out_dir = tmp_path / "run"
+    train(make_config({"train": train_file, "valid": valid_file}, out_dir, train__max_steps=60,
+                      train__eval_every=3, train__lr=0.02), progress_bar=False)
+    valid = events(out_dir, "valid")
+    losses = [event["loss"] for event in valid]
+    best_index = min(range(len(losses)), key=losses.__getitem__)  # the first of equal minima
+    assert best_index < len(losses) - 1, f"test setup: validation loss should rise after its minimum: {losses}"
+
+    best = load_payload(out_dir / "best.pt")
+    assert best["progress"]["step"] == valid[best_index]["step"]
+    assert best["progress"]["best_valid_loss"] == pytest.approx(losses[best_index], abs=1e-6)
+    assert math.isfinite(best["progress"]["best_valid_loss"])
+    for name, tensor in best["model"].items():
+        assert torch.isfinite(tensor).all(), f"non-finite values in best.pt: {name}"
+    numbers, _ = evaluate_checkpoint(str(out_dir / "best.pt"), split="valid")
+    assert numbers["loss"] == pytest.approx(losses[best_index], abs=1e-5)
+    last = load_payload(out_dir / "last.pt")
+    assert any(not torch.equal(tensor, last["model"][name]) for name, tensor in best["model"].items())
+
+
+def test_eval_log_and_checkpoint_events_come_at_their_steps(tmp_path, corpus, monkeypatch):
+    saves: list[tuple[str, int]] = []
+    real_save = train_module.save_checkpoint
+
+    def recording_save(path, payload):
+        saves.append((Path(path).name, payload["progress"]["step"]))
+        real_save(path, payload)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", recording_save)
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=14, train__eval_every=4, train__log_every=3,
+                      train__checkpoint_every=6), progress_bar=False)
+    assert [event["step"] for event in events(out_dir, "valid")] == [4, 8, 12, 14]  # and once at the end
+    assert [event["step"] for event in events(out_dir, "train")] == [3, 6, 9, 12]
+    assert [step for name, step in saves if name == "last.pt"] == [6, 12, 14]
+    assert {step for name, step in saves if name == "best.pt"} <= {4, 8, 12, 14}
+    assert saves[0] == ("best.pt", 4)  # the first evaluation is always the best so far
+    keys = {"step", "split", "loss", "ppl", "lr", "tokens_per_s", "elapsed_s"}
+    assert all(keys <= event.keys() for event in metrics(out_dir))
+
+
+# -- what is learned and written ------------------------------------------------------------------------------
+
+def test_loss_decreases_on_a_learnable_corpus(tmp_path):
+    pattern = write_lines(tmp_path / "pattern.txt", ["abcdefgh"] * 200)
+    out_dir = tmp_path / "run"
+    train(make_config({"train": pattern, "valid": pattern}, out_dir, model__hidden_size=32, train__batch_size=8,
+                      train__lr=0.01, train__max_steps=60, train__log_every=10), progress_bar=False)
+    losses = [event["loss"] for event in events(out_dir, "train")]
+    assert len(losses) == 6
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert events(out_dir, "valid")[-1]["loss"] < 0.5 * losses[0]
+
+
+def test_saved_config_equals_the_resolved_config(tmp_path, corpus):
+    config = make_config(corpus, tmp_path / "run", train__max_steps=2, model__cell="rnn", data__level="word")
+    train(config, progress_bar=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
+    assert saved == dataclasses.asdict(config)
+    assert load_payload(tmp_path / "run" / "last.pt")["config"] == dataclasses.asdict(config)
+
+
+def test_cosine_schedule_lowers_the_learning_rate(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__schedule="cosine", train__lr=0.01, train__min_lr=0.001,
+                      train__max_steps=20, train__log_every=2), progress_bar=False)
+    rates = [event["lr"] for event in events(out_dir, "train")]
+    assert len(rates) == 10
+    assert all(later < earlier for earlier, later in zip(rates, rates[1:])), rates
+    assert all(0.001 <= rate <= 0.01 for rate in rates)
+    assert rates[-1] == pytest.approx(0.001)
+
+
+def test_checkpoint_loads_with_the_safe_loader(tmp_path, corpus):
+    train(make_config(corpus, tmp_path / "run", train__max_steps=3, model__dropout=0.2, model__num_layers=2),
+          progress_bar=False)
+    for name in ("last.pt", "best.pt"):
+        payload = torch.load(tmp_path / "run" / name, weights_only=True)
+        assert {"format_version", "config", "tokenizer", "model", "optimizer", "progress", "rng"} <= payload.keys()
+        assert payload["progress"]["step"] == 3
+        assert isinstance(payload["rng"]["torch"], torch.Tensor)
