@@ -76,8 +76,9 @@ def train(
         from lmtrain.train import train as run_training  # torch loads only once the config is known good
 
         result = run_training(resolved, resume=resume, echo=typer.echo, progress_bar=progress)
+        best = result.progress.best_valid_loss
         typer.echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
-                   f"{result.progress.best_valid_loss:.4f}, checkpoints in {result.out_dir}")
+                   f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
         if result.samples:
             typer.echo("samples:\n" + "\n".join(result.samples))
 

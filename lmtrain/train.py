@@ -183,7 +183,7 @@ class Trainer:
                     bar.close()
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(stop.signal).name} at step {step}; {self.last_path} written; "
-                        f"continue with: lmtrain train ... --resume", 128 + stop.signal)
+                        f"continue with: lmtrain train {self.out_dir / 'config.yaml'} --resume", 128 + stop.signal)
         if last_eval_step != self.progress.step:
             valid_loss = self._evaluate()
         self._save(self.last_path)
