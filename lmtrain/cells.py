@@ -111,36 +111,57 @@ class GRUCell(Cell):
         a(t) = c(t)
 
     The simplified GRU (`relevance_gate=False`) drops Γ_r: `c̃(t) = tanh(W_c [c(t-1), x(t)] + b_c)`.
+
+    `reset="after"` is PyTorch's and cuDNN's variant: Γ_r scales the recurrent product rather than
+    its input, with a recurrent bias of its own, `W_c = [W_cc, W_cx]`:
+
+        c̃(t) = tanh(W_cx x(t) + b_c + Γ_r * (W_cc c(t-1) + b_cc))
     """
 
     state_type = GRUState
 
-    def __init__(self, input_size: int, hidden_size: int, *, relevance_gate: bool = True) -> None:
-        self.relevance_gate = relevance_gate
+    def __init__(self, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
+                 reset: str = "before") -> None:
+        if reset not in ("before", "after") or (reset == "after" and not relevance_gate):
+            raise ValueError(f"reset must be 'before' or 'after' (the latter with the relevance gate); got {reset!r}")
+        self.relevance_gate, self.reset = relevance_gate, reset
         self.gates = ("u", "r", "c") if relevance_gate else ("u", "c")
         super().__init__(input_size, hidden_size)
+        if reset == "after":
+            self.b_cc = nn.Parameter(torch.empty(hidden_size).uniform_(-1 / math.sqrt(hidden_size), 1 / math.sqrt(hidden_size)))
 
     def forward(self, x: Tensor, state: GRUState) -> tuple[Tensor, GRUState]:
         (c_prev,) = state
         gamma_u = sigmoid(linear(combine(c_prev, x), self.W_u, self.b_u))
         gamma_r = sigmoid(linear(combine(c_prev, x), self.W_r, self.b_r)) if self.relevance_gate else 1.0
-        c_tilde = tanh(linear(combine(gamma_r * c_prev, x), self.W_c, self.b_c))
+        if self.reset == "before":
+            c_tilde = tanh(linear(combine(gamma_r * c_prev, x), self.W_c, self.b_c))
+        else:
+            W_cc, W_cx = self.W_c.split([self.hidden_size, self.input_size], dim=1)
+            c_tilde = tanh(linear(x, W_cx, self.b_c) + gamma_r * linear(c_prev, W_cc, self.b_cc))
         c = gamma_u * c_tilde + (1 - gamma_u) * c_prev
         a = c
         return a, GRUState(c)
 
     def step(self, x_projected: Tensor, state: GRUState, W_recurrent: Tensor) -> GRUState:
         H, (c_prev,) = self.hidden_size, state
-        # The gates see c(t-1) itself; the candidate sees Γ_r * c(t-1), so it needs its own product.
-        gates = torch.addmm(x_projected[:, :-H], c_prev, W_recurrent[:-H].t())
-        gamma_u = sigmoid(gates[:, :H])
-        gamma_r = sigmoid(gates[:, H:]) if self.relevance_gate else 1.0
-        c_tilde = tanh(torch.addmm(x_projected[:, -H:], gamma_r * c_prev, W_recurrent[-H:].t()))
+        if self.reset == "after":
+            # Every block multiplies c(t-1) itself: one product for all three.
+            recurrent = torch.mm(c_prev, W_recurrent.t())
+            gamma_u = sigmoid(x_projected[:, :H] + recurrent[:, :H])
+            gamma_r = sigmoid(x_projected[:, H:2 * H] + recurrent[:, H:2 * H])
+            c_tilde = tanh(x_projected[:, 2 * H:] + gamma_r * (recurrent[:, 2 * H:] + self.b_cc))
+        else:
+            # The gates see c(t-1); the candidate sees Γ_r * c(t-1), so it needs its own product.
+            gates = torch.addmm(x_projected[:, :-H], c_prev, W_recurrent[:-H].t())
+            gamma_u = sigmoid(gates[:, :H])
+            gamma_r = sigmoid(gates[:, H:]) if self.relevance_gate else 1.0
+            c_tilde = tanh(torch.addmm(x_projected[:, -H:], gamma_r * c_prev, W_recurrent[-H:].t()))
         c = gamma_u * c_tilde + (1 - gamma_u) * c_prev
         return GRUState(c)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relevance_gate={self.relevance_gate}"
+        return f"{super().extra_repr()}, relevance_gate={self.relevance_gate}, reset={self.reset}"
 
 
 class LSTMCell(Cell):
@@ -187,8 +208,9 @@ class LSTMCell(Cell):
 CELLS: dict[str, type[Cell]] = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
 
 
-def make_cell(name: str, input_size: int, hidden_size: int, *, relevance_gate: bool = True) -> Cell:
+def make_cell(name: str, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
+              gru_reset: str = "before") -> Cell:
     """The cell called `name` in a config (`model.cell`)."""
     if name == "gru":
-        return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate)
+        return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate, reset=gru_reset)
     return CELLS[name](input_size, hidden_size)

@@ -55,6 +55,9 @@ class ModelConfig:
     dropout: float = 0.0
     tie_weights: bool = False
     relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
+    gru_reset: str = "before"          # gru only: Γ_r applied to c(t-1) before W_c (lecture) | after (PyTorch)
+    backward: str = "autograd"         # autograd | manual: the hand-written backpropagation through time
+    direction: str = "forward"         # forward | bi: also a backward LM sharing embedding and softmax (ELMo)
 
 
 @dataclass
@@ -96,6 +99,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.eos": ("line", "none"),
     "data.encoding_errors": ("strict", "replace"),
     "model.cell": ("rnn", "gru", "lstm"),
+    "model.gru_reset": ("before", "after"),
+    "model.backward": ("autograd", "manual"),
+    "model.direction": ("forward", "bi"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.schedule": ("constant", "cosine"),
 }
@@ -173,6 +179,8 @@ def validate(config: Config) -> None:
     if model.tie_weights and model.embed_size != model.hidden_size:
         raise ConfigError(f"model.tie_weights needs model.embed_size == model.hidden_size; "
                           f"got {model.embed_size} and {model.hidden_size}")
+    if model.gru_reset == "after" and not model.relevance_gate:
+        raise ConfigError("model.gru_reset: after needs model.relevance_gate: true (it places the relevance gate)")
     if data.max_vocab is not None and data.max_vocab < 3:
         raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word); got {data.max_vocab}")
     if data.path is None and data.train is None:

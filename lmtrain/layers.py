@@ -1,7 +1,9 @@
-"""Running cells over time: a layer runs one cell along a sequence, a stack is the lecture's deep RNN.
+"""Running cells over time: a layer runs one cell along a sequence (left to right, or right to left),
+a bidirectional layer runs one of each, and a stack of either is the lecture's deep RNN.
 
-Batch-first throughout: inputs are (B, T, E), outputs (B, T, H). A layer's state is its cell's
-state; a stack's state is a list with one cell state per layer. A missing state means `a(0) = 0`.
+Batch-first throughout: inputs are (B, T, E), outputs (B, T, H), or (B, T, 2H) when bidirectional.
+A layer's state is its cell's state; a bidirectional layer's state is the pair (forward, backward);
+a stack's state is a list with one entry per layer. A missing state means `a(0) = 0`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmtrain.backward import manual_layer
 from lmtrain.cells import Cell, make_cell
+
+BACKWARDS = ("autograd", "manual")
 
 
 class RecurrentLayer(nn.Module):
@@ -17,17 +22,24 @@ class RecurrentLayer(nn.Module):
 
     The input half of every gate, `W_x x(t) + b`, is one matrix product over all T steps before the
     loop; the loop then adds only the recurrent half (`Cell.step`). Same maths as calling the
-    cell's line-by-line `forward` at each step, a test proves it.
+    cell's line-by-line `forward` at each step, a test proves it. `backward="manual"` runs the
+    hand-written backpropagation through time of `lmtrain.backward` instead of autograd's.
     """
 
-    def __init__(self, cell: Cell, *, reverse: bool = False) -> None:
+    def __init__(self, cell: Cell, *, reverse: bool = False, backward: str = "autograd") -> None:
         super().__init__()
-        self.cell, self.reverse = cell, reverse
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}; got {backward!r}")
+        self.cell, self.reverse, self.backward = cell, reverse, backward
 
     def forward(self, x: Tensor, state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         B, T, _ = x.shape
         if state is None:
             state = self.cell.initial_state(B, device=x.device, dtype=x.dtype)
+        if T == 0:
+            return x.new_zeros(B, 0, self.cell.hidden_size), state
+        if self.backward == "manual":
+            return manual_layer(self.cell, x, state, reverse=self.reverse)
         W_recurrent, W_input, b = self.cell.stacked_weights()
         x_projected = nn.functional.linear(x, W_input, b)                   # (B, T, G*H)
         steps = x_projected.unbind(1)  # unbind, not x[:, t]: indexing makes autograd build a full-size zero gradient per step
@@ -37,28 +49,49 @@ class RecurrentLayer(nn.Module):
             outputs.append(state[0])                                         # a(t): (B, H)
         if self.reverse:
             outputs.reverse()
-        if not outputs:
-            return x.new_zeros(B, 0, self.cell.hidden_size), state
         return torch.stack(outputs, dim=1), state                           # (B, T, H)
+
+
+class BidirectionalLayer(nn.Module):
+    """The lecture's bidirectional RNN: a forward and a reversed layer over the same input, their
+    outputs side by side, `[a→(t), a←(t)]` (B, T, 2H). Each direction has its own weights."""
+
+    def __init__(self, forward_cell: Cell, backward_cell: Cell, *, backward: str = "autograd") -> None:
+        super().__init__()
+        self.forward_layer = RecurrentLayer(forward_cell, backward=backward)
+        self.backward_layer = RecurrentLayer(backward_cell, reverse=True, backward=backward)
+
+    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
+        forward_state, backward_state = state if state is not None else (None, None)
+        forward_output, forward_state = self.forward_layer(x, forward_state)
+        backward_output, backward_state = self.backward_layer(x, backward_state)
+        return torch.cat([forward_output, backward_output], dim=-1), (forward_state, backward_state)
 
 
 class RecurrentStack(nn.Module):
     """The deep RNN: `num_layers` layers, layer l reading layer l-1's outputs a[l-1](t), with
-    dropout between layers (Zaremba et al. 2014: dropout on the non-recurrent connections only)."""
+    dropout between layers (Zaremba et al. 2014: dropout on the non-recurrent connections only).
+    `cell_options` (e.g. `relevance_gate`, `gru_reset`) go to every cell."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
-                 dropout: float = 0.0, relevance_gate: bool = True) -> None:
+                 dropout: float = 0.0, bidirectional: bool = False, backward: str = "autograd",
+                 **cell_options) -> None:
         super().__init__()
-        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        directions = 2 if bidirectional else 1
+        sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
+        new_cell = lambda size: make_cell(cell, size, hidden_size, **cell_options)  # noqa: E731
         self.layers = nn.ModuleList(
-            RecurrentLayer(make_cell(cell, size, hidden_size, relevance_gate=relevance_gate)) for size in sizes)
+            BidirectionalLayer(new_cell(size), new_cell(size), backward=backward) if bidirectional
+            else RecurrentLayer(new_cell(size), backward=backward) for size in sizes)
         self.dropout = nn.Dropout(dropout)
 
-    def initial_state(self, batch_size: int, **kwargs) -> list[tuple[Tensor, ...]]:
-        return [layer.cell.initial_state(batch_size, **kwargs) for layer in self.layers]
+    def initial_state(self, batch_size: int, **kwargs) -> list:
+        """Zeros for every layer (a (forward, backward) pair per bidirectional layer)."""
+        zeros = lambda layer: layer.cell.initial_state(batch_size, **kwargs)  # noqa: E731
+        return [(zeros(layer.forward_layer), zeros(layer.backward_layer)) if isinstance(layer, BidirectionalLayer)
+                else zeros(layer) for layer in self.layers]
 
-    def forward(self, x: Tensor, state: list[tuple[Tensor, ...]] | None = None
-                ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+    def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
         state = state if state is not None else [None] * len(self.layers)
         new_state = []
         for index, (layer, layer_state) in enumerate(zip(self.layers, state, strict=True)):

@@ -20,11 +20,17 @@ from lmtrain.tokenizer import ZERO_INPUT
 class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, *, cell: str = "lstm", embed_size: int = 64, hidden_size: int = 256,
                  num_layers: int = 1, dropout: float = 0.0, tie_weights: bool = False,
-                 relevance_gate: bool = True) -> None:
+                 relevance_gate: bool = True, gru_reset: str = "before", backward: str = "autograd",
+                 direction: str = "forward") -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_size)
-        self.rnn = RecurrentStack(cell, embed_size, hidden_size, num_layers=num_layers, dropout=dropout,
-                                  relevance_gate=relevance_gate)
+        cell_options = {"relevance_gate": relevance_gate, "gru_reset": gru_reset} if cell == "gru" else {}
+        new_stack = lambda: RecurrentStack(cell, embed_size, hidden_size, num_layers=num_layers,  # noqa: E731
+                                           dropout=dropout, backward=backward, **cell_options)
+        self.rnn = new_stack()
+        # ELMo's bidirectional LM (Peters et al. 2018): a second stack reads the text right to left;
+        # embedding and softmax are shared. A bidirectional RNN could not predict the next token.
+        self.rnn_backward = new_stack() if direction == "bi" else None
         self.dropout = nn.Dropout(dropout)
         self.projection = nn.Linear(hidden_size, vocab_size)                # W_y, b_y
         # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept by
@@ -40,14 +46,20 @@ class LanguageModel(nn.Module):
     def from_config(cls, config: ModelConfig, vocab_size: int) -> LanguageModel:
         return cls(vocab_size, cell=config.cell, embed_size=config.embed_size, hidden_size=config.hidden_size,
                    num_layers=config.num_layers, dropout=config.dropout, tie_weights=config.tie_weights,
-                   relevance_gate=config.relevance_gate)
+                   relevance_gate=config.relevance_gate, gru_reset=config.gru_reset, backward=config.backward,
+                   direction=config.direction)
 
     def initial_state(self, batch_size: int, **kwargs) -> list[tuple[Tensor, ...]]:
         return self.rnn.initial_state(batch_size, **kwargs)
 
-    def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None
-                ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+    def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None, *,
+                backward: bool = False) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+        """Logits for the next token at every position. `backward=True` runs the backward LM of a
+        `direction: bi` model, which expects `tokens` in reversed order (see `data.reverse_text`)."""
         x = self.embedding(tokens.clamp(min=0))                              # (B, T, E)
         x = x.masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
-        a, state = self.rnn(self.dropout(x), state)                         # (B, T, H)
+        rnn = self.rnn_backward if backward else self.rnn
+        if rnn is None:
+            raise ValueError("backward=True needs a model built with direction='bi'")
+        a, state = rnn(self.dropout(x), state)                              # (B, T, H)
         return self.projection(self.dropout(a)), state                      # (B, T, V)

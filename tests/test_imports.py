@@ -121,8 +121,12 @@ def test_cells_import_no_lmtrain_module():
     assert lmtrain_imports("cells") == set()
 
 
-def test_layers_import_only_cells():
-    assert lmtrain_imports("layers") == {"cells"}
+def test_layers_import_only_cells_and_their_backward():
+    assert lmtrain_imports("layers") == {"cells", "backward"}
+
+
+def test_backward_imports_only_cells():
+    assert lmtrain_imports("backward") <= {"cells"}
 
 
 def test_model_imports_only_layers_config_tokenizer():
