@@ -63,11 +63,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
+    """The serialized checkpoint: every tensor on the CPU, plus the format version."""
     buffer = io.BytesIO()
     torch.save(to_cpu({"format_version": FORMAT_VERSION, **payload}), buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     try:
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        atomic_write_bytes(Path(path), checkpoint_bytes(payload))
     except OSError as error:
         raise LmtrainError(f"could not write checkpoint {path}: {error.strerror or error}") from None
 

@@ -23,6 +23,8 @@ app = typer.Typer(help="Train recurrent language models (RNN, GRU, LSTM) and sam
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)
 eval_app = typer.Typer(help="Evaluate a checkpoint.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+diagnose_app = typer.Typer(help="Look inside a model: the lecture's points, measured.", no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 _options = {"debug": False}
@@ -128,6 +130,34 @@ def perplexity(
         for note in notes:
             typer.echo(note, err=True)
         typer.echo(json.dumps(numbers) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))
+
+
+@diagnose_app.command()
+def gradients(
+    checkpoint: Annotated[Optional[str], typer.Option(help="A trained checkpoint (.pt).")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Or a config: measure its freshly initialised model.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides for --config.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(help="Text to draw windows from (default: the validation split).")] = None,
+    length: Annotated[int, typer.Option(help="Window length T.")] = 64,
+    count: Annotated[int, typer.Option(help="Number of windows averaged.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed for choosing the windows.")] = 0,
+    plot: Annotated[Optional[str], typer.Option(help="Also save a plot (PNG; needs matplotlib).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The vanishing gradient: ‖∂L(T)/∂a(t)‖ of the top layer against the distance T - t."""
+    from lmtrain.diagnose import gradient_report, plot_rows
+
+    with user_errors():
+        description, rows = gradient_report(checkpoint=checkpoint, config_path=config, overrides=overrides or [],
+                                            data_file=data, length=length, count=count, seed=seed)
+        if plot:
+            plot_rows({description.split(":")[0]: rows}, plot)
+        if as_json:
+            typer.echo(json.dumps({"model": description, "rows": rows}))
+            return
+        typer.echo(f"{description}\n{'T - t':>6}  {'norm':>10}  {'relative':>10}")
+        for row in rows:
+            typer.echo(f"{row['distance']:>6}  {row['norm']:>10.3e}  {row['relative']:>10.3e}")
 
 
 def _format(key: str, value: float | int) -> str:

@@ -14,15 +14,18 @@ Targets are always the inputs shifted by one step: the model predicts token t+1 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from lmtrain.config import DataConfig
 from lmtrain.errors import LmtrainError
-from lmtrain.tokenizer import ZERO_INPUT, Tokenizer, read_text
+from lmtrain.tokenizer import ZERO_INPUT, Tokenizer, read_text, split_lines
 
 IGNORE = -100  # target id left out of the loss (torch's cross_entropy default ignore_index)
 SPLITS = ("train", "valid", "test")
+LONG_LINE = 10_000
 
 Sequence = tuple[Tensor, Tensor]  # (inputs (T,), targets (T,))
 
@@ -49,15 +52,28 @@ def load_splits(config: DataConfig) -> dict[str, str]:
 
 def split_points(text: str, fractions: list[float]) -> list[int]:
     """Character offsets [0, ..., len(text)] cutting `text` into parts of the given fractions. Each
-    cut moves forward to the end of its line so no word or sentence is split between two parts."""
+    cut moves forward to the end of its line so no word or sentence is split between two parts,
+    unless that line goes on for more than LONG_LINE characters (a corpus may be one long line)."""
     bounds, cumulative = [0], 0.0
     for fraction in fractions[:-1]:
         cumulative += fraction
         cut = round(cumulative * len(text))
-        line_end = text.find("\n", cut - 1)
-        bound = 0 if cut <= 0 else len(text) if line_end < 0 else line_end + 1
+        line_end = text.find("\n", cut - 1, cut + LONG_LINE)
+        if line_end < 0:  # the text ends first (its last line has no newline), or a very long line
+            line_end = len(text) - 1 if len(text) - cut <= LONG_LINE else cut - 1
+        bound = 0 if cut <= 0 else line_end + 1
         bounds.append(max(bounds[-1], bound))
     return [*bounds, len(text)]
+
+
+def reverse_text(text: str, *, level: str, eos: str = "line") -> str:
+    """The text read right to left, for the backward LM of `model.direction: bi`: the lines in reverse
+    order, the tokens of each line reversed. Its id stream is the forward stream flipped, and each
+    reversed line still ends in `<eos>`:  "a b\nc d\n" -> "d c\nb a\n"."""
+    if eos == "none":
+        return text[::-1] if level == "char" else " ".join(reversed(text.split()))
+    flip = (lambda line: line[::-1]) if level == "char" else (lambda line: " ".join(reversed(line.split())))
+    return "".join(flip(line) + "\n" for line in reversed(split_lines(text)))
 
 
 def fit_tokenizer(config: DataConfig, train_text: str) -> Tokenizer:
@@ -69,9 +85,34 @@ def fit_tokenizer(config: DataConfig, train_text: str) -> Tokenizer:
 
 
 def stream_ids(tokenizer: Tokenizer, text: str) -> Tensor:
-    """The split as one id stream, starting with `<eos>` so the first token is read as the start of
-    a line, just as every later line follows an `<eos>`."""
-    return torch.tensor([tokenizer.eos_id, *tokenizer.encode(text)], dtype=torch.long)
+    """The split as one id stream (int32, 4 bytes a token), starting with `<eos>` so the first token is
+    read as the start of a line, just as every later line follows an `<eos>`."""
+    if tokenizer.level == "char":
+        return char_ids(tokenizer, text, start_with_eos=True)
+    return torch.tensor([tokenizer.eos_id, *tokenizer.encode(text)], dtype=torch.int32)
+
+
+def char_ids(tokenizer: Tokenizer, text: str, *, start_with_eos: bool = False, block: int = 1 << 22) -> Tensor:
+    """`tokenizer.encode(text)` for a character tokenizer, vectorised: code points (UTF-32) looked up
+    in a table, `block` characters at a time, so a corpus costs 4 bytes a character and never a
+    Python list (a corpus may be one 50 MB line)."""
+    known = {ord(token): index for index, token in enumerate(tokenizer.tokens) if len(token) == 1}
+    if tokenizer.eos == "line":
+        known[ord("\n")] = tokenizer.eos_id
+    table = torch.full((max(known, default=0) + 2,), tokenizer.unk_id, dtype=torch.int32)
+    table[list(known)] = torch.tensor(list(known.values()), dtype=torch.int32)
+    last_eos = tokenizer.eos == "line" and bool(text) and not text.endswith("\n")  # the last line's <eos>
+    offset = int(start_with_eos)
+    ids = torch.empty(offset + len(text) + int(last_eos), dtype=torch.int32)
+    ids[: offset] = tokenizer.eos_id
+    ids[ids.numel() - int(last_eos):] = tokenizer.eos_id
+    for start in range(0, len(text), block):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only buffer is fine: it is only read
+            codes = torch.frombuffer(text[start:start + block].encode("utf-32-le"), dtype=torch.int32)
+        codes = codes.clamp(max=table.numel() - 1)  # beyond the table: <unk>
+        torch.index_select(table, 0, codes, out=ids[offset + start: offset + start + codes.numel()])
+    return ids
 
 
 def batchify(ids: Tensor, batch_size: int) -> Tensor:
@@ -189,7 +230,8 @@ class TrainingBatches:
     def batch(self, epoch: int, index: int) -> Sequence:
         """(inputs, targets), each (B, T)."""
         if self.carries_state:
-            return get_chunk(self.data, index, self.bptt)
+            inputs, targets = get_chunk(self.data, index, self.bptt)
+            return inputs.long(), targets.long()
         return pad_batch([self.pieces[i] for i in self._epoch_order(epoch)[index]])
 
     def _epoch_order(self, epoch: int) -> list[list[int]]:

@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from lmtrain.checkpoint import load_model
 from lmtrain.config import Config
-from lmtrain.data import (IGNORE, Sequence, length_sorted_batches, load_splits, pad_batch, sentence_pieces,
-                          stream_ids, stream_segments)
+from lmtrain.data import (IGNORE, Sequence, length_sorted_batches, load_splits, pad_batch, reverse_text,
+                          sentence_pieces, stream_ids, stream_segments)
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import Tokenizer, read_text
@@ -65,9 +65,10 @@ LOGITS_BUDGET = 1 << 25    # logits held at once (B x T x V floats, 128 MB): lon
 
 @torch.no_grad()
 def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = EVAL_BATCH_SIZE,
-          device: torch.device | str = "cpu") -> Score:
+          device: torch.device | str = "cpu", backward: bool = False) -> Score:
     """Token-weighted mean loss of `model` on `sequences`, each read from a zero state. A long batch
-    runs in time chunks with the state carried, which gives the same result in bounded memory."""
+    runs in time chunks with the state carried, which gives the same result in bounded memory.
+    `backward`: score the backward LM of a `bi` model (on sequences of reversed text)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -77,7 +78,7 @@ def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = 
         chunk = max(1, LOGITS_BUDGET // (len(batch) * model.projection.out_features))
         state = None
         for start in range(0, inputs.size(1), chunk):
-            logits, state = model(inputs[:, start:start + chunk].to(device), state)
+            logits, state = model(inputs[:, start:start + chunk].to(device), state, backward=backward)
             chunk_total, chunk_count = summed_nll(logits.float(), targets[:, start:start + chunk].to(device))
             total += float(chunk_total)
             count += chunk_count
@@ -116,5 +117,10 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
     if unknown:
         warnings.append(f"warning: {unknown} of {total} tokens ({100 * unknown / total:.2f}%) in {origin} are not "
                         f"in the training vocabulary and are scored as <unk>")
-    result = score(model, sequences, batch_size=batch_size or EVAL_BATCH_SIZE, device=device)
-    return report(result, tokenizer), warnings
+    numbers = report(score(model, sequences, batch_size=batch_size or EVAL_BATCH_SIZE, device=device), tokenizer)
+    if config.model.direction == "bi":
+        reversed_text = reverse_text(text, level=config.data.level, eos=config.data.eos)
+        backward = score(model, evaluation_sequences(tokenizer, reversed_text, config),
+                         batch_size=batch_size or EVAL_BATCH_SIZE, device=device, backward=True)
+        numbers.update({f"backward_{key}": value for key, value in report(backward, tokenizer).items() if key != "tokens"})
+    return numbers, warnings

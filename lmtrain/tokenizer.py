@@ -83,7 +83,8 @@ class Tokenizer:
             max_vocab: int | None = None) -> Tokenizer:
         """Build the vocabulary from (training) text: tokens seen at least `min_freq` times, the most
         frequent first, cut to `max_vocab` entries including the specials."""
-        counts = Counter(token for line in _units(text, level, eos) for token in line)
+        counts = _char_counts(text, eos) if level == "char" else Counter(
+            token for line in _units(text, level, eos) for token in line)
         for special in SPECIALS:
             counts.pop(special, None)
         kept = [token for token, count in counts.items() if count >= min_freq]
@@ -121,6 +122,9 @@ class Tokenizer:
 
     def count_unknown(self, text: str) -> tuple[int, int]:
         """(tokens not in the vocabulary, all tokens) of `text`; a literal `<unk>` counts as known."""
+        if self.level == "char":  # counted in C, without a list of every character (a corpus may be one 50 MB line)
+            counts = _char_counts(text, self.eos)
+            return sum(n for token, n in counts.items() if token not in self.ids), sum(counts.values())
         total = unknown = 0
         for line in _units(text, self.level, self.eos):
             total += len(line)
@@ -133,6 +137,17 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, state: dict) -> Tokenizer:
         return cls(level=state["level"], eos=state["eos"], tokens=list(state["tokens"]))
+
+
+def _char_counts(text: str, eos: str) -> Counter:
+    """How often each character token occurs; with `eos == "line"` line ends count as `<eos>`."""
+    counts = Counter(text)
+    if eos == "line":
+        counts.pop("\n", None)
+        lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+        if lines:
+            counts[EOS] = lines
+    return counts
 
 
 def _units(text: str, level: str, eos: str) -> list[list[str]]:

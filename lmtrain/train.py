@@ -22,19 +22,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmtrain.checkpoint import atomic_write_bytes, load_checkpoint, parameter_count, save_checkpoint
+from lmtrain.checkpoint import atomic_write_bytes, parameter_count
 from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
-from lmtrain.data import TrainingBatches, fit_tokenizer, load_splits
+from lmtrain.data import TrainingBatches, fit_tokenizer, load_splits, reverse_text
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score, summed_nll
 from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer, learning_rate
+from lmtrain.rundir import RunDirectory
 from lmtrain.sampling import generate
 from lmtrain.tokenizer import Tokenizer
 
 # Keys a resumed run may change: how long to go on and how to report, not what is learned.
 RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.eval_every", "train.log_every",
-             "train.checkpoint_every", "train.final_samples", "train.device", "train.out_dir")
+             "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples",
+             "train.device", "train.out_dir")
 
 
 class TrainingInterrupted(LmtrainError):
@@ -88,8 +90,8 @@ class Trainer:
     def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], progress_bar: bool) -> None:
         self.config, self.echo, self.progress_bar = config, echo, progress_bar
         self.device = resolve_device(config.train.device)
-        self.out_dir = Path(config.train.out_dir)
-        self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
+        self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
+        self.out_dir = self.run_dir.path
         payload = self._resume_payload() if resume else self._fresh_start()
         texts = load_splits(config.data)
         self.tokenizer = (Tokenizer.from_dict(payload["tokenizer"]) if payload
@@ -98,26 +100,39 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = LanguageModel.from_config(config.model, self.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, config.train)
-        self.batches = TrainingBatches(self.tokenizer, texts["train"], mode=config.data.mode,
-                                       batch_size=config.train.batch_size, bptt=config.train.bptt, seed=config.train.seed)
-        self.valid = evaluation_sequences(self.tokenizer, texts["valid"], config)
-        if not self.valid:
+        # One data view per direction, keyed by "is backward": the text itself, and for `direction: bi`
+        # the text read right to left for the backward LM.
+        self.directions = (False, True) if config.model.direction == "bi" else (False,)
+        view = self._view
+        self.batches = {backward: TrainingBatches(self.tokenizer, view(texts["train"], backward), mode=config.data.mode,
+                                                  batch_size=config.train.batch_size, bptt=config.train.bptt,
+                                                  seed=config.train.seed) for backward in self.directions}
+        self.per_epoch = self.batches[False].per_epoch
+        self.valid = {backward: evaluation_sequences(self.tokenizer, view(texts["valid"], backward), config)
+                      for backward in self.directions}
+        if not self.valid[False]:
             raise LmtrainError("the validation split holds no tokens (a larger data.split fraction or another data.valid?)")
-        self.progress, self.state = Progress(), None
+        self.carries_state = config.data.mode == "stream"
+        self.progress, self.states = Progress(), {backward: None for backward in self.directions}
+        self.bad_steps = 0  # non-finite steps in a row
         if payload:
             self._restore(payload)
-        self._write_run_files(appending=bool(payload))
+        self.resumed_at = self.progress.step if payload else None
+
+    def _view(self, text: str, backward: bool) -> str:
+        return reverse_text(text, level=self.config.data.level, eos=self.config.data.eos) if backward else text
 
     def _fresh_start(self) -> None:
         # Never overwrite a run's checkpoints by starting again in its folder.
-        if self.last_path.exists():
+        if self.run_dir.has_run():
             raise LmtrainError(f"{self.out_dir} already holds a run (last.pt): add --resume to continue it, "
                                f"or choose another train.out_dir")
 
     def _resume_payload(self) -> dict:
-        if not self.last_path.exists():
-            raise LmtrainError(f"nothing to resume: no last.pt in {self.out_dir}")
-        payload = load_checkpoint(self.last_path)
+        path, payload, notes = self.run_dir.newest_intact()
+        for note in notes:
+            self.echo(note)
+        self.resume_path = path
         saved = from_dict(payload["config"])
         changed = differences(saved, self.config, ignore=RESUMABLE)
         if changed:
@@ -129,20 +144,22 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.progress = Progress(**payload["progress"])
-        saved_state = payload.get("stream_state")
-        self.state = [tuple(t.to(self.device) for t in layer) for layer in saved_state] if saved_state else None
+        for backward, saved in zip(self.directions, payload["stream_states"]):
+            self.states[backward] = [tuple(t.to(self.device) for t in layer) for layer in saved] if saved else None
         torch.set_rng_state(payload["rng"]["torch"])
         if self.device.type == "cuda" and payload["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        self.echo(f"resuming {self.last_path} at step {self.progress.step} (epoch {self.progress.epoch + 1})")
+        self.echo(f"resuming {self.resume_path} at step {self.progress.step} (epoch {self.progress.epoch + 1})")
 
-    def _write_run_files(self, *, appending: bool) -> None:
+    def _open_run_files(self) -> None:
+        """Take the folder's lock, then write config.yaml and open metrics.jsonl."""
+        self.run_dir.create()
+        self.run_dir.lock()
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out_dir / "config.yaml", to_yaml(self.config).encode())
-            self.metrics = open(self.out_dir / "metrics.jsonl", "a" if appending else "w", encoding="utf-8")
         except OSError as error:
             raise LmtrainError(f"cannot write to train.out_dir {self.out_dir}: {error.strerror or error}") from None
+        self.metrics = self.run_dir.open_metrics(resumed_at=self.resumed_at)
 
     def _warn_unknown(self, texts: dict[str, str]) -> None:
         for split in ("valid", "test"):
@@ -155,10 +172,21 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        self.metrics = None
+        try:
+            self._open_run_files()
+            return self._loop()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            self.run_dir.unlock()
+
+    def _loop(self) -> TrainResult:
         train_config = self.config.train
         self.echo(f"model: {self.config.model.cell} {self.config.model.num_layers}x{self.config.model.hidden_size}, "
                   f"{parameter_count(self.model):,} parameters, vocabulary {self.tokenizer.vocab_size}, "
-                  f"{self.batches.per_epoch} batches per epoch, device {self.device}")
+                  f"{self.per_epoch} batches per epoch, device {self.device}"
+                  + (", with a backward LM (direction: bi)" if len(self.directions) == 2 else ""))
         total = self._total_steps()
         bar = tqdm(total=total, initial=self.progress.step, disable=not self.progress_bar, unit="step",
                    dynamic_ncols=True)
@@ -177,31 +205,31 @@ class Trainer:
                 if step % train_config.eval_every == 0:
                     valid_loss, last_eval_step = self._evaluate(), step
                 if step % train_config.checkpoint_every == 0:
-                    self._save(self.last_path)
+                    self._save_last()
                 if stop.signal is not None:
-                    self._save(self.last_path)
+                    self._save_last()
                     bar.close()
                     raise TrainingInterrupted(
-                        f"stopped by {signal.Signals(stop.signal).name} at step {step}; {self.last_path} written; "
+                        f"stopped by {signal.Signals(stop.signal).name} at step {step}; {self.run_dir.last} written; "
                         f"continue with: lmtrain train {self.out_dir / 'config.yaml'} --resume", 128 + stop.signal)
         if last_eval_step != self.progress.step:
             valid_loss = self._evaluate()
-        self._save(self.last_path)
+        self._save_last()
         bar.close()
         self.echo = echo
-        self.metrics.close()
         samples = self._final_samples()
         return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples)
 
     def _total_steps(self) -> int | None:
         limits = [self.config.train.max_steps,
-                  self.config.train.max_epochs and self.config.train.max_epochs * self.batches.per_epoch]
+                  self.config.train.max_epochs and self.config.train.max_epochs * self.per_epoch]
         return min((limit for limit in limits if limit), default=None)
 
     def _limit_reached(self) -> str | None:
         train_config, progress = self.config.train, self.progress
-        if progress.batch_index >= self.batches.per_epoch:
-            progress.epoch, progress.batch_index, self.state = progress.epoch + 1, 0, None
+        if progress.batch_index >= self.per_epoch:
+            progress.epoch, progress.batch_index = progress.epoch + 1, 0
+            self.states = {backward: None for backward in self.directions}
         if train_config.max_steps is not None and progress.step >= train_config.max_steps:
             return "max_steps"
         if train_config.max_epochs is not None and progress.epoch >= train_config.max_epochs:
@@ -213,30 +241,51 @@ class Trainer:
     def _train_step(self, window: dict) -> None:
         train_config, progress = self.config.train, self.progress
         begin = time.perf_counter()
-        inputs, targets = (t.to(self.device, non_blocking=True) for t in self.batches.batch(progress.epoch, progress.batch_index))
-        if self.batches.carries_state and self.state is not None:
-            # Truncated BPTT: keep the state's value, cut the graph to the previous chunk.
-            self.state = [tuple(t.detach() for t in layer) for layer in self.state]
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        logits, state = self.model(inputs, self.state if self.batches.carries_state else None)
-        total, count = summed_nll(logits, targets)
-        loss = total / count
+        losses, total, count = [], 0.0, 0
+        for backward in self.directions:
+            batch = self.batches[backward].batch(progress.epoch, progress.batch_index)
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+            state = self.states[backward]
+            if state is not None:
+                # Truncated BPTT: keep the state's value, cut the graph to the previous chunk.
+                state = [tuple(t.detach() for t in layer) for layer in state]
+            logits, state = self.model(inputs, state, backward=backward)
+            direction_total, direction_count = summed_nll(logits, targets)
+            losses.append(direction_total / direction_count)
+            total, count = total + direction_total.detach(), count + direction_count
+            self.states[backward] = state if self.carries_state else None
+        loss = sum(losses) / len(losses)  # ELMo: the mean of the forward and backward LMs' losses
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if train_config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train_config.clip)
-        self.optimizer.step()
-        self.state = state if self.batches.carries_state else None
-        progress.step, progress.batch_index, progress.tokens = progress.step + 1, progress.batch_index + 1, progress.tokens + count
-        window["loss"] += total.detach()
-        window["tokens"] += count
-        window["steps"] += 1
+        norm = gradient_norm(self.model, clip=train_config.clip)
+        progress.step, progress.batch_index = progress.step + 1, progress.batch_index + 1
+        if bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            self.optimizer.step()
+            self.bad_steps = 0
+            progress.tokens += count
+            window["loss"] += total
+            window["tokens"] += count
+            window["steps"] += 1
+        else:
+            self._skip_bad_step(float(loss), float(norm))
         seconds = time.perf_counter() - begin
         window["seconds"] += seconds
         progress.train_seconds += seconds
+
+    def _skip_bad_step(self, loss: float, norm: float) -> None:
+        """A non-finite loss or gradient: no update, and the carried state (possibly NaN) starts over."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.states = {backward: None for backward in self.directions}
+        self.bad_steps += 1
+        self.echo(f"warning: step {self.progress.step} skipped: loss {loss}, gradient norm {norm}")
+        if self.bad_steps >= self.config.train.max_bad_steps:
+            raise LmtrainError(f"stopped at step {self.progress.step}: {self.bad_steps} steps in a row had a non-finite "
+                               f"loss or gradient (train.max_bad_steps); the last good checkpoint "
+                               f"{self.run_dir.last} is kept as it was; a lower train.lr or train.clip may help")
 
     def _lr(self) -> float:
         c = self.config.train
@@ -251,16 +300,22 @@ class Trainer:
         window.update(loss=torch.zeros((), device=self.device), tokens=0, seconds=0.0, steps=0)
 
     def _evaluate(self) -> float:
-        begin = time.perf_counter()
-        result: Score = score(self.model, self.valid, device=self.device)
-        self._log_event("valid", result.loss, result.tokens / max(time.perf_counter() - begin, 1e-9))
+        """Validation loss (the mean over directions for a `bi` model); writes best.pt on a new best."""
+        losses, notes = [], []
+        for backward in self.directions:
+            begin = time.perf_counter()
+            result: Score = score(self.model, self.valid[backward], device=self.device, backward=backward)
+            split = "valid_backward" if backward else "valid"
+            self._log_event(split, result.loss, result.tokens / max(time.perf_counter() - begin, 1e-9))
+            losses.append(result.loss)
+            notes.append(f"{split} loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
+        loss = sum(losses) / len(losses)
         best = self.progress.best_valid_loss
-        if math.isfinite(result.loss) and (best is None or result.loss < best):
-            self.progress.best_valid_loss = result.loss
-            self._save(self.best_path)
-        self.echo(f"step {self.progress.step}: valid loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
-                  + (" (best)" if self.progress.best_valid_loss == result.loss else ""))
-        return result.loss
+        if math.isfinite(loss) and (best is None or loss < best):
+            self.progress.best_valid_loss = loss
+            self.run_dir.save_best(self._payload())
+        self.echo(f"step {self.progress.step}: {'; '.join(notes)}" + (" (best)" if self.progress.best_valid_loss == loss else ""))
+        return loss
 
     def _log_event(self, split: str, loss: float, tokens_per_s: float) -> None:
         event = {"step": self.progress.step, "split": split, "loss": round(loss, 6),
@@ -269,14 +324,17 @@ class Trainer:
         self.metrics.write(json.dumps(event) + "\n")
         self.metrics.flush()
 
-    def _save(self, path: Path) -> None:
+    def _save_last(self) -> None:
+        self.run_dir.save_last(self._payload(), self.progress.step)
+
+    def _payload(self) -> dict:
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
-        save_checkpoint(path, {
+        return {
             "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "progress": asdict(self.progress), "rng": rng,
-            "stream_state": [tuple(layer) for layer in self.state] if self.state is not None else None})
+            "stream_states": [self.states[backward] for backward in self.directions]}
 
     def _final_samples(self) -> list[str]:
         if self.config.train.final_samples == 0:
@@ -285,6 +343,13 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
         return generate(self.model, self.tokenizer, num=self.config.train.final_samples,
                         sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
+
+
+def gradient_norm(model: torch.nn.Module, *, clip: float) -> torch.Tensor:
+    """The global gradient norm, clipped to `clip` first when `clip > 0` (Pascanu et al. 2013)."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 class _StopSignals:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmtrain.config import DataConfig
-from lmtrain.data import (IGNORE, TrainingBatches, batchify, fit_tokenizer, get_chunk, length_sorted_batches,
+from lmtrain.data import (IGNORE, TrainingBatches, batchify, char_ids, fit_tokenizer, get_chunk, length_sorted_batches,
                           load_splits, num_chunks, pad_batch, sentence_pieces, shuffled_batches, split_points,
                           stream_ids, stream_segments)
 from lmtrain.errors import LmtrainError
@@ -73,8 +73,23 @@ def test_num_chunks(columns: int, bptt: int, expected: int):
 
 def test_stream_ids_start_with_eos(char_tokenizer: Tokenizer):
     ids = stream_ids(char_tokenizer, "ab\nc\n")
-    assert ids.dtype == torch.long
+    assert ids.dtype == torch.int32  # 4 bytes a token: corpora of any size
     assert ids.tolist() == [1, *char_tokenizer.encode("ab\nc\n")]
+
+
+@pytest.mark.parametrize("eos", ["line", "none"])
+@pytest.mark.parametrize("text", ["", "a", "ab\nc", "ab\nc\n", "\n\n", "héllo wörld 🙂\nz\n", "unseen: ẞ 🙈 x\n"])
+def test_vectorised_char_ids_equal_encode(text: str, eos: str):
+    tokenizer = Tokenizer.fit("abcdefgh héllo wörld 🙂 xyz\n", level="char", eos=eos)
+    assert char_ids(tokenizer, text).tolist() == tokenizer.encode(text)
+
+
+def test_char_counts_match_the_list_path():
+    text = "ab\nc 🙂\n\nq"
+    tokenizer = Tokenizer.fit("abc\n", level="char")
+    unknown, total = tokenizer.count_unknown(text)
+    units = tokenizer.encode(text)
+    assert total == len(units) and unknown == units.count(tokenizer.unk_id)
 
 
 def test_stream_segments_cover_every_token_once():

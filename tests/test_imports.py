@@ -148,9 +148,23 @@ def test_main_runs_the_cli():
     assert lmtrain_imports("__main__") == {"cli"}
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "interop"])  # interop maps weights to/from torch.nn
 def test_no_torch_recurrent_modules(module: str):
     assert torch_recurrent_uses(tree(module)) == []
+
+
+def test_interop_imports_only_cells_and_layers():
+    assert lmtrain_imports("interop") <= {"cells", "layers"}
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "interop"])
+def test_nothing_imports_interop(module: str):
+    assert "interop" not in lmtrain_imports(module)
+
+
+def test_rundir_and_diagnose_stay_above_the_model():
+    assert lmtrain_imports("rundir") <= {"checkpoint", "errors"}
+    assert "train" not in lmtrain_imports("diagnose") and "cli" not in lmtrain_imports("diagnose")
 
 
 def test_imports_are_acyclic():

@@ -18,6 +18,7 @@ import lmtrain.train as train_module
 from lmtrain.config import Config, build_config
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import evaluate_checkpoint
+from lmtrain.rundir import RunDirectory
 from lmtrain.train import train
 
 WORDS = ("the a cat dog sat ran on under mat rug big small red blue old new saw ate fish bird").split()
@@ -84,10 +85,12 @@ def sentence_batches_per_epoch(train_file: Path) -> int:
 
 # -- exact resume -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode, cell", [("stream", "lstm"), ("sentences", "gru")])
-def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell):
+@pytest.mark.parametrize("mode, cell, direction", [("stream", "lstm", "forward"), ("sentences", "gru", "forward"),
+                                                   ("stream", "rnn", "bi"), ("sentences", "lstm", "bi")])
+def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell, direction):
     # dropout > 0 makes the result depend on the restored RNG state; bptt 64 keeps every sentence whole.
     settings = dict(data__mode=mode, model__cell=cell, model__num_layers=2, model__dropout=0.3,
+                    model__direction=direction,
                     train__bptt=64 if mode == "sentences" else BPTT, train__eval_every=5, train__schedule="constant")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(make_config(corpus, straight, train__max_steps=30, **settings), progress_bar=False)
@@ -98,7 +101,8 @@ def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell):
     assert 13 % per_epoch != 0 and 13 // per_epoch >= 1, "test setup: step 13 should be inside a later epoch"
     assert first.progress.step == 13 and first.progress.batch_index == 13 % per_epoch
     if mode == "stream":
-        assert load_payload(stopped / "last.pt")["stream_state"] is not None  # state carried across the stop
+        states = load_payload(stopped / "last.pt")["stream_states"]  # carried across the stop, per direction
+        assert len(states) == (2 if direction == "bi" else 1) and all(state is not None for state in states)
 
     resumed = train(make_config(corpus, stopped, train__max_steps=30, **settings), resume=True, progress_bar=False)
     assert resumed.progress.step == 30
@@ -197,13 +201,18 @@ def test_best_checkpoint_holds_the_lowest_validation_loss(tmp_path):
 
 def test_eval_log_and_checkpoint_events_come_at_their_steps(tmp_path, corpus, monkeypatch):
     saves: list[tuple[str, int]] = []
-    real_save = train_module.save_checkpoint
+    real_last, real_best = RunDirectory.save_last, RunDirectory.save_best
 
-    def recording_save(path, payload):
-        saves.append((Path(path).name, payload["progress"]["step"]))
-        real_save(path, payload)
+    def recording_last(self, payload, step):
+        saves.append(("last.pt", payload["progress"]["step"]))
+        real_last(self, payload, step)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", recording_save)
+    def recording_best(self, payload):
+        saves.append(("best.pt", payload["progress"]["step"]))
+        real_best(self, payload)
+
+    monkeypatch.setattr(RunDirectory, "save_last", recording_last)
+    monkeypatch.setattr(RunDirectory, "save_best", recording_best)
     out_dir = tmp_path / "run"
     train(make_config(corpus, out_dir, train__max_steps=14, train__eval_every=4, train__log_every=3,
                       train__checkpoint_every=6), progress_bar=False)
@@ -256,3 +265,33 @@ def test_checkpoint_loads_with_the_safe_loader(tmp_path, corpus):
         assert {"format_version", "config", "tokenizer", "model", "optimizer", "progress", "rng"} <= payload.keys()
         assert payload["progress"]["step"] == 3
         assert isinstance(payload["rng"]["torch"], torch.Tensor)
+
+
+# -- the bidirectional LM (ELMo) ---------------------------------------------------------------------
+
+def test_bidirectional_lm_trains_both_directions(tmp_path, corpus):
+    out_dir = tmp_path / "bi"
+    config = make_config(corpus, out_dir, model__direction="bi", train__max_steps=80, train__eval_every=40,
+                         train__lr=0.02)
+    result = train(config, progress_bar=False)
+    forward, backward = events(out_dir, "valid"), events(out_dir, "valid_backward")
+    assert [e["step"] for e in forward] == [e["step"] for e in backward] == [40, 80]
+    # best.pt follows the mean of the two directions, the training objective.
+    assert result.progress.best_valid_loss == pytest.approx(
+        min((f["loss"] + b["loss"]) / 2 for f, b in zip(forward, backward)), abs=1e-5)
+    numbers, _ = evaluate_checkpoint(str(out_dir / "best.pt"), split="valid")
+    assert {"loss", "perplexity", "bpc", "backward_loss", "backward_perplexity", "backward_bpc"} <= set(numbers)
+    assert numbers["loss"] != numbers["backward_loss"]  # two models, two numbers
+    payload = load_payload(out_dir / "best.pt")
+    assert any(name.startswith("rnn_backward.") for name in payload["model"])
+    # Both LMs learned: each is far below the uniform loss ln(V).
+    vocab_size = len(payload["tokenizer"]["tokens"])
+    assert numbers["loss"] < math.log(vocab_size) - 0.5 and numbers["backward_loss"] < math.log(vocab_size) - 0.5
+
+
+def test_forward_only_model_has_no_backward_lm(tmp_path, corpus):
+    out_dir = tmp_path / "forward"
+    train(make_config(corpus, out_dir, train__max_steps=3), progress_bar=False)
+    assert not events(out_dir, "valid_backward")
+    numbers, _ = evaluate_checkpoint(str(out_dir / "last.pt"), split="valid")
+    assert "backward_loss" not in numbers
