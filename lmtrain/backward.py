@@ -55,8 +55,10 @@ def _per_step(*buffers: Tensor) -> list[tuple[Tensor, ...]]:
 
 
 def _outputs(a: Tensor) -> tuple[Tensor, Tensor]:
-    """The Function's outputs: a(1..T) as (B, T, H) (a view of the buffer), and the final a(T)."""
-    return a[1:].transpose(0, 1), a[-1].clone()
+    """The Function's outputs: a(1..T) (B, T, H) and the final a(T), copies rather than views of the
+    buffer, laid out like the autograd layer's: `dropout` then draws the same mask for both, and the
+    caller may change them in place."""
+    return a[1:].transpose(0, 1).contiguous(), a[-1].clone()
 
 
 def _incoming(grad_outputs: Tensor | None, grad_final: Tensor | None, a: Tensor) -> Tensor:

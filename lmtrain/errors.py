@@ -1,5 +1,14 @@
 """The one exception type a user sees: its message is a single line that names the problem."""
 
+import errno
+
 
 class LmtrainError(Exception):
     """A mistake in the user's input (config, files, options); the CLI prints it as one line."""
+
+
+def os_reason(error: OSError) -> str:
+    """A short reason for a failed file operation, e.g. "the disk is full"."""
+    if error.errno == errno.ENOSPC:
+        return "the disk is full"
+    return error.strerror or str(error)

@@ -14,7 +14,6 @@ step files newest first, else best.pt.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.checkpoint import atomic_write_bytes, checkpoint_bytes, load_checkpoint
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, os_reason
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
@@ -39,7 +38,7 @@ class RunDirectory:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise LmtrainError(f"cannot create train.out_dir {self.path}: {error.strerror or error}") from None
+            raise LmtrainError(f"cannot create train.out_dir {self.path}: {os_reason(error)}") from None
 
     # -- one trainer per folder ----------------------------------------------------------------------
 
@@ -49,7 +48,7 @@ class RunDirectory:
         try:
             handle = open(self.path / "lock", "a+", encoding="utf-8")
         except OSError as error:
-            raise LmtrainError(f"cannot write to train.out_dir {self.path}: {error.strerror or error}") from None
+            raise LmtrainError(f"cannot write to train.out_dir {self.path}: {os_reason(error)}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -122,7 +121,7 @@ class RunDirectory:
                 atomic_write_bytes(self.metrics, "".join(kept).encode())
             return open(self.metrics, "a", encoding="utf-8")
         except OSError as error:
-            raise LmtrainError(f"cannot write {self.metrics}: {error.strerror or error}") from None
+            raise LmtrainError(f"cannot write {self.metrics}: {os_reason(error)}") from None
 
 
 def _event_step(line: str) -> float:
@@ -136,8 +135,8 @@ def _write(path: Path, data: bytes) -> None:
     try:
         atomic_write_bytes(path, data)
     except OSError as error:
-        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise LmtrainError(f"could not write checkpoint {path}: {reason}; the previous checkpoint is intact") from None
+        raise LmtrainError(f"could not write checkpoint {path}: {os_reason(error)}; the previous checkpoint "
+                           f"is intact") from None
 
 
 def _link_or_write(source: Path, target: Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lmtrain.checkpoint import atomic_write_bytes, parameter_count
 from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
 from lmtrain.data import TrainingBatches, fit_tokenizer, load_splits, reverse_text
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score, summed_nll
 from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer, learning_rate
@@ -158,7 +158,7 @@ class Trainer:
         try:
             atomic_write_bytes(self.out_dir / "config.yaml", to_yaml(self.config).encode())
         except OSError as error:
-            raise LmtrainError(f"cannot write to train.out_dir {self.out_dir}: {error.strerror or error}") from None
+            raise LmtrainError(f"cannot write to train.out_dir {self.out_dir}: {os_reason(error)}") from None
         self.metrics = self.run_dir.open_metrics(resumed_at=self.resumed_at)
 
     def _warn_unknown(self, texts: dict[str, str]) -> None:
@@ -204,8 +204,8 @@ class Trainer:
                     self._log_train(window, bar)
                 if step % train_config.eval_every == 0:
                     valid_loss, last_eval_step = self._evaluate(), step
-                if step % train_config.checkpoint_every == 0:
-                    self._save_last()
+                if step % train_config.checkpoint_every == 0 and self.bad_steps == 0:
+                    self._save_last()  # not while steps are failing: the last good checkpoint stays
                 if stop.signal is not None:
                     self._save_last()
                     bar.close()
@@ -271,7 +271,7 @@ class Trainer:
             window["tokens"] += count
             window["steps"] += 1
         else:
-            self._skip_bad_step(float(loss), float(norm))
+            self._skip_bad_step(float(loss.detach()), float(norm))
         seconds = time.perf_counter() - begin
         window["seconds"] += seconds
         progress.train_seconds += seconds

@@ -84,6 +84,7 @@ class Case:
     check: Callable[[Path, Result], None] | None = None  # more assertions on the folder afterwards
     max_rss_mb: int | None = None
     heavy: bool = False                        # the 50 MB line: its own test
+    note: str = ""                             # what `check` verifies, for the table
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -238,6 +239,11 @@ CASES: list[Case] = [
          {"list.yaml": "- data\n- model\n"}, expect=("list.yaml", "mapping")),
     Case("config-not-utf8", "config file that is not UTF-8", (*TRAIN, "latin1.yaml"),
          {"latin1.yaml": "# café\ntrain:\n  max_steps: 3\n".encode("latin-1")}, expect=("latin1.yaml", "byte offset 5")),
+    Case("config-control-character", "config file with a control character (an ANSI colour code)",
+         (*TRAIN, "pasted.yaml"), {"pasted.yaml": "\x1b[0m" + TINY, "corpus.txt": CORPUS},
+         expect=("pasted.yaml", "invalid YAML")),
+    Case("config-nul-in-path", "config whose data.path holds a NUL character", (*TRAIN, "nul.yaml"),
+         {"nul.yaml": TINY.replace("path: corpus.txt", 'path: "corpus\\0.txt"')}, expect=("data.path",)),
     Case("config-misspelled-override", "misspelled key on the command line", (*TRAIN, "tiny.yaml", "model.hiden_size=16"),
          tiny_with(), expect=("model.hiden_size", "did you mean", "model.hidden_size")),
     Case("config-misspelled-in-file", "misspelled key in the YAML file", (*TRAIN, "typo.yaml"),
@@ -273,16 +279,17 @@ CASES: list[Case] = [
          expect=("latin1.txt", "byte offset 14", "data.encoding_errors")),
     Case("corpus-bom", "byte-order mark (config and corpus)", (*TRAIN, "tiny.yaml"),
          {"tiny.yaml": "\ufeff" + TINY, "corpus.txt": "\ufeff" + CORPUS}, outcome="ok", exit_code=0,
-         check=no_bom_or_cr_tokens),
+         check=no_bom_or_cr_tokens, note="no U+FEFF token in best.pt's vocabulary"),
     Case("corpus-crlf", "CRLF line ends (config and corpus)", (*TRAIN, "tiny.yaml"),
          {"tiny.yaml": TINY.replace("\n", "\r\n").encode(), "corpus.txt": CORPUS.replace("\n", "\r\n").encode()},
-         outcome="ok", exit_code=0, check=no_bom_or_cr_tokens),
+         outcome="ok", exit_code=0, check=no_bom_or_cr_tokens, note="no \\r token in best.pt's vocabulary"),
     Case("corpus-50mb-line", "one 50 MB line, no newline (char level, stream)", (*TRAIN, "big.yaml"),
          {"big.yaml": config_text(data__path="big.txt", data__split=[0.99, 0.01], model__hidden_size=16,
                                   train__batch_size=4, train__bptt=16, train__max_steps=3,
                                   train__eval_every=1_000_000, train__eval_segment=256),
           "big.txt": fifty_megabytes},
-         outcome="ok", exit_code=0, check=big_line_trained, max_rss_mb=RSS_BOUND_MB, heavy=True),
+         outcome="ok", exit_code=0, check=big_line_trained, max_rss_mb=RSS_BOUND_MB, heavy=True,
+         note="3 steps trained"),
     Case("corpus-one-short-line", "a short corpus of one line cut by data.split",
          (*TRAIN, "tiny.yaml", "data.path=line.txt"), tiny_with(**{"line.txt": "the cat sat on the mat"}),
          expect=("validation", "data.valid"), forbid=("larger data.split",)),
@@ -297,7 +304,8 @@ CASES: list[Case] = [
          (*TRAIN, "tiny.yaml", "train.out_dir=notes.txt/run"), tiny_with(**{"notes.txt": "a regular file\n"}),
          expect=("cannot create", "train.out_dir", "notes.txt/run")),
     Case("out-dir-holds-a-run", "train.out_dir that already holds a run", (*TRAIN, "tiny.yaml"),
-         tiny_with(run=Shared("char/run")), expect=("already holds a run", "--resume"), check=existing_run_unchanged),
+         tiny_with(run=Shared("char/run")), expect=("already holds a run", "--resume"), check=existing_run_unchanged,
+         note="last.pt, best.pt and metrics.jsonl unchanged, byte for byte"),
     Case("resume-without-run", "--resume with no run in train.out_dir", (*TRAIN, "--resume", "tiny.yaml"),
          tiny_with(), expect=("nothing to resume", "last.pt")),
     # checkpoints
@@ -316,10 +324,10 @@ CASES: list[Case] = [
          {"model.pt": foreign_torch_file}, expect=("model.pt", "not an lmtrain checkpoint")),
     Case("checkpoint-pickle-payload", "checkpoint with a pickle payload: `exec(...)` creating a folder", SAMPLE,
          {"model.pt": pickle_payload_exec}, expect=("model.pt", "refused", "exec"), forbid=("truncated",),
-         check=payload_did_not_run),
+         check=payload_did_not_run, note="the payload did not run"),
     Case("checkpoint-pickle-payload-os", "checkpoint with a pickle payload: `os.mkdir(...)`", SAMPLE,
          {"model.pt": pickle_payload_os}, expect=("model.pt", "refused", "mkdir"), forbid=("truncated",),
-         check=payload_did_not_run),
+         check=payload_did_not_run, note="the payload did not run"),
     # sample options
     Case("sample-top-p", "`--top-p 1.5`", (*SAMPLE, "--top-p", "1.5"), {"model.pt": CHAR_PT}, expect=("--top-p", "1.5")),
     Case("sample-temperature", "`--temperature -1`", (*SAMPLE, "--temperature", "-1"), {"model.pt": CHAR_PT},
@@ -340,7 +348,8 @@ CASES: list[Case] = [
     Case("eval-unseen-words", "word-level eval file of words unseen in training",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--data", "unseen.txt", "--json"),
          {"model.pt": WORD_PT, "unseen.txt": "zebra quokka yak gnu\n" * 10}, outcome="ok", exit_code=0,
-         expect=("40 of 50", "80.00%", "unseen.txt", "<unk>"), check=fifty_unseen_tokens),
+         expect=("40 of 50", "80.00%", "unseen.txt", "<unk>"), check=fifty_unseen_tokens,
+         note="all 50 tokens scored"),
     Case("eval-unseen-chars", "character-level eval file with characters unseen in training",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--data", "unseen.txt"),
          {"model.pt": CHAR_PT, "unseen.txt": "zqx é ☃\n"}, outcome="ok", exit_code=0,
@@ -464,38 +473,45 @@ def error_line(result: Result) -> str:
 
 
 def check_case(case: Case, result: Result, folder: Path) -> None:
-    """Assert that `result` is what `case` promises (AssertionError with the whole output otherwise)."""
+    """Assert that `result` is what `case` promises: AssertionError whose first line says what is
+    wrong, followed by the whole output."""
     everything = result.dump()
+
+    def require(condition: bool, reason: str) -> None:
+        if not condition:
+            raise AssertionError(f"{reason}\n{everything}")
+
     assert case.outcome in ("error", "ok", "debug"), case.outcome
     lines = result.stderr.strip().splitlines()
+    require(result.returncode == case.exit_code, f"exit code {result.returncode}, expected {case.exit_code}")
     if case.outcome == "debug":
-        assert result.returncode == case.exit_code != 0, everything
-        assert "Traceback" in result.stderr, everything
+        require(result.returncode != 0, "exit code 0 with --debug on a mistake")
+        require("Traceback" in result.stderr, "no traceback with --debug")
         line = error_line(result)
-        assert line.startswith("error:"), everything
+        require(line.startswith("error:"), "the last stderr line is not the `error:` line")
     else:
-        assert "Traceback" not in result.stdout + result.stderr, everything
-        assert result.returncode == case.exit_code, everything
+        require("Traceback" not in result.stdout + result.stderr, "a traceback")
     if case.outcome == "error":
-        assert len(lines) == 1 and lines[0].startswith("error:"), everything
-        assert "internal error" not in lines[0], everything  # a user's mistake, not a crash
-        line = lines[0]
+        require(len(lines) == 1, f"{len(lines)} lines on stderr, expected one")
+        line = lines[0] if lines else ""
+        require(line.startswith("error:"), "the stderr line does not start with `error:`")
+        require("internal error" not in line, "an internal error (a crash), not a message about the input")
     elif case.outcome == "ok":
-        assert all(line.startswith("warning:") for line in lines), everything
+        require(all(line.startswith("warning:") for line in lines), "stderr holds more than `warning:` lines")
         if not case.expect:
-            assert not lines, everything
+            require(not lines, "a warning where none was expected")
             line = ""
         else:
             matching = [line for line in lines if all(fragment in line for fragment in case.expect)]
-            assert len(matching) == 1, f"no single warning line with {case.expect}\n{everything}"
+            require(len(matching) == 1, f"no single warning line with all of {case.expect}")
             line = matching[0]
     for fragment in case.expect:
-        assert fragment in line, f"{fragment!r} not in the message\n{everything}"
+        require(fragment in line, f"{fragment!r} is not in the message")
     for fragment in case.forbid:
-        assert fragment not in line, f"{fragment!r} should not be in the message\n{everything}"
+        require(fragment not in line, f"{fragment!r} should not be in the message")
     if case.max_rss_mb is not None and result.max_rss_kb is not None:
-        assert result.max_rss_kb / 1024 < case.max_rss_mb, (
-            f"peak RSS {result.max_rss_kb / 1024:.0f} MB, over {case.max_rss_mb} MB\n{everything}")
+        require(result.max_rss_kb / 1024 < case.max_rss_mb,
+                f"peak RSS {result.max_rss_kb / 1024:.0f} MB, over {case.max_rss_mb} MB")
     if case.check is not None:
         case.check(folder, result)
 

@@ -1,0 +1,76 @@
+"""Exact resume after SIGKILL, with real processes: a training killed at an arbitrary moment and resumed
+with --resume ends with weights bit-identical to a run that was never interrupted (CPU)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS = 100
+WORDS = "the a cat cats dog dogs was were full ran on under mat big small".split()
+
+
+def write_config(folder: Path, mode: str) -> Path:
+    rng = random.Random(11)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    (folder / "train.txt").write_text("\n".join(lines[:360]) + "\n")
+    (folder / "valid.txt").write_text("\n".join(lines[360:]) + "\n")
+    config = folder / "config.yaml"
+    config.write_text(
+        "data: {train: train.txt, valid: valid.txt, level: char, mode: %s}\n"
+        "model: {cell: lstm, embed_size: 8, hidden_size: 16, num_layers: 2, dropout: 0.2}\n"
+        "train: {batch_size: 8, bptt: 24, max_steps: %d, eval_every: 50, checkpoint_every: 7, keep_last: 2,\n"
+        "        schedule: cosine, warmup_steps: 10, final_samples: 0, device: cpu}\n" % (mode, STEPS))
+    return config
+
+
+def lmtrain(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmtrain", "train", *args, "--no-progress"]
+
+
+def run_mode(folder: Path, mode: str, kill_after: float) -> tuple[Path, Path, int]:
+    config = write_config(folder, mode)
+    straight, killed = folder / "straight", folder / "killed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    reference = subprocess.Popen(lmtrain(str(config), f"train.out_dir={straight}"), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(lmtrain(str(config), f"train.out_dir={killed}"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.pt").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    time.sleep(kill_after)  # an arbitrary moment: mid-step, mid-evaluation or mid-write
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = torch.load(killed / "last.pt", weights_only=True)["progress"]["step"]
+    resumed = subprocess.run(lmtrain(str(config), f"train.out_dir={killed}", "--resume"), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert reference.wait(timeout=300) == 0
+    return straight / "last.pt", killed / "last.pt", killed_at
+
+
+@pytest.mark.parametrize("mode", ["stream", "sentences"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, mode):
+    seed = int.from_bytes(os.urandom(2), "little")
+    kill_after = random.Random(seed).uniform(0.05, 0.4)
+    with ThreadPoolExecutor(1) as pool:
+        straight, resumed, killed_at = pool.submit(run_mode, tmp_path, mode, kill_after).result()
+    assert killed_at < STEPS, f"the kill came after the run ended (kill_after={kill_after:.2f}s)"
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["progress"]["step"] == b["progress"]["step"] == STEPS
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"{name} differs (killed at step {killed_at}, seed {seed})"
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key]))

@@ -1,0 +1,201 @@
+"""The run folder: step checkpoints and pruning, fallback to an intact checkpoint, the lock, a full
+disk, metrics after a crash, and non-finite steps. In-process, tiny runs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmtrain.checkpoint as checkpoint_module
+import lmtrain.train as train_module
+from lmtrain.config import build_config
+from lmtrain.errors import LmtrainError
+from lmtrain.rundir import RunDirectory
+from lmtrain.train import train
+
+WORDS = "the a cat dog sat ran on under mat rug big small".split()
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> dict[str, Path]:
+    rng = random.Random(5)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(60)]
+    (tmp_path / "train.txt").write_text("\n".join(lines[:50]) + "\n")
+    (tmp_path / "valid.txt").write_text("\n".join(lines[50:]) + "\n")
+    return {"train": tmp_path / "train.txt", "valid": tmp_path / "valid.txt"}
+
+
+def config(corpus, out_dir: Path, **values):
+    base = {"data.train": str(corpus["train"]), "data.valid": str(corpus["valid"]), "model.embed_size": 8,
+            "model.hidden_size": 8, "model.num_layers": 1, "train.batch_size": 4, "train.bptt": 8,
+            "train.eval_every": 1000, "train.checkpoint_every": 2, "train.final_samples": 0,
+            "train.device": "cpu", "train.out_dir": str(out_dir), "train.max_steps": 10}
+    base.update({key.replace("__", "."): value for key, value in values.items()})
+    return build_config(base)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_keep_last_prunes_old_step_files_and_last_is_the_newest(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__keep_last=3), progress_bar=False)
+    steps = sorted(p.name for p in out_dir.glob("step-*.pt"))
+    assert steps == ["step-0000006.pt", "step-0000008.pt", "step-0000010.pt"]
+    assert (out_dir / "last.pt").read_bytes() == (out_dir / "step-0000010.pt").read_bytes()
+    assert not list(out_dir.glob(".*tmp")) and not list(out_dir.glob(".*link"))
+
+
+def test_keep_last_zero_writes_only_last(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__keep_last=0), progress_bar=False)
+    assert not list(out_dir.glob("step-*.pt")) and (out_dir / "last.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, corpus, damage):
+    out_dir, straight = tmp_path / "run", tmp_path / "straight"
+    train(config(corpus, straight, train__max_steps=12), progress_bar=False)
+    train(config(corpus, out_dir, train__max_steps=10), progress_bar=False)
+    last = out_dir / "last.pt"
+    data = last.read_bytes()
+    last.unlink()  # last.pt and step-0000010.pt are one file (a hard link): damage last.pt alone
+    if damage == "truncate":
+        last.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        last.write_bytes(b"not a checkpoint at all")
+    (out_dir / "step-0000010.pt").write_bytes(data[:100])  # the newest step file is damaged too
+    messages: list[str] = []
+    result = train(config(corpus, out_dir, train__max_steps=12), resume=True, echo=messages.append,
+                   progress_bar=False)
+    assert result.progress.step == 12
+    if damage != "delete":
+        assert any("last.pt" in m and "older" in m for m in messages)
+    assert any("resuming" in m and "step-0000008.pt" in m for m in messages)
+    reference, resumed = weights(straight / "last.pt"), weights(out_dir / "last.pt")
+    assert all(torch.equal(reference[name], resumed[name]) for name in reference)  # still exact from step 8
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__keep_last=0), progress_bar=False)
+    for path in out_dir.glob("*.pt"):
+        path.write_bytes(b"junk")
+    with pytest.raises(LmtrainError, match="no intact checkpoint"):
+        train(config(corpus, out_dir), resume=True, progress_bar=False)
+
+
+def test_a_second_training_on_the_same_folder_is_refused(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    holder = RunDirectory(out_dir)
+    holder.create()
+    holder.lock()
+    try:
+        with pytest.raises(LmtrainError, match=f"another training \\(pid {os.getpid()}\\)"):
+            train(config(corpus, out_dir), progress_bar=False)
+    finally:
+        holder.unlock()
+    train(config(corpus, out_dir), progress_bar=False)  # the lock released, the folder is usable
+
+
+def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from lmtrain.rundir import RunDirectory
+        run = RunDirectory({str(out_dir)!r}); run.create(); run.lock()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert (out_dir / "lock").exists()
+    result = train(config(corpus, out_dir), progress_bar=False)
+    assert result.progress.step == 10
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=4), progress_bar=False)
+    before = (out_dir / "last.pt").read_bytes()
+    real_fsync = os.fsync
+
+    def full_disk(descriptor):
+        if ".pt." in os.readlink(f"/proc/self/fd/{descriptor}"):  # checkpoints only, not config.yaml
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    with pytest.raises(LmtrainError) as caught:
+        train(config(corpus, out_dir, train__max_steps=8), resume=True, progress_bar=False)
+    monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
+    message = str(caught.value)
+    assert "disk is full" in message and "\n" not in message
+    assert (out_dir / "last.pt").read_bytes() == before
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=6, train__log_every=1, train__checkpoint_every=4,
+                 train__keep_last=0), progress_bar=False)
+    # Pretend the run died after step 6 but its last checkpoint is from step 4.
+    step4 = out_dir / "last.pt"
+    four = torch.load(step4, weights_only=True)
+    assert four["progress"]["step"] == 6
+    train(config(corpus, tmp_path / "four", train__max_steps=4, train__keep_last=0), progress_bar=False)
+    step4.write_bytes((tmp_path / "four" / "last.pt").read_bytes())
+    with open(out_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "split": "tr')  # a line cut short by the crash
+    train(config(corpus, out_dir, train__max_steps=6, train__log_every=1, train__checkpoint_every=4,
+                 train__keep_last=0), resume=True, progress_bar=False)
+    steps = [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, corpus, monkeypatch):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=4), progress_bar=False)
+    good = (out_dir / "last.pt").read_bytes()
+    real = train_module.summed_nll
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        total, count = real(logits, targets)
+        calls["n"] += 1
+        return total * float("nan") if calls["n"] > 2 else total, count  # from the 3rd step on
+
+    monkeypatch.setattr(train_module, "summed_nll", poisoned)
+    messages: list[str] = []
+    with pytest.raises(LmtrainError, match=r"3 steps in a row had a non-finite loss"):
+        train(config(corpus, out_dir, train__max_steps=20, train__max_bad_steps=3), resume=True,
+              echo=messages.append, progress_bar=False)
+    assert sum("skipped" in m for m in messages) == 3
+    assert (out_dir / "last.pt").read_bytes() == good or torch.load(out_dir / "last.pt", weights_only=True)[
+        "progress"]["step"] <= 6  # the checkpoint written at step 6 came from two good steps
+
+
+def test_a_single_bad_step_is_skipped_and_training_goes_on(tmp_path, corpus, monkeypatch):
+    real = train_module.summed_nll
+    calls = {"n": 0}
+
+    def once(logits, targets):
+        total, count = real(logits, targets)
+        calls["n"] += 1
+        return (total * float("inf"), count) if calls["n"] == 3 else (total, count)
+
+    monkeypatch.setattr(train_module, "summed_nll", once)
+    out_dir = tmp_path / "run"
+    messages: list[str] = []
+    result = train(config(corpus, out_dir), echo=messages.append, progress_bar=False)
+    assert result.progress.step == 10 and sum("skipped" in m for m in messages) == 1
+    assert all(torch.isfinite(t).all() for t in weights(out_dir / "last.pt").values())
