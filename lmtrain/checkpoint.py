@@ -89,7 +89,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        # torch words it "Unsupported global: GLOBAL x" or, for modules it blocks outright (os, sys),
+        # "Trying to load unsupported GLOBAL x whose module ... is blocked".
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
         if found is None:  # the safe loader also raises this for files that are no pickle at all
             raise LmtrainError(f"{path}: not a readable lmtrain checkpoint (truncated, corrupt, or another kind "
                                f"of file)") from None

@@ -4,6 +4,7 @@ and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -43,8 +44,9 @@ def user_errors() -> Iterator[None]:
     except LmtrainError as error:
         if _options["debug"]:
             traceback.print_exc()
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(getattr(error, "exit_code", 2)) from None
+        exit_code = getattr(error, "exit_code", None)  # set on an interrupted training: not an error
+        typer.echo(f"error: {error}" if exit_code is None else str(error), err=True)
+        raise typer.Exit(exit_code or 2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
@@ -77,7 +79,8 @@ def train(
         typer.echo(f"# config: {path}\n{to_yaml(resolved)}")
         from lmtrain.train import train as run_training  # torch loads only once the config is known good
 
-        result = run_training(resolved, resume=resume, echo=typer.echo, progress_bar=progress)
+        result = run_training(resolved, resume=resume, echo=typer.echo, warn=lambda line: typer.echo(line, err=True),
+                              progress_bar=progress)
         best = result.progress.best_valid_loss
         typer.echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
                    f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
@@ -165,11 +168,14 @@ def _format(key: str, value: float | int) -> str:
 
 
 def _device(name: str) -> str:
-    from lmtrain.train import resolve_device
+    """`--device` of sample and eval: the CPU unless CUDA is asked for (and present)."""
+    import torch
 
-    if name == "auto":
-        raise LmtrainError("--device auto is for training; give cpu or cuda")
-    return str(resolve_device(name))
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise LmtrainError(f"--device must be cpu, cuda or cuda:N; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmtrainError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return name
 
 
 def _default_config() -> Path:

@@ -130,13 +130,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         values = _read_yaml(path)
         for key in DATA_PATHS:
             if isinstance(values.get(key), str):
-                values[key] = str((path.parent / values[key]).resolve())
+                values[key] = _absolute(key, values[key], path.parent)
     for item in overrides:
         key, value = parse_override(item)
         if key in PATHS and isinstance(value, (int, float, bool)):
             value = item.partition("=")[2].strip()  # `data.path=2024` is the file "2024", not a number
-        values[key] = str(Path(value).resolve()) if key in DATA_PATHS and isinstance(value, str) else value
+        values[key] = _absolute(key, value, Path.cwd()) if key in DATA_PATHS and isinstance(value, str) else value
     return build_config(values)
+
+
+def _absolute(key: str, path: str, base: Path) -> str:
+    if "\0" in path:
+        raise ConfigError(f"{key} holds a NUL character: {path!r}")
+    return str((base / path).resolve())
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -156,7 +162,7 @@ def build_config(values: dict[str, Any]) -> Config:
     for key, value in values.items():
         section, _, name = key.partition(".")
         if key not in all_keys():
-            raise ConfigError(f"unknown config key '{key}'{_suggestion(key)}")
+            raise ConfigError(f"unknown config key {key!r}{_suggestion(key)}")
         sections[section][name] = _coerce(key, value, _field_type(SECTIONS[section], name))
     config = Config(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
     validate(config)
@@ -201,6 +207,8 @@ def validate(config: Config) -> None:
         raise ConfigError("set at least one of train.max_steps, train.max_epochs, train.max_seconds")
     if train.schedule == "cosine" and train.max_steps is None and train.max_epochs is None:
         raise ConfigError("train.schedule: cosine needs train.max_steps or train.max_epochs to know its length")
+    if "\0" in train.out_dir:
+        raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {train.device!r}")
 
@@ -241,7 +249,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{line}: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{line}: {problem}") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -249,7 +258,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for section, entries in tree.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown config section '{section}'{_suggestion(str(section), list(SECTIONS))}")
+            raise ConfigError(f"{path}: unknown config section {section!r}{_suggestion(str(section), list(SECTIONS))}")
         if entries is None:
             continue
         if not isinstance(entries, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -81,14 +82,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] = lambda line: None,
-          progress_bar: bool = True) -> TrainResult:
-    """Train (or with `resume`, continue training) the model that `config` describes."""
-    return Trainer(config, resume=resume, echo=echo, progress_bar=progress_bar).run()
+          warn: Callable[[str], None] | None = None, progress_bar: bool = True) -> TrainResult:
+    """Train (or with `resume`, continue training) the model that `config` describes. Progress lines go
+    to `echo`, warnings to `warn` (default: `echo` too)."""
+    return Trainer(config, resume=resume, echo=echo, warn=warn or echo, progress_bar=progress_bar).run()
 
 
 class Trainer:
-    def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], progress_bar: bool) -> None:
-        self.config, self.echo, self.progress_bar = config, echo, progress_bar
+    def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], warn: Callable[[str], None],
+                 progress_bar: bool) -> None:
+        self.config, self.echo, self.warn, self.progress_bar = config, echo, warn, progress_bar
         self.device = resolve_device(config.train.device)
         self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
         self.out_dir = self.run_dir.path
@@ -111,7 +114,9 @@ class Trainer:
         self.valid = {backward: evaluation_sequences(self.tokenizer, view(texts["valid"], backward), config)
                       for backward in self.directions}
         if not self.valid[False]:
-            raise LmtrainError("the validation split holds no tokens (a larger data.split fraction or another data.valid?)")
+            raise LmtrainError(
+                "the validation split holds no tokens: data.split cuts at line ends, so the file needs more lines "
+                "(or give data.train and data.valid)" if config.data.path else f"{config.data.valid} holds no tokens")
         self.carries_state = config.data.mode == "stream"
         self.progress, self.states = Progress(), {backward: None for backward in self.directions}
         self.bad_steps = 0  # non-finite steps in a row
@@ -131,7 +136,7 @@ class Trainer:
     def _resume_payload(self) -> dict:
         path, payload, notes = self.run_dir.newest_intact()
         for note in notes:
-            self.echo(note)
+            self.warn(note)
         self.resume_path = path
         saved = from_dict(payload["config"])
         changed = differences(saved, self.config, ignore=RESUMABLE)
@@ -166,7 +171,7 @@ class Trainer:
             if split in texts:
                 unknown, total = self.tokenizer.count_unknown(texts[split])
                 if unknown:
-                    self.echo(f"warning: {unknown} of {total} {split} tokens ({100 * unknown / max(total, 1):.2f}%) "
+                    self.warn(f"warning: {unknown} of {total} {split} tokens ({100 * unknown / max(total, 1):.2f}%) "
                               f"are not in the training vocabulary and count as <unk>")
 
     # -- the loop -------------------------------------------------------------------------------
@@ -190,7 +195,9 @@ class Trainer:
         total = self._total_steps()
         bar = tqdm(total=total, initial=self.progress.step, disable=not self.progress_bar, unit="step",
                    dynamic_ncols=True)
-        echo, self.echo = self.echo, (lambda line: bar.write(line)) if self.progress_bar else self.echo
+        echo, warn = self.echo, self.warn
+        if self.progress_bar:  # lines written through the bar, so that it is redrawn below them
+            self.echo, self.warn = bar.write, lambda line: bar.write(line, file=sys.stderr)
         window = {"loss": torch.zeros((), device=self.device), "tokens": 0, "seconds": 0.0, "steps": 0}
         valid_loss, last_eval_step = None, -1
         started = time.perf_counter() - self.progress.elapsed_seconds
@@ -216,7 +223,7 @@ class Trainer:
             valid_loss = self._evaluate()
         self._save_last()
         bar.close()
-        self.echo = echo
+        self.echo, self.warn = echo, warn
         samples = self._final_samples()
         return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples)
 
@@ -281,7 +288,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.states = {backward: None for backward in self.directions}
         self.bad_steps += 1
-        self.echo(f"warning: step {self.progress.step} skipped: loss {loss}, gradient norm {norm}")
+        self.warn(f"warning: step {self.progress.step} skipped: loss {loss}, gradient norm {norm}")
         if self.bad_steps >= self.config.train.max_bad_steps:
             raise LmtrainError(f"stopped at step {self.progress.step}: {self.bad_steps} steps in a row had a non-finite "
                                f"loss or gradient (train.max_bad_steps); the last good checkpoint "

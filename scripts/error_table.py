@@ -13,7 +13,6 @@ listed with what it printed, and named again under "Not yet as specified".
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.test_errors import (CASES, RSS_BOUND_MB, WORKERS, Case, Result, check_case,  # noqa: E402
-                               command_line, prepare_shared, run_cases)
+                               command_line, run_cases)
 
 INTRO = """\
 # Errors and odd input
@@ -65,7 +64,7 @@ the exit code stays the same.
   dropped and never an error. `lmtrain eval perplexity` scores and counts them (so perplexity covers
   every token) and prints one warning with their number and rate. `lmtrain sample --prime` warns with
   their number; the prime is printed as typed, and a sampled `<unk>` prints as U+FFFD at character level
-  and as `<unk>` at word level. Training warns (in its log on stdout) when the validation or test split
+  and as `<unk>` at word level. Training warns (on stderr) when the validation or test split
   holds tokens unseen in the training split.
 - **Long lines.** A corpus may be one line with no newline at all: at character level in stream mode
   a 50 MB line trains in bounded memory (the test's bound: {bound} MB of peak RSS){long_line}.
@@ -142,7 +141,7 @@ def main() -> int:
     try:
         from lmtrain import data
 
-        long_line = (f"; `data.split` cuts at line ends, and inside a line only when that line is longer "
+        long_line = (f"; `data.split` cuts at line ends,\n  and inside a line only when that line is longer "
                      f"than {data.LONG_LINE:,} characters") if hasattr(data, "LONG_LINE") else ""
     except ImportError:
         long_line = ""
@@ -150,8 +149,7 @@ def main() -> int:
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lmtrain-errors-") as scratch:
         root = Path(scratch)
-        shared = prepare_shared(root)
-        futures = run_cases(CASES, root, shared, workers=options.jobs)
+        futures = run_cases(CASES, root, workers=options.jobs)
         rows, gaps = [], []
         for number, case in enumerate(CASES, 1):
             result = futures[case.name].result()

@@ -7,7 +7,7 @@ Every case is data in CASES: the files its folder holds, the command, and what m
 same list makes the table in docs/errors.md (`python scripts/error_table.py`), so the documented
 messages are the ones a user gets. Each case runs `python -m lmtrain ...` in a folder of its own
 under tmp_path, four processes at a time; the two checkpoints some cases need are trained once,
-in-process, before they start. Each child's peak memory is read by a small launcher process (see
+in-process, while the others run. Each child's peak memory is read by a small launcher process (see
 LAUNCHER), its own and no other's, so the 50 MB line is measured alongside the rest.
 
 The 50 MB case is `test_50mb_single_line_trains_in_bounded_memory` (about 10 s of one core); it is
@@ -51,11 +51,13 @@ WORDS = "the a cat dog sat ran on under mat rug big small red blue old new saw a
 
 @dataclasses.dataclass(frozen=True)
 class Shared:
-    """A file or folder of the shared trained runs (see SHARED_RUNS), copied into the case's folder."""
+    """A file or folder of the shared trained runs (see SHARED_RUNS), copied into the case's folder;
+    with `first_bytes`, only that many bytes of the file (a truncated copy)."""
     path: str
+    first_bytes: int | None = None
 
 
-FileSpec = Union[str, bytes, Shared, Callable[[Path, Path], None], None]  # None: an empty folder
+FileSpec = Union[str, bytes, Shared, Callable[[Path], None], None]  # None: an empty folder; a callable writes the file
 
 
 @dataclasses.dataclass
@@ -85,6 +87,10 @@ class Case:
     max_rss_mb: int | None = None
     heavy: bool = False                        # the 50 MB line: its own test
     note: str = ""                             # what `check` verifies, for the table
+
+    @property
+    def needs_shared(self) -> bool:
+        return any(isinstance(spec, Shared) for spec in self.files.values())
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -124,23 +130,19 @@ def tiny_with(**files: FileSpec) -> dict[str, FileSpec]:
     return {"tiny.yaml": TINY, "corpus.txt": CORPUS, **files}
 
 
-def fifty_megabytes(target: Path, shared: Path) -> None:
+def fifty_megabytes(target: Path) -> None:
     """~50 MB of random lowercase letters and spaces and no newline, written in well under a second."""
     alphabet = b"abcdefghijklmnopqrstuvwxyz "
     table = bytes(alphabet[i % len(alphabet)] for i in range(256))
     target.write_bytes(random.Random(0).randbytes(50_000_000).translate(table))
 
 
-def truncated_checkpoint(target: Path, shared: Path) -> None:
-    target.write_bytes((shared / "char" / "run" / "best.pt").read_bytes()[:1000])
-
-
-def zip_of_something_else(target: Path, shared: Path) -> None:
+def zip_of_something_else(target: Path) -> None:
     with zipfile.ZipFile(target, "w") as archive:
         archive.writestr("notes/readme.txt", "a zip file, but no checkpoint\n")
 
 
-def foreign_torch_file(target: Path, shared: Path) -> None:
+def foreign_torch_file(target: Path) -> None:
     import torch
 
     torch.save({"weights": torch.zeros(3)}, target)
@@ -169,11 +171,11 @@ def write_pickle_payload(target: Path, marker: Path, via: str) -> None:
     torch.save({"format_version": 1, "config": {}, "tokenizer": {}, "model": _Payload(str(marker), via)}, target)
 
 
-def pickle_payload_os(target: Path, shared: Path) -> None:
+def pickle_payload_os(target: Path) -> None:
     write_pickle_payload(target, target.parent / PAYLOAD_MARKER, "os")
 
 
-def pickle_payload_exec(target: Path, shared: Path) -> None:
+def pickle_payload_exec(target: Path) -> None:
     write_pickle_payload(target, target.parent / PAYLOAD_MARKER, "exec")
 
 
@@ -234,17 +236,20 @@ CASES: list[Case] = [
     Case("config-empty", "empty config file (no corpus named)", (*TRAIN, "empty.yaml"), {"empty.yaml": ""},
          expect=("data.path",)),
     Case("config-invalid-yaml", "invalid YAML", (*TRAIN, "bad.yaml"),
-         {"bad.yaml": "model:\n  hidden_size: [16\ntrain:\n  max_steps: 3\n"}, expect=("bad.yaml", "invalid YAML", "line")),
+         {"bad.yaml": "model:\n  hidden_size: [16\ntrain:\n  max_steps: 3\n"},
+         expect=("bad.yaml", "invalid YAML", "line")),
     Case("config-not-a-mapping", "YAML whose top level is a list", (*TRAIN, "list.yaml"),
          {"list.yaml": "- data\n- model\n"}, expect=("list.yaml", "mapping")),
     Case("config-not-utf8", "config file that is not UTF-8", (*TRAIN, "latin1.yaml"),
-         {"latin1.yaml": "# café\ntrain:\n  max_steps: 3\n".encode("latin-1")}, expect=("latin1.yaml", "byte offset 5")),
+         {"latin1.yaml": "# café\ntrain:\n  max_steps: 3\n".encode("latin-1")},
+         expect=("latin1.yaml", "byte offset 5")),
     Case("config-control-character", "config file with a control character (an ANSI colour code)",
          (*TRAIN, "pasted.yaml"), {"pasted.yaml": "\x1b[0m" + TINY, "corpus.txt": CORPUS},
          expect=("pasted.yaml", "invalid YAML")),
     Case("config-nul-in-path", "config whose data.path holds a NUL character", (*TRAIN, "nul.yaml"),
          {"nul.yaml": TINY.replace("path: corpus.txt", 'path: "corpus\\0.txt"')}, expect=("data.path",)),
-    Case("config-misspelled-override", "misspelled key on the command line", (*TRAIN, "tiny.yaml", "model.hiden_size=16"),
+    Case("config-misspelled-override", "misspelled key on the command line",
+         (*TRAIN, "tiny.yaml", "model.hiden_size=16"),
          tiny_with(), expect=("model.hiden_size", "did you mean", "model.hidden_size")),
     Case("config-misspelled-in-file", "misspelled key in the YAML file", (*TRAIN, "typo.yaml"),
          {"typo.yaml": config_text(train__max_step=3), "corpus.txt": CORPUS},
@@ -318,7 +323,8 @@ CASES: list[Case] = [
          forbid=("Python objects",)),
     Case("checkpoint-zip-of-something-else", "a .pt that is a zip of something else", SAMPLE,
          {"model.pt": zip_of_something_else}, expect=("model.pt", "checkpoint"), forbid=("Python objects",)),
-    Case("checkpoint-truncated", "truncated checkpoint (first 1000 bytes)", SAMPLE, {"model.pt": truncated_checkpoint},
+    Case("checkpoint-truncated", "truncated checkpoint (first 1000 bytes)", SAMPLE,
+         {"model.pt": Shared("char/run/best.pt", first_bytes=1000)},
          expect=("model.pt", "not a readable lmtrain checkpoint"), forbid=("Python objects",)),
     Case("checkpoint-foreign-torch-file", "torch file that is not an lmtrain checkpoint", SAMPLE,
          {"model.pt": foreign_torch_file}, expect=("model.pt", "not an lmtrain checkpoint")),
@@ -329,7 +335,8 @@ CASES: list[Case] = [
          {"model.pt": pickle_payload_os}, expect=("model.pt", "refused", "mkdir"), forbid=("truncated",),
          check=payload_did_not_run, note="the payload did not run"),
     # sample options
-    Case("sample-top-p", "`--top-p 1.5`", (*SAMPLE, "--top-p", "1.5"), {"model.pt": CHAR_PT}, expect=("--top-p", "1.5")),
+    Case("sample-top-p", "`--top-p 1.5`", (*SAMPLE, "--top-p", "1.5"), {"model.pt": CHAR_PT},
+         expect=("--top-p", "1.5")),
     Case("sample-temperature", "`--temperature -1`", (*SAMPLE, "--temperature", "-1"), {"model.pt": CHAR_PT},
          expect=("--temperature", "-1")),
     Case("sample-top-k", "`--top-k 0`", (*SAMPLE, "--top-k", "0"), {"model.pt": CHAR_PT}, expect=("--top-k", "0")),
@@ -338,6 +345,8 @@ CASES: list[Case] = [
     Case("sample-num", "`--num 0`", (*SAMPLE, "--num", "0"), {"model.pt": CHAR_PT}, expect=("--num",)),
     Case("sample-device-cuda", "`--device cuda` on a machine without CUDA", (*SAMPLE, "--device", "cuda"),
          {"model.pt": CHAR_PT}, expect=("--device", "cuda", "CUDA"), forbid=("train.device", "auto")),
+    Case("sample-device-unknown", "`--device` that names no device", (*SAMPLE, "--device", "gpu0"),
+         {"model.pt": CHAR_PT}, expect=("--device", "gpu0")),
     Case("sample-prime-unseen-chars", "characters unseen in training in `--prime`",
          (*SAMPLE, "--prime", "the ☃é", "--num", "2", "--max-tokens", "5", "--seed", "0"), {"model.pt": CHAR_PT},
          outcome="ok", exit_code=0, expect=("2 token(s) of --prime", "<unk>"), check=prime_starts_every_sample),
@@ -366,11 +375,11 @@ assert len(CASE_BY_NAME) == len(CASES), "case names must be unique"
 
 # The two trained runs the cases copy checkpoints (or a whole run folder) from.
 SHARED_RUNS = {
-    "char": ({"tiny.yaml": TINY, "corpus.txt": CORPUS}, []),
-    "word": ({"tiny.yaml": config_text(data__path=None, data__train="train.txt", data__valid="valid.txt",
-                                       data__level="word", data__mode="sentences"),
-              "train.txt": "".join(line + "\n" for line in sentences(80, seed=2)),
-              "valid.txt": "".join(line + "\n" for line in sentences(10, seed=3))}, []),
+    "char": {"tiny.yaml": TINY, "corpus.txt": CORPUS},
+    "word": {"tiny.yaml": config_text(data__path=None, data__train="train.txt", data__valid="valid.txt",
+                                      data__level="word", data__mode="sentences"),
+             "train.txt": "".join(line + "\n" for line in sentences(80, seed=2)),
+             "valid.txt": "".join(line + "\n" for line in sentences(10, seed=3))},
 }
 
 
@@ -391,22 +400,24 @@ def write_files(folder: Path, files: dict[str, FileSpec], shared: Path) -> None:
             source = shared / spec.path
             if source.is_dir():
                 shutil.copytree(source, target)
+            elif spec.first_bytes is not None:
+                target.write_bytes(source.read_bytes()[:spec.first_bytes])
             else:
                 shutil.copyfile(source, target)
         else:
-            spec(target, shared)
+            spec(target)
 
 
 def prepare_shared(root: Path) -> Path:
-    """Train the shared runs once, in this process (a few hundred milliseconds each)."""
+    """Train the shared runs (2 steps each) once, in this process: no second torch import."""
     from lmtrain.config import load_config
     from lmtrain.train import train
 
     shared = root / "_shared"
-    for name, (files, overrides) in SHARED_RUNS.items():
+    for name, files in SHARED_RUNS.items():
         folder = shared / name
         write_files(folder, files, shared)
-        config = load_config(folder / "tiny.yaml", [*overrides, f"train.out_dir={folder / 'run'}"])
+        config = load_config(folder / "tiny.yaml", [f"train.out_dir={folder / 'run'}"])
         train(config, progress_bar=False)
     return shared
 
@@ -450,19 +461,30 @@ def _kill(process_group: int) -> None:
         pass
 
 
-def run_case(case: Case, root: Path, shared: Path | None = None) -> Result:
-    """Create the case's folder `root/<name>` with its files and run its command there."""
-    shared = shared if shared is not None else root / "_shared"
+def run_case(case: Case, root: Path) -> Result:
+    """Create the case's folder `root/<name>` with its files and run its command there (the shared
+    runs, if the case needs them, are in `root/_shared`: see `prepare_shared`)."""
     folder = root / case.name
-    write_files(folder, case.files, shared)
+    write_files(folder, case.files, root / "_shared")
     return run_lmtrain(case.args, folder)
 
 
-def run_cases(cases: Iterable[Case], root: Path, shared: Path, workers: int = WORKERS) -> dict[str, Future]:
-    """Start every case, `workers` at a time, the heavy ones first; {name: Future[Result]}."""
+def run_cases(cases: Iterable[Case], root: Path, workers: int = WORKERS) -> dict[str, Future]:
+    """Start every case, `workers` at a time, the heavy ones first; those that need a trained
+    checkpoint once `prepare_shared` (run here, meanwhile) has made them. {name: Future[Result]}."""
     ordered = sorted(cases, key=lambda case: not case.heavy)
     pool = ThreadPoolExecutor(max_workers=workers)
-    futures = {case.name: pool.submit(run_case, case, root, shared) for case in ordered}
+    futures = {case.name: pool.submit(run_case, case, root) for case in ordered if not case.needs_shared}
+    try:
+        prepare_shared(root)
+    except Exception as error:  # noqa: BLE001 - the cases that need no checkpoint still report
+        failure = RuntimeError(f"training the shared checkpoints failed: {type(error).__name__}: {error}")
+        for case in ordered:
+            if case.needs_shared:
+                futures[case.name] = Future()
+                futures[case.name].set_exception(failure)
+    else:
+        futures.update({case.name: pool.submit(run_case, case, root) for case in ordered if case.needs_shared})
     pool.shutdown(wait=False)
     return futures
 
@@ -525,10 +547,9 @@ HEAVY_TEST = "test_50mb_single_line_trains_in_bounded_memory"
 def started(tmp_path_factory, request) -> tuple[Path, dict[str, Future]]:
     """Every case started at once (the 50 MB one only when its test is selected)."""
     root = tmp_path_factory.mktemp("errors")
-    shared = prepare_shared(root)
     heavy_selected = any(getattr(item, "originalname", item.name) == HEAVY_TEST for item in request.session.items)
     cases = [case for case in CASES if heavy_selected or not case.heavy]
-    return root, run_cases(cases, root, shared)
+    return root, run_cases(cases, root)
 
 
 def verify(started, name: str) -> None:
@@ -562,15 +583,17 @@ def test_pickle_payload_is_live(tmp_path, via):
 
 def test_every_requirement_has_a_case():
     """The issue's list, each at least one case (so the table in docs/errors.md covers it)."""
-    required = ["config-missing", "config-directory", "corpus-empty", "corpus-only-newlines", "corpus-binary",
-                "corpus-not-utf8", "corpus-bom", "corpus-crlf", "corpus-50mb-line", "corpus-too-short-for-batch",
-                "config-misspelled-override", "config-wrong-type-override", "config-invalid-yaml", "config-zero-size",
+    required = ["config-missing", "config-directory", "corpus-missing", "corpus-directory", "corpus-empty",
+                "corpus-only-newlines", "corpus-binary", "corpus-not-utf8", "corpus-bom", "corpus-crlf",
+                "corpus-50mb-line", "corpus-too-short-for-batch", "config-misspelled-override",
+                "config-misspelled-in-file", "config-wrong-type-override", "config-invalid-yaml", "config-zero-size",
                 "config-negative-size", "sample-top-p", "sample-temperature", "checkpoint-text-file",
                 "eval-unseen-words", "sample-prime-unseen-chars", "eval-unseen-chars", "out-dir-under-a-file",
                 "out-dir-holds-a-run", "resume-without-run", "checkpoint-zip-of-something-else",
-                "checkpoint-truncated", "checkpoint-pickle-payload", "checkpoint-pickle-payload-os", "eval-empty-data", "sample-top-k",
-                "sample-max-tokens", "sample-num", "sample-device-cuda", "diagnose-nothing-to-measure",
-                "debug-traceback"]
+                "checkpoint-truncated", "checkpoint-pickle-payload", "checkpoint-pickle-payload-os",
+                "eval-empty-data", "sample-top-k", "sample-max-tokens", "sample-num", "sample-device-cuda",
+                "sample-device-unknown",
+                "diagnose-nothing-to-measure", "debug-traceback"]
     assert not [name for name in required if name not in CASE_BY_NAME]
 
 

@@ -74,3 +74,23 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, mode):
     for index, state in a["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key]))
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_and_say_how_to_resume(tmp_path, signal_number, exit_code):
+    config = write_config(tmp_path, "stream")
+    out_dir = tmp_path / "run"
+    process = subprocess.Popen(lmtrain(str(config), f"train.out_dir={out_dir}", "train.max_steps=100000"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "last.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_code
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIG") and "--resume" in lines[0]
+    assert "Traceback" not in stdout + stderr
+    step = torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"]
+    assert 7 <= step < 100000

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import math
 import os
 import shutil
 import string
@@ -185,7 +184,8 @@ OVERRIDES = st.one_of(
     st.text(),
     st.builds(lambda key, value: f"{key}={value}", st.sampled_from(all_keys()), st.text()),
     st.builds(lambda key, value: f"{key}={value}", st.sampled_from(all_keys()),
-              SCALARS.map(lambda value: yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip())),
+              SCALARS.map(lambda value: yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n")
+                          .strip())),
 )
 
 
@@ -243,4 +243,3 @@ def test_split_points_keep_every_line_whole(lines, fraction):
     parts = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     assert "".join(parts) == text
     assert all(part == "" or part.endswith("\n") for part in parts)
-    assert not math.isnan(fraction)
