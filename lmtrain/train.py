@@ -106,12 +106,11 @@ class Trainer:
         # One data view per direction, keyed by "is backward": the text itself, and for `direction: bi`
         # the text read right to left for the backward LM.
         self.directions = (False, True) if config.model.direction == "bi" else (False,)
-        view = self._view
-        self.batches = {backward: TrainingBatches(self.tokenizer, view(texts["train"], backward), mode=config.data.mode,
+        self.batches = {backward: TrainingBatches(self.tokenizer, self._view(texts["train"], backward), mode=config.data.mode,
                                                   batch_size=config.train.batch_size, bptt=config.train.bptt,
                                                   seed=config.train.seed) for backward in self.directions}
         self.per_epoch = self.batches[False].per_epoch
-        self.valid = {backward: evaluation_sequences(self.tokenizer, view(texts["valid"], backward), config)
+        self.valid = {backward: evaluation_sequences(self.tokenizer, self._view(texts["valid"], backward), config)
                       for backward in self.directions}
         if not self.valid[False]:
             raise LmtrainError(
@@ -127,7 +126,7 @@ class Trainer:
     def _view(self, text: str, backward: bool) -> str:
         return reverse_text(text, level=self.config.data.level, eos=self.config.data.eos) if backward else text
 
-    def _fresh_start(self) -> None:
+    def _fresh_start(self) -> None:  # no payload: nothing to resume from
         # Never overwrite a run's checkpoints by starting again in its folder.
         if self.run_dir.has_run():
             raise LmtrainError(f"{self.out_dir} already holds a run (last.pt): add --resume to continue it, "

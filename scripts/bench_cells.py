@@ -1,0 +1,120 @@
+"""Benchmark lmtrain's recurrent layers against torch.nn's, one training step at a time.
+
+    python scripts/bench_cells.py [--cells rnn gru lstm] [--repeats 9] [--doc docs/benchmarks.md]
+
+For each size (B, T, H) (input size = H) and cell: one training step = forward + backward of the sum of
+the outputs, with gradients for the input too, fp32 on the CPU. The variants run alternately in one
+process (these machines stall at times, for seconds), and the table reports medians of per-step times,
+the ratio to torch.nn (smaller is faster), tokens/s (B*T per step) and the peak RSS of a process that
+runs only that variant, above a process that only built the inputs. The allocator settings in effect
+are printed, since glibc returning large buffers to the kernel costs a training step about 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmtrain.layers import RecurrentStack
+
+SIZES = ((32, 64, 128), (64, 128, 256), (64, 128, 512), (1, 256, 512), (64, 128, 1024))
+VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual")
+MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+REFERENCE = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+def build(variant: str, cell: str, hidden: int) -> nn.Module:
+    torch.manual_seed(0)
+    if variant == "torch.nn":
+        return REFERENCE[cell](hidden, hidden, batch_first=True)
+    backward = variant.split()[1]
+    # The PyTorch-convention GRU is the like-for-like comparison with nn.GRU.
+    options = {"gru_reset": "after"} if cell == "gru" else {}
+    return RecurrentStack(cell, hidden, hidden, backward=backward, **options)
+
+
+def step_function(module: nn.Module, x: torch.Tensor):
+    def step() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        output, _ = module(x)
+        output.sum().backward()
+    return step
+
+
+def time_variants(cell: str, size: tuple[int, int, int], repeats: int) -> dict[str, float]:
+    """Median seconds per training step of each variant, the variants alternating."""
+    B, T, H = size
+    x = torch.randn(B, T, H, requires_grad=True)
+    steps = {variant: step_function(build(variant, cell, H), x) for variant in VARIANTS}
+    for step in steps.values():  # warm-up: first-call allocations and kernel selection
+        step()
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for _ in range(repeats):
+        for variant, step in steps.items():
+            begin = time.perf_counter()
+            step()
+            times[variant].append(time.perf_counter() - begin)
+    return {variant: statistics.median(values) for variant, values in times.items()}
+
+
+def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int]) -> float:
+    """Peak RSS (MB) of a fresh process that runs 3 steps of `variant` (None: only builds the input)."""
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the forking parent,
+    # so a child of this (large) process would report the parent's peak.
+    code = ("import sys, torch; sys.path.insert(0, %r); from bench_cells import *; "
+            "B, T, H = %r; x = torch.randn(B, T, H, requires_grad=True); v = %r\n"
+            "if v: s = step_function(build(v, %r, H), x); [s() for _ in range(3)]\n"
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)"
+            % (str(Path(__file__).parent), size, variant, cell))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(REFERENCE))
+    parser.add_argument("--sizes", type=json.loads, default=None, help='e.g. "[[32, 64, 128]]"')
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
+    args = parser.parse_args()
+    sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
+    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    header = [f"`python scripts/bench_cells.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps", "",
+              "| cell | B, T, H | torch.nn ms | lmtrain autograd ms (ratio) | lmtrain manual ms (ratio) | "
+              "torch.nn tokens/s | best lmtrain tokens/s | peak RSS MB torch.nn / autograd / manual |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    print("\n".join(header), flush=True)
+    rows = []
+    for cell in args.cells:
+        for size in sizes:
+            B, T, _ = size
+            median = time_variants(cell, size, args.repeats)
+            base = peak_rss_mb(None, cell, size)
+            rss = [peak_rss_mb(variant, cell, size) - base for variant in VARIANTS]
+            reference = median["torch.nn"]
+            best = min(median["lmtrain autograd"], median["lmtrain manual"])
+            row = (f"| {cell} | {B}, {T}, {size[2]} | {1e3 * reference:.1f} | "
+                   f"{1e3 * median['lmtrain autograd']:.1f} ({median['lmtrain autograd'] / reference:.2f}x) | "
+                   f"{1e3 * median['lmtrain manual']:.1f} ({median['lmtrain manual'] / reference:.2f}x) | "
+                   f"{B * T / reference:,.0f} | {B * T / best:,.0f} | {' / '.join(f'{m:.0f}' for m in rss)} |")
+            rows.append(row)
+            print(row, flush=True)
+    if args.doc:
+        args.doc.write_text("\n".join(header + rows) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
