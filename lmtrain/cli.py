@@ -4,6 +4,7 @@ and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -50,6 +51,10 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`lmtrain sample ... | head`): stop quietly, as Unix tools do on SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if _options["debug"]:
             traceback.print_exc()
@@ -154,7 +159,7 @@ def gradients(
         description, rows = gradient_report(checkpoint=checkpoint, config_path=config, overrides=overrides or [],
                                             data_file=data, length=length, count=count, seed=seed)
         if plot:
-            plot_rows({description.split(":")[0]: rows}, plot)
+            plot_rows({description.split(": ", 1)[-1].split(",")[0]: rows}, plot)  # labelled e.g. "lstm 2x256"
         if as_json:
             typer.echo(json.dumps({"model": description, "rows": rows}))
             return
