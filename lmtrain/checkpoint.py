@@ -132,3 +132,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[La
 
 def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What `lmtrain info` shows: format, model size, vocabulary, progress and the config."""
+    payload = load_checkpoint(path)
+    model, tokenizer, config = model_from_checkpoint(payload, path)
+    progress = payload.get("progress", {})
+    return {"format_version": payload["format_version"], "cell": config.model.cell,
+            "layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
+            "direction": config.model.direction, "parameters": parameter_count(model),
+            "level": tokenizer.level, "vocab_size": tokenizer.vocab_size, "first_tokens": tokenizer.tokens[:12],
+            "step": progress.get("step"), "epoch": progress.get("epoch"),
+            "best_valid_loss": progress.get("best_valid_loss"), "train_seconds": progress.get("train_seconds"),
+            "config": payload["config"]}

@@ -116,6 +116,32 @@ def sample(
         typer.echo("\n".join(samples))
 
 
+@app.command()
+def info(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file (.pt).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """What a checkpoint holds: model, vocabulary, progress, config, format version."""
+    import yaml
+
+    from lmtrain.checkpoint import describe
+
+    with user_errors():
+        facts = describe(checkpoint)
+        if as_json:
+            typer.echo(json.dumps(facts))
+            return
+        best, seconds = facts["best_valid_loss"], facts["train_seconds"]
+        typer.echo(f"{checkpoint}: lmtrain checkpoint format {facts['format_version']}\n"
+                   f"model: {facts['cell']} {facts['layers']}x{facts['hidden_size']} ({facts['direction']}), "
+                   f"{facts['parameters']:,} parameters\n"
+                   f"vocabulary: {facts['vocab_size']:,} {facts['level']} tokens: {' '.join(map(repr, facts['first_tokens']))} ...\n"
+                   f"trained: step {facts['step']}, epoch {(facts['epoch'] or 0) + 1}, "
+                   f"{'?' if seconds is None else f'{seconds:.0f}'} s of training, best valid loss "
+                   f"{'none' if best is None else f'{best:.4f}'}\nconfig:\n"
+                   + yaml.safe_dump(facts["config"], sort_keys=False, default_flow_style=False).rstrip())
+
+
 @eval_app.command()
 def perplexity(
     checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],

@@ -82,6 +82,7 @@ class TrainConfig:
     keep_last: int = 2                 # step-numbered checkpoints kept besides last.pt and best.pt
     max_bad_steps: int = 5             # non-finite steps in a row (each skipped) before training stops
     final_samples: int = 5             # sentences printed when training ends
+    sample_every: int | None = None    # also print a few samples every this many steps
     seed: int = 1234
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     out_dir: str = "runs/default"
@@ -109,7 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
             "train.bptt", "train.lr", "train.eval_every", "train.eval_segment", "train.log_every",
-            "train.checkpoint_every", "train.max_bad_steps", "train.max_steps", "train.max_epochs", "train.max_seconds",
+            "train.checkpoint_every", "train.sample_every", "train.max_bad_steps", "train.max_steps", "train.max_epochs", "train.max_seconds",
             "data.min_freq")
 NON_NEGATIVE = ("train.keep_last", "train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
                 "train.clip", "train.final_samples", "train.seed")

@@ -36,7 +36,7 @@ from lmtrain.tokenizer import Tokenizer
 
 # Keys a resumed run may change: how long to go on and how to report, not what is learned.
 RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.eval_every", "train.log_every",
-             "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples",
+             "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
              "train.device", "train.out_dir")
 
 
@@ -210,6 +210,8 @@ class Trainer:
                     self._log_train(window, bar)
                 if step % train_config.eval_every == 0:
                     valid_loss, last_eval_step = self._evaluate(), step
+                if train_config.sample_every and step % train_config.sample_every == 0:
+                    self.echo(f"step {step} samples:\n" + "\n".join(self._samples(3)))
                 if step % train_config.checkpoint_every == 0 and self.bad_steps == 0:
                     self._save_last()  # not while steps are failing: the last good checkpoint stays
                 if stop.signal is not None:
@@ -223,7 +225,7 @@ class Trainer:
         self._save_last()
         bar.close()
         self.echo, self.warn = echo, warn
-        samples = self._final_samples()
+        samples = self._samples(self.config.train.final_samples)
         return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples)
 
     def _total_steps(self) -> int | None:
@@ -342,12 +344,12 @@ class Trainer:
             "progress": asdict(self.progress), "rng": rng,
             "stream_states": [self.states[backward] for backward in self.directions]}
 
-    def _final_samples(self) -> list[str]:
-        if self.config.train.final_samples == 0:
+    def _samples(self, count: int) -> list[str]:
+        if count == 0:
             return []
-        # A generator of its own, so sampling does not move the training RNG streams.
+        # A generator of its own, so sampling does not move the training RNG streams (exact resume).
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
-        return generate(self.model, self.tokenizer, num=self.config.train.final_samples,
+        return generate(self.model, self.tokenizer, num=count,
                         sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
 
 

@@ -295,3 +295,35 @@ def test_forward_only_model_has_no_backward_lm(tmp_path, corpus):
     assert not events(out_dir, "valid_backward")
     numbers, _ = evaluate_checkpoint(str(out_dir / "last.pt"), split="valid")
     assert "backward_loss" not in numbers
+
+
+def test_sample_every_prints_samples_without_moving_the_training(tmp_path, corpus):
+    lines: list[str] = []
+    sampled = train(make_config(corpus, tmp_path / "sampled", train__max_steps=12, train__sample_every=5,
+                                model__dropout=0.2), echo=lines.append, progress_bar=False)
+    plain = train(make_config(corpus, tmp_path / "plain", train__max_steps=12, model__dropout=0.2),
+                  progress_bar=False)
+    assert [line.splitlines()[0] for line in lines if "samples:" in line] == ["step 5 samples:", "step 10 samples:"]
+    assert all(len(line.splitlines()) == 4 for line in lines if "samples:" in line)  # three samples each
+    a, b = load_payload(tmp_path / "sampled" / "last.pt"), load_payload(tmp_path / "plain" / "last.pt")
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+    assert sampled.progress.step == plain.progress.step == 12
+
+
+def test_info_describes_a_checkpoint(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from lmtrain.cli import app
+
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=6, train__eval_every=3), progress_bar=False)
+    result = CliRunner().invoke(app, ["info", str(out_dir / "best.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    payload = load_payload(out_dir / "best.pt")
+    assert facts["step"] == payload["progress"]["step"] and facts["format_version"] == 1
+    assert facts["vocab_size"] == len(payload["tokenizer"]["tokens"]) and facts["first_tokens"][:2] == ["<unk>", "<eos>"]
+    assert facts["parameters"] == sum(t.numel() for t in payload["model"].values())
+    assert facts["best_valid_loss"] == pytest.approx(min(e["loss"] for e in events(out_dir, "valid")), abs=1e-6)
+    text = CliRunner().invoke(app, ["info", str(out_dir / "best.pt")]).output
+    assert "lstm 1x24" in text and "config:" in text
