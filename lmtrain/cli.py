@@ -142,6 +142,19 @@ def info(
                    + yaml.safe_dump(facts["config"], sort_keys=False, default_flow_style=False).rstrip())
 
 
+@app.command()
+def plot(
+    run_dirs: Annotated[list[str], typer.Argument(help="Run folders (train.out_dir) to overlay.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
+) -> None:
+    """Train and validation loss against step and wall-clock time; needs matplotlib."""
+    from lmtrain.plots import plot_runs
+
+    with user_errors():
+        plot_runs(run_dirs, output)
+        typer.echo(f"wrote {output}")
+
+
 @eval_app.command()
 def perplexity(
     checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],

@@ -16,6 +16,7 @@ from lmtrain.config import load_config
 from lmtrain.data import fit_tokenizer, load_splits, stream_ids
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
+from lmtrain.plots import pyplot
 from lmtrain.tokenizer import ZERO_INPUT, read_text
 
 
@@ -101,18 +102,17 @@ def gradient_report(*, checkpoint: str | None = None, config_path: str | None = 
 
 def plot_rows(curves: dict[str, list[dict[str, float]]], path: str) -> None:
     """Relative gradient norm against distance, log scale, one curve per model."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError:
-        raise LmtrainError("plotting needs matplotlib: pip install 'lmtrain[plot]' (or pip install matplotlib)") from None
-    figure, axes = pyplot.subplots(figsize=(6, 4))
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
     for name, rows in curves.items():
         axes.plot([r["distance"] for r in rows], [r["relative"] for r in rows], marker="o", label=name)
     axes.set(xlabel="distance T - t", ylabel="‖∂L(T)/∂a(t)‖ / ‖∂L(T)/∂a(T)‖", yscale="log",
              title="How far back the gradient reaches")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    try:
+        figure.savefig(path)
+    except (OSError, ValueError) as error:
+        raise LmtrainError(f"cannot write the plot {path}: {error}") from None
+    finally:
+        plt.close(figure)

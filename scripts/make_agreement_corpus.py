@@ -8,8 +8,9 @@ lower-case, "," and "." as tokens (Penn Treebank LM style). A relative pronoun a
 right before it, and a present-tense verb in the clause agrees with that noun ("the cat near the
 tables that stand ...") or, in an object clause, with the clause's own subject ("that the farmer
 sees"). `generate_sentence` returns a `Sentence` recording subject, main verb and its other-number
-form, so Linzen et al. (2016) minimal pairs are `Sentence.with_wrong_verb`. The output depends only on
-the seed and the counts:  python scripts/make_agreement_corpus.py --seed 1234 --out corpora/agreement
+form, so Linzen et al. (2016) minimal pairs are `Sentence.with_wrong_verb`; they are written to
+pairs.tsv from a separate RNG, so adding them left train/valid/test unchanged. The output depends only
+on the seeds and the counts:  python scripts/make_agreement_corpus.py --seed 1234 --out corpora/agreement
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ MAIN_PREDICATES = [(BE, "{adjective}", 5), (BE, "{pp}", 1), (BE, "{progressive}"
 MODIFIER_COUNT_WEIGHTS = [40, 35, 17, 8]  # 0, 1, 2, 3 modifiers: short distances most frequent
 PUNCTUATION = {",", "."}
 DEFAULT_SIZES = {"train": 30000, "valid": 2000, "test": 2000}  # train.txt about 1.8 MB
+# Minimal pairs per attractor count (0, 1, 2, 3 or more): equal shares, since in running text 3+
+# attractors are 1% of sentences and these are the hard cases (Linzen et al. 2016).
+DEFAULT_PAIRS_PER_ATTRACTOR_COUNT = 500
+PAIRS_HEADER = ("correct", "wrong", "distance", "attractors")
 
 
 def agreeing_verb(forms: Verb, plural: bool, past: bool) -> str:
@@ -323,6 +328,29 @@ def generate_splits(seed: int, sizes: dict[str, int]) -> dict[str, list[str]]:
     return splits
 
 
+def generate_pairs(seed: int, per_attractor_count: int, exclude: set[str]) -> list[tuple[str, str, int, int]]:
+    """(correct, wrong, words between subject and verb, attractors) for `per_attractor_count` sentences
+    with each of 0, 1, 2 and 3+ attractors, none in `exclude` (the training lines) or repeated. Its own
+    RNG, so the corpus splits do not depend on it."""
+    rng = random.Random(seed)
+    seen = set(exclude)
+    wanted = {count: per_attractor_count for count in range(4)}
+    rows = []
+    while any(wanted.values()):
+        sentence = generate_sentence(rng)
+        line, bucket = sentence.text(), min(sentence.attractors, 3)
+        if wanted[bucket] and line not in seen:
+            seen.add(line)
+            wanted[bucket] -= 1
+            rows.append((line, " ".join(sentence.with_wrong_verb()), sentence.words_between, sentence.attractors))
+    return rows
+
+
+def write_pairs(path: Path, rows: list[tuple[str, str, int, int]]) -> None:
+    with open(path, "w", encoding="ascii", newline="\n") as file:
+        file.write("".join("\t".join(map(str, row)) + "\n" for row in [PAIRS_HEADER, *rows]))
+
+
 def report(splits: dict[str, list[str]], out: Path) -> str:
     """A Markdown table of lines, tokens, vocabulary and bytes per split, for the README."""
     rows = ["| split | lines | tokens | vocabulary | bytes |", "|---|---:|---:|---:|---:|"]
@@ -344,6 +372,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("corpora/agreement"))
     for split, default in DEFAULT_SIZES.items():
         parser.add_argument(f"--{split}-sentences", type=int, default=default)
+    parser.add_argument("--pairs-seed", type=int, default=5678, help="seed of the minimal pairs' own RNG")
+    parser.add_argument("--pairs-per-attractor-count", type=int, default=DEFAULT_PAIRS_PER_ATTRACTOR_COUNT,
+                        help="pairs with 0, 1, 2 and 3+ attractors each; 0 writes no pairs.tsv")
     arguments = parser.parse_args()
     sizes = {split: getattr(arguments, f"{split}_sentences") for split in DEFAULT_SIZES}
     splits = generate_splits(arguments.seed, sizes)
@@ -353,6 +384,11 @@ def main() -> None:
         with open(arguments.out / f"{name}.txt", "w", encoding="ascii", newline="\n") as file:
             file.write("".join(line + "\n" for line in lines))
     print(report(splits, arguments.out))
+    if arguments.pairs_per_attractor_count > 0:
+        rows = generate_pairs(arguments.pairs_seed, arguments.pairs_per_attractor_count,
+                              exclude=set(splits.get("train", [])))
+        write_pairs(arguments.out / "pairs.tsv", rows)
+        print(f"\npairs.tsv: {len(rows):,} minimal pairs, none of whose correct sentences is in train.txt")
 
 
 if __name__ == "__main__":
