@@ -32,6 +32,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstar
 _options = {"debug": False}
 
 
+data_app = typer.Typer(help="Download and list reference corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False) -> None:
     _options["debug"] = debug
@@ -205,6 +209,55 @@ def gradients(
         typer.echo(f"{description}\n{'T - t':>6}  {'norm':>10}  {'relative':>10}")
         for row in rows:
             typer.echo(f"{row['distance']:>6}  {row['norm']:>10.3e}  {row['relative']:>10.3e}")
+
+
+@eval_app.command()
+def agreement(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],
+    data: Annotated[Optional[str], typer.Option(help="Minimal pairs, TSV (default: corpora/agreement/pairs.tsv).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Subject-verb agreement (Linzen et al. 2016): how often the correct verb form is the more probable."""
+    from lmtrain.agreement import agreement_report, format_report
+
+    with user_errors():
+        report = agreement_report(checkpoint, data_file=data, device=_device(device))
+        if report["unknown_tokens"]:
+            typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>", err=True)
+        typer.echo(json.dumps(report) if as_json else format_report(report))
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="tinyshakespeare or ptb")],
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Cache folder (default $LMTRAIN_CACHE or ~/.cache/lmtrain).")] = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Mirror holding each file under its public URL's path.")] = None,
+) -> None:
+    """Download a corpus into the cache: resumable, verified by sha256."""
+    from lmtrain.corpora import download
+
+    with user_errors():
+        for path in download(name, directory=directory, base_url=base_url, progress=True):
+            typer.echo(str(path))
+
+
+@data_app.command("list")
+def data_list(
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Cache folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The known corpora, their files, and whether they are cached."""
+    from lmtrain.corpora import listing
+
+    with user_errors():
+        rows = listing(directory=directory)
+        if as_json:
+            typer.echo(json.dumps(rows))
+            return
+        for row in rows:
+            typer.echo(f"{row['name']:<16} {'cached' if row['cached'] else 'not cached':<11} {', '.join(row['files'])}  "
+                       f"{row['path']}")
 
 
 def _format(key: str, value: float | int) -> str:

@@ -32,6 +32,7 @@ class ConfigError(LmtrainError):
 
 @dataclass
 class DataConfig:
+    corpus: str | None = None          # a downloaded corpus by name (`lmtrain data download NAME`)
     path: str | None = None            # one corpus file, cut by `split`
     split: list[float] = field(default_factory=lambda: [0.9, 0.1])  # train, valid[, test] fractions
     train: str | None = None           # or three files
@@ -132,11 +133,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         for key in DATA_PATHS:
             if isinstance(values.get(key), str):
                 values[key] = _absolute(key, values[key], path.parent)
+    overridden = set()
     for item in overrides:
         key, value = parse_override(item)
+        overridden.add(key)
         if key in PATHS and isinstance(value, (int, float, bool)):
             value = item.partition("=")[2].strip()  # `data.path=2024` is the file "2024", not a number
         values[key] = _absolute(key, value, Path.cwd()) if key in DATA_PATHS and isinstance(value, str) else value
+    if overridden & set(DATA_PATHS) and "data.corpus" not in overridden:
+        values.pop("data.corpus", None)  # files named on the command line win over the YAML's corpus
     return build_config(values)
 
 
@@ -192,15 +197,17 @@ def validate(config: Config) -> None:
         raise ConfigError("model.gru_reset: after needs model.relevance_gate: true (it places the relevance gate)")
     if data.max_vocab is not None and data.max_vocab < 3:
         raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word); got {data.max_vocab}")
-    if data.path is None and data.train is None:
-        raise ConfigError("no corpus: set data.path (cut by data.split) or data.train and data.valid")
+    if data.corpus is not None and any(path is not None for path in (data.path, data.train, data.valid, data.test)):
+        raise ConfigError("set either data.corpus or data.path / data.train, not both")
+    if data.corpus is None and data.path is None and data.train is None:
+        raise ConfigError("no corpus: set data.corpus, data.path (cut by data.split) or data.train and data.valid")
     if data.path is not None and any(path is not None for path in (data.train, data.valid, data.test)):
         raise ConfigError("set either data.path or data.train/valid/test, not both")
-    if data.path is not None:
+    if data.path is not None or data.corpus is not None:
         split = data.split
         if len(split) not in (2, 3) or any(not f > 0 for f in split) or not math.isclose(sum(split), 1.0):
             raise ConfigError(f"data.split must be 2 or 3 positive fractions summing to 1; got {split}")
-    elif data.valid is None:
+    elif data.train is not None and data.valid is None:
         raise ConfigError("data.valid is required with data.train (validation drives best.pt)")
     if data.mode == "sentences" and data.eos == "none":
         raise ConfigError("data.mode: sentences needs data.eos: line (each line is one sentence ending in <eos>)")

@@ -14,12 +14,14 @@ Targets are always the inputs shifted by one step: the model predicts token t+1 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 from torch import Tensor
 
 from lmtrain.config import DataConfig
+from lmtrain.corpora import corpus_paths
 from lmtrain.errors import LmtrainError
 from lmtrain.tokenizer import ZERO_INPUT, Tokenizer, read_text, split_lines
 
@@ -37,6 +39,8 @@ def load_splits(config: DataConfig) -> dict[str, str]:
     valid, then test: nanoGPT's convention for Tiny Shakespeare), see `split_points`.
     """
     read = lambda path: read_text(path, encoding=config.encoding, errors=config.encoding_errors)  # noqa: E731
+    if config.corpus is not None:  # a downloaded corpus: its one file (cut by data.split) or its three
+        config = dataclasses.replace(config, **{role: str(path) for role, path in corpus_paths(config.corpus).items()})
     if config.path is not None:
         text = read(config.path)
         bounds = split_points(text, config.split)

@@ -1,0 +1,149 @@
+"""lmtrain.agreement: minimal pairs are read strictly, sentences are scored exactly, the report adds up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain.agreement import (ATTRACTOR_BUCKETS, DISTANCE_BUCKETS, Pair, agreement_report, format_report,
+                               read_pairs, sentence_log_probability)
+from lmtrain.checkpoint import save_checkpoint
+from lmtrain.config import to_dict
+from lmtrain.errors import LmtrainError
+from lmtrain.model import LanguageModel
+from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
+
+CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "agreement"
+HEADER = "correct\twrong\tdistance\tattractors\n"
+PAIRS = [("the cat was full .", "the cat were full .", 0, 0),
+         ("the cats near the dog were full .", "the cats near the dog was full .", 3, 1),
+         ("the cat near the dogs was full .", "the cat near the dogs were full .", 3, 1),
+         ("the dog eats the food .", "the dog eat the food .", 0, 0),
+         ("the dogs , which ate the food , were full .", "the dogs , which ate the food , was full .", 4, 0),
+         ("the cat near the dogs near the cats was full .", "the cat near the dogs near the cats were full .", 7, 2)]
+VOCABULARY_TEXT = "\n".join(sentence for pair in PAIRS for sentence in pair[:2]) + "\n"
+
+
+def write_pairs(path: Path, rows=PAIRS) -> Path:
+    path.write_text(HEADER + "".join("\t".join(map(str, row)) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(LmtrainError) as caught:
+        read_pairs(path)
+    return str(caught.value)
+
+
+# --- read_pairs -------------------------------------------------------------------------------------
+
+def test_read_pairs(tmp_path: Path):
+    pairs = read_pairs(write_pairs(tmp_path / "pairs.tsv"))
+    assert pairs[1] == Pair("the cats near the dog were full .", "the cats near the dog was full .", 3, 1)
+    assert len(pairs) == len(PAIRS)
+
+
+def test_read_pairs_errors(tmp_path: Path):
+    assert "not found" in error_of(tmp_path / "missing.tsv")
+    (tmp_path / "header.tsv").write_text("sentence\twrong\tdistance\tattractors\na\tb\t0\t0\n")
+    assert "header" in error_of(tmp_path / "header.tsv")
+    (tmp_path / "empty.tsv").write_text("")
+    assert "header" in error_of(tmp_path / "empty.tsv")
+    (tmp_path / "only_header.tsv").write_text(HEADER)
+    assert "no pairs" in error_of(tmp_path / "only_header.tsv")
+    for bad in ("a\tb\t0", "a\tb\tx\t0", "a\tb\t0\t-1", "\tb\t0\t0", "a\tb\t0\t0\textra", ""):
+        (tmp_path / "bad.tsv").write_text(HEADER + "a\tb\t1\t0\n" + bad + "\n")
+        assert "line 3" in error_of(tmp_path / "bad.tsv")
+
+
+# --- sentence_log_probability -------------------------------------------------------------------------
+
+def by_hand(model: LanguageModel, ids: list[int], first: int) -> float:
+    """Sum of log p over the sentence, one step at a time with the state carried."""
+    state, total, previous = None, 0.0, first
+    for target in ids:
+        logits, state = model(torch.tensor([[previous]]), state)
+        total += logits[0, -1].double().log_softmax(-1)[target].item()
+        previous = target
+    return total
+
+
+@pytest.mark.parametrize("sentence_start", [True, False])
+def test_sentence_log_probability_is_the_sum_of_token_log_probabilities(sentence_start: bool):
+    tokenizer = Tokenizer.fit(VOCABULARY_TEXT, level="word")
+    model = LanguageModel(tokenizer.vocab_size, cell="lstm", embed_size=5, hidden_size=7, num_layers=2).eval()
+    sentences = [row[0] for row in PAIRS] + ["the cat was unseenword ."]
+    got = sentence_log_probability(model, tokenizer, sentences, sentence_start=sentence_start, batch_size=3)
+    first = ZERO_INPUT if sentence_start else tokenizer.eos_id
+    expected = [by_hand(model, tokenizer.encode(sentence), first) for sentence in sentences]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert tokenizer.encode(sentences[0])[-1] == tokenizer.eos_id  # <eos> is scored too
+    other_start = sentence_log_probability(model, tokenizer, sentences, sentence_start=not sentence_start)
+    assert other_start != pytest.approx(got)
+
+
+# --- agreement_report -------------------------------------------------------------------------------
+
+def checkpoint(tmp_path: Path, config_factory, *, mode: str, was_bias: float = 0.0) -> Path:
+    """A tiny model; with `was_bias`, logits are the output bias alone, preferring "was" to "were"."""
+    config = config_factory(**{"data.mode": mode, "model.embed_size": 4, "model.hidden_size": 4})
+    tokenizer = Tokenizer.fit(VOCABULARY_TEXT, level="word")
+    model = LanguageModel.from_config(config.model, tokenizer.vocab_size)
+    if was_bias:
+        with torch.no_grad():
+            model.projection.weight.zero_()
+            model.projection.bias[tokenizer.ids["was"]] = was_bias
+            model.projection.bias[tokenizer.ids["were"]] = -was_bias
+    path = tmp_path / f"{mode}.pt"
+    save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
+    return path
+
+
+@pytest.mark.parametrize("mode", ["sentences", "stream"])
+def test_report_structure_and_counts(tmp_path: Path, config_factory, mode: str):
+    report = agreement_report(checkpoint(tmp_path, config_factory, mode=mode), write_pairs(tmp_path / "p.tsv"))
+    assert report["count"] == len(PAIRS) and 0 <= report["accuracy"] <= 1
+    assert list(report["by_distance"]) == [label for label, *_ in DISTANCE_BUCKETS]
+    assert list(report["by_attractors"]) == [label for label, *_ in ATTRACTOR_BUCKETS]
+    for table in (report["by_distance"], report["by_attractors"]):
+        assert sum(count for _, count in table.values()) == len(PAIRS)
+        assert all((accuracy is None) == (count == 0) for accuracy, count in table.values())
+    assert report["by_distance"]["1-2"] == (None, 0) and report["by_attractors"]["2"][1] == 1
+    text = format_report(report)
+    assert "3-5" in text and "3+" in text and f"pairs {len(PAIRS)}" in text
+
+
+def test_a_model_preferring_was_gets_exactly_the_was_pairs_right(tmp_path: Path, config_factory):
+    path = checkpoint(tmp_path, config_factory, mode="sentences", was_bias=10.0)
+    report = agreement_report(path, write_pairs(tmp_path / "p.tsv"))
+    was_pairs = [" was " in row[0] for row in PAIRS]  # "eats"/"eat" score equal: a tie counts as wrong
+    assert report["accuracy"] == pytest.approx(sum(was_pairs) / len(PAIRS))
+    assert report["by_attractors"]["1"] == (0.5, 2)   # "... dogs was" right, "... dog were" wrong
+    assert report["by_attractors"]["2"] == (1.0, 1)
+    assert report["by_distance"]["0"] == (0.5, 2)     # "was full" right, "eats" a tie
+    assert report["unknown_tokens"] == 0
+
+
+def test_missing_data_file_and_default_message(tmp_path: Path, config_factory, monkeypatch):
+    path = checkpoint(tmp_path, config_factory, mode="sentences")
+    with pytest.raises(LmtrainError, match="not found"):
+        agreement_report(path, tmp_path / "none.tsv")
+    monkeypatch.setattr("lmtrain.agreement.DEFAULT_PAIRS", tmp_path / "corpora" / "agreement" / "pairs.tsv")
+    with pytest.raises(LmtrainError, match="--data"):
+        agreement_report(path)
+
+
+# --- the bundled pairs.tsv ----------------------------------------------------------------------------
+
+def test_bundled_pairs_are_minimal_and_unseen_in_training():
+    pairs = read_pairs(CORPUS / "pairs.tsv")
+    train = set((CORPUS / "train.txt").read_text(encoding="ascii").splitlines())
+    assert 1500 <= len(pairs) <= 2500
+    assert not [pair.correct for pair in pairs if pair.correct in train]
+    assert len({pair.correct for pair in pairs}) == len(pairs)
+    for pair in pairs:
+        correct, wrong = pair.correct.split(), pair.wrong.split()
+        assert len(correct) == len(wrong) and sum(a != b for a, b in zip(correct, wrong)) == 1
+    assert {min(pair.attractors, 3) for pair in pairs} == {0, 1, 2, 3}
