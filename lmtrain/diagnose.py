@@ -16,7 +16,7 @@ from lmtrain.config import load_config
 from lmtrain.data import fit_tokenizer, load_splits, stream_ids
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
-from lmtrain.plots import pyplot
+from lmtrain.plots import pyplot, save_figure
 from lmtrain.tokenizer import ZERO_INPUT, read_text
 
 
@@ -109,10 +109,4 @@ def plot_rows(curves: dict[str, list[dict[str, float]]], path: str) -> None:
     axes.set(xlabel="distance T - t", ylabel="‖∂L(T)/∂a(t)‖ / ‖∂L(T)/∂a(T)‖", yscale="log",
              title="How far back the gradient reaches")
     axes.legend()
-    figure.tight_layout()
-    try:
-        figure.savefig(path)
-    except (OSError, ValueError) as error:
-        raise LmtrainError(f"cannot write the plot {path}: {error}") from None
-    finally:
-        plt.close(figure)
+    save_figure(plt, figure, path)

@@ -55,10 +55,15 @@ def plot_runs(run_dirs: list[str], output: str) -> None:
     by_step.set(xlabel="step", ylabel="loss (nats/token)")
     by_time.set(xlabel="wall-clock seconds")
     by_step.legend(fontsize="small")
+    save_figure(plt, figure, output)
+
+
+def save_figure(plt: Any, figure: Any, path: str) -> None:
+    """Write the figure (format from the file name) and free it; a bad path is one line of error."""
     figure.tight_layout()
     try:
-        figure.savefig(output)
+        figure.savefig(path)
     except (OSError, ValueError) as error:
-        raise LmtrainError(f"cannot write the plot {output}: {error}") from None
+        raise LmtrainError(f"cannot write the plot {path}: {error}") from None
     finally:
         plt.close(figure)

@@ -110,17 +110,7 @@ def test_cli_json(config_file):
     assert [row["distance"] for row in report["rows"]] == [0, 1, 2, 4, 7]
 
 
-def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_plot_without_matplotlib_is_a_clear_error(no_matplotlib, tmp_path):
     from lmtrain.diagnose import plot_rows
 
     with pytest.raises(LmtrainError, match="matplotlib"):

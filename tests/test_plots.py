@@ -3,7 +3,6 @@ optional matplotlib is installed)."""
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import pytest
@@ -32,15 +31,7 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
         read_metrics(tmp_path)
 
 
-def test_without_matplotlib_a_clear_error(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_without_matplotlib_a_clear_error(tmp_path, no_matplotlib):
     with pytest.raises(LmtrainError, match="matplotlib"):
         plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(tmp_path / "curves.png"))
 
