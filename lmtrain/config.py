@@ -84,6 +84,7 @@ class TrainConfig:
     max_bad_steps: int = 5             # non-finite steps in a row (each skipped) before training stops
     final_samples: int = 5             # sentences printed when training ends
     sample_every: int | None = None    # also print a few samples every this many steps
+    tensorboard: bool = False          # also log to <out_dir>/tensorboard (needs the tensorboard package)
     seed: int = 1234
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     out_dir: str = "runs/default"

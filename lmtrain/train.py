@@ -37,6 +37,7 @@ from lmtrain.tokenizer import Tokenizer
 # Keys a resumed run may change: how long to go on and how to report, not what is learned.
 RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.eval_every", "train.log_every",
              "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
+             "train.tensorboard",
              "train.device", "train.out_dir")
 
 
@@ -119,6 +120,8 @@ class Trainer:
         self.carries_state = config.data.mode == "stream"
         self.progress, self.states = Progress(), {backward: None for backward in self.directions}
         self.bad_steps = 0  # non-finite steps in a row
+        self.summary_writer_class = _summary_writer_class() if config.train.tensorboard else None
+        self.summary = None
         if payload:
             self._restore(payload)
         self.resumed_at = self.progress.step if payload else None
@@ -164,6 +167,8 @@ class Trainer:
         except OSError as error:
             raise LmtrainError(f"cannot write to train.out_dir {self.out_dir}: {os_reason(error)}") from None
         self.metrics = self.run_dir.open_metrics(resumed_at=self.resumed_at)
+        if self.summary_writer_class is not None:
+            self.summary = self.summary_writer_class(log_dir=str(self.out_dir / "tensorboard"))
 
     def _warn_unknown(self, texts: dict[str, str]) -> None:
         for split in ("valid", "test"):
@@ -183,6 +188,8 @@ class Trainer:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+            if self.summary is not None:
+                self.summary.close()
             self.run_dir.unlock()
 
     def _loop(self) -> TrainResult:
@@ -331,6 +338,9 @@ class Trainer:
                  "elapsed_s": round(self.progress.elapsed_seconds, 3)}
         self.metrics.write(json.dumps(event) + "\n")
         self.metrics.flush()
+        if self.summary is not None:
+            for name in ("loss", "ppl", "lr", "tokens_per_s"):
+                self.summary.add_scalar(f"{name}/{split}", event[name], self.progress.step)
 
     def _save_last(self) -> None:
         self.run_dir.save_last(self._payload(), self.progress.step)
@@ -358,6 +368,15 @@ def gradient_norm(model: torch.nn.Module, *, clip: float) -> torch.Tensor:
     if clip > 0:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def _summary_writer_class() -> type:
+    """TensorBoard's SummaryWriter, or a clear error when the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LmtrainError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
 
 
 class _StopSignals:

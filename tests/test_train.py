@@ -327,3 +327,27 @@ def test_info_describes_a_checkpoint(tmp_path, corpus):
     assert facts["best_valid_loss"] == pytest.approx(min(e["loss"] for e in events(out_dir, "valid")), abs=1e-6)
     text = CliRunner().invoke(app, ["info", str(out_dir / "best.pt")]).output
     assert "lstm 1x24" in text and "config:" in text
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, corpus, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name == "tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(LmtrainError, match="pip install tensorboard"):
+        train(make_config(corpus, tmp_path / "run", train__max_steps=2, train__tensorboard=True), progress_bar=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_tensorboard_logs_scalars(tmp_path, corpus):
+    pytest.importorskip("tensorboard")
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=4, train__log_every=2, train__eval_every=2,
+                      train__tensorboard=True), progress_bar=False)
+    assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
