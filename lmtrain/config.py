@@ -57,7 +57,7 @@ class ModelConfig:
     tie_weights: bool = False
     relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
     gru_reset: str = "before"          # gru only: Γ_r applied to c(t-1) before W_c (lecture) | after (PyTorch)
-    backward: str = "autograd"         # autograd | manual: the hand-written backpropagation through time
+    backward: str = "manual"           # manual: the hand-written backpropagation through time | autograd
     direction: str = "forward"         # forward | bi: also a backward LM sharing embedding and softmax (ELMo)
 
 
