@@ -25,7 +25,8 @@ CELLS = ("rnn", "gru", "lstm")
 
 
 def overrides(cell: str, steps: int, out_dir: Path) -> list[str]:
-    return [f"model.cell={cell}", "data.mode=stream", "model.embed_size=128", "model.hidden_size=256",
+    # model.backward=autograd: the setting docs/gradients.md was measured with (the default then).
+    return [f"model.cell={cell}", "model.backward=autograd", "data.mode=stream", "model.embed_size=128", "model.hidden_size=256",
             f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
             "train.warmup_steps=0", "train.schedule=constant", "train.final_samples=0",
             f"train.out_dir={out_dir / cell}"]
