@@ -48,7 +48,8 @@ def main() -> None:
                          + f" | {count} |")
     lines.append("| valid loss (nats/word) | " + " | ".join(f"{losses[c]:.4f}" for c in CELLS) + " | |")
     header = [f"`python scripts/agreement_table.py --steps {args.steps}` ({platform.machine()}, torch {torch.__version__}): "
-              f"the quickstart config with `model.cell` set to each cell, {args.steps} steps each, then "
+              f"the quickstart config with `model.cell` set to each cell (and `model.backward=autograd`), "
+              f"{args.steps} steps each, then "
               f"`lmtrain eval agreement --checkpoint runs/agreement/CELL/best.pt`. Accuracy = share of minimal pairs "
               f"whose correct sentence the model finds more probable.", ""]
     text = "\n".join(header + lines) + "\n"

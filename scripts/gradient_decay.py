@@ -59,7 +59,8 @@ def main() -> None:
         "",
         f"Made by `python scripts/gradient_decay.py --steps {args.steps} --length {args.length}` on {platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads: each cell trained {args.steps} steps on the",
-        "bundled agreement corpus (word level, stream mode, batch 32, bptt 64, 1x256, Adam 3e-3, clip 5), then",
+        "bundled agreement corpus (word level, stream mode, batch 32, bptt 64, 1x256, Adam 3e-3, clip 5,",
+        "`model.backward=autograd`), then",
         "`lmtrain diagnose gradients --checkpoint runs/gradient-decay/CELL/best.pt` and, untrained,",
         "`lmtrain diagnose gradients --config configs/quickstart.yaml model.cell=CELL ...`.",
         "",
