@@ -76,16 +76,21 @@ def gradient_report(*, checkpoint: str | None = None, config_path: str | None = 
         raise LmtrainError("give exactly one of --checkpoint and --config")
     if length < 2 or count < 1:
         raise LmtrainError(f"--length must be >= 2 and --count >= 1; got {length} and {count}")
+    texts = None  # the corpus splits, read at most once
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
         model, tokenizer, config = model_from_checkpoint(payload, checkpoint)
         origin = f"{checkpoint} (step {payload.get('progress', {}).get('step', '?')})"
     else:
         config = load_config(config_path, list(overrides))
-        tokenizer = fit_tokenizer(config.data, load_splits(config.data)["train"])
+        texts = load_splits(config.data)
+        tokenizer = fit_tokenizer(config.data, texts["train"])
         torch.manual_seed(config.train.seed)
         model, origin = LanguageModel.from_config(config.model, tokenizer.vocab_size), f"{config_path} (untrained)"
-    text = read_text(data_file, encoding=config.data.encoding) if data_file else load_splits(config.data)["valid"]
+    if data_file is not None:
+        text = read_text(data_file, encoding=config.data.encoding)
+    else:
+        text = (texts or load_splits(config.data))["valid"]
     generator = torch.Generator().manual_seed(seed)
     try:
         inputs, targets = windows(stream_ids(tokenizer, text), length, count, generator=generator)
