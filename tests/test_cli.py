@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -27,8 +26,8 @@ import yaml
 
 from lmtrain.config import load_config
 from lmtrain.data import load_splits
+from corpus_helpers import sentences, write_lines
 
-WORDS = ("the a cat dog sat ran on under mat rug big small red blue old new saw ate fish bird").split()
 SCRIPT = Path(sys.executable).with_name("lmtrain")
 LMTRAIN = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lmtrain"]
 # One thread per process: the fixtures run several processes side by side.
@@ -39,17 +38,6 @@ FINAL_SAMPLES = 3
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-
-def sentences(count: int, seed: int) -> list[str]:
-    """`count` deterministic lines of 2 to 6 words drawn from a 20-word vocabulary."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(count)]
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
 
 def write_config(path: Path, values: dict) -> Path:
     """Write dotted `values` as a YAML config with data, model and train sections."""

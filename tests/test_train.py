@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -20,23 +19,12 @@ from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import evaluate_checkpoint
 from lmtrain.rundir import RunDirectory
 from lmtrain.train import train
+from corpus_helpers import sentences, write_lines
 
-WORDS = ("the a cat dog sat ran on under mat rug big small red blue old new saw ate fish bird").split()
 BATCH_SIZE, BPTT = 4, 16
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-
-def sentences(count: int, seed: int) -> list[str]:
-    """`count` deterministic lines of 2 to 6 words drawn from a 20-word vocabulary."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(count)]
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> dict[str, Path]:
