@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from lmtrain.cells import Cell, GRUCell, LSTMCell, RNNCell
+from lmtrain.gemm import FixedProduct, linear
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -34,11 +35,10 @@ def _rows(x: Tensor) -> Tensor:
     return x.transpose(0, 1).flatten(0, 1)
 
 
-def _project(x: Tensor, W_input: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
-    """`W_x x(t) + b` of every gate for all T steps in one product, written into `out` (T, B, G*H):
-    the loop then adds the recurrent half in place, `out[t] += W_a a(t-1)`."""
-    torch.addmm(b, _rows(x), W_input.t(), out=out.flatten(0, 1))
-    return out
+def _project(x: Tensor, W_input: Tensor, b: Tensor) -> Tensor:
+    """`W_x x(t) + b` of every gate for all T steps in one product, time-major (T, B, G*H): the loop
+    then adds only the recurrent half, `W_a a(t-1)`."""
+    return linear(_rows(x), W_input, b).unflatten(0, (x.size(1), x.size(0)))
 
 
 def _states(initial: Tensor, T: int) -> Tensor:
@@ -93,7 +93,7 @@ def _input_gradients(needs: tuple[bool, ...], dz: Tensor, x: Tensor, W_input: Te
     """dx(t) = W_inputᵀ dz(t), dW_input = Σ_t dz(t) x(t)ᵀ, db = Σ_t Σ_batch dz(t): one product each
     over all T*B rows. `needs` says which of (x, W_input, b) want a gradient."""
     dz_rows = dz.flatten(0, 1)                                             # (T*B, G*H)
-    dx = (dz_rows @ W_input).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
+    dx = linear(dz_rows, W_input.t()).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
     dW_input = dz_rows.t() @ _rows(x) if needs[1] else None
     db = dz_rows.sum(0) if needs[2] else None
     return dx, dW_input, db
@@ -107,10 +107,10 @@ class RNNFunction(Function):
     def forward(ctx, x, a0, W_aa, W_ax, b):
         ctx.set_materialize_grads(False)
         a = _states(a0, x.size(1))                                         # (T+1, B, H)
-        _project(x, W_ax, b, out=a[1:])                                    # a[t] = W_ax x(t) + b for now
-        (a_,), W_aa_t = _per_step(a), W_aa.t()
+        a_, z_ = _per_step(a, _project(x, W_ax, b))                        # z_[t-1] = W_ax x(t) + b
+        recurrent = FixedProduct(W_aa, x.size(0), x.size(1))
         for t in range(1, a.size(0)):
-            a_[t].addmm_(a_[t - 1], W_aa_t).tanh_()                        # a(t) = tanh(W_ax x(t) + W_aa a(t-1) + b)
+            torch.tanh(recurrent(a_[t - 1], z_[t - 1]), out=a_[t])         # a(t) = tanh(W_ax x(t) + W_aa a(t-1) + b)
         ctx.save_for_backward(x, a, W_aa, W_ax)
         return _outputs(a)
 
@@ -120,10 +120,10 @@ class RNNFunction(Function):
         T, needs = a.size(0) - 1, ctx.needs_input_grad
         dz = _tanh_slopes(a[1:])                                           # (T, B, H): 1 - a(t)², times da(t) below
         dA, dz_ = _per_step(_incoming(grad_outputs, grad_final, a), dz)
-        da = dA[T]
+        da, recurrent_t = dA[T], FixedProduct(W_aa.t().contiguous(), a.size(1), T)  # dz W_aa: the product transposed
         for t in range(T, 0, -1):
             dz_[t - 1].mul_(da)                                            # dz = da * (1 - a(t)²)
-            da = torch.addmm(dA[t - 1], dz_[t - 1], W_aa)                  # ∂a(t)/∂a(t-1) = W_aaᵀ (1 - a(t)²)
+            da = recurrent_t(dz_[t - 1], dA[t - 1])                        # ∂a(t)/∂a(t-1) = W_aaᵀ (1 - a(t)²)
         dW_aa = _over_time(dz, a[:-1]) if needs[2] else None               # ∂a(t)/∂W_aa = (1 - a(t)²) a(t-1)ᵀ
         dx, dW_ax, db = _input_gradients(needs[:1] + needs[3:], dz, x, W_ax)  # ∂a(t)/∂x(t), /∂W_ax, /∂b
         return dx, da, dW_aa, dW_ax, db
@@ -138,14 +138,15 @@ class GRUFunction(Function):
     def forward(ctx, x, c0, W_recurrent, W_input, b, relevance_gate):
         ctx.set_materialize_grads(False)
         H, c = c0.size(1), _states(c0, x.size(1))                          # c: (T+1, B, H)
-        gates = _project(x, W_input, b, out=x.new_empty(x.size(1), x.size(0), W_input.size(0)))  # (T, B, G*H)
+        gates = _project(x, W_input, b)                                    # (T, B, G*H)
         gamma, gamma_u, gamma_r, c_tilde, c_ = _per_step(                  # gates: [Γ_u, (Γ_r,) c̃] of each step
             gates[..., :-H], gates[..., :H], gates[..., H:2 * H], gates[..., -H:], c)
-        W_gates_t, W_c_t = W_recurrent[:-H].t(), W_recurrent[-H:].t()      # recurrent halves: (W_u, W_r), W_c
-        for t in range(1, c.size(0)):
-            gamma[t - 1].addmm_(c_[t - 1], W_gates_t).sigmoid_()           # Γ_u, Γ_r = σ(W [c(t-1), x(t)] + b)
+        B, T = x.shape[:2]                                                 # recurrent halves: (W_u, W_r), W_c
+        W_gates, W_c = FixedProduct(W_recurrent[:-H], B, T), FixedProduct(W_recurrent[-H:], B, T)
+        for t in range(1, T + 1):
+            torch.sigmoid(W_gates(c_[t - 1], gamma[t - 1]), out=gamma[t - 1])  # Γ_u, Γ_r = σ(W [c(t-1), x(t)] + b)
             c_in = gamma_r[t - 1] * c_[t - 1] if relevance_gate else c_[t - 1]  # Γ_r * c(t-1)
-            c_tilde[t - 1].addmm_(c_in, W_c_t).tanh_()                     # c̃ = tanh(W_c [Γ_r * c(t-1), x(t)] + b_c)
+            torch.tanh(W_c(c_in, c_tilde[t - 1]), out=c_tilde[t - 1])      # c̃ = tanh(W_c [Γ_r * c(t-1), x(t)] + b_c)
             torch.lerp(c_[t - 1], c_tilde[t - 1], gamma_u[t - 1], out=c_[t])  # c(t) = Γ_u c̃ + (1 - Γ_u) c(t-1)
         ctx.relevance_gate = relevance_gate
         ctx.save_for_backward(x, c, gates, W_recurrent, W_input)
@@ -177,18 +178,20 @@ def _gru_relevance_loop(dz, dC, keep, gates, W_recurrent):
     """t = T .. 1 for the full GRU (gates u, r, c): multiplies the incoming gradients into dz(t),
     returns dc(0)."""
     T, H = dC.size(0) - 1, dC.size(2)
-    W_gates, W_cc = W_recurrent[:-H], W_recurrent[-H:]                     # recurrent halves: (W_u, W_r), W_c
+    rows = dC.size(1)                                                      # products with the transposed recurrent halves
+    gates_t, candidate_t = (FixedProduct(W_recurrent[:-H].t().contiguous(), rows, T),
+                            FixedProduct(W_recurrent[-H:].t().contiguous(), rows, T))
     dz_gates, dz_u, dz_r, dz_c, gamma_r, keep, dC = _per_step(
         dz[..., :2 * H], *dz.split(H, -1), gates[..., H:2 * H], keep, dC)
     dc = dC[T]
     for t in range(T, 0, -1):
         dz_c[t - 1].mul_(dc)                                               # dz_c = dc Γ_u (1 - c̃²)
-        dc_in = dz_c[t - 1] @ W_cc                                         # reaches the candidate's input Γ_r * c(t-1)
+        dc_in = candidate_t(dz_c[t - 1])                                   # reaches the candidate's input Γ_r * c(t-1)
         dz_r[t - 1].mul_(dc_in)                                            # dz_r = dc_in c(t-1) Γ_r (1 - Γ_r)
         dz_u[t - 1].mul_(dc)                                               # dz_u = dc (c̃ - c(t-1)) Γ_u (1 - Γ_u)
         dc_prev = torch.addcmul(dC[t - 1], dc, keep[t - 1])               # c(t) = ... + (1 - Γ_u) c(t-1)
         dc_prev.addcmul_(dc_in, gamma_r[t - 1])                            # c̃ reads Γ_r * c(t-1)
-        dc = torch.addmm(dc_prev, dz_gates[t - 1], W_gates)                # Γ_u, Γ_r read c(t-1)
+        dc = gates_t(dz_gates[t - 1], dc_prev)                             # Γ_u, Γ_r read c(t-1)
     return dc
 
 
@@ -197,11 +200,12 @@ def _gru_simplified_loop(dz, dC, keep, gates, W_recurrent):
     T, H = dC.size(0) - 1, dC.size(2)
     dz_, dz_uc, keep, dC = _per_step(dz, dz.unflatten(-1, (2, H)), keep, dC)
     dc = dC[T]
+    recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)
     for t in range(T, 0, -1):
         # [dz_u, dz_c] = dc [(c̃ - c(t-1)) Γ_u (1 - Γ_u), Γ_u (1 - c̃²)], both blocks in one product
         dz_uc[t - 1].mul_(dc.unsqueeze(1))
         dc_prev = torch.addcmul(dC[t - 1], dc, keep[t - 1])               # c(t) = ... + (1 - Γ_u) c(t-1)
-        dc = torch.addmm(dc_prev, dz_[t - 1], W_recurrent)                 # both gates read c(t-1)
+        dc = recurrent_t(dz_[t - 1], dc_prev)                              # both gates read c(t-1)
     return dc
 
 
@@ -213,16 +217,17 @@ class GRUAfterFunction(Function):
     def forward(ctx, x, c0, W_recurrent, W_input, b, b_cc):
         ctx.set_materialize_grads(False)
         H, c = c0.size(1), _states(c0, x.size(1))                          # c: (T+1, B, H)
-        gates = _project(x, W_input, b, out=x.new_empty(x.size(1), x.size(0), W_input.size(0)))  # (T, B, 3H)
-        recurrent = torch.empty_like(gates)                                # W_rec c(t-1) + [0, 0, b_cc]: [., ., p(t)]
-        r_gates, p, gamma, gamma_u, gamma_r, c_tilde, recurrent_, c_ = _per_step(
-            recurrent[..., :2 * H], recurrent[..., 2 * H:], gates[..., :2 * H], *gates.split(H, -1), recurrent, c)
-        recurrent_bias, W_recurrent_t = torch.cat([b_cc.new_zeros(2 * H), b_cc]), W_recurrent.t()
+        gates = _project(x, W_input, b)                                    # (T, B, 3H)
+        gamma, gamma_u, gamma_r, c_tilde, c_ = _per_step(gates[..., :2 * H], *gates.split(H, -1), c)
+        recurrent_bias = torch.cat([b_cc.new_zeros(2 * H), b_cc])
+        product = FixedProduct(W_recurrent, *x.shape[:2])
+        recurrent = []                                                     # [t-1]: W_rec c(t-1) + [0, 0, b_cc] = [., ., p(t)]
         for t in range(1, c.size(0)):
-            torch.addmm(recurrent_bias, c_[t - 1], W_recurrent_t, out=recurrent_[t - 1])
-            gamma[t - 1].add_(r_gates[t - 1]).sigmoid_()                   # Γ_u, Γ_r
-            c_tilde[t - 1].addcmul_(gamma_r[t - 1], p[t - 1]).tanh_()      # c̃ = tanh(W_cx x(t) + b_c + Γ_r * p)
+            recurrent.append(r := product(c_[t - 1], recurrent_bias))
+            gamma[t - 1].add_(r[:, :2 * H]).sigmoid_()                    # Γ_u, Γ_r
+            c_tilde[t - 1].addcmul_(gamma_r[t - 1], r[:, 2 * H:]).tanh_()  # c̃ = tanh(W_cx x(t) + b_c + Γ_r * p)
             torch.lerp(c_[t - 1], c_tilde[t - 1], gamma_u[t - 1], out=c_[t])  # c(t) = Γ_u c̃ + (1 - Γ_u) c(t-1)
+        recurrent = torch.stack(recurrent) if recurrent else torch.empty_like(gates)  # (T, B, 3H)
         ctx.save_for_backward(x, c, gates, recurrent, W_recurrent, W_input)
         return _outputs(c)
 
@@ -242,12 +247,13 @@ class GRUAfterFunction(Function):
             dr, dr[..., :H], dr[..., H:].unflatten(-1, (2, H)), dz_c, 1 - gamma_u,
             _incoming(grad_outputs, grad_final, c))
         dc = dC[T]
+        recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)
         for t in range(T, 0, -1):
             dz_c_[t - 1].mul_(dc)                                          # dz_c = dc Γ_u (1 - c̃²)
             dz_rp[t - 1].mul_(dz_c_[t - 1].unsqueeze(1))                   # [dz_r, dp] = dz_c [p Γ_r (1 - Γ_r), Γ_r]
             dz_u[t - 1].mul_(dc)                                           # dz_u = dc (c̃ - c(t-1)) Γ_u (1 - Γ_u)
             dc_prev = torch.addcmul(dC[t - 1], dc, keep[t - 1])           # c(t) = ... + (1 - Γ_u) c(t-1)
-            dc = torch.addmm(dc_prev, dr_[t - 1], W_recurrent)             # W_uᵀ dz_u + W_rᵀ dz_r + W_ccᵀ dp
+            dc = recurrent_t(dr_[t - 1], dc_prev)                          # W_uᵀ dz_u + W_rᵀ dz_r + W_ccᵀ dp
         needs = ctx.needs_input_grad
         dW_recurrent = _over_time(dr, c_prev) if needs[2] else None        # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
         db_cc = dr[..., 2 * H:].sum((0, 1)) if needs[5] else None          # Σ_t Σ_batch dp
@@ -265,16 +271,16 @@ class LSTMFunction(Function):
         ctx.set_materialize_grads(False)
         T, H = x.size(1), a0.size(1)
         a, c = _states(a0, T), _states(c0, T)                              # (T+1, B, H)
-        gates = _project(x, W_input, b, out=x.new_empty(T, x.size(0), W_input.size(0)))  # (T, B, 4H)
+        gates = _project(x, W_input, b)                                    # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
         z, gamma_fu, gamma_f, gamma_u, c_tilde, gamma_o, a_, c_, tanh_c_ = _per_step(
             gates, gates[..., :2 * H], *gates.split(H, -1), a, c, tanh_c)  # gates: [Γ_f, Γ_u, c̃, Γ_o] of each step
-        W_recurrent_t = W_recurrent.t()
+        recurrent = FixedProduct(W_recurrent, x.size(0), T)
         for t in range(1, T + 1):
-            z[t - 1].addmm_(a_[t - 1], W_recurrent_t)                      # z = W [a(t-1), x(t)] + b
-            gamma_fu[t - 1].sigmoid_()                                     # Γ_f, Γ_u = σ(z_f), σ(z_u)
-            c_tilde[t - 1].tanh_()                                         # c̃ = tanh(z_c)
-            gamma_o[t - 1].sigmoid_()                                      # Γ_o = σ(z_o)
+            z_t = recurrent(a_[t - 1], z[t - 1])                            # z = W [a(t-1), x(t)] + b
+            torch.sigmoid(z_t[:, :2 * H], out=gamma_fu[t - 1])             # Γ_f, Γ_u = σ(z_f), σ(z_u)
+            torch.tanh(z_t[:, 2 * H:3 * H], out=c_tilde[t - 1])            # c̃ = tanh(z_c)
+            torch.sigmoid(z_t[:, 3 * H:], out=gamma_o[t - 1])              # Γ_o = σ(z_o)
             torch.mul(gamma_f[t - 1], c_[t - 1], out=c_[t]).addcmul_(gamma_u[t - 1], c_tilde[t - 1])  # c(t)
             torch.mul(gamma_o[t - 1], torch.tanh(c_[t], out=tanh_c_[t - 1]), out=a_[t])  # a(t) = Γ_o tanh(c(t))
         ctx.save_for_backward(x, a, c, gates, tanh_c, W_recurrent, W_input)
@@ -298,12 +304,13 @@ class LSTMFunction(Function):
             _incoming(grad_outputs, grad_a_final, a))
         da = dA[T]
         dc = grad_c_final if grad_c_final is not None else torch.zeros_like(da)
+        recurrent_t = FixedProduct(W_recurrent.t().contiguous(), da.size(0), T)  # dz W_a: the product transposed
         for t in range(T, 0, -1):
             dc = torch.addcmul(dc, da, through_a[t - 1])                   # dc(t) += da(t) ∂a(t)/∂c(t)
             dz_fuc[t - 1].mul_(dc.unsqueeze(1))                            # dz_f, dz_u, dz_c
             dz_o[t - 1].mul_(da)                                           # dz_o
             dc = dc * forget[t - 1]                                        # ∂c(t)/∂c(t-1) = Γ_f
-            da = torch.addmm(dA[t - 1], dz_[t - 1], W_recurrent)           # ∂z(t)/∂a(t-1) = W_aᵀ (recurrent half)
+            da = recurrent_t(dz_[t - 1], dA[t - 1])                        # ∂z(t)/∂a(t-1) = W_aᵀ (recurrent half)
         needs = ctx.needs_input_grad
         dW_recurrent = _over_time(dz, a[:-1]) if needs[3] else None        # Σ_t dz(t) a(t-1)ᵀ
         dx, dW_input, db = _input_gradients(needs[:1] + needs[4:], dz, x, W_input)

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmtrain.gemm import use_onednn
 from lmtrain.layers import RecurrentStack
 
 SIZES = ((32, 64, 128), (64, 128, 256), (64, 128, 512), (1, 256, 512), (64, 128, 1024))
-VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual")
+VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual aten", "lmtrain manual")
 MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 REFERENCE = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -37,18 +38,20 @@ def build(variant: str, cell: str, hidden: int) -> nn.Module:
     torch.manual_seed(0)
     if variant == "torch.nn":
         return REFERENCE[cell](hidden, hidden, batch_first=True)
-    backward = variant.split()[1]
+    backward = variant.split()[1]  # "lmtrain manual aten": the manual backward with ATen's GEMMs
     # The PyTorch-convention GRU is the like-for-like comparison with nn.GRU.
     options = {"gru_reset": "after"} if cell == "gru" else {}
     return RecurrentStack(cell, hidden, hidden, backward=backward, **options)
 
 
-def step_function(module: nn.Module, x: torch.Tensor):
+def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True):
+    """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.gemm)."""
     def step() -> None:
         x.grad = None
         module.zero_grad(set_to_none=True)
-        output, _ = module(x)
-        output.sum().backward()
+        with use_onednn(onednn):
+            output, _ = module(x)
+            output.sum().backward()
     return step
 
 
@@ -56,7 +59,8 @@ def time_variants(cell: str, size: tuple[int, int, int], repeats: int) -> dict[s
     """Median seconds per training step of each variant, the variants alternating."""
     B, T, H = size
     x = torch.randn(B, T, H, requires_grad=True)
-    steps = {variant: step_function(build(variant, cell, H), x) for variant in VARIANTS}
+    steps = {variant: step_function(build(variant, cell, H), x, onednn=not variant.endswith("aten"))
+             for variant in VARIANTS}
     for step in steps.values():  # warm-up: first-call allocations and kernel selection
         step()
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -74,7 +78,7 @@ def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int]) -> f
     # so a child of this (large) process would report the parent's peak.
     code = ("import sys, torch; sys.path.insert(0, %r); from bench_cells import *; "
             "B, T, H = %r; x = torch.randn(B, T, H, requires_grad=True); v = %r\n"
-            "if v: s = step_function(build(v, %r, H), x); [s() for _ in range(3)]\n"
+            "if v: s = step_function(build(v, %r, H), x, onednn=not v.endswith('aten')); [s() for _ in range(3)]\n"
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)"
             % (str(Path(__file__).parent), size, variant, cell))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -93,9 +97,10 @@ def main() -> None:
     header = [f"`python scripts/bench_cells.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps", "",
-              "| cell | B, T, H | torch.nn ms | lmtrain autograd ms (ratio) | lmtrain manual ms (ratio) | "
-              "torch.nn tokens/s | best lmtrain tokens/s | peak RSS MB torch.nn / autograd / manual |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+              "| cell | B, T, H | torch.nn ms | lmtrain autograd ms (ratio) | lmtrain manual, ATen GEMM ms (ratio) | "
+              "lmtrain manual ms (ratio) | torch.nn tokens/s | lmtrain manual tokens/s | "
+              "peak RSS MB torch.nn / autograd / manual ATen / manual |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     print("\n".join(header), flush=True)
     rows = []
     for cell in args.cells:
@@ -105,11 +110,10 @@ def main() -> None:
             base = peak_rss_mb(None, cell, size)
             rss = [peak_rss_mb(variant, cell, size) - base for variant in VARIANTS]
             reference = median["torch.nn"]
-            best = min(median["lmtrain autograd"], median["lmtrain manual"])
-            row = (f"| {cell} | {B}, {T}, {size[2]} | {1e3 * reference:.1f} | "
-                   f"{1e3 * median['lmtrain autograd']:.1f} ({median['lmtrain autograd'] / reference:.2f}x) | "
-                   f"{1e3 * median['lmtrain manual']:.1f} ({median['lmtrain manual'] / reference:.2f}x) | "
-                   f"{B * T / reference:,.0f} | {B * T / best:,.0f} | {' / '.join(f'{m:.0f}' for m in rss)} |")
+            timed = " | ".join(f"{1e3 * median[variant]:.1f} ({median[variant] / reference:.2f}x)" for variant in VARIANTS[1:])
+            row = (f"| {cell} | {B}, {T}, {size[2]} | {1e3 * reference:.1f} | {timed} | "
+                   f"{B * T / reference:,.0f} | {B * T / median['lmtrain manual']:,.0f} | "
+                   f"{' / '.join(f'{m:.0f}' for m in rss)} |")
             rows.append(row)
             print(row, flush=True)
     if args.doc:

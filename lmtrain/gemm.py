@@ -1,0 +1,81 @@
+"""The matrix products of the recurrences, run by the fastest GEMM at hand: oneDNN's where it runs
+(CPU, float32 or bfloat16), ATen's `addmm` (MKL, OpenBLAS, cuBLAS) otherwise.
+
+Why not always `torch.addmm`: on CPU it calls MKL, which runs a recurrence's small per-step products,
+(B, H) @ (H, 4H) with B = 32, at about half of what oneDNN reaches with its weight packed once for the
+whole sequence (docs/benchmarks.md; `nn.LSTM` gets its speed from the same oneDNN). oneDNN follows
+torch's own switch: `torch.backends.mkldnn.enabled = False` (or `with torch.backends.mkldnn.flags(
+enabled=False):`, or `use_onednn(False)` below) makes every product here an `addmm`. Both compute the same float32 sums; they differ
+only in summation order (about 1e-6 relative; tests/test_gemm.py compares them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+
+def _onednn_ops() -> tuple | None:
+    try:
+        return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return None
+
+
+_ONEDNN = _onednn_ops() if torch.backends.mkldnn.is_available() else None
+
+
+def onednn_runs(tensor: Tensor) -> bool:
+    """Whether oneDNN takes products of `tensor`'s kind: CPU, float32 or bfloat16, switched on."""
+    return (_ONEDNN is not None and torch.backends.mkldnn.enabled and tensor.device.type == "cpu"
+            and tensor.dtype in (torch.float32, torch.bfloat16))
+
+
+@contextmanager
+def use_onednn(enabled: bool) -> Iterator[None]:
+    """Switch oneDNN on or off inside the block: `torch.backends.mkldnn.flags(enabled=...)` without
+    the TF32 warning that torch 2.13's `flags` prints on every entry."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+# Packing W for oneDNN costs about two products' worth of time (measured at (1024, 256)); for fewer
+# uses than this, as when sampling feeds one token at a time, ATen's addmm is faster.
+PACK_FROM = 4
+
+
+class FixedProduct:
+    """`add + x Wᵀ` for one weight W (N, K) and `uses` products with x (rows, K): the recurrent half
+    of every gate, `W_a a(t-1)`, at each of T steps. oneDNN packs W into its blocked layout once,
+    here, not at every step."""
+
+    def __init__(self, W: Tensor, rows: int, uses: int) -> None:
+        self.onednn = uses >= PACK_FROM and onednn_runs(W)
+        if self.onednn:
+            self.W = _ONEDNN[1](W.detach(), rows)
+        else:
+            self.W_t = W.detach().t()
+
+    def __call__(self, x: Tensor, add: Tensor | None = None) -> Tensor:
+        """x Wᵀ + add, a new (rows, N) tensor; `add` is None, a bias (N,) or a (rows, N) tensor (which
+        may be a strided view)."""
+        if self.onednn:
+            if add is None or add.dim() == 1:
+                return _ONEDNN[0](x, self.W, add, "none", [], "")
+            return _ONEDNN[0].binary(x, add, self.W, None, "add")
+        return x @ self.W_t if add is None else torch.addmm(add, x, self.W_t)
+
+def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """x Wᵀ + b for x (rows, K), W (N, K): one product over all T*B rows at once (the input half of
+    every gate, or the gradient reaching the inputs). Weight gradients, dZᵀ X, stay with `torch.mm`,
+    which was faster than oneDNN for that transposed shape here (docs/benchmarks.md)."""
+    if onednn_runs(x):
+        return _ONEDNN[0](x, W.detach(), None if b is None else b.detach(), "none", [], "")
+    return x @ W.t() if b is None else torch.addmm(b, x, W.t())

@@ -1,0 +1,79 @@
+"""Whole training runs, lmtrain against the nn.LSTM reference, same settings, alternating in one job.
+
+    python scripts/compare_train_speed.py PATH/TO/tinyshakespeare/input.txt [--steps 300] [--rounds 3]
+        [--doc FILE] [override ...]
+
+Each round runs `scripts/reference_nn_lstm.py --steps N` and then `lmtrain train
+configs/tinyshakespeare-char.yaml data.path=PATH train.max_steps=N` (plus any overrides), each in its own
+process, and reads both runs' training tokens/s over their steps alone (start-up and evaluation left
+out: the reference's own count, and lmtrain's `progress.tokens / progress.train_seconds` from the
+checkpoint). The machine stalls at times, so the rounds alternate and the table gives medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def reference_tokens_per_s(corpus: Path, steps: int) -> float:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_nn_lstm.py"), str(corpus),
+                             "--steps", str(steps)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def lmtrain_tokens_per_s(corpus: Path, steps: int, overrides: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "lmtrain", "train", str(ROOT / "configs" / "tinyshakespeare-char.yaml"),
+                   f"data.path={corpus}", "data.corpus=null", f"train.max_steps={steps}", "train.max_seconds=null",
+                   f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.final_samples=0",
+                   f"train.out_dir={folder}/run", *overrides]
+        subprocess.run(command, capture_output=True, text=True, check=True)
+        progress = torch.load(Path(folder) / "run" / "last.pt", weights_only=True)["progress"]
+        return progress["tokens"] / progress["train_seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for lmtrain")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--doc", type=Path, default=None, help="append the markdown table to this file")
+    args = parser.parse_args()
+    speeds: dict[str, list[float]] = {"nn.LSTM reference": [], "lmtrain": []}
+    for _ in range(args.rounds):
+        speeds["nn.LSTM reference"].append(reference_tokens_per_s(args.corpus, args.steps))
+        speeds["lmtrain"].append(lmtrain_tokens_per_s(args.corpus, args.steps, args.overrides))
+        print({name: round(values[-1]) for name, values in speeds.items()}, flush=True)
+    median = {name: statistics.median(values) for name, values in speeds.items()}
+    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    lines = [f"`python scripts/compare_train_speed.py {' '.join(sys.argv[1:])}`",
+             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator}; "
+             f"{args.rounds} alternating rounds of {args.steps} steps each", "",
+             "| trainer | tokens/s (median) | every round | lmtrain / reference |", "|---|---:|---|---:|"]
+    for name, values in speeds.items():
+        ratio = median["lmtrain"] / median["nn.LSTM reference"]
+        lines.append(f"| {name} | {median[name]:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
+                     f"{ratio:.2f}x |" if name == "lmtrain" else
+                     f"| {name} | {median[name]:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | |")
+    print("\n".join(lines))
+    if args.doc:
+        with args.doc.open("a", encoding="utf-8") as doc:
+            doc.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""lmtrain.gemm: oneDNN's products equal ATen's to float32 rounding, and the hand-written backward
+gives the same values and gradients whichever runs them (float32, where oneDNN takes over)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmtrain.gemm import FixedProduct, linear, onednn_runs, use_onednn
+from lmtrain.layers import RecurrentLayer
+from test_backward import CELL_CASES, gradients, make_cell, random_inputs
+
+needs_onednn = pytest.mark.skipif(not onednn_runs(torch.zeros(1)), reason="this torch has no oneDNN")
+FLOAT32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("add", [None, "bias", "matrix", "strided"])
+def test_fixed_product_is_x_w_transposed_plus_add(add):
+    rows, K, N = 5, 7, 6
+    x, W = torch.randn(rows, K), torch.randn(N, K)
+    wide = torch.randn(rows, 2 * N)
+    other = {None: None, "bias": torch.randn(N), "matrix": torch.randn(rows, N), "strided": wide[:, N:]}[add]
+    expected = x.double() @ W.double().t() + (0 if other is None else other.double())
+    for onednn in (True, False):
+        with use_onednn(onednn):
+            product = FixedProduct(W, rows, uses=8)
+            assert product.onednn == (onednn and onednn_runs(W))
+            torch.testing.assert_close(product(x, other).double(), expected, **FLOAT32)
+
+
+def test_linear_matches_float64():
+    x, W, b = torch.randn(9, 4), torch.randn(3, 4), torch.randn(3)
+    for onednn in (True, False):
+        with use_onednn(onednn):
+            torch.testing.assert_close(linear(x, W, b).double(), x.double() @ W.double().t() + b.double(), **FLOAT32)
+            torch.testing.assert_close(linear(x, W).double(), x.double() @ W.double().t(), **FLOAT32)
+
+
+def test_float64_and_switched_off_stay_with_aten():
+    assert not FixedProduct(torch.randn(3, 3, dtype=torch.float64), 2, uses=8).onednn
+    assert not FixedProduct(torch.randn(3, 3), 2, uses=1).onednn  # one product: not worth packing
+    with use_onednn(False):
+        assert not onednn_runs(torch.zeros(1))
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(CELL_CASES))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_manual_layer_same_with_either_gemm(name, reverse):
+    """float32 values and every gradient agree between oneDNN and ATen products (and with float64)."""
+    torch.manual_seed(0)
+    cell = make_cell(name, torch.float32)
+    x, state = random_inputs(cell, steps=7, dtype=torch.float32)
+    layer = RecurrentLayer(cell, reverse=reverse, backward="manual")
+    results = {}
+    for onednn in (True, False):
+        with use_onednn(onednn):
+            results[onednn] = gradients(copy.deepcopy(layer), x, state)
+    reference = gradients(copy.deepcopy(layer).double(), x.double(), tuple(s.double() for s in state))
+    for result in results.values():
+        torch.testing.assert_close(result[0].double(), reference[0], **FLOAT32)
+        for name_, gradient in result[2].items():
+            torch.testing.assert_close(gradient.double(), reference[2][name_], **FLOAT32, msg=name_)
