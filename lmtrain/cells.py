@@ -67,10 +67,24 @@ class Cell(nn.Module):
 
     def stacked_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """The gates' weights stacked in `gates` order, split into the recurrent half (G*H, H),
-        the input half (G*H, E), and the stacked bias (G*H,)."""
-        W = torch.cat([getattr(self, f"W_{gate}") for gate in self.gates])
-        b = torch.cat([getattr(self, f"b_{gate}") for gate in self.gates])
-        return W[:, : self.hidden_size], W[:, self.hidden_size:], b
+        the input half (G*H, E), and the stacked bias (G*H,); each one contiguous tensor.
+
+        Without autograd (sampling, evaluation) the stack is kept until a weight changes (a new
+        version, device or dtype): sampling runs the layers one token at a time, and stacking anew
+        at every token copied all the weights each time (most of a sampling step, measured)."""
+        parameters = [getattr(self, f"{kind}_{gate}") for kind in "Wb" for gate in self.gates]
+        if torch.is_grad_enabled():
+            return self._stack()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
+        if getattr(self, "_stacked_key", None) != key:
+            self._stacked_key, self._stacked = key, self._stack()
+        return self._stacked
+
+    def _stack(self) -> tuple[Tensor, Tensor, Tensor]:
+        W = [getattr(self, f"W_{gate}") for gate in self.gates]
+        H = self.hidden_size
+        return (torch.cat([W_gate[:, :H] for W_gate in W]), torch.cat([W_gate[:, H:] for W_gate in W]),
+                torch.cat([getattr(self, f"b_{gate}") for gate in self.gates]))
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}"

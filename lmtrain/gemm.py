@@ -47,7 +47,7 @@ def use_onednn(enabled: bool) -> Iterator[None]:
 
 
 # Packing W for oneDNN costs about two products' worth of time (measured at (1024, 256)); for fewer
-# uses than this, as when sampling feeds one token at a time, ATen's addmm is faster.
+# uses than this, as when sampling feeds one token at a time, W is used as it is.
 PACK_FROM = 4
 
 
@@ -57,9 +57,10 @@ class FixedProduct:
     here, not at every step."""
 
     def __init__(self, W: Tensor, rows: int, uses: int) -> None:
-        self.onednn = uses >= PACK_FROM and onednn_runs(W)
+        self.onednn = onednn_runs(W)
         if self.onednn:
-            self.W = _ONEDNN[1](W.detach(), rows)
+            W = W.detach()
+            self.W = _ONEDNN[1](W, rows) if uses >= PACK_FROM else W.contiguous()  # strided: see `linear`
         else:
             self.W_t = W.detach().t()
 
@@ -77,5 +78,7 @@ def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     every gate, or the gradient reaching the inputs). Weight gradients, dZᵀ X, stay with `torch.mm`,
     which was faster than oneDNN for that transposed shape here (docs/benchmarks.md)."""
     if onednn_runs(x):
-        return _ONEDNN[0](x, W.detach(), None if b is None else b.detach(), "none", [], "")
+        # A weight that is a slice of W_a = [W_aa, W_ax] is strided, and oneDNN then takes a reference
+        # path about 100x slower (measured): a contiguous copy of the weight costs next to nothing.
+        return _ONEDNN[0](x, W.detach().contiguous(), None if b is None else b.detach(), "none", [], "")
     return x @ W.t() if b is None else torch.addmm(b, x, W.t())

@@ -1,6 +1,6 @@
 """Benchmark lmtrain's recurrent layers against torch.nn's, one training step at a time.
 
-    python scripts/bench_cells.py [--cells rnn gru lstm] [--repeats 9] [--doc docs/benchmarks.md]
+    python scripts/bench_cells.py [--cells rnn gru lstm] [--repeats 9] [--device cpu] [--doc docs/benchmarks.md]
 
 For each size (B, T, H) (input size = H) and cell: one training step = forward + backward of the sum of
 the outputs, with gradients for the input too, fp32 on the CPU. The variants run alternately in one
@@ -8,6 +8,8 @@ process (these machines stall at times, for seconds), and the table reports medi
 the ratio to torch.nn (smaller is faster), tokens/s (B*T per step) and the peak RSS of a process that
 runs only that variant, above a process that only built the inputs. The allocator settings in effect
 are printed, since glibc returning large buffers to the kernel costs a training step about 1.3x.
+With `--device cuda` the reference is cuDNN, steps are timed to `torch.cuda.synchronize()`, and the
+memory column is the peak of `torch.cuda.max_memory_allocated` during three steps instead of RSS.
 """
 
 from __future__ import annotations
@@ -46,19 +48,23 @@ def build(variant: str, cell: str, hidden: int) -> nn.Module:
 
 def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True):
     """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.gemm)."""
+    module.to(x.device)
+
     def step() -> None:
         x.grad = None
         module.zero_grad(set_to_none=True)
         with use_onednn(onednn):
             output, _ = module(x)
             output.sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
     return step
 
 
-def time_variants(cell: str, size: tuple[int, int, int], repeats: int) -> dict[str, float]:
+def time_variants(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu") -> dict[str, float]:
     """Median seconds per training step of each variant, the variants alternating."""
     B, T, H = size
-    x = torch.randn(B, T, H, requires_grad=True)
+    x = torch.randn(B, T, H, device=device, requires_grad=True)
     steps = {variant: step_function(build(variant, cell, H), x, onednn=not variant.endswith("aten"))
              for variant in VARIANTS}
     for step in steps.values():  # warm-up: first-call allocations and kernel selection
@@ -70,6 +76,18 @@ def time_variants(cell: str, size: tuple[int, int, int], repeats: int) -> dict[s
             step()
             times[variant].append(time.perf_counter() - begin)
     return {variant: statistics.median(values) for variant, values in times.items()}
+
+
+def peak_cuda_mb(variant: str, cell: str, size: tuple[int, int, int]) -> float:
+    """Peak CUDA memory (MB) allocated during three steps of `variant`, above the input's."""
+    B, T, H = size
+    x = torch.randn(B, T, H, device="cuda", requires_grad=True)
+    step = step_function(build(variant, cell, H), x)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(3):
+        step()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int]) -> float:
@@ -90,25 +108,31 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(REFERENCE))
     parser.add_argument("--sizes", type=json.loads, default=None, help='e.g. "[[32, 64, 128]]"')
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
     args = parser.parse_args()
     sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
     allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
     header = [f"`python scripts/bench_cells.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps", "",
+              f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps"
+              + (f"; {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+                 if args.device == "cuda" else ""), "",
               "| cell | B, T, H | torch.nn ms | lmtrain autograd ms (ratio) | lmtrain manual, ATen GEMM ms (ratio) | "
               "lmtrain manual ms (ratio) | torch.nn tokens/s | lmtrain manual tokens/s | "
-              "peak RSS MB torch.nn / autograd / manual ATen / manual |",
+              f"peak {'CUDA' if args.device == 'cuda' else 'RSS'} MB torch.nn / autograd / manual ATen / manual |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     print("\n".join(header), flush=True)
     rows = []
     for cell in args.cells:
         for size in sizes:
             B, T, _ = size
-            median = time_variants(cell, size, args.repeats)
-            base = peak_rss_mb(None, cell, size)
-            rss = [peak_rss_mb(variant, cell, size) - base for variant in VARIANTS]
+            median = time_variants(cell, size, args.repeats, args.device)
+            if args.device == "cuda":
+                rss = [peak_cuda_mb(variant, cell, size) for variant in VARIANTS]
+            else:
+                base = peak_rss_mb(None, cell, size)
+                rss = [peak_rss_mb(variant, cell, size) - base for variant in VARIANTS]
             reference = median["torch.nn"]
             timed = " | ".join(f"{1e3 * median[variant]:.1f} ({median[variant] / reference:.2f}x)" for variant in VARIANTS[1:])
             row = (f"| {cell} | {B}, {T}, {size[2]} | {1e3 * reference:.1f} | {timed} | "

@@ -85,6 +85,21 @@ def test_stacked_weights_split():
     assert torch.equal(b[:H], cell.b_f)
 
 
+def test_stacked_weights_kept_without_autograd_until_a_weight_changes():
+    cell = make("lstm")
+    with torch.no_grad():
+        first = cell.stacked_weights()
+        assert cell.stacked_weights() is first  # no copy per sampled token
+        cell.W_c.add_(1.0)  # an optimizer step or load_state_dict changes weights in place
+        changed = cell.stacked_weights()
+        assert changed is not first and torch.equal(changed[0][2 * H:3 * H], cell.W_c[:, :H])
+        cell.load_state_dict({name: torch.zeros_like(p) for name, p in cell.state_dict().items()})
+        assert not cell.stacked_weights()[1].any()
+    with_grad = cell.stacked_weights()  # with autograd: a fresh stack that gradients flow through
+    assert with_grad[0].requires_grad and with_grad[0] is not cell.stacked_weights()[0]
+    assert all(part.is_contiguous() for part in with_grad)
+
+
 def test_combine_order():
     a, x = torch.ones(2, 3), torch.zeros(2, 4)
     assert combine(a, x).tolist() == [[1, 1, 1, 0, 0, 0, 0]] * 2

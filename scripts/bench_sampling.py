@@ -1,0 +1,65 @@
+"""Sampling speed: a batch of samples drawn side by side from a 2x512 LSTM, the state carried from
+token to token (the prefix is never run again), as `lmtrain sample` does.
+
+    python scripts/bench_sampling.py [--num 16] [--tokens 200] [--repeats 5] [--device cpu]
+
+The model is untrained (random weights, vocabulary 65 like Tiny Shakespeare's characters) and
+`<eos>` is never drawn (its logit is masked), so every sample runs the full `--tokens`: the time
+per token does not depend on the weights. Prints the median tokens/s over `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from lmtrain.model import LanguageModel
+from lmtrain.sampling import generate
+from lmtrain.tokenizer import Tokenizer
+
+MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+class NeverEnds(LanguageModel):
+    """The model with `<eos>` made impossible, so that every sample has the same length."""
+
+    def forward(self, tokens, state=None, *, backward=False):
+        logits, state = super().forward(tokens, state, backward=backward)
+        logits[..., 1] = float("-inf")  # EOS = 1
+        return logits, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
+    torch.manual_seed(0)
+    model = NeverEnds(tokenizer.vocab_size, cell="lstm", embed_size=64, hidden_size=512, num_layers=2,
+                      backward="manual").to(args.device)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    run = lambda: generate(model, tokenizer, num=args.num, max_tokens=args.tokens,  # noqa: E731
+                           sentence_start=False, generator=generator)
+    run()  # warm-up
+    speeds = []
+    for _ in range(args.repeats):
+        begin = time.perf_counter()
+        samples = run()
+        speeds.append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
+    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"allocator: {allocator}, device {args.device}")
+    print(f"2x512 LSTM, vocabulary {tokenizer.vocab_size}, {args.num} samples x {args.tokens} tokens: "
+          f"median {statistics.median(speeds):,.0f} tokens/s (runs: {', '.join(f'{s:,.0f}' for s in speeds)})")
+
+
+if __name__ == "__main__":
+    main()
