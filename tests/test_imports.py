@@ -125,8 +125,12 @@ def test_layers_import_only_cells_and_their_backward():
     assert lmtrain_imports("layers") == {"cells", "backward"}
 
 
-def test_backward_imports_only_cells():
-    assert lmtrain_imports("backward") <= {"cells"}
+def test_gemm_imports_no_lmtrain_module():
+    assert lmtrain_imports("gemm") == set()
+
+
+def test_backward_imports_only_cells_and_gemm():
+    assert lmtrain_imports("backward") <= {"cells", "gemm"}
 
 
 def test_model_imports_only_layers_config_tokenizer():
