@@ -45,6 +45,7 @@ class DataConfig:
     max_vocab: int | None = None       # word level: keep the most frequent, specials included
     encoding: str = "utf-8"
     encoding_errors: str = "strict"    # strict: undecodable bytes are an error | replace
+    cache: bool = True                 # stream mode: tokenize once into the token cache, memory-map it after
 
 
 @dataclass

@@ -41,12 +41,13 @@ def bits_per_character(loss: float) -> float:
     return loss / math.log(2)
 
 
-def evaluation_sequences(tokenizer: Tokenizer, text: str, config: Config) -> list[Sequence]:
+def evaluation_sequences(tokenizer: Tokenizer, text: str | Tensor, config: Config) -> list[Sequence]:
     """The sequences a split is scored on: its lines (sentences mode) or its stream cut into
-    `train.eval_segment`-token segments (stream mode)."""
+    `train.eval_segment`-token segments (stream mode; `text` may be the id stream already)."""
     if config.data.mode == "sentences":
         return sentence_pieces(tokenizer, text, config.train.bptt)
-    return stream_segments(stream_ids(tokenizer, text), config.train.eval_segment)
+    ids = text if isinstance(text, Tensor) else stream_ids(tokenizer, text)
+    return stream_segments(ids, config.train.eval_segment)
 
 
 @dataclass

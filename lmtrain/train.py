@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from lmtrain.checkpoint import atomic_write_bytes, parameter_count
 from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
-from lmtrain.data import TrainingBatches, fit_tokenizer, load_splits, reverse_text
+from lmtrain.cache import load_corpus
+from lmtrain.data import TrainingBatches
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score, summed_nll
 from lmtrain.model import LanguageModel
@@ -38,7 +39,7 @@ from lmtrain.tokenizer import Tokenizer
 RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.eval_every", "train.log_every",
              "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
              "train.tensorboard",
-             "train.device", "train.out_dir")
+             "train.device", "train.out_dir", "data.cache")
 
 
 class TrainingInterrupted(LmtrainError):
@@ -97,21 +98,22 @@ class Trainer:
         self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
         self.out_dir = self.run_dir.path
         payload = self._resume_payload() if resume else self._fresh_start()
-        texts = load_splits(config.data)
-        self.tokenizer = (Tokenizer.from_dict(payload["tokenizer"]) if payload
-                          else fit_tokenizer(config.data, texts["train"]))
-        self._warn_unknown(texts)
+        # The checkpoint's tokenizer wins on resume; stream mode reads the ids from the token cache.
+        corpus = load_corpus(config.data, tokenizer=Tokenizer.from_dict(payload["tokenizer"]) if payload else None,
+                             echo=echo, warn=warn)
+        self.tokenizer = corpus.tokenizer
+        self._warn_unknown(corpus.unknown)
         torch.manual_seed(config.train.seed)
         self.model = LanguageModel.from_config(config.model, self.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, config.train)
-        # One data view per direction, keyed by "is backward": the text itself, and for `direction: bi`
-        # the text read right to left for the backward LM.
+        # One data view per direction, keyed by "is backward": the split itself (text or cached ids), and
+        # for `direction: bi` the split read right to left for the backward LM.
         self.directions = (False, True) if config.model.direction == "bi" else (False,)
-        self.batches = {backward: TrainingBatches(self.tokenizer, self._view(texts["train"], backward), mode=config.data.mode,
+        self.batches = {backward: TrainingBatches(self.tokenizer, corpus.view("train", backward=backward), mode=config.data.mode,
                                                   batch_size=config.train.batch_size, bptt=config.train.bptt,
                                                   seed=config.train.seed) for backward in self.directions}
         self.per_epoch = self.batches[False].per_epoch
-        self.valid = {backward: evaluation_sequences(self.tokenizer, self._view(texts["valid"], backward), config)
+        self.valid = {backward: evaluation_sequences(self.tokenizer, corpus.view("valid", backward=backward), config)
                       for backward in self.directions}
         if not self.valid[False]:
             raise LmtrainError(
@@ -125,9 +127,6 @@ class Trainer:
         if payload:
             self._restore(payload)
         self.resumed_at = self.progress.step if payload else None
-
-    def _view(self, text: str, backward: bool) -> str:
-        return reverse_text(text, level=self.config.data.level, eos=self.config.data.eos) if backward else text
 
     def _fresh_start(self) -> None:  # no payload: nothing to resume from
         # Never overwrite a run's checkpoints by starting again in its folder.
@@ -170,10 +169,10 @@ class Trainer:
         if self.summary_writer_class is not None:
             self.summary = self.summary_writer_class(log_dir=str(self.out_dir / "tensorboard"))
 
-    def _warn_unknown(self, texts: dict[str, str]) -> None:
+    def _warn_unknown(self, counts: dict[str, tuple[int, int]]) -> None:
         for split in ("valid", "test"):
-            if split in texts:
-                unknown, total = self.tokenizer.count_unknown(texts[split])
+            if split in counts:
+                unknown, total = counts[split]
                 if unknown:
                     self.warn(f"warning: {unknown} of {total} {split} tokens ({100 * unknown / max(total, 1):.2f}%) "
                               f"are not in the training vocabulary and count as <unk>")

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import warnings
 
 # torch warns at import when NumPy is absent; lmtrain does not use NumPy (as lmtrain/cli.py does).
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+# Training in stream mode writes the token cache: into a temporary folder, never ~/.cache/lmtrain. Set
+# here, before the test modules are imported, because test_cli copies os.environ for its subprocesses.
+os.environ["LMTRAIN_CACHE"] = tempfile.mkdtemp(prefix="lmtrain-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LMTRAIN_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

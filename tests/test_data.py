@@ -9,8 +9,8 @@ import torch
 
 from lmtrain.config import DataConfig
 from lmtrain.data import (IGNORE, TrainingBatches, batchify, char_ids, fit_tokenizer, get_chunk, length_sorted_batches,
-                          load_splits, num_chunks, pad_batch, sentence_pieces, shuffled_batches, split_points,
-                          stream_ids, stream_segments)
+                          line_end_bound, load_splits, num_chunks, pad_batch, reverse_text, reversed_stream,
+                          sentence_pieces, shuffled_batches, split_points, stream_ids, stream_segments)
 from lmtrain.errors import LmtrainError
 from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
 
@@ -90,6 +90,16 @@ def test_char_counts_match_the_list_path():
     unknown, total = tokenizer.count_unknown(text)
     units = tokenizer.encode(text)
     assert total == len(units) and unknown == units.count(tokenizer.unk_id)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("eos", ["line", "none"])
+@pytest.mark.parametrize("text", ["", "a", "ab cd\nc", "ab\nc d e\n", "\n\n", "héllo wörld 🙂\n\nz \n"])
+def test_reversed_stream_is_the_stream_of_the_reversed_text(text: str, level: str, eos: str):
+    tokenizer = Tokenizer.fit("ab cd e\nhéllo", level=level, eos=eos)
+    expected = stream_ids(tokenizer, reverse_text(text, level=level, eos=eos))
+    for dtype in (torch.int32, torch.uint8, torch.uint16):  # as the token cache stores them
+        assert reversed_stream(stream_ids(tokenizer, text).to(dtype), eos=eos).tolist() == expected.tolist()
 
 
 def test_stream_segments_cover_every_token_once():
@@ -203,6 +213,18 @@ def test_split_points_cut_at_line_ends():
         assert text[bound - 1] == "\n"
 
 
+def test_line_end_bound_documented_example():
+    assert line_end_bound("abc\nde\nf", 2, window_start=0, total=8) == 4
+    assert line_end_bound("de\nf", 5, window_start=4, total=8, long_line=1) == 5  # no line end near: the cut
+    assert line_end_bound("\nf", 7, window_start=6, total=8, long_line=1) == 7
+
+
+def test_split_points_of_a_long_line_cut_inside_it():
+    text = "x" * 50 + "\n"
+    assert split_points(text, [0.5, 0.5], long_line=10) == [0, 26, 51]  # cut at round(25.5) = 26
+    assert split_points(text, [0.5, 0.5], long_line=30) == [0, 51, 51]
+
+
 def test_split_points_three_way_and_exact_line_start():
     text = "aaaa\n" * 10
     assert split_points(text, [0.8, 0.1, 0.1]) == [0, 40, 45, 50]
@@ -278,6 +300,17 @@ def test_training_batches_stream(char_tokenizer: Tokenizer, small_text: str):
         assert torch.equal(inputs, get_chunk(expected, index, 4)[0])
         assert torch.equal(targets, get_chunk(expected, index, 4)[1])
         assert torch.equal(batches.batch(5, index)[0], inputs)  # the same every epoch
+
+
+def test_training_batches_stream_from_ids(char_tokenizer: Tokenizer, small_text: str):
+    ids = stream_ids(char_tokenizer, small_text).to(torch.uint8)  # as the token cache gives them
+    batches = TrainingBatches(char_tokenizer, ids, mode="stream", batch_size=3, bptt=4, seed=1)
+    from_text = TrainingBatches(char_tokenizer, small_text, mode="stream", batch_size=3, bptt=4, seed=1)
+    assert batches.per_epoch == from_text.per_epoch
+    for index in range(batches.per_epoch):
+        inputs, targets = batches.batch(0, index)
+        assert inputs.dtype == targets.dtype == torch.long
+        assert torch.equal(inputs, from_text.batch(0, index)[0]) and torch.equal(targets, from_text.batch(0, index)[1])
 
 
 def sentence_text() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmtrain.errors import LmtrainError
-from lmtrain.tokenizer import EOS, SPECIALS, UNK, ZERO_INPUT, Tokenizer, read_text, split_lines
+from lmtrain.tokenizer import EOS, SPECIALS, UNK, ZERO_INPUT, Tokenizer, read_text, read_text_blocks, split_lines
 
 UNICODE_TEXTS = [
     "hello world\n",
@@ -234,6 +234,57 @@ def test_read_text_missing_file(tmp_path: Path):
 def test_read_text_directory(tmp_path: Path):
     with pytest.raises(LmtrainError, match="is a directory"):
         read_text(tmp_path)
+
+
+# --- reading files in blocks: the same text, the same errors ------------------------------------------
+
+def read_in_blocks(path: Path, block_bytes: int, **options) -> str:
+    return "".join(read_text_blocks(path, block_bytes=block_bytes, **options))
+
+
+@pytest.mark.parametrize("data, options", [
+    ("\ufeffone\r\ntwo\rthree\r\n\r\r\n".encode("utf-8"), {}),          # BOM, CRLF, lone CR, CR CR LF
+    ("naïve 日本語 ü\nlast line without newline".encode("utf-8"), {}),  # 2- and 3-byte characters
+    (b"ok\n\xfe\nhalf \xe2\x82\nend \xe2", {"errors": "replace"}),       # undecodable and cut-off bytes
+    ("\ufeffcafé\r\n".encode("utf-16"), {"encoding": "utf-16"}),           # a BOM the codec itself reads
+    ("café\n".encode("latin-1"), {"encoding": "latin-1"}),
+    (b"", {}),
+])
+def test_read_text_blocks_join_to_read_text(tmp_path: Path, data: bytes, options: dict):
+    path = tmp_path / "c.txt"
+    path.write_bytes(data)
+    for block_bytes in (1, 2, 3, 5, 1 << 20):
+        assert read_in_blocks(path, block_bytes, **options) == read_text(path, **options)
+
+
+def test_read_text_blocks_name_the_same_byte_offset(tmp_path: Path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes("héllo\nwörld\n".encode("utf-8") + b"\xff\n")
+    with pytest.raises(LmtrainError) as whole:
+        read_text(path)
+    for block_bytes in (1, 2, 4, 7):
+        with pytest.raises(LmtrainError) as blocks:
+            read_in_blocks(path, block_bytes)
+        assert str(blocks.value) == str(whole.value)
+
+
+def test_read_text_blocks_errors(tmp_path: Path):
+    with pytest.raises(LmtrainError, match="corpus file not found"):
+        read_in_blocks(tmp_path / "missing.txt", 4)
+    with pytest.raises(LmtrainError, match="is a directory"):
+        read_in_blocks(tmp_path, 4)
+    (tmp_path / "c.txt").write_text("a\n", encoding="utf-8")
+    for encoding in ("no-such-codec", "rot13"):  # rot13 is a codec, but not a text encoding
+        with pytest.raises(LmtrainError, match=f"unknown text encoding '{encoding}'"):
+            read_in_blocks(tmp_path / "c.txt", 4, encoding=encoding)
+
+
+def test_from_counts_is_what_fit_builds(small_text: str):
+    from collections import Counter
+    counts = Counter(small_text.split())
+    counts[EOS] = small_text.count("\n")
+    assert Tokenizer.from_counts(counts, level="word") == Tokenizer.fit(small_text, level="word")
+    assert Tokenizer.from_counts({**counts, UNK: 99}, level="word", max_vocab=4).tokens == [UNK, EOS, "the", "cat"]
 
 
 # --- property test ---------------------------------------------------------------------------------
