@@ -102,7 +102,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL and the object collectives use the current device
+        torch.cuda.set_device(device)  # NCCL works on the current device
     try:
         dist.init_process_group(backend, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as error:
