@@ -46,11 +46,14 @@ def user_errors() -> Iterator[None]:
     """Turn errors into one line on stderr and an exit code: 2 for a user's mistake, 1 for a bug."""
     try:
         yield
+    except typer.Exit:
+        raise
     except LmtrainError as error:
         if _options["debug"]:
             traceback.print_exc()
         exit_code = getattr(error, "exit_code", None)  # set on an interrupted training: not an error
-        typer.echo(f"error: {error}" if exit_code is None else str(error), err=True)
+        if not error.quiet:  # quiet: another process of a distributed training prints it
+            typer.echo(f"error: {error}" if exit_code is None else str(error), err=True)
         raise typer.Exit(exit_code or 2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -75,6 +78,8 @@ def train(
                                                               show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in train.out_dir from its last.pt.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine, training one model with DDP (via "
+                                            "torchrun); train.batch_size is their global batch.")] = 1,
 ) -> None:
     """Train a model; prints the resolved config, progress, validation loss and a few samples."""
     from lmtrain.config import load_config, to_yaml
@@ -85,16 +90,23 @@ def train(
             config, overrides = None, [config, *overrides]  # `lmtrain train key=value` on the default config
         path = Path(config) if config is not None else _default_config()
         resolved = load_config(path, overrides)
-        typer.echo(f"# config: {path}\n{to_yaml(resolved)}")
+        if nproc != 1:
+            from lmtrain.distributed import launch
+
+            flags = (["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
+            raise typer.Exit(launch(nproc, [str(path), *overrides, *flags], batch_size=resolved.train.batch_size))
+        # torchrun numbers the processes it starts (RANK); the first speaks for all.
+        echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda line: None)
+        echo(f"# config: {path}\n{to_yaml(resolved)}")
         from lmtrain.train import train as run_training  # torch loads only once the config is known good
 
         result = run_training(resolved, resume=resume, echo=typer.echo, warn=lambda line: typer.echo(line, err=True),
                               progress_bar=progress)
         best = result.progress.best_valid_loss
-        typer.echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
-                   f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
+        echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
+             f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
         if result.samples:
-            typer.echo("samples:\n" + "\n".join(result.samples))
+            echo("samples:\n" + "\n".join(result.samples))
 
 
 @app.command()

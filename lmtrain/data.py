@@ -212,6 +212,32 @@ def get_chunk(data: Tensor, index: int, bptt: int) -> Sequence:
     return data[:, start:start + length], data[:, start + 1:start + 1 + length]
 
 
+def shard_rows(rows: int, *, rank: int, world_size: int) -> slice:
+    """The rows of a global batch that process `rank` of `world_size` trains on (`lmtrain.distributed`):
+    a contiguous share, as even as `rows` allows. A stream row is a contiguous piece of the corpus, so
+    each process reads contiguous pieces too, and carries the state of its own rows:
+
+        batchify(ids, 4), world_size 2
+        ┌ a b c d e f ┐   rank 0
+        │ g h i j k l │   rank 0
+        │ m n o p q r │   rank 1
+        └ s t u v w x ┘   rank 1
+    """
+    return slice(rank * rows // world_size, (rank + 1) * rows // world_size)
+
+
+def shard_batch(batch: Sequence, *, rank: int, world_size: int) -> Sequence:
+    """Process `rank`'s rows of a global (inputs, targets) batch, less the columns that are padding in
+    all of them. A process left with no row (the last sentences batch of an epoch may hold fewer than
+    `world_size`) gets one padding row: no loss, but its backward pass runs, as DDP needs of all."""
+    inputs, targets = (tensor[shard_rows(tensor.size(0), rank=rank, world_size=world_size)] for tensor in batch)
+    real_columns = (targets != IGNORE).any(dim=0).nonzero()
+    if real_columns.numel() == 0:
+        return torch.full((1, 1), ZERO_INPUT, dtype=inputs.dtype), torch.full((1, 1), IGNORE, dtype=targets.dtype)
+    length = int(real_columns[-1]) + 1
+    return inputs[:, :length], targets[:, :length]
+
+
 def sentence_pieces(tokenizer: Tokenizer, text: str, max_length: int) -> list[Sequence]:
     """Every non-empty line as a sequence from x(1) = 0 to `<eos>`, cut into pieces of at most
     `max_length` steps (a later piece starts from a zero state with its preceding token as input):

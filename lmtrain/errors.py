@@ -6,6 +6,10 @@ import errno
 class LmtrainError(Exception):
     """A mistake in the user's input (config, files, options); the CLI prints it as one line."""
 
+    # True on the copies of one error that the other processes of a distributed training raise
+    # (`lmtrain.distributed`): process 0 prints it, they exit without a word.
+    quiet: bool = False
+
 
 def os_reason(error: OSError) -> str:
     """A short reason for a failed file operation, e.g. "the disk is full"."""

@@ -6,6 +6,10 @@ log and evaluation event), `last.pt` (every `checkpoint_every` steps and at the 
 (lowest finite validation loss). Stopping: whichever of max_steps, max_epochs and max_seconds
 (training time, evaluation excluded) comes first. Ctrl-C or SIGTERM finish the current step, write
 `last.pt` and stop; `--resume` continues exactly where the run left off.
+
+Started by torchrun (WORLD_SIZE > 1), this is one of several processes training one model with DDP
+(see `distributed`): each trains on its rows of the global batch and evaluates its share of the
+validation split; process 0 alone prints and writes the run folder.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from tqdm import tqdm
 from lmtrain.checkpoint import atomic_write_bytes, parameter_count
 from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
 from lmtrain.cache import load_corpus
-from lmtrain.data import TrainingBatches
+from lmtrain.data import IGNORE, TrainingBatches, shard_batch, shard_rows
+from lmtrain.distributed import (World, agree_on_step, check_batch_size, data_parallel, from_main, gather_objects,
+                                 gather_rows, own_rows, process_device, process_group, run_on_all, sum_over_processes,
+                                 world_from_environment)
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score, summed_nll
 from lmtrain.model import LanguageModel
@@ -68,6 +75,7 @@ class TrainResult:
     valid_loss: float | None
     stopped_by: str
     samples: list[str] = field(default_factory=list)
+    model: LanguageModel | None = None   # the trained model, on its device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,18 +94,34 @@ def resolve_device(name: str) -> torch.device:
 def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] = lambda line: None,
           warn: Callable[[str], None] | None = None, progress_bar: bool = True) -> TrainResult:
     """Train (or with `resume`, continue training) the model that `config` describes. Progress lines go
-    to `echo`, warnings to `warn` (default: `echo` too)."""
-    return Trainer(config, resume=resume, echo=echo, warn=warn or echo, progress_bar=progress_bar).run()
+    to `echo`, warnings to `warn` (default: `echo` too). In a process that torchrun started, train with
+    the others (`distributed`); all but process 0 are silent."""
+    world = world_from_environment()
+    warn = warn or echo
+    if not world.is_main:
+        echo = warn = _silent
+        progress_bar = False
+    check_batch_size(config.train.batch_size, world)
+    device = process_device(resolve_device(config.train.device), world)
+    with process_group(world, device):
+        trainer = run_on_all(world, lambda: Trainer(config, resume=resume, echo=echo, warn=warn,
+                                                    progress_bar=progress_bar, world=world, device=device))
+        return trainer.run()
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 class Trainer:
     def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], warn: Callable[[str], None],
-                 progress_bar: bool) -> None:
+                 progress_bar: bool, world: World = World(), device: torch.device | None = None) -> None:
         self.config, self.echo, self.warn, self.progress_bar = config, echo, warn, progress_bar
-        self.device = resolve_device(config.train.device)
+        self.world, self.device = world, device or resolve_device(config.train.device)
         self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
         self.out_dir = self.run_dir.path
-        payload = self._resume_payload() if resume else self._fresh_start()
+        # Only process 0 reads the folder (the machines need not share a disk); it hands the others the checkpoint.
+        self.resume_path, payload = from_main(world, self._resume_payload if resume else self._fresh_start)
         # The checkpoint's tokenizer wins on resume; stream mode reads the ids from the token cache.
         corpus = load_corpus(config.data, tokenizer=Tokenizer.from_dict(payload["tokenizer"]) if payload else None,
                              echo=echo, warn=warn)
@@ -105,6 +129,8 @@ class Trainer:
         self._warn_unknown(corpus.unknown)
         torch.manual_seed(config.train.seed)
         self.model = LanguageModel.from_config(config.model, self.tokenizer.vocab_size).to(self.device)
+        if world.distributed:  # dropout masks of their own in each process, as for different rows in one
+            torch.manual_seed(config.train.seed + world.rank)
         self.optimizer = build_optimizer(self.model, config.train)
         # One data view per direction, keyed by "is backward": the split itself (text or cached ids), and
         # for `direction: bi` the split read right to left for the backward LM.
@@ -124,37 +150,47 @@ class Trainer:
         self.bad_steps = 0  # non-finite steps in a row
         self.summary_writer_class = _summary_writer_class() if config.train.tensorboard else None
         self.summary = None
+        self.training_model: torch.nn.Module = self.model  # DDP's wrapper while `run` trains
         if payload:
             self._restore(payload)
         self.resumed_at = self.progress.step if payload else None
 
-    def _fresh_start(self) -> None:  # no payload: nothing to resume from
+    def _fresh_start(self) -> tuple[None, None]:  # no checkpoint to resume from
         # Never overwrite a run's checkpoints by starting again in its folder.
         if self.run_dir.has_run():
             raise LmtrainError(f"{self.out_dir} already holds a run (last.pt): add --resume to continue it, "
                                f"or choose another train.out_dir")
+        return None, None
 
-    def _resume_payload(self) -> dict:
+    def _resume_payload(self) -> tuple[str, dict]:  # plain values, to hand to the other processes
         path, payload, notes = self.run_dir.newest_intact()
         for note in notes:
             self.warn(note)
-        self.resume_path = path
         saved = from_dict(payload["config"])
         changed = differences(saved, self.config, ignore=RESUMABLE)
         if changed:
             raise LmtrainError("--resume: the config differs from the run's in " + ", ".join(
                 f"{key} ({get_value(saved, key)!r} -> {get_value(self.config, key)!r})" for key in changed))
-        return payload
+        return str(path), payload
 
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.progress = Progress(**payload["progress"])
         for backward, saved in zip(self.directions, payload["stream_states"]):
-            self.states[backward] = [tuple(t.to(self.device) for t in layer) for layer in saved] if saved else None
-        torch.set_rng_state(payload["rng"]["torch"])
-        if self.device.type == "cuda" and payload["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+            # Saved for the global batch: this process takes its rows.
+            self.states[backward] = own_rows(self.world, [tuple(t.to(self.device) for t in layer) for layer in saved]
+                                             ) if saved else None
+        # Each process's own RNG state; with another number of processes than saved, process 0's for all
+        # (exact only without dropout).
+        by_rank = payload.get("rng_by_rank", [])
+        rng = by_rank[self.world.rank] if len(by_rank) == self.world.size else payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            if self.world.distributed:
+                torch.cuda.set_rng_state(rng["cuda"][0], self.device)
+            else:
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.echo(f"resuming {self.resume_path} at step {self.progress.step} (epoch {self.progress.epoch + 1})")
 
     def _open_run_files(self) -> None:
@@ -182,9 +218,14 @@ class Trainer:
     def run(self) -> TrainResult:
         self.metrics = None
         try:
-            self._open_run_files()
+            run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
+            self.training_model = data_parallel(self.model, self.world, self.device)
             return self._loop()
         finally:
+            # DDP goes while the process group lives. Its Reducer holds the group too, and if it dropped the
+            # last reference it would destroy it holding the GIL, which gloo's worker threads may need to free
+            # a finished collective's tensors: a deadlock, seen here (pytorch/pytorch#56297).
+            self.training_model = self.model
             if self.metrics is not None:
                 self.metrics.close()
             if self.summary is not None:
@@ -196,6 +237,7 @@ class Trainer:
         self.echo(f"model: {self.config.model.cell} {self.config.model.num_layers}x{self.config.model.hidden_size}, "
                   f"{parameter_count(self.model):,} parameters, vocabulary {self.tokenizer.vocab_size}, "
                   f"{self.per_epoch} batches per epoch, device {self.device}"
+                  + (f", {self.world.size} processes" if self.world.distributed else "")
                   + (", with a backward LM (direction: bi)" if len(self.directions) == 2 else ""))
         total = self._total_steps()
         bar = tqdm(total=total, initial=self.progress.step, disable=not self.progress_bar, unit="step",
@@ -206,9 +248,11 @@ class Trainer:
         window = {"loss": torch.zeros((), device=self.device), "tokens": 0, "seconds": 0.0, "steps": 0}
         valid_loss, last_eval_step = None, -1
         started = time.perf_counter() - self.progress.elapsed_seconds
-        with _StopSignals() as stop:
+        # Under torchrun a Ctrl-C arrives twice (from the terminal, and forwarded by the launcher), and the
+        # launcher ends what is still running after its own timeout: a second signal must not stop at once.
+        with _StopSignals(second_stops_at_once=not self.world.distributed) as stop:
             while (reason := self._limit_reached()) is None:
-                self._train_step(window)
+                stop_signal = self._train_step(window, stop)
                 self.progress.elapsed_seconds = time.perf_counter() - started
                 step = self.progress.step
                 bar.update(1)
@@ -216,23 +260,33 @@ class Trainer:
                     self._log_train(window, bar)
                 if step % train_config.eval_every == 0:
                     valid_loss, last_eval_step = self._evaluate(), step
-                if train_config.sample_every and step % train_config.sample_every == 0:
+                if train_config.sample_every and step % train_config.sample_every == 0 and self.world.is_main:
                     self.echo(f"step {step} samples:\n" + "\n".join(self._samples(3)))
                 if step % train_config.checkpoint_every == 0 and self.bad_steps == 0:
                     self._save_last()  # not while steps are failing: the last good checkpoint stays
-                if stop.signal is not None:
+                if stop_signal is not None:
                     self._save_last()
                     bar.close()
-                    raise TrainingInterrupted(
-                        f"stopped by {signal.Signals(stop.signal).name} at step {step}; {self.run_dir.last} written; "
-                        f"continue with: lmtrain train {self.out_dir / 'config.yaml'} --resume", 128 + stop.signal)
+                    raise self._everywhere(TrainingInterrupted(
+                        f"stopped by {signal.Signals(stop_signal).name} at step {step}; {self.run_dir.last} written; "
+                        f"continue with: {self._resume_command()}", 128 + stop_signal))
         if last_eval_step != self.progress.step:
             valid_loss = self._evaluate()
         self._save_last()
         bar.close()
         self.echo, self.warn = echo, warn
         samples = self._samples(self.config.train.final_samples)
-        return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples)
+        return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples, self.model)
+
+    def _resume_command(self) -> str:
+        command = f"lmtrain train {self.out_dir / 'config.yaml'} --resume"
+        one_machine = self.world.distributed and self.world.local_size == self.world.size
+        return command + (f" --nproc {self.world.size}" if one_machine else "")
+
+    def _everywhere(self, error: LmtrainError) -> LmtrainError:
+        """An error that every process raises at the same step: process 0 alone prints it."""
+        error.quiet = not self.world.is_main
+        return error
 
     def _total_steps(self) -> int | None:
         limits = [self.config.train.max_steps,
@@ -252,32 +306,38 @@ class Trainer:
             return "max_seconds"
         return None
 
-    def _train_step(self, window: dict) -> None:
-        train_config, progress = self.config.train, self.progress
+    def _train_step(self, window: dict, stop: _StopSignals) -> int | None:
+        """One optimizer step on the global batch; returns the stop signal that all processes agree on."""
+        train_config, progress, world = self.config.train, self.progress, self.world
         begin = time.perf_counter()
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self.training_model.train()
         losses, total, count = [], 0.0, 0
         for backward in self.directions:
-            batch = self.batches[backward].batch(progress.epoch, progress.batch_index)
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+            batch = self.batches[backward].batch(progress.epoch, progress.batch_index)   # the global batch
+            batch_count = int((batch[1] != IGNORE).sum())
+            inputs, targets = (t.to(self.device, non_blocking=True)
+                               for t in shard_batch(batch, rank=world.rank, world_size=world.size))
             state = self.states[backward]
             if state is not None:
                 # Truncated BPTT: keep the state's value, cut the graph to the previous chunk.
                 state = [tuple(t.detach() for t in layer) for layer in state]
-            logits, state = self.model(inputs, state, backward=backward)
-            direction_total, direction_count = summed_nll(logits, targets)
-            losses.append(direction_total / direction_count)
-            total, count = total + direction_total.detach(), count + direction_count
+            logits, state = self.training_model(inputs, state, backward=backward)
+            direction_total, _ = summed_nll(logits, targets)
+            # The mean over the global batch's tokens. DDP averages the N processes' gradients, so each
+            # divides its sum by the global count / N: exact however the padding falls between them.
+            losses.append(direction_total / (batch_count / world.size))
+            total, count = total + direction_total.detach(), count + batch_count
             self.states[backward] = state if self.carries_state else None
         loss = sum(losses) / len(losses)  # ELMo: the mean of the forward and backward LMs' losses
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = gradient_norm(self.model, clip=train_config.clip)
+        loss.backward()  # under DDP, the gradients are averaged over the processes here
+        norm = gradient_norm(self.model, clip=train_config.clip)  # so all clip alike
+        total, seconds, stop_signal = agree_on_step(world, total, time.perf_counter() - begin, stop.signal)
         progress.step, progress.batch_index = progress.step + 1, progress.batch_index + 1
-        if bool(torch.isfinite(loss) & torch.isfinite(norm)):
+        if bool(torch.isfinite(total) & torch.isfinite(norm)):
             self.optimizer.step()
             self.bad_steps = 0
             progress.tokens += count
@@ -285,10 +345,12 @@ class Trainer:
             window["tokens"] += count
             window["steps"] += 1
         else:
-            self._skip_bad_step(float(loss.detach()), float(norm))
-        seconds = time.perf_counter() - begin
+            self._skip_bad_step(float(total) / count, float(norm))
+        if not world.distributed:  # the whole step; several processes count the time they agreed on, so that
+            seconds = time.perf_counter() - begin  # max_seconds stops them all at the same step
         window["seconds"] += seconds
         progress.train_seconds += seconds
+        return stop_signal
 
     def _skip_bad_step(self, loss: float, norm: float) -> None:
         """A non-finite loss or gradient: no update, and the carried state (possibly NaN) starts over."""
@@ -297,9 +359,10 @@ class Trainer:
         self.bad_steps += 1
         self.warn(f"warning: step {self.progress.step} skipped: loss {loss}, gradient norm {norm}")
         if self.bad_steps >= self.config.train.max_bad_steps:
-            raise LmtrainError(f"stopped at step {self.progress.step}: {self.bad_steps} steps in a row had a non-finite "
-                               f"loss or gradient (train.max_bad_steps); the last good checkpoint "
-                               f"{self.run_dir.last} is kept as it was; a lower train.lr or train.clip may help")
+            raise self._everywhere(LmtrainError(
+                f"stopped at step {self.progress.step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                f"gradient (train.max_bad_steps); the last good checkpoint {self.run_dir.last} is kept as it was; "
+                f"a lower train.lr or train.clip may help"))
 
     def _lr(self) -> float:
         c = self.config.train
@@ -318,20 +381,34 @@ class Trainer:
         losses, notes = [], []
         for backward in self.directions:
             begin = time.perf_counter()
-            result: Score = score(self.model, self.valid[backward], device=self.device, backward=backward)
+            result = self._score(backward)
             split = "valid_backward" if backward else "valid"
             self._log_event(split, result.loss, result.tokens / max(time.perf_counter() - begin, 1e-9))
             losses.append(result.loss)
             notes.append(f"{split} loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
         loss = sum(losses) / len(losses)
         best = self.progress.best_valid_loss
-        if math.isfinite(loss) and (best is None or loss < best):
+        if math.isfinite(loss) and (best is None or loss < best):  # the same loss, so the same choice, in all
             self.progress.best_valid_loss = loss
-            self.run_dir.save_best(self._payload())
+            self._write(self.run_dir.save_best)
         self.echo(f"step {self.progress.step}: {'; '.join(notes)}" + (" (best)" if self.progress.best_valid_loss == loss else ""))
         return loss
 
+    def _score(self, backward: bool) -> Score:
+        """The validation score; several processes each score a contiguous share and add up the sums.
+        (The unwrapped model: DDP's forward would wait for the others' backward pass.)"""
+        sequences = self.valid[backward]
+        share = sequences[shard_rows(len(sequences), rank=self.world.rank, world_size=self.world.size)]
+        result: Score = score(self.model, share, device=self.device, backward=backward)
+        if not self.world.distributed:
+            return result
+        mine = torch.tensor([result.loss * result.tokens if result.tokens else 0.0, result.tokens], dtype=torch.float64)
+        total, tokens = sum_over_processes(self.world, mine.to(self.device)).tolist()
+        return Score(loss=total / tokens if tokens else math.nan, tokens=int(tokens))
+
     def _log_event(self, split: str, loss: float, tokens_per_s: float) -> None:
+        if self.metrics is None:  # not process 0
+            return
         event = {"step": self.progress.step, "split": split, "loss": round(loss, 6),
                  "ppl": round(perplexity(loss), 4), "lr": self._lr(), "tokens_per_s": round(tokens_per_s, 1),
                  "elapsed_s": round(self.progress.elapsed_seconds, 3)}
@@ -342,19 +419,38 @@ class Trainer:
                 self.summary.add_scalar(f"{name}/{split}", event[name], self.progress.step)
 
     def _save_last(self) -> None:
-        self.run_dir.save_last(self._payload(), self.progress.step)
+        step = self.progress.step
+        self._write(lambda payload: self.run_dir.save_last(payload, step))
+
+    def _write(self, save: Callable[[dict], None]) -> None:
+        """All processes gather the checkpoint, process 0 saves it; a failed write stops them all."""
+        payload = self._payload()
+        run_on_all(self.world, lambda: save(payload) if self.world.is_main else None)
 
     def _payload(self) -> dict:
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
-        return {
+        """The checkpoint. Every process must call this at the same step: the carried states (of the
+        global batch, whatever the number of processes) and each process's RNG state are gathered."""
+        rng = gather_objects(self.world, self._rng_state())
+        payload = {
             "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "progress": asdict(self.progress), "rng": rng,
-            "stream_states": [self.states[backward] for backward in self.directions]}
+            "progress": asdict(self.progress), "rng": rng[0],
+            "stream_states": [gather_rows(self.world, self.states[backward]) for backward in self.directions]}
+        if self.world.distributed:
+            payload["rng_by_rank"] = rng
+        return payload
+
+    def _rng_state(self) -> dict:
+        if self.device.type != "cuda":
+            cuda = []
+        elif self.world.distributed:  # each process draws on its own GPU
+            cuda = [torch.cuda.get_rng_state(self.device)]
+        else:
+            cuda = torch.cuda.get_rng_state_all()
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
 
     def _samples(self, count: int) -> list[str]:
-        if count == 0:
+        if count == 0 or not self.world.is_main:
             return []
         # A generator of its own, so sampling does not move the training RNG streams (exact resume).
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
@@ -379,10 +475,12 @@ def _summary_writer_class() -> type:
 
 
 class _StopSignals:
-    """While training, SIGINT and SIGTERM only set a flag; the loop stops after the current step."""
+    """While training, SIGINT and SIGTERM only set a flag; the loop stops after the current step. A
+    second signal stops at once, if `second_stops_at_once`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, second_stops_at_once: bool = True) -> None:
         self.signal: int | None = None
+        self.second_stops_at_once = second_stops_at_once
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -392,7 +490,7 @@ class _StopSignals:
         return self
 
     def _handle(self, number: int, frame: object) -> None:
-        if self.signal is not None:  # a second Ctrl-C: stop now
+        if self.signal is not None and self.second_stops_at_once:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = number
 

@@ -167,6 +167,10 @@ def test_nothing_imports_interop(module: str):
     assert "interop" not in lmtrain_imports(module)
 
 
+def test_distributed_knows_processes_and_data_not_models():
+    assert lmtrain_imports("distributed") <= {"data", "errors"}
+
+
 def test_rundir_and_diagnose_stay_above_the_model():
     assert lmtrain_imports("rundir") <= {"checkpoint", "errors"}
     assert "train" not in lmtrain_imports("diagnose") and "cli" not in lmtrain_imports("diagnose")
