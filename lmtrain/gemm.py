@@ -49,6 +49,9 @@ def use_onednn(enabled: bool) -> Iterator[None]:
 # Packing W for oneDNN costs about two products' worth of time (measured at (1024, 256)); for fewer
 # uses than this, as when sampling feeds one token at a time, W is used as it is.
 PACK_FROM = 4
+# Below this many weights (H = 128 for every cell), MKL's addmm was the faster of the two per step: the
+# layer took 0.78x nn.RNN's time with it against 1.13x with oneDNN (docs/benchmarks.md).
+ONEDNN_FROM_WEIGHTS = 1 << 17
 
 
 class FixedProduct:
@@ -57,7 +60,7 @@ class FixedProduct:
     here, not at every step."""
 
     def __init__(self, W: Tensor, rows: int, uses: int) -> None:
-        self.onednn = onednn_runs(W)
+        self.onednn = onednn_runs(W) and W.numel() >= ONEDNN_FROM_WEIGHTS
         if self.onednn:
             W = W.detach()
             self.W = _ONEDNN[1](W, rows) if uses >= PACK_FROM else W.contiguous()  # strided: see `linear`

@@ -2,6 +2,8 @@
 
     python scripts/bench_cells.py [--cells rnn gru lstm] [--repeats 9] [--device cpu] [--doc docs/benchmarks.md]
 
+(`--doc` writes the table as the section "Layers against torch.nn" of that file, or "... on a GPU".)
+
 For each size (B, T, H) (input size = H) and cell: one training step = forward + backward of the sum of
 the outputs, with gradients for the input too, fp32 on the CPU. The variants run alternately in one
 process (these machines stall at times, for seconds), and the table reports medians of per-step times,
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from doc_sections import write_section
 from lmtrain.gemm import use_onednn
 from lmtrain.layers import RecurrentStack
 
@@ -141,7 +144,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     if args.doc:
-        args.doc.write_text("\n".join(header + rows) + "\n", encoding="utf-8")
+        title = "Layers against torch.nn" + (" on a GPU" if args.device == "cuda" else "")
+        write_section(args.doc, title, "\n".join(header + rows))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
+from doc_sections import write_section
 from lmtrain.cache import cached_corpus
 from lmtrain.config import load_config
 
 MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-SECTION = "## Corpora of any size"
+SECTION = "Corpora of any size"
 CONFIG = """\
 data:
   path: corpus.txt
@@ -164,7 +165,7 @@ def bench_level(level: str, work: Path, megabytes: float, in_memory: bool) -> di
 
 def section(command: str, rows: list[dict]) -> str:
     allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
-    lines = [SECTION, "", f"`{command}`", "",
+    lines = [f"`{command}`", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"allocator: {allocator}; load average at the end {os.getloadavg()[1]:.1f} (a shared machine: "
              f"wall times are noisy)", "",
@@ -207,17 +208,6 @@ def section(command: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put `text` into `path` in place of an earlier section of the same title, or at the end."""
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(old.rstrip("\n") + ("\n\n" if old else "") + text, encoding="utf-8")
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    path.write_text(old[:start] + text + (old[end:] if end >= 0 else ""), encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=200)
@@ -240,7 +230,7 @@ def main() -> None:
     text = section(command, rows)
     print(text)
     if args.doc:
-        write_section(args.doc, text)
+        write_section(args.doc, SECTION, text)
 
 
 if __name__ == "__main__":

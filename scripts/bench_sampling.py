@@ -1,23 +1,27 @@
 """Sampling speed: a batch of samples drawn side by side from a 2x512 LSTM, the state carried from
 token to token (the prefix is never run again), as `lmtrain sample` does.
 
-    python scripts/bench_sampling.py [--num 16] [--tokens 200] [--repeats 5] [--device cpu]
+    python scripts/bench_sampling.py [--num 16] [--tokens 200] [--repeats 5] [--device cpu] [--doc FILE]
 
 The model is untrained (random weights, vocabulary 65 like Tiny Shakespeare's characters) and
 `<eos>` is never drawn (its logit is masked), so every sample runs the full `--tokens`: the time
-per token does not depend on the weights. Prints the median tokens/s over `--repeats` runs.
+per token does not depend on the weights. Prints the median tokens/s over `--repeats` runs (and with
+`--doc` writes them as the section "Sampling" of that file).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from doc_sections import write_section
 from lmtrain.model import LanguageModel
 from lmtrain.sampling import generate
 from lmtrain.tokenizer import Tokenizer
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args()
     tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
     torch.manual_seed(0)
@@ -55,11 +60,14 @@ def main() -> None:
         samples = run()
         speeds.append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
     allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"allocator: {allocator}, device {args.device}")
-    print(f"2x512 LSTM, vocabulary {tokenizer.vocab_size}, {args.num} samples x {args.tokens} tokens: "
-          f"median {statistics.median(speeds):,.0f} tokens/s (runs: {', '.join(f'{s:,.0f}' for s in speeds)})")
-
+    lines = [f"`python scripts/bench_sampling.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+             f"threads, allocator: {allocator}, device {args.device}: 2x512 LSTM, vocabulary {tokenizer.vocab_size}, "
+             f"{args.num} samples x {args.tokens} tokens side by side: **median {statistics.median(speeds):,.0f} "
+             f"tokens/s** (runs: {', '.join(f'{s:,.0f}' for s in speeds)})"]
+    print("\n".join(lines))
+    if args.doc:
+        write_section(args.doc, "Sampling" + (" on a GPU" if args.device == "cuda" else ""), "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from doc_sections import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -51,7 +53,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for lmtrain")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--doc", type=Path, default=None, help="append the markdown table to this file")
+    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
+                        "\"Whole training runs\"")
     args = parser.parse_args()
     speeds: dict[str, list[float]] = {"nn.LSTM reference": [], "lmtrain": []}
     for _ in range(args.rounds):
@@ -71,8 +74,7 @@ def main() -> None:
                      f"| {name} | {median[name]:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | |")
     print("\n".join(lines))
     if args.doc:
-        with args.doc.open("a", encoding="utf-8") as doc:
-            doc.write("\n" + "\n".join(lines) + "\n")
+        write_section(args.doc, "Whole training runs", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from lmtrain import gemm
 from lmtrain.gemm import FixedProduct, linear, onednn_runs, use_onednn
 from lmtrain.layers import RecurrentLayer
 from test_backward import CELL_CASES, gradients, make_cell, random_inputs
@@ -17,9 +18,10 @@ FLOAT32 = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("add", [None, "bias", "matrix", "strided"])
-def test_fixed_product_is_x_w_transposed_plus_add(add):
+def test_fixed_product_is_x_w_transposed_plus_add(add, monkeypatch):
     rows, K, N = 5, 7, 6
     x, W = torch.randn(rows, K), torch.randn(N, K)
+    monkeypatch.setattr(gemm, "ONEDNN_FROM_WEIGHTS", 1)  # these small sizes too
     wide = torch.randn(rows, 2 * N)
     other = {None: None, "bias": torch.randn(N), "matrix": torch.randn(rows, N), "strided": wide[:, N:]}[add]
     expected = x.double() @ W.double().t() + (0 if other is None else other.double())
@@ -40,7 +42,8 @@ def test_linear_matches_float64():
 
 def test_float64_and_switched_off_stay_with_aten():
     assert not FixedProduct(torch.randn(3, 3, dtype=torch.float64), 2, uses=8).onednn
-    assert not FixedProduct(torch.randn(3, 3), 2, uses=1).W.is_mkldnn  # one product: not worth packing
+    assert not FixedProduct(torch.randn(3, 3), 2, uses=8).onednn  # small: MKL's addmm is faster
+    assert FixedProduct(torch.randn(1024, 256), 2, uses=8).onednn == onednn_runs(torch.zeros(1))
     with use_onednn(False):
         assert not onednn_runs(torch.zeros(1))
 
@@ -48,8 +51,9 @@ def test_float64_and_switched_off_stay_with_aten():
 @needs_onednn
 @pytest.mark.parametrize("name", sorted(CELL_CASES))
 @pytest.mark.parametrize("reverse", [False, True])
-def test_manual_layer_same_with_either_gemm(name, reverse):
+def test_manual_layer_same_with_either_gemm(name, reverse, monkeypatch):
     """float32 values and every gradient agree between oneDNN and ATen products (and with float64)."""
+    monkeypatch.setattr(gemm, "ONEDNN_FROM_WEIGHTS", 1)
     torch.manual_seed(0)
     cell = make_cell(name, torch.float32)
     x, state = random_inputs(cell, steps=7, dtype=torch.float32)
@@ -63,3 +67,10 @@ def test_manual_layer_same_with_either_gemm(name, reverse):
         torch.testing.assert_close(result[0].double(), reference[0], **FLOAT32)
         for name_, gradient in result[2].items():
             torch.testing.assert_close(gradient.double(), reference[2][name_], **FLOAT32, msg=name_)
+
+
+@needs_onednn
+def test_one_use_is_not_packed(monkeypatch):
+    monkeypatch.setattr(gemm, "ONEDNN_FROM_WEIGHTS", 1)
+    assert not FixedProduct(torch.randn(3, 3), 2, uses=1).W.is_mkldnn  # sampling: one product per weight
+    assert FixedProduct(torch.randn(3, 3), 2, uses=8).W.is_mkldnn

@@ -1,0 +1,20 @@
+"""Benchmarks write their tables into docs/benchmarks.md one `## ` section each, so that re-running one
+script replaces its own section and leaves the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_section(path: Path, title: str, text: str) -> None:
+    """Put "## {title}" followed by `text` into `path`, in place of an earlier section of that title
+    (up to the next "## "), or at the end."""
+    heading = f"## {title}\n"
+    section = f"{heading}\n{text.strip()}\n"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    start = old.find(heading)
+    if start < 0:
+        path.write_text(old.rstrip("\n") + ("\n\n" if old else "") + section, encoding="utf-8")
+        return
+    end = old.find("\n## ", start + len(heading))
+    path.write_text(old[:start] + section + (old[end:] if end >= 0 else ""), encoding="utf-8")
