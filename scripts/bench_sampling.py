@@ -64,7 +64,8 @@ def main() -> None:
              f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads, allocator: {allocator}, device {args.device}: 2x512 LSTM, vocabulary {tokenizer.vocab_size}, "
              f"{args.num} samples x {args.tokens} tokens side by side: **median {statistics.median(speeds):,.0f} "
-             f"tokens/s** (runs: {', '.join(f'{s:,.0f}' for s in speeds)})"]
+             f"tokens/s** (runs: {', '.join(f'{s:,.0f}' for s in speeds)}). The state is carried from token "
+             f"to token (`lmtrain.sampling.generate`); the prefix never runs again."]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "Sampling" + (" on a GPU" if args.device == "cuda" else ""), "\n".join(lines))
