@@ -61,7 +61,9 @@ class Score:
 
 
 EVAL_BATCH_SIZE = 64       # sequences scored side by side; the result does not depend on it
-LOGITS_BUDGET = 1 << 25    # logits held at once (B x T x V floats, 128 MB): longer inputs go in time chunks
+# Floats held at once per layer for a batch, B x T x max(V, 4H) (128 MB): the logits, or the gate
+# activations that a layer's forward keeps for all T steps (4H for the LSTM). Longer inputs go in time chunks.
+ACTIVATIONS_BUDGET = 1 << 25
 
 
 @torch.no_grad()
@@ -76,7 +78,8 @@ def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = 
     lengths = [inputs.numel() for inputs, _ in sequences]
     for batch in length_sorted_batches(lengths, batch_size):
         inputs, targets = pad_batch([sequences[index] for index in batch])
-        chunk = max(1, LOGITS_BUDGET // (len(batch) * model.projection.out_features))
+        widest = max(model.projection.out_features, 4 * model.projection.in_features)
+        chunk = max(1, ACTIVATIONS_BUDGET // (len(batch) * widest))
         state = None
         for start in range(0, inputs.size(1), chunk):
             logits, state = model(inputs[:, start:start + chunk].to(device), state, backward=backward)

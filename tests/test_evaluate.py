@@ -100,12 +100,12 @@ def test_score_independent_of_batch_size(mode: str, cell: str):
 @pytest.mark.parametrize("mode", ["sentences", "stream"])
 @pytest.mark.parametrize("budget", [1, 100, 1000])
 def test_score_in_time_chunks_equals_whole(monkeypatch, mode: str, budget: int):
-    # A small logits budget makes score() run each batch in time chunks with the state carried.
+    # A small activations budget makes score() run each batch in time chunks with the state carried.
     tokenizer = Tokenizer.fit(TEXT, level="char")
     model = tiny_model(tokenizer)
     seqs = sequences(tokenizer, mode)
     whole = score(model, seqs, batch_size=5)
-    monkeypatch.setattr(evaluate, "LOGITS_BUDGET", budget)
+    monkeypatch.setattr(evaluate, "ACTIVATIONS_BUDGET", budget)
     chunked = score(model, seqs, batch_size=5)
     assert chunked.tokens == whole.tokens
     assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
@@ -163,3 +163,22 @@ def test_evaluation_sequences_of_empty_text_is_empty(config_factory, mode: str):
     tokenizer = Tokenizer.fit(TEXT, level="char")
     config = config_factory(**{"data.mode": mode})
     assert evaluation_sequences(tokenizer, "", config) == []
+
+
+def test_chunks_bound_the_gate_activations_too(monkeypatch):
+    """A small vocabulary does not let a long batch through whole: the layers keep B x T x 4H gate
+    activations, so the chunk is sized by the wider of V and 4H."""
+    tokenizer = Tokenizer.fit(TEXT, level="char")
+    model = tiny_model(tokenizer)
+    widths, original = [], model.forward
+
+    def recording_forward(tokens, *args, **kwargs):
+        widths.append(tokens.size(1))
+        return original(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    seqs = sequences(tokenizer, "stream")
+    width = max(model.projection.out_features, 4 * model.projection.in_features)
+    monkeypatch.setattr(evaluate, "ACTIVATIONS_BUDGET", 5 * width * 3)  # batch_size 5: 3 steps a chunk
+    score(model, seqs, batch_size=5)
+    assert max(widths) == 3
