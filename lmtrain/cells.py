@@ -72,9 +72,9 @@ class Cell(nn.Module):
         Without autograd (sampling, evaluation) the stack is kept until a weight changes (a new
         version, device or dtype): sampling runs the layers one token at a time, and stacking anew
         at every token copied all the weights each time (most of a sampling step, measured)."""
-        parameters = [getattr(self, f"{kind}_{gate}") for kind in "Wb" for gate in self.gates]
         if torch.is_grad_enabled():
             return self._stack()
+        parameters = [getattr(self, f"{kind}_{gate}") for kind in "Wb" for gate in self.gates]
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
         if getattr(self, "_stacked_key", None) != key:
             self._stacked_key, self._stacked = key, self._stack()

@@ -2,11 +2,11 @@
 (CPU, float32 or bfloat16), ATen's `addmm` (MKL, OpenBLAS, cuBLAS) otherwise.
 
 Why not always `torch.addmm`: on CPU it calls MKL, which runs a recurrence's small per-step products,
-(B, H) @ (H, 4H) with B = 32, at about half of what oneDNN reaches with its weight packed once for the
+(B, H) @ (H, 4H) with B = 32, at about 0.6x of what oneDNN reaches with its weight packed once for the
 whole sequence (docs/benchmarks.md; `nn.LSTM` gets its speed from the same oneDNN). oneDNN follows
-torch's own switch: `torch.backends.mkldnn.enabled = False` (or `with torch.backends.mkldnn.flags(
-enabled=False):`, or `use_onednn(False)` below) makes every product here an `addmm`. Both compute the same float32 sums; they differ
-only in summation order (about 1e-6 relative; tests/test_gemm.py compares them).
+torch's own switch: `torch.backends.mkldnn.enabled = False` (or `use_onednn(False)` below) makes
+every product here an `addmm`. Both compute the same float32 sums; they differ only in summation
+order (about 1e-6 relative; tests/test_gemm.py compares them).
 """
 
 from __future__ import annotations
@@ -76,12 +76,14 @@ class FixedProduct:
             return _ONEDNN[0].binary(x, add, self.W, None, "add")
         return x @ self.W_t if add is None else torch.addmm(add, x, self.W_t)
 
+
 def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (rows, K), W (N, K): one product over all T*B rows at once (the input half of
-    every gate, or the gradient reaching the inputs). Weight gradients, dZᵀ X, stay with `torch.mm`,
-    which was faster than oneDNN for that transposed shape here (docs/benchmarks.md)."""
+    every gate, or the gradient reaching the inputs). Weight gradients, dZᵀ X, stay with `torch.mm`:
+    oneDNN needs both factors transposed into copies there, and was slower in a side-by-side timing
+    (8192 rows: 34 ms against MKL's 24 ms)."""
     if onednn_runs(x):
-        # A weight that is a slice of W_a = [W_aa, W_ax] is strided, and oneDNN then takes a reference
-        # path about 100x slower (measured): a contiguous copy of the weight costs next to nothing.
+        # A strided weight (W_inputᵀ for the input gradient) sends oneDNN to a reference path about
+        # 100x slower (measured): a contiguous copy of the weight costs next to nothing.
         return _ONEDNN[0](x, W.detach().contiguous(), None if b is None else b.detach(), "none", [], "")
     return x @ W.t() if b is None else torch.addmm(b, x, W.t())

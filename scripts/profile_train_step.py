@@ -1,0 +1,56 @@
+"""Where a training step's time goes: torch's profiler over 20 steps of a real `lmtrain train` run.
+
+    python scripts/profile_train_step.py PATH/TO/tinyshakespeare/input.txt [override ...]
+
+Runs configs/tinyshakespeare-char.yaml (2x256 LSTM, batch 32, bptt 64) on `data.path` for 60 steps in a
+temporary folder, profiles steps 31-50, and prints the median step time and the operators by their own
+CPU time (per step: divide by 20). docs/benchmarks.md's breakdown of the Tiny Shakespeare step comes
+from this script.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import profile
+
+from lmtrain.config import load_config
+from lmtrain.train import Trainer
+
+PROFILED = range(30, 50)  # step indices (0-based) inside the profile
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    with tempfile.TemporaryDirectory() as folder:
+        config = load_config("configs/tinyshakespeare-char.yaml",
+                             [f"data.path={sys.argv[1]}", "data.corpus=null", "train.max_steps=60",
+                              "train.max_seconds=null", "train.eval_every=1000", "train.final_samples=0",
+                              f"train.out_dir={folder}/run", *sys.argv[2:]])
+        trainer = Trainer(config, resume=False, echo=print, warn=print, progress_bar=False)
+        step, times, profiler = trainer._train_step, [], profile()
+
+        def timed_step(*args):
+            if len(times) == PROFILED.start:
+                profiler.start()
+            begin = time.perf_counter()
+            result = step(*args)
+            times.append(time.perf_counter() - begin)
+            if len(times) == PROFILED.stop:
+                profiler.stop()
+            return result
+
+        trainer._train_step = timed_step
+        trainer.run()
+    print(f"median step {1e3 * statistics.median(times[5:]):.1f} ms, {torch.get_num_threads()} threads; "
+          f"profile over {len(PROFILED)} steps:")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
