@@ -329,12 +329,14 @@ def function_for(cell: Cell) -> tuple[type[Function], tuple]:
     raise TypeError(f"no hand-written backward for {type(cell).__name__}")
 
 
-def manual_layer(cell: Cell, x: Tensor, state: tuple[Tensor, ...], *, reverse: bool = False
-                 ) -> tuple[Tensor, tuple[Tensor, ...]]:
+def manual_layer(cell: Cell, x: Tensor, state: tuple[Tensor, ...], *, reverse: bool = False,
+                 weights: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """`cell` over x (B, T, E) from `state`: outputs a(1..T) (B, T, H) and the final state, the same
-    values as the autograd layer, with the hand-written backward. `reverse` runs right to left."""
+    values as the autograd layer, with the hand-written backward. `reverse` runs right to left.
+    `weights`: (W_recurrent, W_input, b) to use instead of `cell.stacked_weights()` (e.g. after DropConnect;
+    their gradients flow back through autograd to the cell's parameters)."""
     function, extra = function_for(cell)
-    W_recurrent, W_input, b = cell.stacked_weights()
+    W_recurrent, W_input, b = weights if weights is not None else cell.stacked_weights()
     if reverse:
         x = x.flip(1)
     outputs, *final = function.apply(x, *state, W_recurrent, W_input, b, *extra)

@@ -54,7 +54,13 @@ class ModelConfig:
     embed_size: int = 64
     hidden_size: int = 256
     num_layers: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.0               # the rate of the three below when they are null
+    input_dropout: float | None = None     # on the embeddings x(t) going into the first layer
+    layer_dropout: float | None = None     # between layers
+    output_dropout: float | None = None    # on the last layer's a(t) going into the softmax
+    locked_dropout: bool = False       # one dropout mask per sequence, the same at every step (variational)
+    embedding_dropout: float = 0.0     # whole words dropped from the embedding for a batch
+    weight_drop: float = 0.0           # DropConnect on the recurrent weights W_aa, one mask per batch
     tie_weights: bool = False
     relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
     gru_reset: str = "before"          # gru only: Γ_r applied to c(t-1) before W_c (lecture) | after (PyTorch)
@@ -70,9 +76,14 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     momentum: float = 0.0              # sgd only
-    schedule: str = "constant"         # constant | cosine (after warmup)
+    schedule: str = "constant"         # constant | cosine (over the step, epoch or time budget) | step
     warmup_steps: int = 0
-    min_lr: float = 0.0                # cosine floor
+    min_lr: float = 0.0                # cosine and step floor
+    decay_start: int = 0               # step schedule: the first step at lr * decay_rate
+    decay_every: int = 1000            # step schedule: a further decay_rate every this many steps
+    decay_rate: float = 0.5            # step schedule
+    activation_regularization: float = 0.0           # AR's α: α mean((m ⊙ a)²) added to the loss
+    temporal_activation_regularization: float = 0.0  # TAR's β: β mean((a(t) - a(t+1))²)
     clip: float = 5.0                  # global gradient-norm clip; 0 turns it off
     max_steps: int | None = None       # stop at whichever of the three limits comes first
     max_epochs: int | None = None
@@ -109,13 +120,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.backward": ("autograd", "manual"),
     "model.direction": ("forward", "bi"),
     "train.optimizer": ("adam", "adamw", "sgd"),
-    "train.schedule": ("constant", "cosine"),
+    "train.schedule": ("constant", "cosine", "step"),
 }
 POSITIVE = ("model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
             "train.bptt", "train.lr", "train.eval_every", "train.eval_segment", "train.log_every",
             "train.checkpoint_every", "train.sample_every", "train.max_bad_steps", "train.max_steps", "train.max_epochs", "train.max_seconds",
-            "data.min_freq")
-NON_NEGATIVE = ("train.keep_last", "train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
+            "data.min_freq", "train.decay_every")
+NON_NEGATIVE = ("train.decay_start", "train.activation_regularization", "train.temporal_activation_regularization",
+                "train.keep_last", "train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
                 "train.clip", "train.final_samples", "train.seed")
 DATA_PATHS = ("data.path", "data.train", "data.valid", "data.test")
 PATHS = (*DATA_PATHS, "train.out_dir")
@@ -190,8 +202,13 @@ def validate(config: Config) -> None:
         if not get_value(config, key) >= 0:  # written so that NaN fails too
             raise ConfigError(f"{key} must not be negative; got {get_value(config, key)}")
     data, model, train = config.data, config.model, config.train
-    if not 0.0 <= model.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1); got {model.dropout}")
+    for key in ("model.dropout", "model.input_dropout", "model.layer_dropout", "model.output_dropout",
+                "model.embedding_dropout", "model.weight_drop"):
+        value = get_value(config, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1); got {value}")
+    if not 0.0 < train.decay_rate <= 1.0:
+        raise ConfigError(f"train.decay_rate must be in (0, 1]; got {train.decay_rate}")
     if model.tie_weights and model.embed_size != model.hidden_size:
         raise ConfigError(f"model.tie_weights needs model.embed_size == model.hidden_size; "
                           f"got {model.embed_size} and {model.hidden_size}")
@@ -215,8 +232,7 @@ def validate(config: Config) -> None:
         raise ConfigError("data.mode: sentences needs data.eos: line (each line is one sentence ending in <eos>)")
     if train.max_steps is None and train.max_epochs is None and train.max_seconds is None:
         raise ConfigError("set at least one of train.max_steps, train.max_epochs, train.max_seconds")
-    if train.schedule == "cosine" and train.max_steps is None and train.max_epochs is None:
-        raise ConfigError("train.schedule: cosine needs train.max_steps or train.max_epochs to know its length")
+
     if "\0" in train.out_dir:
         raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):

@@ -153,8 +153,11 @@ def from_torch(module: TorchRecurrent) -> TorchLayout:
 def to_torch(module: TorchLayout | RecurrentStack) -> TorchRecurrent:
     """The `torch.nn.RNN`, `GRU` or `LSTM` (batch_first=True, bias=True) equal to an lmtrain stack, bare
     or wrapped: same weights, dtype, device, dropout and training mode. ValueError for a cell torch lacks
-    (the lecture's GRU with reset "before", the simplified GRU)."""
+    (the lecture's GRU with reset "before", the simplified GRU), and for locked dropout or weight drop."""
     stack = module.stack if isinstance(module, TorchLayout) else module
+    if stack.dropout.locked or stack.weight_drop > 0:
+        raise ValueError("torch's recurrent modules have neither locked (variational) dropout nor weight drop; "
+                         "build the stack without them to convert it")
     cells = layer_cells(stack)
     name = torch_name(cells[0])
     bidirectional = isinstance(stack.layers[0], BidirectionalLayer)

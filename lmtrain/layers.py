@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lmtrain.backward import manual_layer
 from lmtrain.cells import Cell, make_cell
+from lmtrain.regularization import SequenceDropout, drop_connect
 
 BACKWARDS = ("autograd", "manual")
 
@@ -24,13 +25,28 @@ class RecurrentLayer(nn.Module):
     loop; the loop then adds only the recurrent half (`Cell.step`). Same maths as calling the
     cell's line-by-line `forward` at each step, a test proves it. `backward="manual"` runs the
     hand-written backpropagation through time of `lmtrain.backward` instead of autograd's.
+    `weight_drop` > 0: in training, DropConnect on the recurrent weights, one mask per call
+    (`regularization.drop_connect`).
     """
 
-    def __init__(self, cell: Cell, *, reverse: bool = False, backward: str = "autograd") -> None:
+    def __init__(self, cell: Cell, *, reverse: bool = False, backward: str = "autograd",
+                 weight_drop: float = 0.0) -> None:
         super().__init__()
         if backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}; got {backward!r}")
-        self.cell, self.reverse, self.backward = cell, reverse, backward
+        if not 0.0 <= weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1); got {weight_drop}")
+        self.cell, self.reverse, self.backward, self.weight_drop = cell, reverse, backward, weight_drop
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The cell's stacked (W_recurrent, W_input, b), the recurrent half dropped in training."""
+        W_recurrent, W_input, b = self.cell.stacked_weights()
+        if self.training and self.weight_drop > 0:
+            W_recurrent = drop_connect(W_recurrent, self.weight_drop)
+        return W_recurrent, W_input, b
+
+    def extra_repr(self) -> str:
+        return f"reverse={self.reverse}, backward={self.backward}, weight_drop={self.weight_drop}"
 
     def forward(self, x: Tensor, state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
         B, T, _ = x.shape
@@ -38,9 +54,9 @@ class RecurrentLayer(nn.Module):
             state = self.cell.initial_state(B, device=x.device, dtype=x.dtype)
         if T == 0:
             return x.new_zeros(B, 0, self.cell.hidden_size), state
+        W_recurrent, W_input, b = self.weights()
         if self.backward == "manual":
-            return manual_layer(self.cell, x, state, reverse=self.reverse)
-        W_recurrent, W_input, b = self.cell.stacked_weights()
+            return manual_layer(self.cell, x, state, reverse=self.reverse, weights=(W_recurrent, W_input, b))
         x_projected = nn.functional.linear(x, W_input, b)                   # (B, T, G*H)
         steps = x_projected.unbind(1)  # unbind, not x[:, t]: indexing makes autograd build a full-size zero gradient per step
         outputs = []
@@ -56,10 +72,11 @@ class BidirectionalLayer(nn.Module):
     """The lecture's bidirectional RNN: a forward and a reversed layer over the same input, their
     outputs side by side, `[a→(t), a←(t)]` (B, T, 2H). Each direction has its own weights."""
 
-    def __init__(self, forward_cell: Cell, backward_cell: Cell, *, backward: str = "autograd") -> None:
+    def __init__(self, forward_cell: Cell, backward_cell: Cell, *, backward: str = "autograd",
+                 weight_drop: float = 0.0) -> None:
         super().__init__()
-        self.forward_layer = RecurrentLayer(forward_cell, backward=backward)
-        self.backward_layer = RecurrentLayer(backward_cell, reverse=True, backward=backward)
+        self.forward_layer = RecurrentLayer(forward_cell, backward=backward, weight_drop=weight_drop)
+        self.backward_layer = RecurrentLayer(backward_cell, reverse=True, backward=backward, weight_drop=weight_drop)
 
     def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
         forward_state, backward_state = state if state is not None else (None, None)
@@ -70,20 +87,24 @@ class BidirectionalLayer(nn.Module):
 
 class RecurrentStack(nn.Module):
     """The deep RNN: `num_layers` layers, layer l reading layer l-1's outputs a[l-1](t), with
-    dropout between layers (Zaremba et al. 2014: dropout on the non-recurrent connections only).
-    `cell_options` (e.g. `relevance_gate`, `gru_reset`) go to every cell."""
+    dropout between layers (Zaremba et al. 2014: dropout on the non-recurrent connections only), the
+    same mask at every step with `locked_dropout` (Gal & Ghahramani 2016), and DropConnect on every
+    layer's recurrent weights with `weight_drop` (Merity et al. 2017). `cell_options` (e.g.
+    `relevance_gate`, `gru_reset`) go to every cell."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
                  dropout: float = 0.0, bidirectional: bool = False, backward: str = "autograd",
-                 **cell_options) -> None:
+                 locked_dropout: bool = False, weight_drop: float = 0.0, **cell_options) -> None:
         super().__init__()
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
         new_cell = lambda size: make_cell(cell, size, hidden_size, **cell_options)  # noqa: E731
         self.layers = nn.ModuleList(
-            BidirectionalLayer(new_cell(size), new_cell(size), backward=backward) if bidirectional
-            else RecurrentLayer(new_cell(size), backward=backward) for size in sizes)
-        self.dropout = nn.Dropout(dropout)
+            BidirectionalLayer(new_cell(size), new_cell(size), backward=backward, weight_drop=weight_drop)
+            if bidirectional else RecurrentLayer(new_cell(size), backward=backward, weight_drop=weight_drop)
+            for size in sizes)
+        self.dropout = SequenceDropout(dropout, locked=locked_dropout)
+        self.weight_drop = weight_drop
 
     def initial_state(self, batch_size: int, **kwargs) -> list:
         """Zeros for every layer (a (forward, backward) pair per bidirectional layer)."""

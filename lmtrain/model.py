@@ -4,6 +4,10 @@
     a[l](t) = cell(a[l](t-1), a[l-1](t))   for l = 1..num_layers, a[0](t) = x(t)
     ŷ(t) = softmax(W_y a(t) + b_y)     (the model returns the logits W_y a(t) + b_y)
 
+In training, dropout acts on x(t) (`input_dropout`), between layers (`layer_dropout`) and on a(t) before
+W_y (`output_dropout`), with one mask per sequence if `locked_dropout`; `embedding_dropout` drops whole
+words and `weight_drop` the recurrent weights (`lmtrain.regularization` has the papers).
+
 Batch-first: tokens (B, T) -> logits (B, T, V). The model only models; the loss lives in `train`
 and `evaluate`, generation in `sampling`.
 """
@@ -14,6 +18,7 @@ from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
 from lmtrain.layers import RecurrentStack
+from lmtrain.regularization import SequenceDropout, embedding_dropout
 from lmtrain.tokenizer import ZERO_INPUT
 
 
@@ -21,17 +26,24 @@ class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, *, cell: str = "lstm", embed_size: int = 64, hidden_size: int = 256,
                  num_layers: int = 1, dropout: float = 0.0, tie_weights: bool = False,
                  relevance_gate: bool = True, gru_reset: str = "before", backward: str = "autograd",
-                 direction: str = "forward") -> None:
+                 direction: str = "forward", input_dropout: float | None = None, layer_dropout: float | None = None,
+                 output_dropout: float | None = None, locked_dropout: bool = False, embedding_dropout: float = 0.0,
+                 weight_drop: float = 0.0) -> None:
+        """`dropout` is the rate of the three dropouts left as None."""
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.embedding_dropout = embedding_dropout
+        rate = lambda p: dropout if p is None else p  # noqa: E731
         cell_options = {"relevance_gate": relevance_gate, "gru_reset": gru_reset} if cell == "gru" else {}
         new_stack = lambda: RecurrentStack(cell, embed_size, hidden_size, num_layers=num_layers,  # noqa: E731
-                                           dropout=dropout, backward=backward, **cell_options)
+                                           dropout=rate(layer_dropout), locked_dropout=locked_dropout,
+                                           weight_drop=weight_drop, backward=backward, **cell_options)
         self.rnn = new_stack()
         # ELMo's bidirectional LM (Peters et al. 2018): a second stack reads the text right to left;
         # embedding and softmax are shared. A bidirectional RNN could not predict the next token.
         self.rnn_backward = new_stack() if direction == "bi" else None
-        self.dropout = nn.Dropout(dropout)
+        self.input_dropout = SequenceDropout(rate(input_dropout), locked=locked_dropout)
+        self.output_dropout = SequenceDropout(rate(output_dropout), locked=locked_dropout)
         self.projection = nn.Linear(hidden_size, vocab_size)                # W_y, b_y
         # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept by
         # pytorch/examples word_language_model (nn.Embedding's N(0, 1) default is too large for SGD at lr 20).
@@ -47,19 +59,28 @@ class LanguageModel(nn.Module):
         return cls(vocab_size, cell=config.cell, embed_size=config.embed_size, hidden_size=config.hidden_size,
                    num_layers=config.num_layers, dropout=config.dropout, tie_weights=config.tie_weights,
                    relevance_gate=config.relevance_gate, gru_reset=config.gru_reset, backward=config.backward,
-                   direction=config.direction)
+                   direction=config.direction, input_dropout=config.input_dropout,
+                   layer_dropout=config.layer_dropout, output_dropout=config.output_dropout,
+                   locked_dropout=config.locked_dropout, embedding_dropout=config.embedding_dropout,
+                   weight_drop=config.weight_drop)
 
     def initial_state(self, batch_size: int, **kwargs) -> list[tuple[Tensor, ...]]:
         return self.rnn.initial_state(batch_size, **kwargs)
 
     def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None, *,
-                backward: bool = False) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
-        """Logits for the next token at every position. `backward=True` runs the backward LM of a
-        `direction: bi` model, which expects `tokens` in reversed order (see `data.reverse_text`)."""
+                backward: bool = False, hidden: bool = False) -> tuple:
+        """Logits for the next token at every position, and the new state. `backward=True` runs the
+        backward LM of a `direction: bi` model, which expects `tokens` in reversed order (see
+        `data.reverse_text`). `hidden=True` also returns the last layer's outputs before and after
+        output dropout, `(a, m ⊙ a)`, both (B, T, H), for AR/TAR."""
         x = self.embedding(tokens.clamp(min=0))                              # (B, T, E)
         x = x.masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
+        if self.training:
+            x = embedding_dropout(x, tokens, self.embedding.num_embeddings, self.embedding_dropout)
         rnn = self.rnn_backward if backward else self.rnn
         if rnn is None:
             raise ValueError("backward=True needs a model built with direction='bi'")
-        a, state = rnn(self.dropout(x), state)                              # (B, T, H)
-        return self.projection(self.dropout(a)), state                      # (B, T, V)
+        a, state = rnn(self.input_dropout(x), state)                        # (B, T, H)
+        a_dropped = self.output_dropout(a)
+        logits = self.projection(a_dropped)                                 # (B, T, V)
+        return (logits, state, (a, a_dropped)) if hidden else (logits, state)

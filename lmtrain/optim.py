@@ -19,20 +19,30 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def learning_rate(step: int, *, lr: float, schedule: str, warmup_steps: int, total_steps: int | None,
-                  min_lr: float = 0.0) -> float:
-    """The learning rate for optimizer step `step` (0-based). A pure function of the step, so a
-    resumed run follows the same curve without saved scheduler state.
+                  min_lr: float = 0.0, decay_start: int = 0, decay_every: int = 1, decay_rate: float = 1.0,
+                  time_fraction: float | None = None) -> float:
+    """The learning rate for optimizer step `step` (0-based). A pure function of the step (and, for a
+    cosine over a time budget, of the time spent), so a resumed run follows the same curve without
+    saved scheduler state.
 
     1) linear warmup from lr/warmup_steps to lr over the first `warmup_steps` steps;
-    2) then `constant`: lr, or `cosine`: from lr down to min_lr at `total_steps`
-       (Loshchilov & Hutter 2017, without restarts);
-    3) past `total_steps`, min_lr.
+    2) then `constant`: lr; or `cosine`: from lr down to min_lr at `total_steps` (Loshchilov & Hutter
+       2017, without restarts), min_lr past it; when `time_fraction` (training time spent / allowed)
+       is given, the cosine follows whichever of the step and time budgets is further along; or `step`:
+       lr until `decay_start`, then multiplied by `decay_rate` there and again every `decay_every`
+       steps, never below min_lr (Zaremba et al. 2014 halve the rate every epoch after the fourth).
     """
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
-    if total_steps is None or step >= total_steps:
+    if schedule == "step":
+        decays = (step - decay_start) // decay_every + 1 if step >= decay_start else 0
+        return max(min_lr, lr * decay_rate ** decays)
+    fractions = [] if time_fraction is None else [time_fraction]
+    if total_steps is not None:
+        fractions.append(1.0 if step >= total_steps else (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if not fractions:
         return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(fractions))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))

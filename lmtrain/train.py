@@ -36,8 +36,10 @@ from lmtrain.distributed import (World, agree_on_step, check_batch_size, data_pa
                                  world_from_environment)
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score, summed_nll
+from lmtrain.memory import keep_freed_memory
 from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer, learning_rate
+from lmtrain.regularization import activation_penalty
 from lmtrain.rundir import RunDirectory
 from lmtrain.sampling import generate
 from lmtrain.tokenizer import Tokenizer
@@ -217,6 +219,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.metrics = None
+        keep_freed_memory()  # steps would otherwise fault their large buffers in anew each time
         try:
             run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
             self.training_model = data_parallel(self.model, self.world, self.device)
@@ -324,11 +327,11 @@ class Trainer:
             if state is not None:
                 # Truncated BPTT: keep the state's value, cut the graph to the previous chunk.
                 state = [tuple(t.detach() for t in layer) for layer in state]
-            logits, state = self.training_model(inputs, state, backward=backward)
+            logits, state, (a, a_dropped) = self.training_model(inputs, state, backward=backward, hidden=True)
             direction_total, _ = summed_nll(logits, targets)
             # The mean over the global batch's tokens. DDP averages the N processes' gradients, so each
             # divides its sum by the global count / N: exact however the padding falls between them.
-            losses.append(direction_total / (batch_count / world.size))
+            losses.append(direction_total / (batch_count / world.size) + self._activation_penalty(a, a_dropped, targets))
             total, count = total + direction_total.detach(), count + batch_count
             self.states[backward] = state if self.carries_state else None
         loss = sum(losses) / len(losses)  # ELMo: the mean of the forward and backward LMs' losses
@@ -352,6 +355,14 @@ class Trainer:
         progress.train_seconds += seconds
         return stop_signal
 
+    def _activation_penalty(self, a: torch.Tensor, a_dropped: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | float:
+        """AR and TAR (Merity et al. 2017), over the positions that have a target; 0 when both are off."""
+        alpha, beta = self.config.train.activation_regularization, self.config.train.temporal_activation_regularization
+        if not (alpha or beta):
+            return 0.0
+        mask = (targets != IGNORE).to(a.dtype) if self.config.data.mode == "sentences" else None
+        return activation_penalty(a, a_dropped, mask, alpha=alpha, beta=beta)
+
     def _skip_bad_step(self, loss: float, norm: float) -> None:
         """A non-finite loss or gradient: no update, and the carried state (possibly NaN) starts over."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -367,7 +378,9 @@ class Trainer:
     def _lr(self) -> float:
         c = self.config.train
         return learning_rate(self.progress.step, lr=c.lr, schedule=c.schedule, warmup_steps=c.warmup_steps,
-                             total_steps=self._total_steps(), min_lr=c.min_lr)
+                             total_steps=self._total_steps(), min_lr=c.min_lr, decay_start=c.decay_start,
+                             decay_every=c.decay_every, decay_rate=c.decay_rate,
+                             time_fraction=self.progress.train_seconds / c.max_seconds if c.max_seconds else None)
 
     def _log_train(self, window: dict, bar: tqdm) -> None:
         loss = float(window["loss"]) / max(window["tokens"], 1)

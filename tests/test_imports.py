@@ -122,7 +122,11 @@ def test_cells_import_no_lmtrain_module():
 
 
 def test_layers_import_only_cells_and_their_backward():
-    assert lmtrain_imports("layers") == {"cells", "backward"}
+    assert lmtrain_imports("layers") == {"cells", "backward", "regularization"}
+
+
+def test_regularization_and_memory_import_no_lmtrain_module():
+    assert lmtrain_imports("regularization") == set() and lmtrain_imports("memory") == set()
 
 
 def test_gemm_imports_no_lmtrain_module():
@@ -134,7 +138,7 @@ def test_backward_imports_only_cells_and_gemm():
 
 
 def test_model_imports_only_layers_config_tokenizer():
-    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer"}
+    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer", "regularization"}
     assert "layers" in lmtrain_imports("model")
 
 

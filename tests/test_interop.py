@@ -254,3 +254,10 @@ def test_state_from_torch_checks_the_layout():
         state_from_torch((torch.zeros(1, B, H), torch.zeros(1, B, H)), stack)
     with pytest.raises(ValueError, match="h0"):
         state_from_torch((torch.zeros(2, B, H), torch.zeros(2, B, H)), RecurrentStack("gru", E, H, num_layers=2))
+
+
+@pytest.mark.parametrize("options", [dict(locked_dropout=True), dict(weight_drop=0.2)])
+def test_no_torch_module_for_locked_dropout_or_weight_drop(options):
+    stack = RecurrentStack("lstm", 3, 4, num_layers=2, dropout=0.1, **options)
+    with pytest.raises(ValueError, match="neither locked"):
+        to_torch(stack)

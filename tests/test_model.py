@@ -95,7 +95,7 @@ def test_from_config(config_factory):
     assert model.embedding.num_embeddings == V and model.embedding.embedding_dim == 5
     assert len(model.rnn.layers) == 3
     assert all(layer.cell.hidden_size == 7 and layer.cell.relevance_gate is False for layer in model.rnn.layers)
-    assert model.dropout.p == 0.25 and model.rnn.dropout.p == 0.25
+    assert model.input_dropout.p == model.output_dropout.p == model.rnn.dropout.p == 0.25
     assert model.projection.out_features == V
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lmtrain.config import ConfigError
 from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer, learning_rate
 
@@ -95,3 +96,41 @@ def test_tied_weight_appears_once(config_factory):
     parameters = optimizer.param_groups[0]["params"]
     assert len(parameters) == len({id(p) for p in parameters}) == len(list(model.parameters()))
     assert any(p is model.embedding.weight for p in parameters)
+
+
+def test_step_schedule_is_zaremba_halving():
+    """configs/ptb-small.yaml: lr 20 for 4 epochs of 2,324 steps, then halved every epoch."""
+    zaremba = dict(lr=20.0, schedule="step", decay_start=9296, decay_every=2324, decay_rate=0.5)
+    assert lr_at(0, **zaremba) == lr_at(9295, **zaremba) == 20.0
+    assert lr_at(9296, **zaremba) == lr_at(9296 + 2323, **zaremba) == 10.0
+    assert lr_at(9296 + 2324, **zaremba) == 5.0
+    assert lr_at(13 * 2324 - 1, **zaremba) == pytest.approx(20.0 / 2 ** 9)  # the last epoch: Zaremba's 1/512, x20
+    assert lr_at(10**6, **zaremba, min_lr=0.1) == 0.1
+
+
+def test_step_schedule_after_warmup():
+    options = dict(lr=1.0, schedule="step", warmup_steps=4, decay_start=6, decay_every=2, decay_rate=0.1)
+    assert [lr_at(step, **options) for step in range(10)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+@pytest.mark.parametrize(("key", "value"), [("train.decay_rate", 0.0), ("train.decay_rate", 1.5),
+                                            ("train.decay_every", 0), ("train.decay_start", -1)])
+def test_step_schedule_bad_values(config_factory, key: str, value):
+    with pytest.raises(ConfigError, match=key):
+        config_factory(**{key: value})
+
+
+def test_cosine_over_time_follows_the_time_spent():
+    """`train.max_seconds` alone: the cosine's progress is the training time spent over the budget."""
+    options = dict(lr=1.0, schedule="cosine", total_steps=None, min_lr=0.0)
+    assert lr_at(10, **options, time_fraction=0.0) == 1.0
+    assert lr_at(10, **options, time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_at(10, **options, time_fraction=1.0) == 0.0
+    assert lr_at(10, **options, time_fraction=1.7) == 0.0
+
+
+def test_cosine_follows_whichever_budget_is_further_along():
+    options = dict(lr=1.0, schedule="cosine", total_steps=100, min_lr=0.0)
+    assert lr_at(50, **options, time_fraction=0.1) == pytest.approx(0.5)    # the steps are further along
+    assert lr_at(10, **options, time_fraction=0.5) == pytest.approx(0.5)    # the time is

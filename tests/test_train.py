@@ -73,12 +73,17 @@ def sentence_batches_per_epoch(train_file: Path) -> int:
 
 # -- exact resume -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode, cell, direction", [("stream", "lstm", "forward"), ("sentences", "gru", "forward"),
-                                                   ("stream", "rnn", "bi"), ("sentences", "lstm", "bi")])
-def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell, direction):
+REGULARISED = dict(model__locked_dropout=True, model__embedding_dropout=0.1, model__weight_drop=0.3,
+                   train__activation_regularization=2.0, train__temporal_activation_regularization=1.0)
+
+
+@pytest.mark.parametrize("mode, cell, direction, regularised", [
+    ("stream", "lstm", "forward", False), ("sentences", "gru", "forward", False), ("stream", "rnn", "bi", False),
+    ("sentences", "lstm", "bi", False), ("stream", "lstm", "forward", True), ("sentences", "gru", "forward", True)])
+def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell, direction, regularised):
     # dropout > 0 makes the result depend on the restored RNG state; bptt 64 keeps every sentence whole.
     settings = dict(data__mode=mode, model__cell=cell, model__num_layers=2, model__dropout=0.3,
-                    model__direction=direction,
+                    model__direction=direction, **(REGULARISED if regularised else {}),
                     train__bptt=64 if mode == "sentences" else BPTT, train__eval_every=5, train__schedule="constant")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(make_config(corpus, straight, train__max_steps=30, **settings), progress_bar=False)
@@ -339,3 +344,14 @@ def test_tensorboard_logs_scalars(tmp_path, corpus):
     train(make_config(corpus, out_dir, train__max_steps=4, train__log_every=2, train__eval_every=2,
                       train__tensorboard=True), progress_bar=False)
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_cosine_over_max_seconds_decays_with_training_time(tmp_path, corpus):
+    """`train.schedule: cosine` with only `train.max_seconds`: the logged rate falls from lr towards
+    min_lr as training time is spent, and ends below a tenth of lr."""
+    run = tmp_path / "run"
+    train(make_config(corpus, run, train__max_steps=None, train__max_seconds=1.5, train__schedule="cosine",
+                      train__lr=0.01, train__min_lr=0.0), progress_bar=False)
+    rates = [event["lr"] for event in events(run, "train")]
+    assert rates[0] > 0.009 and rates[-1] < 0.001
+    assert all(later <= earlier for earlier, later in zip(rates, rates[1:]))

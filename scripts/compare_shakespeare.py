@@ -1,0 +1,56 @@
+"""lmtrain against the reference `nn.LSTM` model on Tiny Shakespeare, at the same training time, in one job.
+
+    python scripts/compare_shakespeare.py PATH/TO/tinyshakespeare/input.txt [--seconds 68] [--repeats 1]
+        [--config configs/tinyshakespeare-68s.yaml] [override ...]
+
+Runs `scripts/reference_nn_lstm.py --seconds S --eval` and `lmtrain train CONFIG train.max_seconds=S`, one
+after the other (alternating when --repeats > 1), each in a fresh process with this process's environment.
+Both budgets count training steps only, not start-up or evaluation. Both are scored the same way: the
+whole validation split (the last 10% of the file, cut at a line end) with the state carried throughout,
+in nats per character (lmtrain's `train.eval_segment` is set past the split's length for this; its
+default restarts the state every 2,048 characters). Prints a Markdown table for docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from comparison import ROOT, machine_line, print_table, run_lmtrain, run_subprocess
+
+
+def run_reference(corpus: Path, seconds: float) -> dict:
+    output, wall = run_subprocess([sys.executable, str(ROOT / "scripts" / "reference_nn_lstm.py"), str(corpus),
+                                   "--seconds", str(seconds), "--eval"])
+    result = json.loads(output.strip().splitlines()[-1])
+    return {"name": "reference `scripts/reference_nn_lstm.py`", "steps": result["steps"],
+            "train_seconds": round(result["train_seconds"], 1), "tokens_per_s": round(result["tokens_per_s"]),
+            "valid_loss": result["valid_loss"], "wall_seconds": round(wall)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--seconds", type=float, default=68.0, help="training time of each (steps only)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--config", default="configs/tinyshakespeare-68s.yaml")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE for the lmtrain run")
+    args = parser.parse_args()
+    corpus = args.corpus.resolve()
+    print(machine_line(), flush=True)
+    settings = [f"data.path={corpus}", "data.corpus=null", f"train.max_seconds={args.seconds}"]
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for repeat in range(args.repeats):
+            for result in (run_reference(corpus, args.seconds),
+                           run_lmtrain(args.config, settings, args.overrides, Path(folder) / f"lmtrain-{repeat}")):
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    print_table(results, f"Tiny Shakespeare, {args.seconds:g} s of training")
+
+
+if __name__ == "__main__":
+    main()

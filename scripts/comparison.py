@@ -1,0 +1,59 @@
+"""What the same-job comparisons share (compare_shakespeare.py, compare_ptb_epoch.py): the machine line,
+one `lmtrain train` run in a fresh process, and the results table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WHOLE_SPLIT = 10**9  # train.eval_segment longer than any split: one segment, the state carried through it
+ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def machine_line() -> str:
+    return (f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads; "
+            + ", ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ALLOCATOR))
+
+
+def run_subprocess(command: list[str]) -> tuple[str, float]:
+    """stdout and wall seconds of `command`, run from the repository root; its stderr if it fails."""
+    begin = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    return done.stdout, time.perf_counter() - begin
+
+
+def run_lmtrain(config: str, settings: list[str], overrides: list[str], out_dir: Path) -> dict:
+    """`lmtrain train config *settings *overrides` into out_dir, evaluated once at the end on the whole
+    validation split with the state carried; its steps, training seconds, tokens/s and validation loss."""
+    command = [sys.executable, "-m", "lmtrain", "train", config, *settings, f"train.eval_segment={WHOLE_SPLIT}",
+               f"train.eval_every={10**9}", f"train.checkpoint_every={10**9}", "train.final_samples=0",
+               f"train.out_dir={out_dir}", *overrides]
+    _, wall = run_subprocess(command)
+    events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    valid = [event for event in events if event["split"] == "valid"][-1]
+    progress = torch.load(out_dir / "last.pt", weights_only=True, map_location="cpu")["progress"]
+    return {"name": f"lmtrain `{' '.join([config, *overrides])}`", "steps": progress["step"],
+            "train_seconds": round(progress["train_seconds"], 1),
+            "tokens_per_s": round(progress["tokens"] / progress["train_seconds"]),
+            "valid_loss": valid["loss"], "wall_seconds": round(wall)}
+
+
+def print_table(results: list[dict], title: str, *, perplexity: bool = False) -> None:
+    score = "valid perplexity" if perplexity else "valid loss (nats/char)"
+    print(f"\n| {title} | steps | training s | tokens/s | {score} | wall s |")
+    print("|---|---|---|---|---|---|")
+    for result in results:
+        value = f"{2.718281828459045 ** result['valid_loss']:.2f}" if perplexity else f"{result['valid_loss']:.4f}"
+        print(f"| {result['name']} | {result['steps']:,} | {result['train_seconds']:.1f} | {result['tokens_per_s']:,} | "
+              f"{value} | {result['wall_seconds']} |")
