@@ -192,10 +192,17 @@ class LSTMCell(Cell):
     gates = ("f", "u", "c", "o")
     state_type = LSTMState
 
+    def __init__(self, input_size: int, hidden_size: int, *, forget_bias: float | None = 1.0) -> None:
+        self.forget_bias = forget_bias
+        super().__init__(input_size, hidden_size)
+
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        # Forget-gate bias 1 so the memory is kept at the start (Jozefowicz et al. 2015).
-        nn.init.ones_(self.b_f)
+        if self.forget_bias is not None:
+            # A forget-gate bias of 1 keeps the memory at the start (Jozefowicz et al. 2015). None leaves
+            # b_f like every other bias, as torch.nn.LSTM does; on Tiny Shakespeare with Adam that learned
+            # faster over the first thousand steps (docs/results.md).
+            nn.init.constant_(self.b_f, self.forget_bias)
 
     def forward(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         a_prev, c_prev = state
@@ -223,8 +230,10 @@ CELLS: dict[str, type[Cell]] = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell
 
 
 def make_cell(name: str, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
-              gru_reset: str = "before") -> Cell:
-    """The cell called `name` in a config (`model.cell`)."""
+              gru_reset: str = "before", forget_bias: float | None = 1.0) -> Cell:
+    """The cell called `name` in a config (`model.cell`); each option reaches only the cell it is for."""
     if name == "gru":
         return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate, reset=gru_reset)
+    if name == "lstm":
+        return LSTMCell(input_size, hidden_size, forget_bias=forget_bias)
     return CELLS[name](input_size, hidden_size)

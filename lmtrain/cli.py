@@ -177,6 +177,9 @@ def perplexity(
     data: Annotated[Optional[str], typer.Option(help="Text file to score (default: a split of the training corpus).")] = None,
     split: Annotated[str, typer.Option(help="valid or test split of the checkpoint's corpus.")] = "valid",
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences scored at once (the result does not depend on it).")] = None,
+    segment: Annotated[Optional[int], typer.Option(help="Stream mode: score in segments of this many tokens, each "
+                                                        "from a zero state (default: the run's train.eval_segment); "
+                                                        "0: the whole text as one stream, the state carried throughout.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
@@ -188,8 +191,10 @@ def perplexity(
             raise LmtrainError(f"--split must be valid or test; got {split!r}")
         if batch_size is not None and batch_size < 1:
             raise LmtrainError(f"--batch-size must be >= 1; got {batch_size}")
+        if segment is not None and segment < 0:
+            raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
         numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split, batch_size=batch_size,
-                                             device=_device(device))
+                                             device=_device(device), segment=segment)
         for note in notes:
             typer.echo(note, err=True)
         typer.echo(json.dumps(numbers) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))

@@ -62,6 +62,8 @@ class ModelConfig:
     embedding_dropout: float = 0.0     # whole words dropped from the embedding for a batch
     weight_drop: float = 0.0           # DropConnect on the recurrent weights W_aa, one mask per batch
     tie_weights: bool = False
+    init: str = "zaremba"              # zaremba: U(-0.1, 0.1) embedding and projection | torch: torch.nn's defaults
+    forget_bias: float | None = 1.0    # lstm only: the forget gate's initial bias; null: like the other biases
     relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
     gru_reset: str = "before"          # gru only: Γ_r applied to c(t-1) before W_c (lecture) | after (PyTorch)
     backward: str = "manual"           # manual: the hand-written backpropagation through time | autograd
@@ -116,6 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.eos": ("line", "none"),
     "data.encoding_errors": ("strict", "replace"),
     "model.cell": ("rnn", "gru", "lstm"),
+    "model.init": ("zaremba", "torch"),
     "model.gru_reset": ("before", "after"),
     "model.backward": ("autograd", "manual"),
     "model.direction": ("forward", "bi"),

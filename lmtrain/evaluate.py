@@ -9,7 +9,7 @@ number does not depend on `batch_size`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -99,11 +99,18 @@ def report(result: Score, tokenizer: Tokenizer) -> dict[str, float | int]:
     return numbers
 
 
+WHOLE_TEXT = 1 << 62  # an eval_segment no text reaches: one segment, the state carried through it
+
+
 def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str = "valid",
-                        batch_size: int | None = None, device: str = "cpu") -> tuple[dict[str, float | int], list[str]]:
+                        batch_size: int | None = None, device: str = "cpu",
+                        segment: int | None = None) -> tuple[dict[str, float | int], list[str]]:
     """`lmtrain eval perplexity`: score a checkpoint on a file, or on a split of its own corpus.
-    Returns the numbers and any warnings (e.g. the rate of tokens unseen in training)."""
+    `segment` replaces the run's `train.eval_segment` (stream mode); 0 scores the whole text as one
+    stream. Returns the numbers and any warnings (e.g. the rate of tokens unseen in training)."""
     model, tokenizer, config = load_model(path, device)
+    if segment is not None:
+        config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
     if data_file is not None:
         text = read_text(data_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
         origin = data_file

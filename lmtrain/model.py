@@ -18,8 +18,12 @@ from torch import Tensor, nn
 
 from lmtrain.config import ModelConfig
 from lmtrain.layers import RecurrentStack
-from lmtrain.regularization import SequenceDropout, embedding_dropout
+from lmtrain import regularization
+from lmtrain.regularization import SequenceDropout
 from lmtrain.tokenizer import ZERO_INPUT
+
+
+INITS = ("zaremba", "torch")
 
 
 class LanguageModel(nn.Module):
@@ -28,13 +32,18 @@ class LanguageModel(nn.Module):
                  relevance_gate: bool = True, gru_reset: str = "before", backward: str = "autograd",
                  direction: str = "forward", input_dropout: float | None = None, layer_dropout: float | None = None,
                  output_dropout: float | None = None, locked_dropout: bool = False, embedding_dropout: float = 0.0,
-                 weight_drop: float = 0.0) -> None:
-        """`dropout` is the rate of the three dropouts left as None."""
+                 weight_drop: float = 0.0, init: str = "zaremba", forget_bias: float | None = 1.0) -> None:
+        """`dropout` is the rate of the three dropouts left as None. `init`: "zaremba", U(-0.1, 0.1)
+        embedding and projection with a zero output bias (Zaremba et al. 2014, pytorch/examples), or
+        "torch", nn.Embedding's N(0, 1) and nn.Linear's defaults. `forget_bias`: the LSTM's initial
+        b_f (None: like the other biases)."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}; got {init!r}")
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_size)
         self.embedding_dropout = embedding_dropout
         rate = lambda p: dropout if p is None else p  # noqa: E731
-        cell_options = {"relevance_gate": relevance_gate, "gru_reset": gru_reset} if cell == "gru" else {}
+        cell_options = {"relevance_gate": relevance_gate, "gru_reset": gru_reset, "forget_bias": forget_bias}
         new_stack = lambda: RecurrentStack(cell, embed_size, hidden_size, num_layers=num_layers,  # noqa: E731
                                            dropout=rate(layer_dropout), locked_dropout=locked_dropout,
                                            weight_drop=weight_drop, backward=backward, **cell_options)
@@ -45,11 +54,13 @@ class LanguageModel(nn.Module):
         self.input_dropout = SequenceDropout(rate(input_dropout), locked=locked_dropout)
         self.output_dropout = SequenceDropout(rate(output_dropout), locked=locked_dropout)
         self.projection = nn.Linear(hidden_size, vocab_size)                # W_y, b_y
-        # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept by
-        # pytorch/examples word_language_model (nn.Embedding's N(0, 1) default is too large for SGD at lr 20).
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        nn.init.uniform_(self.projection.weight, -0.1, 0.1)
-        nn.init.zeros_(self.projection.bias)
+        if init == "zaremba":
+            # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept
+            # by pytorch/examples word_language_model (nn.Embedding's N(0, 1) is too large for SGD at lr 20).
+            # With Adam at character level it learned slower than torch's defaults (docs/results.md).
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+            nn.init.uniform_(self.projection.weight, -0.1, 0.1)
+            nn.init.zeros_(self.projection.bias)
         if tie_weights:
             # One matrix as both input embedding and output projection (Press & Wolf 2017, Inan et al. 2017).
             self.projection.weight = self.embedding.weight
@@ -62,7 +73,7 @@ class LanguageModel(nn.Module):
                    direction=config.direction, input_dropout=config.input_dropout,
                    layer_dropout=config.layer_dropout, output_dropout=config.output_dropout,
                    locked_dropout=config.locked_dropout, embedding_dropout=config.embedding_dropout,
-                   weight_drop=config.weight_drop)
+                   weight_drop=config.weight_drop, init=config.init, forget_bias=config.forget_bias)
 
     def initial_state(self, batch_size: int, **kwargs) -> list[tuple[Tensor, ...]]:
         return self.rnn.initial_state(batch_size, **kwargs)
@@ -76,7 +87,7 @@ class LanguageModel(nn.Module):
         x = self.embedding(tokens.clamp(min=0))                              # (B, T, E)
         x = x.masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
         if self.training:
-            x = embedding_dropout(x, tokens, self.embedding.num_embeddings, self.embedding_dropout)
+            x = regularization.embedding_dropout(x, tokens, self.embedding.num_embeddings, self.embedding_dropout)
         rnn = self.rnn_backward if backward else self.rnn
         if rnn is None:
             raise ValueError("backward=True needs a model built with direction='bi'")

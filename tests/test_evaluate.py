@@ -182,3 +182,27 @@ def test_chunks_bound_the_gate_activations_too(monkeypatch):
     monkeypatch.setattr(evaluate, "ACTIVATIONS_BUDGET", 5 * width * 3)  # batch_size 5: 3 steps a chunk
     score(model, seqs, batch_size=5)
     assert max(widths) == 3
+
+
+def test_evaluate_checkpoint_segment_zero_carries_the_state_through_the_whole_split(tmp_path):
+    """`eval perplexity --segment 0`: the split as one stream from one zero state; `--segment N`: N-token
+    segments each from a zero state; neither changes the tokens counted."""
+    from corpus_helpers import sentences, write_lines
+    from test_train import make_config
+
+    from lmtrain.checkpoint import load_model
+    from lmtrain.train import train
+
+    lines = sentences(50, seed=3)
+    corpus = {"train": write_lines(tmp_path / "train.txt", lines[:40]),
+              "valid": write_lines(tmp_path / "valid.txt", lines[40:])}
+    train(make_config(corpus, tmp_path / "run", train__max_steps=5), progress_bar=False)
+    checkpoint = str(tmp_path / "run" / "best.pt")
+    model, tokenizer, _ = load_model(checkpoint)
+    ids = stream_ids(tokenizer, corpus["valid"].read_text(encoding="utf-8"))
+    whole = score(model, stream_segments(ids, ids.numel()))
+    pieces = score(model, stream_segments(ids, 5))
+    assert whole.loss != pytest.approx(pieces.loss, abs=1e-4)  # the state matters, so the test can tell them apart
+    for segment, expected in ((0, whole), (5, pieces)):
+        numbers, _ = evaluate.evaluate_checkpoint(checkpoint, segment=segment)
+        assert numbers["loss"] == pytest.approx(expected.loss, abs=1e-6) and numbers["tokens"] == expected.tokens

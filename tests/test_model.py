@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from lmtrain.config import ConfigError
 from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
 
@@ -133,3 +134,26 @@ def test_tiny_model_overfits_a_short_text():
     assert loss.item() < 0.1
     # After the first line the model knows every next character.
     assert torch.equal(logits[0, len(text):].argmax(-1), targets[0, len(text):])
+
+
+def test_torch_initialisation_and_forget_bias():
+    """`model.init: torch`: nn.Embedding's N(0, 1) and nn.Linear's U(-1/sqrt(H), 1/sqrt(H)) with its bias;
+    `model.forget_bias: null`: b_f drawn like every other bias, a number: that constant."""
+    torch.manual_seed(0)
+    model = LanguageModel(500, embed_size=16, hidden_size=64, num_layers=2, init="torch", forget_bias=None)
+    assert 0.9 < float(model.embedding.weight.detach().std()) < 1.1
+    bound = 1 / 64 ** 0.5
+    assert float(model.projection.weight.detach().abs().max()) <= bound and float(model.projection.bias.detach().abs().max()) > 0
+    for layer in model.rnn.layers:
+        assert float(layer.cell.b_f.detach().abs().max()) <= bound and float(layer.cell.b_f.detach().std()) > 0
+    model = LanguageModel(50, embed_size=8, hidden_size=8, num_layers=1, forget_bias=0.5)
+    assert torch.equal(model.rnn.layers[0].cell.b_f, torch.full((8,), 0.5))
+    assert torch.equal(LanguageModel(50, embed_size=8, hidden_size=8).rnn.layers[0].cell.b_f, torch.ones(8))
+
+
+def test_init_from_config_and_bad_init(config_factory):
+    config = config_factory(**{"model.init": "torch", "model.forget_bias": None, "model.embed_size": 8})
+    model = LanguageModel.from_config(config.model, 300)
+    assert float(model.embedding.weight.detach().abs().max()) > 0.5 and float(model.rnn.layers[0].cell.b_f.detach().abs().max()) < 0.1
+    with pytest.raises(ConfigError, match="model.init must be one of zaremba, torch"):
+        config_factory(**{"model.init": "xavier"})
