@@ -1,9 +1,10 @@
 """lmtrain against the reference `nn.LSTM` model on Tiny Shakespeare, at the same training time, in one job.
 
     python scripts/compare_shakespeare.py PATH/TO/tinyshakespeare/input.txt [--seconds 68] [--repeats 1]
-        [--config configs/tinyshakespeare-68s.yaml] [override ...]
+        [--config configs/tinyshakespeare-68s.yaml] [--variant "KEY=VALUE ..."]...
 
-Runs `scripts/reference_nn_lstm.py --seconds S --eval` and `lmtrain train CONFIG train.max_seconds=S`, one
+Runs `scripts/reference_nn_lstm.py --seconds S --eval` and `lmtrain train CONFIG train.max_seconds=S` (once
+per `--variant`, each a space-separated list of overrides; once as the config stands without one), one
 after the other (alternating when --repeats > 1), each in a fresh process with this process's environment.
 Both budgets count training steps only, not start-up or evaluation. Both are scored the same way: the
 whole validation split (the last 10% of the file, cut at a line end) with the state carried throughout,
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=68.0, help="training time of each (steps only)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--config", default="configs/tinyshakespeare-68s.yaml")
-    parser.add_argument("overrides", nargs="*", help="KEY=VALUE for the lmtrain run")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="overrides for one lmtrain run, e.g. \"train.lr=0.003 train.batch_size=64\"")
     args = parser.parse_args()
     corpus = args.corpus.resolve()
     print(machine_line(), flush=True)
@@ -45,10 +47,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
-            for result in (run_reference(corpus, args.seconds),
-                           run_lmtrain(args.config, settings, args.overrides, Path(folder) / f"lmtrain-{repeat}")):
-                results.append(result)
-                print(json.dumps(result), flush=True)
+            results.append(run_reference(corpus, args.seconds))
+            print(json.dumps(results[-1]), flush=True)
+            for index, variant in enumerate(args.variant or [""]):
+                out_dir = Path(folder) / f"lmtrain-{repeat}-{index}"
+                results.append(run_lmtrain(args.config, settings, variant.split(), out_dir))
+                print(json.dumps(results[-1]), flush=True)
     print_table(results, f"Tiny Shakespeare, {args.seconds:g} s of training")
 
 
