@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from lmtrain.evaluate import WHOLE_TEXT  # as train.eval_segment: one segment, the state carried through it
+
 ROOT = Path(__file__).resolve().parent.parent
-WHOLE_SPLIT = 10**9  # train.eval_segment longer than any split: one segment, the state carried through it
 ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
@@ -36,7 +37,7 @@ def run_subprocess(command: list[str]) -> tuple[str, float]:
 def run_lmtrain(config: str, settings: list[str], overrides: list[str], out_dir: Path) -> dict:
     """`lmtrain train config *settings *overrides` into out_dir, evaluated once at the end on the whole
     validation split with the state carried; its steps, training seconds, tokens/s and validation loss."""
-    command = [sys.executable, "-m", "lmtrain", "train", config, *settings, f"train.eval_segment={WHOLE_SPLIT}",
+    command = [sys.executable, "-m", "lmtrain", "train", config, *settings, f"train.eval_segment={WHOLE_TEXT}",
                f"train.eval_every={10**9}", f"train.checkpoint_every={10**9}", "train.final_samples=0",
                f"train.out_dir={out_dir}", *overrides]
     _, wall = run_subprocess(command)
