@@ -28,6 +28,7 @@ from torch.autograd import Function
 
 from lmtrain.cells import Cell, GRUCell, LSTMCell, RNNCell
 from lmtrain.gemm import FixedProduct, linear
+from lmtrain.kernels import lstm_loops
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -269,52 +270,76 @@ class LSTMFunction(Function):
     @staticmethod
     def forward(ctx, x, a0, c0, W_recurrent, W_input, b):
         ctx.set_materialize_grads(False)
-        T, H = x.size(1), a0.size(1)
+        T = x.size(1)
         a, c = _states(a0, T), _states(c0, T)                              # (T+1, B, H)
         gates = _project(x, W_input, b)                                    # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
-        z, gamma_fu, gamma_f, gamma_u, c_tilde, gamma_o, a_, c_, tanh_c_ = _per_step(
-            gates, gates[..., :2 * H], *gates.split(H, -1), a, c, tanh_c)  # gates: [Γ_f, Γ_u, c̃, Γ_o] of each step
         recurrent = FixedProduct(W_recurrent, x.size(0), T)
-        for t in range(1, T + 1):
-            z_t = recurrent(a_[t - 1], z[t - 1])                            # z = W [a(t-1), x(t)] + b
-            torch.sigmoid(z_t[:, :2 * H], out=gamma_fu[t - 1])             # Γ_f, Γ_u = σ(z_f), σ(z_u)
-            torch.tanh(z_t[:, 2 * H:3 * H], out=c_tilde[t - 1])            # c̃ = tanh(z_c)
-            torch.sigmoid(z_t[:, 3 * H:], out=gamma_o[t - 1])              # Γ_o = σ(z_o)
-            torch.mul(gamma_f[t - 1], c_[t - 1], out=c_[t]).addcmul_(gamma_u[t - 1], c_tilde[t - 1])  # c(t)
-            torch.mul(gamma_o[t - 1], torch.tanh(c_[t], out=tanh_c_[t - 1]), out=a_[t])  # a(t) = Γ_o tanh(c(t))
+        if (loops := lstm_loops(x)) is not None:                           # _lstm_forward_loop, compiled
+            loops.lstm_forward(gates, a, c, tanh_c, *recurrent.arguments())
+        else:
+            _lstm_forward_loop(gates, a, c, tanh_c, recurrent)
         ctx.save_for_backward(x, a, c, gates, tanh_c, W_recurrent, W_input)
         return (*_outputs(a), c[-1].clone())
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_a_final, grad_c_final):
         x, a, c, gates, tanh_c, W_recurrent, W_input = ctx.saved_tensors
-        T, H = tanh_c.size(0), tanh_c.size(2)
-        gamma_f, gamma_u, c_tilde, gamma_o = gates.split(H, dim=2)
-        # dz (T, B, 4H) starts as what multiplies dc(t) (f, u, c) or da(t) (o), for all t at once; the
-        # loop multiplies that gradient in.
-        dz = _sigmoid_slopes(gates)                                        # Γ (1 - Γ)
-        dz[..., :H] *= c[:-1]                                              # dz_f = dc c(t-1) Γ_f (1 - Γ_f)
-        dz[..., H:2 * H] *= c_tilde                                        # dz_u = dc c̃ Γ_u (1 - Γ_u)
-        torch.mul(gamma_u, _tanh_slopes(c_tilde), out=dz[..., 2 * H:3 * H])  # dz_c = dc Γ_u (1 - c̃²)
-        dz[..., 3 * H:] *= tanh_c                                          # dz_o = da tanh(c(t)) Γ_o (1 - Γ_o)
-        through_a = _tanh_slopes(tanh_c).mul_(gamma_o)                     # ∂a(t)/∂c(t) = Γ_o (1 - tanh²(c(t)))
-        dz_, dz_fuc, dz_o, through_a, forget, dA = _per_step(
-            dz, dz[..., :3 * H].unflatten(-1, (3, H)), dz[..., 3 * H:], through_a, gamma_f,
-            _incoming(grad_outputs, grad_a_final, a))
-        da = dA[T]
-        dc = grad_c_final if grad_c_final is not None else torch.zeros_like(da)
-        recurrent_t = FixedProduct(W_recurrent.t().contiguous(), da.size(0), T)  # dz W_a: the product transposed
-        for t in range(T, 0, -1):
-            dc = torch.addcmul(dc, da, through_a[t - 1])                   # dc(t) += da(t) ∂a(t)/∂c(t)
-            dz_fuc[t - 1].mul_(dc.unsqueeze(1))                            # dz_f, dz_u, dz_c
-            dz_o[t - 1].mul_(da)                                           # dz_o
-            dc = dc * forget[t - 1]                                        # ∂c(t)/∂c(t-1) = Γ_f
-            da = recurrent_t(dz_[t - 1], dA[t - 1])                        # ∂z(t)/∂a(t-1) = W_aᵀ (recurrent half)
+        T = tanh_c.size(0)
+        dA = _incoming(grad_outputs, grad_a_final, a)
+        dc = grad_c_final if grad_c_final is not None else torch.zeros_like(dA[T])
+        recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)  # dz W_a: the product transposed
+        if (loops := lstm_loops(gates)) is not None:                       # _lstm_backward_loop, compiled
+            dz, da, dc = loops.lstm_backward(gates, c, tanh_c, dA, dc, *recurrent_t.arguments())
+        else:
+            dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA, dc, recurrent_t)
         needs = ctx.needs_input_grad
         dW_recurrent = _over_time(dz, a[:-1]) if needs[3] else None        # Σ_t dz(t) a(t-1)ᵀ
         dx, dW_input, db = _input_gradients(needs[:1] + needs[4:], dz, x, W_input)
         return dx, da, dc, dW_recurrent, dW_input, db
+
+
+def _lstm_forward_loop(gates: Tensor, a: Tensor, c: Tensor, tanh_c: Tensor, recurrent: FixedProduct) -> None:
+    """t = 1 .. T of the LSTM forward, in place: `gates` (T, B, 4H) arrives holding W_x x(t) + b and
+    leaves holding [Γ_f, Γ_u, c̃, Γ_o]; a[t], c[t] (T+1, B, H) and tanh_c[t-1] = tanh(c(t)) are filled."""
+    H = a.size(2)
+    z, gamma_fu, gamma_f, gamma_u, c_tilde, gamma_o, a_, c_, tanh_c_ = _per_step(
+        gates, gates[..., :2 * H], *gates.split(H, -1), a, c, tanh_c)      # gates: [Γ_f, Γ_u, c̃, Γ_o] of each step
+    for t in range(1, a.size(0)):
+        z_t = recurrent(a_[t - 1], z[t - 1])                                # z = W [a(t-1), x(t)] + b
+        torch.sigmoid(z_t[:, :2 * H], out=gamma_fu[t - 1])                 # Γ_f, Γ_u = σ(z_f), σ(z_u)
+        torch.tanh(z_t[:, 2 * H:3 * H], out=c_tilde[t - 1])                # c̃ = tanh(z_c)
+        torch.sigmoid(z_t[:, 3 * H:], out=gamma_o[t - 1])                  # Γ_o = σ(z_o)
+        torch.mul(gamma_f[t - 1], c_[t - 1], out=c_[t]).addcmul_(gamma_u[t - 1], c_tilde[t - 1])  # c(t)
+        torch.mul(gamma_o[t - 1], torch.tanh(c_[t], out=tanh_c_[t - 1]), out=a_[t])  # a(t) = Γ_o tanh(c(t))
+
+
+def _lstm_backward_loop(gates: Tensor, c: Tensor, tanh_c: Tensor, dA: Tensor, dc: Tensor,
+                        recurrent_t: FixedProduct) -> tuple[Tensor, Tensor, Tensor]:
+    """t = T .. 1 of the LSTM backward, from the forward's activations `gates` [Γ_f, Γ_u, c̃, Γ_o]
+    (T, B, 4H), c (T+1, B, H) and tanh(c(t)) (T, B, H); `dA` is what reaches a(t) from outside the
+    recurrence, `dc` what reaches c(T). Returns dz (T, B, 4H), the gradients of every step's gate
+    pre-activations, then da(0) and dc(0)."""
+    T, H = tanh_c.size(0), tanh_c.size(2)
+    gamma_f, gamma_u, c_tilde, gamma_o = gates.split(H, dim=2)
+    # dz starts as what multiplies dc(t) (f, u, c) or da(t) (o), for all t at once; the loop
+    # multiplies that gradient in.
+    dz = _sigmoid_slopes(gates)                                            # Γ (1 - Γ)
+    dz[..., :H] *= c[:-1]                                                  # dz_f = dc c(t-1) Γ_f (1 - Γ_f)
+    dz[..., H:2 * H] *= c_tilde                                            # dz_u = dc c̃ Γ_u (1 - Γ_u)
+    torch.mul(gamma_u, _tanh_slopes(c_tilde), out=dz[..., 2 * H:3 * H])   # dz_c = dc Γ_u (1 - c̃²)
+    dz[..., 3 * H:] *= tanh_c                                              # dz_o = da tanh(c(t)) Γ_o (1 - Γ_o)
+    through_a = _tanh_slopes(tanh_c).mul_(gamma_o)                         # ∂a(t)/∂c(t) = Γ_o (1 - tanh²(c(t)))
+    dz_, dz_fuc, dz_o, through_a_, forget, dA_ = _per_step(
+        dz, dz[..., :3 * H].unflatten(-1, (3, H)), dz[..., 3 * H:], through_a, gamma_f, dA)
+    da = dA_[T]
+    for t in range(T, 0, -1):
+        dc = torch.addcmul(dc, da, through_a_[t - 1])                      # dc(t) += da(t) ∂a(t)/∂c(t)
+        dz_fuc[t - 1].mul_(dc.unsqueeze(1))                                # dz_f, dz_u, dz_c
+        dz_o[t - 1].mul_(da)                                               # dz_o
+        dc = dc * forget[t - 1]                                            # ∂c(t)/∂c(t-1) = Γ_f
+        da = recurrent_t(dz_[t - 1], dA_[t - 1])                           # ∂z(t)/∂a(t-1) = W_aᵀ (recurrent half)
+    return dz, da, dc
 
 
 def function_for(cell: Cell) -> tuple[type[Function], tuple]:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from torch.autograd import Function
 
 
 def _onednn_ops() -> tuple | None:
@@ -76,6 +77,11 @@ class FixedProduct:
             return _ONEDNN[0].binary(x, add, self.W, None, "add")
         return x @ self.W_t if add is None else torch.addmm(add, x, self.W_t)
 
+    def arguments(self) -> tuple[Tensor, bool]:
+        """(weight, onednn) for the compiled loops (`lmtrain.kernels`) to make the same products: the
+        (packed) W for oneDNN's linear, or Wᵀ for addmm."""
+        return (self.W, True) if self.onednn else (self.W_t, False)
+
 
 def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (rows, K), W (N, K): one product over all T*B rows at once (the input half of
@@ -87,3 +93,31 @@ def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
         # 100x slower (measured): a contiguous copy of the weight costs next to nothing.
         return _ONEDNN[0](x, W.detach().contiguous(), None if b is None else b.detach(), "none", [], "")
     return x @ W.t() if b is None else torch.addmm(b, x, W.t())
+
+
+class Projection(Function):
+    """x Wᵀ + b over the last axis of x (..., K), W (N, K): the language model's output layer, whose
+    forward at PTB's 10k words is one of a step's largest products. The forward goes to `linear` (oneDNN:
+    16 ms against MKL's addmm 21 ms at 700 x 200 x 10,000, docs/benchmarks.md); the backward is autograd's
+    own, dx = grad W, dW = gradᵀ x, db = Σ grad, as `torch.mm`s (oneDNN would need Wᵀ copied first)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, W)
+        ctx.has_bias = b is not None
+        return linear(x.reshape(-1, x.size(-1)), W, b).view(*x.shape[:-1], W.size(0))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, W = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.size(-1))                              # (rows, N)
+        needs = ctx.needs_input_grad
+        dx = (rows @ W).view_as(x) if needs[0] else None
+        dW = rows.t() @ x.reshape(-1, x.size(-1)) if needs[1] else None
+        db = rows.sum(0) if ctx.has_bias and needs[2] else None
+        return dx, dW, db
+
+
+def projection(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """`Projection`: x Wᵀ + b for x (..., K), W (N, K), b (N,) or None."""
+    return Projection.apply(x, W, b)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lmtrain import kernels
 from lmtrain.checkpoint import atomic_write_bytes, parameter_count
 from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
 from lmtrain.cache import load_corpus
@@ -221,6 +222,7 @@ class Trainer:
         self.metrics = None
         keep_freed_memory()  # steps would otherwise fault their large buffers in anew each time
         try:
+            self._load_compiled_loops()
             run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
             self.training_model = data_parallel(self.model, self.world, self.device)
             return self._loop()
@@ -234,6 +236,16 @@ class Trainer:
             if self.summary is not None:
                 self.summary.close()
             self.run_dir.unlock()
+
+    def _load_compiled_loops(self) -> None:
+        """Build or load the compiled LSTM loops (`lmtrain.kernels`) now, before the clock starts: the
+        first build on a machine takes about 30 s, which would otherwise count against max_seconds."""
+        model = self.config.model
+        if self.device.type != "cpu" or model.cell != "lstm" or model.backward != "manual":
+            return
+        if kernels.load(announce=self.warn) is None and kernels.required():
+            raise LmtrainError(f"{kernels.SWITCH}=1, but the compiled LSTM loops are not available: "
+                               f"{kernels.unavailable_reason()}")
 
     def _loop(self) -> TrainResult:
         train_config = self.config.train

@@ -1,8 +1,12 @@
 """Benchmark lmtrain's recurrent layers against torch.nn's, one training step at a time.
 
     python scripts/bench_cells.py [--cells rnn gru lstm] [--repeats 9] [--device cpu] [--doc docs/benchmarks.md]
+        [--title TITLE]
 
-(`--doc` writes the table as the section "Layers against torch.nn" of that file, or "... on a GPU".)
+(`--doc` writes the table as the section "Layers against torch.nn" of that file, or "... on a GPU", or
+TITLE.) "lmtrain manual" is the hand-written backward as `lmtrain train` runs it (oneDNN's products, and for
+the LSTM the compiled loops of lmtrain.kernels where they are built); "manual, ATen GEMM" the same with
+oneDNN off, "manual, Python loops" with the compiled loops off (the same as "manual" for RNN and GRU).
 
 For each size (B, T, H) (input size = H) and cell: one training step = forward + backward of the sum of
 the outputs, with gradients for the input too, fp32 on the CPU. The variants run alternately in one
@@ -31,10 +35,11 @@ from torch import nn
 
 from doc_sections import write_section
 from lmtrain.gemm import use_onednn
+from lmtrain.kernels import use_compiled
 from lmtrain.layers import RecurrentStack
 
 SIZES = ((32, 64, 128), (64, 128, 256), (64, 128, 512), (1, 256, 512), (64, 128, 1024))
-VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual aten", "lmtrain manual")
+VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual aten", "lmtrain manual python", "lmtrain manual")
 MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 REFERENCE = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 FOOTNOTE = """Times in ms per training step (forward + backward, input gradients on), fp32; ratio = lmtrain /
@@ -53,14 +58,15 @@ def build(variant: str, cell: str, hidden: int) -> nn.Module:
     return RecurrentStack(cell, hidden, hidden, backward=backward, **options)
 
 
-def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True):
-    """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.gemm)."""
+def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True, compiled: bool = True):
+    """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.gemm),
+    `compiled=False` the LSTM's Python loops instead of the compiled ones (lmtrain.kernels)."""
     module.to(x.device)
 
     def step() -> None:
         x.grad = None
         module.zero_grad(set_to_none=True)
-        with use_onednn(onednn):
+        with use_onednn(onednn), use_compiled(compiled):
             output, _ = module(x)
             output.sum().backward()
         if x.is_cuda:
@@ -68,12 +74,15 @@ def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True):
     return step
 
 
+def switches(variant: str) -> dict[str, bool]:
+    return {"onednn": not variant.endswith("aten"), "compiled": not variant.endswith("python")}
+
+
 def time_variants(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu") -> dict[str, float]:
     """Median seconds per training step of each variant, the variants alternating."""
     B, T, H = size
     x = torch.randn(B, T, H, device=device, requires_grad=True)
-    steps = {variant: step_function(build(variant, cell, H), x, onednn=not variant.endswith("aten"))
-             for variant in VARIANTS}
+    steps = {variant: step_function(build(variant, cell, H), x, **switches(variant)) for variant in VARIANTS}
     for step in steps.values():  # warm-up: first-call allocations and kernel selection
         step()
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -103,7 +112,7 @@ def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int]) -> f
     # so a child of this (large) process would report the parent's peak.
     code = ("import sys, torch; sys.path.insert(0, %r); from bench_cells import *; "
             "B, T, H = %r; x = torch.randn(B, T, H, requires_grad=True); v = %r\n"
-            "if v: s = step_function(build(v, %r, H), x, onednn=not v.endswith('aten')); [s() for _ in range(3)]\n"
+            "if v: s = step_function(build(v, %r, H), x, **switches(v)); [s() for _ in range(3)]\n"
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)"
             % (str(Path(__file__).parent), size, variant, cell))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -117,6 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument("--title", default=None, help="the section of --doc to write")
     args = parser.parse_args()
     sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
     allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
@@ -126,9 +136,10 @@ def main() -> None:
               + (f"; {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
                  if args.device == "cuda" else ""), "",
               "| cell | B, T, H | torch.nn ms | lmtrain autograd ms (ratio) | lmtrain manual, ATen GEMM ms (ratio) | "
-              "lmtrain manual ms (ratio) | torch.nn tokens/s | lmtrain manual tokens/s | "
-              f"peak {'CUDA' if args.device == 'cuda' else 'RSS'} MB torch.nn / autograd / manual ATen / manual |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "lmtrain manual, Python loops ms (ratio) | lmtrain manual ms (ratio) | torch.nn tokens/s | "
+              "lmtrain manual tokens/s | "
+              f"peak {'CUDA' if args.device == 'cuda' else 'RSS'} MB torch.nn / autograd / manual ATen / manual Python / manual |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     print("\n".join(header), flush=True)
     rows = []
     for cell in args.cells:
@@ -148,7 +159,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     if args.doc:
-        title = "Layers against torch.nn" + (" on a GPU" if args.device == "cuda" else "")
+        title = args.title or "Layers against torch.nn" + (" on a GPU" if args.device == "cuda" else "")
         write_section(args.doc, title, "\n".join(header + rows + ["", FOOTNOTE]))
 
 

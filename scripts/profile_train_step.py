@@ -1,9 +1,10 @@
 """Where a training step's time goes: torch's profiler over 20 steps of a real `lmtrain train` run.
 
     python scripts/profile_train_step.py PATH/TO/tinyshakespeare/input.txt [override ...]
+    python scripts/profile_train_step.py --config configs/ptb-word.yaml PATH/TO/ptb [override ...]
 
-Runs configs/tinyshakespeare-char.yaml (2x256 LSTM, batch 32, bptt 64) on `data.path` for 60 steps in a
-temporary folder, profiles steps 31-50, and prints the median step time and the operators by their own
+Runs configs/tinyshakespeare-char.yaml (2x256 LSTM, batch 32, bptt 64), or the `--config` given, on the
+corpus (a file: `data.path`; a folder: its ptb.{train,valid,test}.txt) for 60 steps in a temporary folder, profiles steps 31-50, and prints the median step time and the operators by their own
 CPU time (per step: divide by 20). docs/benchmarks.md's breakdown of the Tiny Shakespeare step comes
 from this script.
 """
@@ -14,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import profile
@@ -25,13 +27,19 @@ PROFILED = range(30, 50)  # step indices (0-based) inside the profile
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
+    arguments, config_file = sys.argv[1:], "configs/tinyshakespeare-char.yaml"
+    if arguments[:1] == ["--config"]:
+        config_file, arguments = arguments[1], arguments[2:]
+    if not arguments:
         sys.exit(__doc__)
+    corpus = Path(arguments[0])
+    data = ([f"data.{split}={corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
+            if corpus.is_dir() else [f"data.path={corpus}"])
     with tempfile.TemporaryDirectory() as folder:
-        config = load_config("configs/tinyshakespeare-char.yaml",
-                             [f"data.path={sys.argv[1]}", "data.corpus=null", "train.max_steps=60",
+        config = load_config(config_file,
+                             [*data, "data.corpus=null", "train.max_steps=60", "train.max_epochs=null",
                               "train.max_seconds=null", "train.eval_every=1000", "train.final_samples=0",
-                              f"train.out_dir={folder}/run", *sys.argv[2:]])
+                              f"train.out_dir={folder}/run", *arguments[1:]])
         trainer = Trainer(config, resume=False, echo=print, warn=print, progress_bar=False)
         step, times, profiler = trainer._train_step, [], profile()
 

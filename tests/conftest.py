@@ -28,6 +28,14 @@ torch.set_num_threads(1)
 SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"
 
 
+def pytest_sessionstart(session) -> None:
+    """Build (first time on this machine, about 30 s) or load the compiled LSTM loops before any test,
+    so that no test's timing or captured output includes the build or its one-line announcement."""
+    from lmtrain import kernels
+
+    kernels.load()
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test starts from the same torch RNG state, so it is deterministic on its own."""

@@ -74,3 +74,34 @@ def test_one_use_is_not_packed(monkeypatch):
     monkeypatch.setattr(gemm, "ONEDNN_FROM_WEIGHTS", 1)
     assert not FixedProduct(torch.randn(3, 3), 2, uses=1).W.is_mkldnn  # sampling: one product per weight
     assert FixedProduct(torch.randn(3, 3), 2, uses=8).W.is_mkldnn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_projection_is_linear_with_its_gradients(dtype, bias):
+    """gemm.projection (oneDNN forward for float32) against F.linear: values and all three gradients,
+    on a (B, T, K) input as the language model's output layer sees it."""
+    x, W = torch.randn(3, 5, 7, dtype=dtype), torch.randn(11, 7, dtype=dtype)
+    b = torch.randn(11, dtype=dtype) if bias else None
+    ours = [t.clone().requires_grad_() if t is not None else None for t in (x, W, b)]
+    theirs = [t.clone().requires_grad_() if t is not None else None for t in (x, W, b)]
+    weights = torch.randn(3, 5, 11, dtype=dtype)
+    out, expected = gemm.projection(*ours), torch.nn.functional.linear(*theirs)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected, **tolerance)
+    for mine, reference in zip(ours, theirs):
+        if mine is not None:
+            torch.testing.assert_close(mine.grad, reference.grad, **tolerance)
+
+
+def test_projection_with_a_tied_weight_sums_both_gradients():
+    """Weight tying: the embedding matrix is also the projection; its gradient is the sum of both uses."""
+    embedding = torch.randn(6, 4, requires_grad=True)
+    tokens = torch.tensor([[0, 3, 5], [2, 2, 1]])
+    loss = gemm.projection(embedding[tokens].tanh(), embedding, None).logsumexp(-1).sum()
+    loss.backward()
+    reference = embedding.detach().clone().requires_grad_()
+    torch.nn.functional.linear(reference[tokens].tanh(), reference).logsumexp(-1).sum().backward()
+    torch.testing.assert_close(embedding.grad, reference.grad, rtol=1e-5, atol=1e-6)

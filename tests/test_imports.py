@@ -129,16 +129,16 @@ def test_regularization_and_memory_import_no_lmtrain_module():
     assert lmtrain_imports("regularization") == set() and lmtrain_imports("memory") == set()
 
 
-def test_gemm_imports_no_lmtrain_module():
-    assert lmtrain_imports("gemm") == set()
+def test_gemm_and_kernels_import_no_lmtrain_module():
+    assert lmtrain_imports("gemm") == set() and lmtrain_imports("kernels") == set()
 
 
-def test_backward_imports_only_cells_and_gemm():
-    assert lmtrain_imports("backward") <= {"cells", "gemm"}
+def test_backward_imports_only_cells_gemm_and_kernels():
+    assert lmtrain_imports("backward") <= {"cells", "gemm", "kernels"}
 
 
 def test_model_imports_only_layers_config_tokenizer():
-    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer", "regularization"}
+    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer", "regularization", "gemm"}
     assert "layers" in lmtrain_imports("model")
 
 

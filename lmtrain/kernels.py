@@ -1,0 +1,132 @@
+"""The LSTM's time loops compiled to native code (`lmtrain/csrc/lstm_loops.cpp`).
+
+The Python loops of `lmtrain.backward.LSTMFunction` make, per time step, one matrix product and about
+seven separate elementwise tensor operations forward and five backward, each a call of its own, and run
+Python between them: at batch 32 and H = 256 those calls cost more than their arithmetic
+(docs/benchmarks.md). The compiled loops run the same equations with each step's gate arithmetic in
+one pass over the (B, H) elements and no Python between steps; the products still go to the GEMM that
+`lmtrain.gemm` picks. They take float32 tensors on the CPU; everything else (float64, CUDA) runs the
+Python loops, which tests/test_kernels.py checks them against.
+
+The loops are built once per machine, on first use, by torch's C++ extension loader (about 30 s; cached
+under `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). That needs a C++ compiler and
+ninja (`pip install ninja`, or the system's). Without them, or if the build fails, lmtrain says so in one
+line and keeps the Python loops: slower, same results. `LMTRAIN_COMPILED=0` skips the build;
+`LMTRAIN_COMPILED=1` makes it required (`lmtrain train` stops with the reason instead).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "lstm_loops.cpp"
+SWITCH = "LMTRAIN_COMPILED"
+
+_enabled = True
+_built: dict[str, object] = {}  # "module" and "reason", once the build was tried
+
+
+def lstm_loops(tensor: torch.Tensor) -> ModuleType | None:
+    """The compiled loops if they can run on `tensor` (float32 on the CPU) and are built (building
+    them on first call); None means: use the Python loops."""
+    if not (_enabled and tensor.device.type == "cpu" and tensor.dtype == torch.float32):
+        return None
+    return load()
+
+
+def load(announce=lambda line: print(line, file=sys.stderr)) -> ModuleType | None:
+    """Build (first time on this machine) or load the compiled loops; None, after one line through
+    `announce` saying why, if they cannot be had."""
+    if "module" not in _built:
+        module, reason = _build(announce)
+        _built.update(module=module, reason=reason)
+        if reason is not None and os.environ.get(SWITCH) not in ("0", "1"):
+            announce(f"lmtrain: the compiled LSTM loops are not available ({reason}); using the Python loops "
+                     f"(same results, slower). {SWITCH}=0 silences this.")
+    return _built["module"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled loops are not in use, or None if they are (after `load`)."""
+    return _built.get("reason")
+
+
+def required() -> bool:
+    """`LMTRAIN_COMPILED=1`: the user wants the compiled loops or an error, not a silent fallback."""
+    return os.environ.get(SWITCH) == "1"
+
+
+@contextmanager
+def use_compiled(enabled: bool) -> Iterator[None]:
+    """Run the compiled loops (where they can) or the Python ones inside the block: for tests and
+    benchmarks that compare the two."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+COMMON_FLAGS = ["-O3", "-fno-trapping-math"]
+
+
+def _flags() -> tuple[str, list[str]]:
+    """The build's name and compiler flags for this CPU: AVX-512 or AVX2 where torch found them (its own
+    kernels choose the same way), the target's default otherwise. The name carries the
+    choice so that a cache shared between machines never hands one a binary its CPU cannot run.
+    `-fno-trapping-math` lets GCC vectorise the gate loops (their clamps and floors are branches to it
+    otherwise); nothing here reads floating-point exception flags."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":  # 512-bit vectors: the forward's gate pass in 0.7x the time of AVX2's (measured)
+        return "lmtrain_lstm_loops_avx512", [*COMMON_FLAGS, "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw",
+                                             "-mavx2", "-mfma", "-mprefer-vector-width=512"]
+    if capability == "AVX2":
+        return "lmtrain_lstm_loops_avx2", [*COMMON_FLAGS, "-mavx2", "-mfma"]
+    return "lmtrain_lstm_loops", COMMON_FLAGS
+
+
+def _find_ninja(cpp_extension) -> bool:
+    """Whether torch's loader can run ninja. `pip install ninja` puts it beside this Python, which is not
+    on PATH when lmtrain runs from a venv that was not activated: that folder is then added to PATH."""
+    if cpp_extension.is_ninja_available():
+        return True
+    beside = Path(sys.executable).parent
+    if not (beside / "ninja").exists():
+        return False
+    os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
+    return cpp_extension.is_ninja_available()
+
+
+def _build(announce) -> tuple[ModuleType | None, str | None]:
+    if os.environ.get(SWITCH) == "0":
+        return None, f"{SWITCH}=0"
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as error:  # a torch without its C++ extension support
+        return None, f"torch.utils.cpp_extension: {error}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler}) on PATH"
+    if not _find_ninja(cpp_extension):
+        return None, "ninja is not installed: pip install ninja"
+    name, flags = _flags()
+    try:
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if not built.exists():
+            announce(f"lmtrain: compiling the LSTM loops for this machine (once, about 30 s): {SOURCE.name}")
+    except Exception:  # a private helper of torch's: only the announcement depends on it
+        pass
+    try:
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, verbose=False), None
+    except Exception as error:  # a compiler error, a read-only cache folder, ...
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return None, f"build failed: {lines[0][:200]}"

@@ -1,0 +1,182 @@
+"""lmtrain.kernels: the LSTM's compiled time loops give the Python loops' values and gradients (float32,
+either GEMM, reversed, odd sizes, saturated gates), really run when they can, and stay out of float64;
+without them lmtrain says why in one line and falls back, or stops when LMTRAIN_COMPILED=1 asks for them.
+
+The build takes about 30 s the first time on a machine (conftest.py starts it before the tests); where it
+cannot run (no compiler, no ninja) the tests that need it are skipped, unless LMTRAIN_COMPILED=1 (as in
+.ci/run) makes that a failure."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain import kernels
+from lmtrain.cells import LSTMCell
+from lmtrain.errors import LmtrainError
+from lmtrain.gemm import use_onednn
+from lmtrain.layers import RecurrentLayer
+from lmtrain.train import train
+
+
+@pytest.fixture
+def compiled():
+    """The compiled loops, or a skip (a failure under LMTRAIN_COMPILED=1) saying why they are missing."""
+    module = kernels.load(announce=lambda line: None)
+    if module is None:
+        message = f"compiled LSTM loops unavailable: {kernels.unavailable_reason()}"
+        if kernels.required():
+            pytest.fail(message)
+        pytest.skip(message)
+    return module
+
+
+def run_layer(layer: RecurrentLayer, x: torch.Tensor, state: tuple, *, compiled: bool):
+    """Outputs, final state and every gradient of one forward and backward, with the loops asked for."""
+    x, state = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in state)
+    layer.zero_grad()
+    with kernels.use_compiled(compiled):
+        outputs, (a, c) = layer(x, state)
+    weights = torch.randn(outputs.shape, generator=torch.Generator().manual_seed(1))
+    ((outputs * weights).sum() + a.square().sum() + (2 * c).sum()).backward()
+    return [outputs, a, c, x.grad, *(s.grad for s in state), *(p.grad for p in layer.parameters())]
+
+
+def assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor], tolerance: float = 2e-5) -> None:
+    """Each tensor equal up to `tolerance` of its largest value: the compiled exp is not ATen's."""
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=tolerance * float(want.detach().abs().max().clamp(min=1)))
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("B, T, E, H", [(1, 1, 3, 5), (3, 7, 4, 13), (8, 33, 16, 128), (4, 9, 40, 300)])
+def test_same_values_and_gradients_as_the_python_loops(compiled, onednn, reverse, B, T, E, H):
+    layer = RecurrentLayer(LSTMCell(E, H), reverse=reverse, backward="manual")
+    x, state = torch.randn(B, T, E), (torch.randn(B, H), torch.randn(B, H))
+    with use_onednn(onednn):
+        assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
+
+
+def test_saturated_gates_match_and_stay_finite(compiled):
+    """Pre-activations of ±100 and more: σ and tanh must saturate to 0, ±1 as torch's do, without
+    overflow in the compiled exp."""
+    layer = RecurrentLayer(LSTMCell(4, 6), backward="manual")
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.mul_(300)
+    x, state = 10 * torch.randn(3, 5, 4), (torch.randn(3, 6), 50 * torch.randn(3, 6))
+    assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
+
+
+def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
+    """A float32 CPU layer calls them once forward and once backward; with use_compiled(False), or in
+    float64, it does not."""
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(compiled, name)
+
+    monkeypatch.setitem(kernels._built, "module", Counting())
+    layer = RecurrentLayer(LSTMCell(3, 4), backward="manual")
+    layer(torch.randn(2, 5, 3))[0].sum().backward()
+    assert calls == ["lstm_forward", "lstm_backward"]
+    with kernels.use_compiled(False):
+        layer(torch.randn(2, 5, 3))[0].sum().backward()
+    layer.double()(torch.randn(2, 5, 3, dtype=torch.float64))[0].sum().backward()
+    assert calls == ["lstm_forward", "lstm_backward"]
+
+
+def test_kernels_reject_what_they_cannot_read(compiled):
+    """A float64 or non-contiguous buffer is an error in C++, not a wrong result (backward.py never
+    passes one; this guards the boundary)."""
+    T, B, H = 2, 3, 4
+    gates, a, c, tanh_c = torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.zeros(T, B, H)
+    W_t = torch.zeros(4 * H, H).t()
+    with pytest.raises(RuntimeError, match="a must be a contiguous float32 CPU tensor"):
+        compiled.lstm_forward(gates, a.double(), c, tanh_c, W_t, False)
+    with pytest.raises(RuntimeError, match="gates must be"):
+        compiled.lstm_forward(gates.transpose(0, 1), a, c, tanh_c, W_t, False)
+
+
+def fresh_build(monkeypatch, build_result=None):
+    """Forget any earlier build; `build_result` (module, reason) replaces the real build."""
+    monkeypatch.setattr(kernels, "_built", {})
+    if build_result is not None:
+        monkeypatch.setattr(kernels, "_build", lambda announce: build_result)
+
+
+def test_switched_off_quietly(monkeypatch):
+    fresh_build(monkeypatch)
+    monkeypatch.setenv(kernels.SWITCH, "0")
+    lines = []
+    assert kernels.load(announce=lines.append) is None
+    assert kernels.unavailable_reason() == "LMTRAIN_COMPILED=0" and lines == []
+    assert kernels.lstm_loops(torch.zeros(1)) is None
+
+
+def test_no_compiler_is_one_line_and_the_python_loops(monkeypatch):
+    fresh_build(monkeypatch)
+    monkeypatch.delenv(kernels.SWITCH, raising=False)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    lines = []
+    assert kernels.load(announce=lines.append) is None
+    assert lines == ["lmtrain: the compiled LSTM loops are not available (no C++ compiler (no-such-compiler-here) "
+                     "on PATH); using the Python loops (same results, slower). LMTRAIN_COMPILED=0 silences this."]
+    assert kernels.load(announce=lines.append) is None and len(lines) == 1  # said once per process
+    layer = RecurrentLayer(LSTMCell(3, 4), backward="manual")
+    layer(torch.randn(2, 5, 3))[0].sum().backward()  # the Python loops run
+
+
+def test_required_but_unavailable_stops_training_with_one_line(monkeypatch, tmp_path, config_factory):
+    fresh_build(monkeypatch, (None, "ninja is not installed: pip install ninja"))
+    monkeypatch.setenv(kernels.SWITCH, "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat\nthe dog ran\n" * 20, encoding="utf-8")
+    config = config_factory(**{"data.path": str(corpus), "model.cell": "lstm", "train.out_dir": str(tmp_path / "run"),
+                               "data.cache": False})
+    with pytest.raises(LmtrainError, match=r"^LMTRAIN_COMPILED=1, but the compiled LSTM loops are not available: "
+                                           r"ninja is not installed: pip install ninja$"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_other_cells_and_autograd_do_not_build(monkeypatch, tmp_path, config_factory):
+    """Only a manual-backward LSTM on the CPU asks for the build (the others would wait 30 s for nothing)."""
+    asked = []
+    fresh_build(monkeypatch)
+    monkeypatch.setattr(kernels, "_build", lambda announce: asked.append(1) or (None, "test"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat\nthe dog ran\n" * 20, encoding="utf-8")
+    for index, overrides in enumerate(({"model.cell": "gru"}, {"model.cell": "lstm", "model.backward": "autograd"})):
+        config = config_factory(**{"data.path": str(corpus), "train.out_dir": str(tmp_path / f"run{index}"),
+                                   "train.max_steps": 1, "data.cache": False, **overrides})
+        train(config)
+    assert asked == []
+
+
+def test_ninja_beside_python_is_found_when_not_on_path(monkeypatch, tmp_path):
+    """`pip install ninja` in a venv that was not activated: the loader still finds it."""
+    from torch.utils import cpp_extension
+
+    beside = Path(sys.executable).parent
+    if not (beside / "ninja").exists():
+        pytest.skip("ninja is not installed beside this Python")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert kernels._find_ninja(cpp_extension)
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(beside)
+
+
+def test_no_ninja_anywhere_is_a_reason(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    assert not kernels._find_ninja(cpp_extension)
