@@ -1,11 +1,11 @@
 """The LSTM's time loops compiled to native code (`lmtrain/csrc/lstm_loops.cpp`).
 
 The Python loops of `lmtrain.backward.LSTMFunction` make, per time step, one matrix product and about
-seven separate elementwise tensor operations forward and five backward, each a call of its own, and run
-Python between them: at batch 32 and H = 256 those calls cost more than their arithmetic
-(docs/benchmarks.md). The compiled loops run the same equations with each step's gate arithmetic in
-one pass over the (B, H) elements and no Python between steps; the products still go to the GEMM that
-`lmtrain.gemm` picks. They take float32 tensors on the CPU; everything else (float64, CUDA) runs the
+seven separate elementwise tensor operations forward and five backward (after six passes over every
+step's buffers), each a call of its own, and run Python between them: at batch 32 and H = 256 those
+calls cost more than their arithmetic (docs/benchmarks.md). The compiled loops run the same equations
+with each step's gate arithmetic in one pass over the (B, H) elements and no Python between steps; the
+products still go to the GEMM that `lmtrain.gemm` picks. They take float32 tensors on the CPU; everything else (float64, CUDA) runs the
 Python loops, which tests/test_kernels.py checks them against.
 
 The loops are built once per machine, on first use, by torch's C++ extension loader (about 30 s; cached
@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--config", default="configs/tinyshakespeare-char.yaml")
     parser.add_argument("--steps", type=int, default=120, help="timed steps (after the warm-up)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     data = ([f"data.{split}={args.corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
             if args.corpus.is_dir() else [f"data.path={args.corpus}"])
     variants = list(itertools.product((False, True), repeat=2))  # (compiled, onednn_projection)
