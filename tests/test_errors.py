@@ -87,6 +87,7 @@ class Case:
     max_rss_mb: int | None = None
     heavy: bool = False                        # the 50 MB line: its own test
     note: str = ""                             # what `check` verifies, for the table
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # environment variables of the command
 
     @property
     def needs_shared(self) -> bool:
@@ -304,6 +305,10 @@ CASES: list[Case] = [
     Case("corpus-shorter-than-batch-x-bptt", "corpus shorter than batch_size x bptt (but 2+ tokens a stream)",
          (*TRAIN, "tiny.yaml", "train.batch_size=8", "train.bptt=64"), tiny_with(**{"corpus.txt": CORPUS[:300]}),
          outcome="ok", exit_code=0, check=trained),
+    Case("compiled-loops-required-unavailable",
+         "`LMTRAIN_COMPILED=1` where the compiled LSTM loops cannot be built (no C++ compiler)",
+         (*TRAIN, "tiny.yaml"), tiny_with(), env={"LMTRAIN_COMPILED": "1", "CXX": "no-such-compiler"},
+         expect=("LMTRAIN_COMPILED=1", "compiled LSTM loops", "no C++ compiler")),
     # the run folder
     Case("out-dir-under-a-file", "train.out_dir that cannot be created (under a regular file)",
          (*TRAIN, "tiny.yaml", "train.out_dir=notes.txt/run"), tiny_with(**{"notes.txt": "a regular file\n"}),
@@ -438,13 +443,15 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def run_lmtrain(args: Iterable[str], cwd: Path, timeout: float = TIMEOUT_S) -> Result:
-    """Run `python -m lmtrain ARGS` in `cwd`: its exit code, output, own peak RSS and CPU time."""
+def run_lmtrain(args: Iterable[str], cwd: Path, timeout: float = TIMEOUT_S,
+                env: dict[str, str] | None = None) -> Result:
+    """Run `python -m lmtrain ARGS` in `cwd` (with `env` added to the environment): its exit code,
+    output, own peak RSS and CPU time."""
     with tempfile.TemporaryDirectory() as scratch:
         usage_file = Path(scratch) / "usage.json"
         begin = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage_file), *LMTRAIN, *map(str, args)],
-                                   cwd=cwd, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   cwd=cwd, env={**ENV, **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
@@ -469,7 +476,7 @@ def run_case(case: Case, root: Path) -> Result:
     runs, if the case needs them, are in `root/_shared`: see `prepare_shared`)."""
     folder = root / case.name
     write_files(folder, case.files, root / "_shared")
-    return run_lmtrain(case.args, folder)
+    return run_lmtrain(case.args, folder, env=case.env)
 
 
 def run_cases(cases: Iterable[Case], root: Path, workers: int = WORKERS) -> dict[str, Future]:
