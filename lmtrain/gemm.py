@@ -97,9 +97,10 @@ def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
 
 class Projection(Function):
     """x Wᵀ + b over the last axis of x (..., K), W (N, K): the language model's output layer, whose
-    forward at PTB's 10k words is one of a step's largest products. The forward goes to `linear` (oneDNN:
-    16 ms against MKL's addmm 21 ms at 700 x 200 x 10,000, docs/benchmarks.md); the backward is autograd's
-    own, dx = grad W, dW = gradᵀ x, db = Σ grad, as `torch.mm`s (oneDNN would need Wᵀ copied first)."""
+    forward at PTB's 10k words is one of a step's largest products. The forward goes to `linear` (oneDNN,
+    faster than MKL's addmm there: a PTB step in 0.96x the time, scripts/bench_train_step.py); the backward
+    is autograd's own, dx = grad W, dW = gradᵀ x, db = Σ grad, as `torch.mm`s (oneDNN would need Wᵀ
+    copied first)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lmtrain.config import ModelConfig
 from lmtrain import gemm, regularization
+from lmtrain.config import ModelConfig
 from lmtrain.layers import RecurrentStack
 from lmtrain.regularization import SequenceDropout
 from lmtrain.tokenizer import ZERO_INPUT
