@@ -5,8 +5,8 @@ seven separate elementwise tensor operations forward and five backward (after si
 step's buffers), each a call of its own, and run Python between them: at batch 32 and H = 256 those
 calls cost more than their arithmetic (docs/benchmarks.md). The compiled loops run the same equations
 with each step's gate arithmetic in one pass over the (B, H) elements and no Python between steps; the
-products still go to the GEMM that `lmtrain.gemm` picks. They take float32 tensors on the CPU; everything else (float64, CUDA) runs the
-Python loops, which tests/test_kernels.py checks them against.
+products still go to the GEMM that `lmtrain.gemm` picks. They take float32 tensors on the CPU; everything
+else (float64, CUDA) runs the Python loops, which tests/test_kernels.py checks them against.
 
 The loops are built once per machine, on first use, by torch's C++ extension loader (about 30 s; cached
 under `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). That needs a C++ compiler and
