@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.autograd import Function
 
 from lmtrain.cells import Cell, GRUCell, LSTMCell, RNNCell
-from lmtrain.gemm import FixedProduct, linear
-from lmtrain.kernels import lstm_loops
+from lmtrain.gemm import PACK_FROM, FixedProduct, linear
+from lmtrain.kernels import compiled
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -265,7 +265,10 @@ class GRUAfterFunction(Function):
 
 class LSTMFunction(Function):
     """The LSTM over a whole sequence. Inputs: x, a(0), c(0), W_recurrent (4H, H), W_input (4H, E),
-    b (4H,), gates (f, u, c, o). Outputs: a(1..T) (B, T, H), a(T) and c(T)."""
+    b (4H,), gates (f, u, c, o). Outputs: a(1..T) (B, T, H), a(T) and c(T). The time loops are the
+    compiled ones (`lmtrain.kernels`) where they can run and the sequence has at least PACK_FROM steps:
+    they pack W_recurrent first, which a single step (sampling feeds one token at a time) would not
+    repay."""
 
     @staticmethod
     def forward(ctx, x, a0, c0, W_recurrent, W_input, b):
@@ -274,11 +277,10 @@ class LSTMFunction(Function):
         a, c = _states(a0, T), _states(c0, T)                              # (T+1, B, H)
         gates = _project(x, W_input, b)                                    # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
-        recurrent = FixedProduct(W_recurrent, x.size(0), T)
-        if (loops := lstm_loops(x)) is not None:                           # _lstm_forward_loop, compiled
-            loops.lstm_forward(gates, a, c, tanh_c, *recurrent.arguments())
+        if T >= PACK_FROM and (loops := compiled(x)) is not None:          # _lstm_forward_loop, compiled
+            loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous())
         else:
-            _lstm_forward_loop(gates, a, c, tanh_c, recurrent)
+            _lstm_forward_loop(gates, a, c, tanh_c, FixedProduct(W_recurrent, x.size(0), T))
         ctx.save_for_backward(x, a, c, gates, tanh_c, W_recurrent, W_input)
         return (*_outputs(a), c[-1].clone())
 
@@ -288,10 +290,10 @@ class LSTMFunction(Function):
         T = tanh_c.size(0)
         dA = _incoming(grad_outputs, grad_a_final, a)
         dc = grad_c_final if grad_c_final is not None else torch.zeros_like(dA[T])
-        recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)  # dz W_a: the product transposed
-        if (loops := lstm_loops(gates)) is not None:                       # _lstm_backward_loop, compiled
-            dz, da, dc = loops.lstm_backward(gates, c, tanh_c, dA, dc, *recurrent_t.arguments())
+        if T >= PACK_FROM and (loops := compiled(gates)) is not None:      # _lstm_backward_loop, compiled
+            dz, da, dc = loops.lstm_backward(gates, c, tanh_c, dA, dc, W_recurrent.detach().contiguous())
         else:
+            recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)  # dz W_a: the product transposed
             dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA, dc, recurrent_t)
         needs = ctx.needs_input_grad
         dW_recurrent = _over_time(dz, a[:-1]) if needs[3] else None        # Σ_t dz(t) a(t-1)ᵀ

@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from lmtrain.checkpoint import load_model
 from lmtrain.config import Config
@@ -22,13 +21,6 @@ from lmtrain.data import (IGNORE, Sequence, length_sorted_batches, load_splits, 
 from lmtrain.errors import LmtrainError
 from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import Tokenizer, read_text
-
-
-def summed_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
-    """(sum of -log p(target), number of targets), padded targets (IGNORE) left out."""
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total, int((targets != IGNORE).sum())
 
 
 def perplexity(loss: float) -> float:
@@ -82,10 +74,11 @@ def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = 
         chunk = max(1, ACTIVATIONS_BUDGET // (len(batch) * widest))
         state = None
         for start in range(0, inputs.size(1), chunk):
-            logits, state = model(inputs[:, start:start + chunk].to(device), state, backward=backward)
-            chunk_total, chunk_count = summed_nll(logits.float(), targets[:, start:start + chunk].to(device))
+            chunk_targets = targets[:, start:start + chunk].to(device)
+            chunk_total, state = model(inputs[:, start:start + chunk].to(device), state, targets=chunk_targets,
+                                       ignore_index=IGNORE, backward=backward)
             total += float(chunk_total)
-            count += chunk_count
+            count += int((chunk_targets != IGNORE).sum())
     model.train(was_training)
     return Score(loss=total / count if count else math.nan, tokens=count)
 

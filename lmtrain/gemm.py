@@ -77,11 +77,6 @@ class FixedProduct:
             return _ONEDNN[0].binary(x, add, self.W, None, "add")
         return x @ self.W_t if add is None else torch.addmm(add, x, self.W_t)
 
-    def arguments(self) -> tuple[Tensor, bool]:
-        """(weight, onednn) for the compiled loops (`lmtrain.kernels`) to make the same products: the
-        (packed) W for oneDNN's linear, or Wᵀ for addmm."""
-        return (self.W, True) if self.onednn else (self.W_t, False)
-
 
 def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (rows, K), W (N, K): one product over all T*B rows at once (the input half of

@@ -8,15 +8,17 @@ In training, dropout acts on x(t) (`input_dropout`), between layers (`layer_drop
 W_y (`output_dropout`), with one mask per sequence if `locked_dropout`; `embedding_dropout` drops whole
 words and `weight_drop` the recurrent weights (`lmtrain.regularization` has the papers).
 
-Batch-first: tokens (B, T) -> logits (B, T, V). The model only models; the loss lives in `train`
-and `evaluate`, generation in `sampling`.
+Batch-first: tokens (B, T) -> logits (B, T, V); given the targets, the model returns the summed
+NLL instead, Σ_t −log ŷ(t)[y(t)], made with the output layer in one step (`lmtrain.loss`) so that the
+(B, T, V) logits never leave it. What to do with the loss lives in `train` and `evaluate`, generation
+in `sampling`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lmtrain import gemm, regularization
+from lmtrain import gemm, loss, regularization
 from lmtrain.config import ModelConfig
 from lmtrain.layers import RecurrentStack
 from lmtrain.regularization import SequenceDropout
@@ -32,6 +34,10 @@ class Projection(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return gemm.projection(x, self.weight, self.bias)
+
+    def summed_nll(self, x: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Σ −log softmax(W_y x + b_y)[target] over the targets that are not `ignore_index` (`loss.projected_nll`)."""
+        return loss.projected_nll(x, self.weight, self.bias, targets, ignore_index)
 
 
 class LanguageModel(nn.Module):
@@ -87,11 +93,14 @@ class LanguageModel(nn.Module):
         return self.rnn.initial_state(batch_size, **kwargs)
 
     def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None, *,
-                backward: bool = False, hidden: bool = False) -> tuple:
-        """Logits for the next token at every position, and the new state. `backward=True` runs the
-        backward LM of a `direction: bi` model, which expects `tokens` in reversed order (see
-        `data.reverse_text`). `hidden=True` also returns the last layer's outputs before and after
-        output dropout, `(a, m ⊙ a)`, both (B, T, H), for AR/TAR."""
+                targets: Tensor | None = None, ignore_index: int = -100, backward: bool = False,
+                hidden: bool = False) -> tuple:
+        """Logits for the next token at every position, and the new state. Given `targets` (B, T), the
+        summed NLL of those that are not `ignore_index` (a scalar) takes the logits' place: the training
+        loss, without the (B, T, V) logits. `backward=True` runs the backward LM of a `direction: bi`
+        model, which expects `tokens` in reversed order (see `data.reverse_text`). `hidden=True` also
+        returns the last layer's outputs before and after output dropout, `(a, m ⊙ a)`, both (B, T, H),
+        for AR/TAR."""
         x = self.embedding(tokens.clamp(min=0))                              # (B, T, E)
         x = x.masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
         if self.training:
@@ -101,5 +110,8 @@ class LanguageModel(nn.Module):
             raise ValueError("backward=True needs a model built with direction='bi'")
         a, state = rnn(self.input_dropout(x), state)                        # (B, T, H)
         a_dropped = self.output_dropout(a)
-        logits = self.projection(a_dropped)                                 # (B, T, V)
-        return (logits, state, (a, a_dropped)) if hidden else (logits, state)
+        if targets is None:
+            output = self.projection(a_dropped)                             # (B, T, V) logits
+        else:
+            output = self.projection.summed_nll(a_dropped, targets, ignore_index)
+        return (output, state, (a, a_dropped)) if hidden else (output, state)

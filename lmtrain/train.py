@@ -36,7 +36,7 @@ from lmtrain.distributed import (World, agree_on_step, check_batch_size, data_pa
                                  gather_rows, own_rows, process_device, process_group, run_on_all, sum_over_processes,
                                  world_from_environment)
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score, summed_nll
+from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score
 from lmtrain.memory import keep_freed_memory
 from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer, learning_rate
@@ -222,7 +222,7 @@ class Trainer:
         self.metrics = None
         keep_freed_memory()  # steps would otherwise fault their large buffers in anew each time
         try:
-            self._load_compiled_loops()
+            self._load_compiled_kernels()
             run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
             self.training_model = data_parallel(self.model, self.world, self.device)
             return self._loop()
@@ -237,14 +237,14 @@ class Trainer:
                 self.summary.close()
             self.run_dir.unlock()
 
-    def _load_compiled_loops(self) -> None:
-        """Build or load the compiled LSTM loops (`lmtrain.kernels`) now, before the clock starts: the
-        first build on a machine takes about 30 s, which would otherwise count against max_seconds."""
-        model = self.config.model
-        if self.device.type != "cpu" or model.cell != "lstm" or model.backward != "manual":
+    def _load_compiled_kernels(self) -> None:
+        """Build or load the compiled kernels (`lmtrain.kernels`: every CPU model's loss, the LSTM's loops)
+        now, before the clock starts: the first build on a machine takes about 30 s, which would otherwise
+        count against max_seconds."""
+        if self.device.type != "cpu":
             return
         if kernels.load(announce=self.warn) is None and kernels.required():
-            raise LmtrainError(f"{kernels.SWITCH}=1, but the compiled LSTM loops are not available: "
+            raise LmtrainError(f"{kernels.SWITCH}=1, but the compiled kernels are not available: "
                                f"{kernels.unavailable_reason()}")
 
     def _loop(self) -> TrainResult:
@@ -339,8 +339,8 @@ class Trainer:
             if state is not None:
                 # Truncated BPTT: keep the state's value, cut the graph to the previous chunk.
                 state = [tuple(t.detach() for t in layer) for layer in state]
-            logits, state, (a, a_dropped) = self.training_model(inputs, state, backward=backward, hidden=True)
-            direction_total, _ = summed_nll(logits, targets)
+            direction_total, state, (a, a_dropped) = self.training_model(
+                inputs, state, targets=targets, ignore_index=IGNORE, backward=backward, hidden=True)
             # The mean over the global batch's tokens. DDP averages the N processes' gradients, so each
             # divides its sum by the global count / N: exact however the padding falls between them.
             losses.append(direction_total / (batch_count / world.size) + self._activation_penalty(a, a_dropped, targets))

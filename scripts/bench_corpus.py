@@ -70,7 +70,7 @@ import sys
 import torch
 from lmtrain.config import load_config
 from lmtrain.data import stream_segments
-from lmtrain.evaluate import score, summed_nll
+from lmtrain.evaluate import score
 from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer
 import lmtrain.train
@@ -81,10 +81,9 @@ model = LanguageModel.from_config(config.model, vocab_size)
 optimizer = build_optimizer(model, config.train)
 batch = torch.randint(vocab_size, (config.train.batch_size, config.train.bptt + 1))
 for _ in range(2):  # training steps of the run's shape (the second with the optimizer state), on random ids
-    logits, _ = model(batch[:, :-1], None)
-    total, count = summed_nll(logits, batch[:, 1:])
+    total, _ = model(batch[:, :-1], None, targets=batch[:, 1:])
     optimizer.zero_grad()
-    (total / count).backward()
+    (total / batch[:, 1:].numel()).backward()
     optimizer.step()
 score(model, stream_segments(torch.randint(vocab_size, (valid_tokens,)), config.train.eval_segment))
 print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])

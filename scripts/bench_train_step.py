@@ -1,14 +1,15 @@
-"""A training step with and without this round's two speed-ups, alternating in one process: the compiled
-LSTM loops (`lmtrain.kernels`) and the output layer's forward by oneDNN (`gemm.projection`, against
-`torch.nn.functional.linear`).
+"""A training step with and without the last two rounds' speed-ups, alternating in one process: the compiled
+LSTM loops (`lmtrain.kernels`), the output layer's forward by oneDNN (`gemm.projection`, against
+`torch.nn.functional.linear`), and the output layer fused with its loss (`lmtrain.loss`, against the
+logits, then torch's `cross_entropy`).
 
     python scripts/bench_train_step.py PATH/TO/tinyshakespeare/input.txt [--steps 120] [override ...]
     python scripts/bench_train_step.py --config configs/ptb-word.yaml PATH/TO/ptb [--steps 120] [override ...]
 
 Runs the config (default configs/tinyshakespeare-char.yaml; a corpus folder means its
 ptb.{train,valid,test}.txt) in a temporary folder. After 10 warm-up steps, every block of 5 steps uses the
-next of the four variants in turn, so that the machine's stalls fall on all of them alike; prints the
-median step time of each and its ratio to the step with neither.
+next of the five variants in turn, so that the machine's stalls fall on all of them alike; prints the
+median step time of each and its ratio to the step with none of them.
 """
 
 from __future__ import annotations
@@ -28,22 +29,34 @@ import torch
 
 from lmtrain import gemm, kernels
 from lmtrain.config import load_config
+from lmtrain.model import Projection
 from lmtrain.train import Trainer
 
 MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 WARM_UP, BLOCK = 10, 5
+# (compiled LSTM loops, oneDNN output layer forward, fused loss): none, each round's addition in turn
+VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+
+
+def unfused_nll(self: Projection, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """What `Projection.summed_nll` replaced: the logits, then torch's cross-entropy."""
+    logits = self(x)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=ignore_index, reduction="sum")
 
 
 @contextlib.contextmanager
-def variant(compiled: bool, onednn_projection: bool):
-    projection = gemm.projection
+def variant(compiled: bool, onednn_projection: bool, fused_loss: bool):
+    projection, summed_nll = gemm.projection, Projection.summed_nll
     if not onednn_projection:
         gemm.projection = torch.nn.functional.linear  # what gemm.projection replaced
+    if not fused_loss:
+        Projection.summed_nll = unfused_nll
     try:
         with kernels.use_compiled(compiled):
             yield
     finally:
-        gemm.projection = projection
+        gemm.projection, Projection.summed_nll = projection, summed_nll
 
 
 def main() -> None:
@@ -55,8 +68,8 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     data = ([f"data.{split}={args.corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
             if args.corpus.is_dir() else [f"data.path={args.corpus}"])
-    variants = list(itertools.product((False, True), repeat=2))  # (compiled, onednn_projection)
-    times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
+    variants = VARIANTS
+    times: dict[tuple[bool, bool, bool], list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as folder:
         config = load_config(args.config, [*data, "data.corpus=null", f"train.max_steps={WARM_UP + args.steps}",
                                            "train.max_epochs=null", "train.max_seconds=null", "train.eval_every=100000",
@@ -82,13 +95,13 @@ def main() -> None:
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"allocator: {allocator}; {args.config} ({model.cell} {model.num_layers}x{model.hidden_size}, batch "
           f"{config.train.batch_size}, bptt {config.train.bptt}), {args.steps} steps in blocks of {BLOCK} per variant\n")
-    baseline = statistics.median(times[(False, False)])
-    print("| compiled LSTM loops | output layer forward | median step ms | ratio |")
-    print("|---|---|---:|---:|")
-    for compiled, onednn_projection in variants:
-        median = statistics.median(times[(compiled, onednn_projection)])
-        print(f"| {'yes' if compiled else 'no'} | {'oneDNN' if onednn_projection else 'F.linear'} | {1e3 * median:.1f} | "
-              f"{median / baseline:.2f}x |")
+    baseline = statistics.median(times[variants[0]])
+    print("| compiled LSTM loops | output layer forward | loss | median step ms | ratio |")
+    print("|---|---|---|---:|---:|")
+    for compiled, onednn_projection, fused_loss in variants:
+        median = statistics.median(times[(compiled, onednn_projection, fused_loss)])
+        print(f"| {'yes' if compiled else 'no'} | {'oneDNN' if onednn_projection else 'F.linear'} | "
+              f"{'fused' if fused_loss else 'cross_entropy'} | {1e3 * median:.1f} | {median / baseline:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,26 @@ SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"
 
 
 def pytest_sessionstart(session) -> None:
-    """Build (first time on this machine, about 30 s) or load the compiled LSTM loops before any test,
+    """Build (first time on this machine, about 30 s) or load the compiled kernels before any test,
     so that no test's timing or captured output includes the build or its one-line announcement."""
     from lmtrain import kernels
 
     kernels.load()
+
+
+@pytest.fixture
+def compiled():
+    """The compiled kernels (`lmtrain.kernels`), or a skip (a failure under LMTRAIN_COMPILED=1, as in
+    .ci/run) saying why they are missing."""
+    from lmtrain import kernels
+
+    module = kernels.load(announce=lambda line: None)
+    if module is None:
+        message = f"compiled kernels unavailable: {kernels.unavailable_reason()}"
+        if kernels.required():
+            pytest.fail(message)
+        pytest.skip(message)
+    return module
 
 
 @pytest.fixture(autouse=True)

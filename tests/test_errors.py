@@ -305,10 +305,10 @@ CASES: list[Case] = [
     Case("corpus-shorter-than-batch-x-bptt", "corpus shorter than batch_size x bptt (but 2+ tokens a stream)",
          (*TRAIN, "tiny.yaml", "train.batch_size=8", "train.bptt=64"), tiny_with(**{"corpus.txt": CORPUS[:300]}),
          outcome="ok", exit_code=0, check=trained),
-    Case("compiled-loops-required-unavailable",
-         "`LMTRAIN_COMPILED=1` where the compiled LSTM loops cannot be built (no C++ compiler)",
+    Case("compiled-kernels-required-unavailable",
+         "`LMTRAIN_COMPILED=1` where the compiled kernels cannot be built (no C++ compiler)",
          (*TRAIN, "tiny.yaml"), tiny_with(), env={"LMTRAIN_COMPILED": "1", "CXX": "no-such-compiler"},
-         expect=("LMTRAIN_COMPILED=1", "compiled LSTM loops", "no C++ compiler")),
+         expect=("LMTRAIN_COMPILED=1", "compiled kernels", "no C++ compiler")),
     # the run folder
     Case("out-dir-under-a-file", "train.out_dir that cannot be created (under a regular file)",
          (*TRAIN, "tiny.yaml", "train.out_dir=notes.txt/run"), tiny_with(**{"notes.txt": "a regular file\n"}),

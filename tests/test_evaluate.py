@@ -9,44 +9,9 @@ import torch
 
 from lmtrain import evaluate
 from lmtrain.data import IGNORE, sentence_pieces, stream_ids, stream_segments
-from lmtrain.evaluate import (Score, bits_per_character, evaluation_sequences, perplexity, report, score,
-                              summed_nll)
+from lmtrain.evaluate import Score, bits_per_character, evaluation_sequences, perplexity, report, score
 from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import Tokenizer
-
-
-@pytest.mark.parametrize("vocab_size", [2, 7, 10, 50, 1000])
-def test_uniform_logits_give_perplexity_vocab_size(vocab_size: int):
-    logits = torch.zeros(3, 5, vocab_size, dtype=torch.float64)
-    targets = torch.randint(0, vocab_size, (3, 5))
-    total, count = summed_nll(logits, targets)
-    assert count == 15
-    assert total.item() == pytest.approx(15 * math.log(vocab_size), rel=1e-15)
-    assert perplexity(total.item() / count) == pytest.approx(vocab_size, rel=1e-14)
-
-
-def test_summed_nll_matches_log_softmax():
-    logits = torch.randn(2, 4, 6, dtype=torch.float64)
-    targets = torch.randint(0, 6, (2, 4))
-    total, count = summed_nll(logits, targets)
-    expected = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).sum()
-    assert count == 8
-    torch.testing.assert_close(total, expected, rtol=1e-14, atol=0)
-
-
-def test_ignored_targets_are_left_out():
-    logits = torch.randn(2, 4, 6, dtype=torch.float64)
-    targets = torch.tensor([[1, 2, IGNORE, IGNORE], [3, IGNORE, IGNORE, IGNORE]])
-    total, count = summed_nll(logits, targets)
-    assert count == 3
-    log_p = logits.log_softmax(-1)
-    expected = -(log_p[0, 0, 1] + log_p[0, 1, 2] + log_p[1, 0, 3])
-    torch.testing.assert_close(total, expected, rtol=1e-14, atol=0)
-
-
-def test_all_targets_ignored():
-    total, count = summed_nll(torch.randn(1, 3, 4), torch.full((1, 3), IGNORE))
-    assert count == 0 and total.item() == 0.0
 
 
 def test_perplexity_and_bits():

@@ -137,8 +137,12 @@ def test_backward_imports_only_cells_gemm_and_kernels():
     assert lmtrain_imports("backward") <= {"cells", "gemm", "kernels"}
 
 
+def test_loss_imports_only_gemm_and_kernels():
+    assert lmtrain_imports("loss") <= {"gemm", "kernels"}
+
+
 def test_model_imports_only_layers_config_tokenizer():
-    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer", "regularization", "gemm"}
+    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer", "regularization", "gemm", "loss"}
     assert "layers" in lmtrain_imports("model")
 
 

@@ -1,6 +1,7 @@
 """lmtrain.kernels: the LSTM's compiled time loops give the Python loops' values and gradients (float32,
 either GEMM, reversed, odd sizes, saturated gates), really run when they can, and stay out of float64;
 without them lmtrain says why in one line and falls back, or stops when LMTRAIN_COMPILED=1 asks for them.
+(The compiled softmax cross-entropy has its tests in test_loss.py.)
 
 The build takes about 30 s the first time on a machine (conftest.py starts it before the tests); where it
 cannot run (no compiler, no ninja) the tests that need it are skipped, unless LMTRAIN_COMPILED=1 (as in
@@ -23,18 +24,6 @@ from lmtrain.layers import RecurrentLayer
 from lmtrain.train import train
 
 
-@pytest.fixture
-def compiled():
-    """The compiled loops, or a skip (a failure under LMTRAIN_COMPILED=1) saying why they are missing."""
-    module = kernels.load(announce=lambda line: None)
-    if module is None:
-        message = f"compiled LSTM loops unavailable: {kernels.unavailable_reason()}"
-        if kernels.required():
-            pytest.fail(message)
-        pytest.skip(message)
-    return module
-
-
 def run_layer(layer: RecurrentLayer, x: torch.Tensor, state: tuple, *, compiled: bool):
     """Outputs, final state and every gradient of one forward and backward, with the loops asked for."""
     x, state = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in state)
@@ -55,12 +44,29 @@ def assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor], tolera
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("B, T, E, H", [(1, 1, 3, 5), (3, 7, 4, 13), (8, 33, 16, 128), (4, 9, 40, 300)])
+@pytest.mark.parametrize("B, T, E, H", [(1, 4, 3, 5), (3, 7, 4, 13), (8, 33, 16, 128), (4, 9, 40, 300)])
 def test_same_values_and_gradients_as_the_python_loops(compiled, onednn, reverse, B, T, E, H):
     layer = RecurrentLayer(LSTMCell(E, H), reverse=reverse, backward="manual")
     x, state = torch.randn(B, T, E), (torch.randn(B, H), torch.randn(B, H))
     with use_onednn(onednn):
         assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("H", [13, 40, 64, 300])
+def test_threads_share_the_units_and_give_the_same_result(compiled, threads, H):
+    """Each thread owns blocks of 16 hidden units (the last cut at H): H = 40 splits as 16 + 24 on two
+    threads and 16 + 16 + 8 on three, H = 13 runs on one; all give the Python loops' values."""
+    layer = RecurrentLayer(LSTMCell(7, H), backward="manual")
+    x, state = torch.randn(5, 9, 7), (torch.randn(5, H), torch.randn(5, H))
+    expected = run_layer(layer, x, state, compiled=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = run_layer(layer, x, state, compiled=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert_same(expected, actual)
 
 
 def test_saturated_gates_match_and_stay_finite(compiled):
@@ -75,8 +81,8 @@ def test_saturated_gates_match_and_stay_finite(compiled):
 
 
 def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
-    """A float32 CPU layer calls them once forward and once backward; with use_compiled(False), or in
-    float64, it does not."""
+    """A float32 CPU layer calls them once forward and once backward; with use_compiled(False), for
+    fewer than 4 steps (gemm.PACK_FROM), or in float64, it does not."""
     calls = []
 
     class Counting:
@@ -90,6 +96,7 @@ def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
     assert calls == ["lstm_forward", "lstm_backward"]
     with kernels.use_compiled(False):
         layer(torch.randn(2, 5, 3))[0].sum().backward()
+    layer(torch.randn(2, 3, 3))[0].sum().backward()  # 3 steps: fewer than packing W repays
     layer.double()(torch.randn(2, 5, 3, dtype=torch.float64))[0].sum().backward()
     assert calls == ["lstm_forward", "lstm_backward"]
 
@@ -99,11 +106,15 @@ def test_kernels_reject_what_they_cannot_read(compiled):
     passes one; this guards the boundary)."""
     T, B, H = 2, 3, 4
     gates, a, c, tanh_c = torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.zeros(T, B, H)
-    W_t = torch.zeros(4 * H, H).t()
+    W = torch.zeros(4 * H, H)
     with pytest.raises(RuntimeError, match="a must be a contiguous float32 CPU tensor"):
-        compiled.lstm_forward(gates, a.double(), c, tanh_c, W_t, False)
+        compiled.lstm_forward(gates, a.double(), c, tanh_c, W)
     with pytest.raises(RuntimeError, match="gates must be"):
-        compiled.lstm_forward(gates.transpose(0, 1), a, c, tanh_c, W_t, False)
+        compiled.lstm_forward(gates.transpose(0, 1), a, c, tanh_c, W)
+    with pytest.raises(RuntimeError, match="W must be a contiguous"):
+        compiled.lstm_forward(gates, a, c, tanh_c, W.t())
+    with pytest.raises(RuntimeError, match=r"W must be \(4H, H\)"):
+        compiled.lstm_backward(gates, c, tanh_c, a, c[0], W[:, :3].contiguous())
 
 
 def fresh_build(monkeypatch, build_result=None):
@@ -119,7 +130,7 @@ def test_switched_off_quietly(monkeypatch):
     lines = []
     assert kernels.load(announce=lines.append) is None
     assert kernels.unavailable_reason() == "LMTRAIN_COMPILED=0" and lines == []
-    assert kernels.lstm_loops(torch.zeros(1)) is None
+    assert kernels.compiled(torch.zeros(1)) is None
 
 
 def test_no_compiler_is_one_line_and_the_python_loops(monkeypatch):
@@ -128,8 +139,8 @@ def test_no_compiler_is_one_line_and_the_python_loops(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     lines = []
     assert kernels.load(announce=lines.append) is None
-    assert lines == ["lmtrain: the compiled LSTM loops are not available (no C++ compiler (no-such-compiler-here) "
-                     "on PATH); using the Python loops (same results, slower). LMTRAIN_COMPILED=0 silences this."]
+    assert lines == ["lmtrain: the compiled kernels are not available (no C++ compiler (no-such-compiler-here) "
+                     "on PATH); using the Python code (same results, slower). LMTRAIN_COMPILED=0 silences this."]
     assert kernels.load(announce=lines.append) is None and len(lines) == 1  # said once per process
     layer = RecurrentLayer(LSTMCell(3, 4), backward="manual")
     layer(torch.randn(2, 5, 3))[0].sum().backward()  # the Python loops run
@@ -142,16 +153,18 @@ def test_required_but_unavailable_stops_training_with_one_line(monkeypatch, tmp_
     corpus.write_text("the cat sat\nthe dog ran\n" * 20, encoding="utf-8")
     config = config_factory(**{"data.path": str(corpus), "model.cell": "lstm", "train.out_dir": str(tmp_path / "run"),
                                "data.cache": False})
-    with pytest.raises(LmtrainError, match=r"^LMTRAIN_COMPILED=1, but the compiled LSTM loops are not available: "
+    with pytest.raises(LmtrainError, match=r"^LMTRAIN_COMPILED=1, but the compiled kernels are not available: "
                                            r"ninja is not installed: pip install ninja$"):
         train(config)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_other_cells_and_autograd_do_not_build(monkeypatch, tmp_path, config_factory):
-    """Only a manual-backward LSTM on the CPU asks for the build (the others would wait 30 s for nothing)."""
+def test_every_cpu_run_builds_before_training(monkeypatch, tmp_path, config_factory):
+    """Every cell's loss uses the compiled softmax cross-entropy, so a GRU or an autograd LSTM asks for
+    the build too: once per process, from the trainer, before its first step (and its clock)."""
     asked = []
     fresh_build(monkeypatch)
+    monkeypatch.delenv(kernels.SWITCH, raising=False)
     monkeypatch.setattr(kernels, "_build", lambda announce: asked.append(1) or (None, "test"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat\nthe dog ran\n" * 20, encoding="utf-8")
@@ -159,7 +172,7 @@ def test_other_cells_and_autograd_do_not_build(monkeypatch, tmp_path, config_fac
         config = config_factory(**{"data.path": str(corpus), "train.out_dir": str(tmp_path / f"run{index}"),
                                    "train.max_steps": 1, "data.cache": False, **overrides})
         train(config)
-    assert asked == []
+    assert asked == [1]
 
 
 def test_ninja_beside_python_is_found_when_not_on_path(monkeypatch, tmp_path):

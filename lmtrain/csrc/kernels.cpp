@@ -1,0 +1,351 @@
+// lmtrain's compiled kernels (built and loaded by lmtrain/kernels.py):
+//
+// - The LSTM's two time loops, forward and backward through time: the equations of the Python loops in
+//   lmtrain/backward.py (_lstm_forward_loop, _lstm_backward_loop), one step at a time, but with each
+//   step's recurrent product and gate arithmetic made together, thread by thread, and no Python or
+//   library call between the steps (the recurrent products are made here; the products over all T
+//   steps at once stay with lmtrain.gemm). Gates are laid out [Γ_f, Γ_u, c̃, Γ_o] along the last axis of
+//   a (T, B, 4H) buffer, rows are batch, and buffers are time-major, exactly as in backward.py.
+// - The softmax cross-entropy of the output layer (lmtrain/loss.py): the loss and its gradient with
+//   respect to the logits in one pass per row, the gradient written over the logits.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// e^x by Cody and Waite's range reduction, x = n ln2 + r with |r| <= ln2/2, and Cephes' degree-6
+// polynomial for e^r (about 1 float ulp); then 2^n built from its exponent bits. Written without
+// library calls so that the compiler vectorises the loops below. The clamp keeps 2^n a normal float:
+// σ and tanh have saturated long before.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + exp_approx(-z)); }             // σ(z) = 1 / (1 + e^-z)
+
+inline float tanh_approx(float z) { return 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f); }  // (e^2z - 1) / (e^2z + 1)
+
+// --- the recurrent products ----------------------------------------------------------------------
+//
+// Each step's recurrent product, (B, H) by (H, 4H) with B = 20 and H = 200 in PTB's setting (6.4 MFLOP),
+// is too small for a library call to pay off: made by one oneDNN call per step, with W packed once per
+// sequence, the 140 such products of a PTB training step averaged about 100 us, some 60 GFLOPS (torch's
+// profiler, scripts/profile_train_step.py: 145 oneDNN calls and 30 ms a step, the output layer's
+// 2.8-GFLOP product among them). So the time loops run inside one parallel region, each thread owning a
+// slice of the hidden units for all T steps: it packs its slice of W once, into its own cache, makes its
+// columns of every step's product and the gate arithmetic of its units together, and meets the other
+// threads at one barrier per step (the next product needs all of a(t), or all of dz(t)).
+
+using vector16 = float __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
+constexpr int64_t COLUMNS = 16;                              // a packed block's width: one vector16
+constexpr int64_t ROWS = 4;   // rows per tile: 4 accumulators (8 of AVX2's 16 registers); of the tiles
+                              // tried in a side trial (4-8 rows, 16-64 columns) none was faster
+
+// C[r][0..16) = Σ_k A[r][k] P[k][0..16) for R rows of A (row stride lda) and a packed block P (K, 16).
+template <int R>
+inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P, int64_t K, float* __restrict C,
+                 int64_t ldc) noexcept {
+  vector16 sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = vector16{};
+  for (int64_t k = 0; k < K; ++k) {
+    vector16 w;
+    std::memcpy(&w, P + k * COLUMNS, sizeof w);
+    for (int r = 0; r < R; ++r) sum[r] += A[r * lda + k] * w;
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(C + r * ldc, &sum[r], sizeof sum[r]);
+}
+
+// C (B, N) = A (B, K) P, P packed as N / 16 blocks of (K, 16), N a multiple of 16. Block by block, so
+// that a block (K x 64 bytes) stays in the core's cache while every row passes over it.
+void packed_product(const float* A, int64_t B, int64_t K, const float* P, int64_t N, float* C) noexcept {
+  for (int64_t block = 0; block < N / COLUMNS; ++block) {
+    const float* P_block = P + block * K * COLUMNS;
+    float* C_block = C + block * COLUMNS;
+    int64_t row = 0;
+    for (; row + ROWS <= B; row += ROWS) tile<ROWS>(A + row * K, K, P_block, K, C_block + row * N, N);
+    for (; row < B; ++row) tile<1>(A + row * K, K, P_block, K, C_block + row * N, N);
+  }
+}
+
+// The hidden units [begin, end) of one thread, and the width of its gate slices padded to whole blocks.
+struct Units {
+  int64_t begin, end, padded;
+  int64_t count() const { return end - begin; }
+};
+
+// Thread `thread` of `threads`: whole blocks of 16 units each, the last thread's block cut at H.
+Units units_of(int thread, int threads, int64_t H) {
+  const int64_t blocks = (H + COLUMNS - 1) / COLUMNS;
+  const int64_t begin = std::min(H, blocks * thread / threads * COLUMNS);
+  const int64_t end = std::min(H, blocks * (thread + 1) / threads * COLUMNS);
+  return {begin, end, (end - begin + COLUMNS - 1) / COLUMNS * COLUMNS};
+}
+
+// The threads to run on: torch's, but no more than there are blocks of 16 units.
+int threads_for(int64_t H) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + COLUMNS - 1) / COLUMNS)));
+}
+
+// Packs columns `column(i)`, i < count, of the (rows, N) product A W_packed into blocks of (K, 16), where
+// the product's column i is Σ_k A[.][k] weight(i, k); columns past `count` are zero.
+template <typename Weight>
+std::vector<float> pack(int64_t K, int64_t count, Weight weight) {
+  const int64_t N = (count + COLUMNS - 1) / COLUMNS * COLUMNS;
+  std::vector<float> P(N * K, 0.0f);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t k = 0; k < K; ++k) P[(i / COLUMNS) * K * COLUMNS + k * COLUMNS + i % COLUMNS] = weight(i, k);
+  return P;
+}
+
+// --- the LSTM ------------------------------------------------------------------------------------
+
+// One step of the forward for the units [u.begin, u.end) of all B rows. z = W_aa a(t-1) + (W_ax x(t) + b):
+// `recurrent` (B, 4 u.padded) is the first term for these units, gate by gate; `gates` (B, 4H) holds the
+// second on entry and the activations on return:
+//   Γ_f = σ(z_f), Γ_u = σ(z_u), c̃ = tanh(z_c), Γ_o = σ(z_o)
+//   c(t) = Γ_f * c(t-1) + Γ_u * c̃
+//   a(t) = Γ_o * tanh(c(t))
+// Raw pointers and no calls that can throw, so that the compiler vectorises the inner loop.
+void forward_step(const float* recurrent, float* gates, const float* c_prev, float* c, float* tanh_c, float* a,
+                  int64_t B, int64_t H, Units u) noexcept {
+  for (int64_t row = 0; row < B; ++row) {
+    const float* __restrict r_f = recurrent + row * 4 * u.padded;
+    const float* __restrict r_u = r_f + u.padded;
+    const float* __restrict r_c = r_f + 2 * u.padded;
+    const float* __restrict r_o = r_f + 3 * u.padded;
+    float* __restrict gamma_f = gates + row * 4 * H + u.begin;
+    float* __restrict gamma_u = gamma_f + H;
+    float* __restrict c_tilde = gamma_f + 2 * H;
+    float* __restrict gamma_o = gamma_f + 3 * H;
+    const float* __restrict c_prev_row = c_prev + row * H + u.begin;
+    float* __restrict c_row = c + row * H + u.begin;
+    float* __restrict tanh_c_row = tanh_c + row * H + u.begin;
+    float* __restrict a_row = a + row * H + u.begin;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < u.count(); ++j) {
+      gamma_f[j] = sigmoid(gamma_f[j] + r_f[j]);
+      gamma_u[j] = sigmoid(gamma_u[j] + r_u[j]);
+      c_tilde[j] = tanh_approx(c_tilde[j] + r_c[j]);
+      gamma_o[j] = sigmoid(gamma_o[j] + r_o[j]);
+      c_row[j] = gamma_f[j] * c_prev_row[j] + gamma_u[j] * c_tilde[j];
+      tanh_c_row[j] = tanh_approx(c_row[j]);
+      a_row[j] = gamma_o[j] * tanh_c_row[j];
+    }
+  }
+}
+
+// One step of the backward for the units [u.begin, u.end) of all B rows, from the forward's activations
+// of step t. What reaches a(t) is da(t) = `recurrent` (B, u.padded) (W_aᵀ dz(t+1), through a(t)'s use at
+// step t+1) + `outside` (from the outputs); `dc` holds what reaches c(t) through c(t+1):
+//   dc(t) = dc + da(t) Γ_o (1 - tanh²(c(t)))
+//   dz_f = dc(t) c(t-1) Γ_f (1 - Γ_f)        dz_u = dc(t) c̃ Γ_u (1 - Γ_u)
+//   dz_c = dc(t) Γ_u (1 - c̃²)                dz_o = da(t) tanh(c(t)) Γ_o (1 - Γ_o)
+//   dc(t-1) = dc(t) Γ_f
+// writing dz (B, 4H) for these units, and dc(t-1) over dc.
+void backward_step(const float* gates, const float* c_prev, const float* tanh_c, const float* recurrent,
+                   const float* outside, float* dc, float* dz, int64_t B, int64_t H, Units u) noexcept {
+  for (int64_t row = 0; row < B; ++row) {
+    const float* __restrict gamma_f = gates + row * 4 * H + u.begin;
+    const float* __restrict gamma_u = gamma_f + H;
+    const float* __restrict c_tilde = gamma_f + 2 * H;
+    const float* __restrict gamma_o = gamma_f + 3 * H;
+    const float* __restrict c_prev_row = c_prev + row * H + u.begin;
+    const float* __restrict tanh_c_row = tanh_c + row * H + u.begin;
+    const float* __restrict recurrent_row = recurrent + row * u.padded;
+    const float* __restrict outside_row = outside + row * H + u.begin;
+    float* __restrict dc_row = dc + row * H + u.begin;
+    float* __restrict dz_f = dz + row * 4 * H + u.begin;
+    float* __restrict dz_u = dz_f + H;
+    float* __restrict dz_c = dz_f + 2 * H;
+    float* __restrict dz_o = dz_f + 3 * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < u.count(); ++j) {
+      const float da = recurrent_row[j] + outside_row[j];
+      const float dc_t = dc_row[j] + da * gamma_o[j] * (1.0f - tanh_c_row[j] * tanh_c_row[j]);
+      dz_f[j] = dc_t * c_prev_row[j] * gamma_f[j] * (1.0f - gamma_f[j]);
+      dz_u[j] = dc_t * c_tilde[j] * gamma_u[j] * (1.0f - gamma_u[j]);
+      dz_c[j] = dc_t * gamma_u[j] * (1.0f - c_tilde[j] * c_tilde[j]);
+      dz_o[j] = da * tanh_c_row[j] * gamma_o[j] * (1.0f - gamma_o[j]);
+      dc_row[j] = dc_t * gamma_f[j];
+    }
+  }
+}
+
+void check(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+// t = 1 .. T: W_aa a(t-1), then forward_step. `gates` (T, B, 4H) arrives holding W_ax x(t) + b and leaves
+// holding the activations; a[t], c[t] (T+1, B, H) and tanh_c[t-1] = tanh(c(t)) are filled. W (4H, H) is
+// W_aa, gate by gate as the rows of `gates`' last axis.
+void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_c, at::Tensor W) {
+  check(gates, "gates"), check(a, "a"), check(c, "c"), check(tanh_c, "tanh_c"), check(W, "W");
+  const int64_t T = gates.size(0), B = gates.size(1), H = a.size(2), step = B * H;
+  TORCH_CHECK(W.size(0) == 4 * H && W.size(1) == H, "W must be (4H, H)");
+  float* const gates_0 = gates.data_ptr<float>();
+  float* const a_0 = a.data_ptr<float>();
+  float* const c_0 = c.data_ptr<float>();
+  float* const tanh_c_0 = tanh_c.data_ptr<float>();
+  const float* const w = W.data_ptr<float>();
+  const int threads = threads_for(H);
+#pragma omp parallel num_threads(threads)
+  {
+    const Units u = units_of(omp_get_thread_num(), threads, H);
+    // Column g u.padded + i of this thread's product: gate g of unit u.begin + i, row g H + u.begin + i of W.
+    const std::vector<float> P = pack(H, 4 * u.padded, [&](int64_t i, int64_t k) {
+      const int64_t gate = i / u.padded, unit = i % u.padded;
+      return unit < u.count() ? w[(gate * H + u.begin + unit) * H + k] : 0.0f;
+    });
+    std::vector<float> recurrent(B * 4 * u.padded);
+    for (int64_t t = 1; t <= T; ++t) {
+      packed_product(a_0 + (t - 1) * step, B, H, P.data(), 4 * u.padded, recurrent.data());
+      forward_step(recurrent.data(), gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, c_0 + t * step,
+                   tanh_c_0 + (t - 1) * step, a_0 + t * step, B, H, u);
+#pragma omp barrier
+    }
+  }
+}
+
+// t = T .. 1: backward_step, then W_aᵀ dz(t), the part of da(t-1) that comes through the recurrence.
+// `gates`, c and tanh_c are the forward's buffers, dA[t] what reaches a(t) from outside the recurrence,
+// dc what reaches c(T), W (4H, H) is W_aa. Returns dz (T, B, 4H), the gradients of every step's gate
+// pre-activations, and da(0), dc(0).
+std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor tanh_c, at::Tensor dA,
+                                      at::Tensor dc, at::Tensor W) {
+  check(gates, "gates"), check(c, "c"), check(tanh_c, "tanh_c"), check(dA, "dA"), check(W, "W");
+  const int64_t T = gates.size(0), B = gates.size(1), H = c.size(2), step = B * H;
+  TORCH_CHECK(W.size(0) == 4 * H && W.size(1) == H, "W must be (4H, H)");
+  at::Tensor dz = at::empty_like(gates);
+  at::Tensor da_0 = at::empty_like(dA[0]);
+  dc = dc.contiguous().clone();
+  check(dc, "dc");
+  const float* const gates_0 = gates.data_ptr<float>();
+  const float* const c_0 = c.data_ptr<float>();
+  const float* const tanh_c_0 = tanh_c.data_ptr<float>();
+  const float* const dA_0 = dA.data_ptr<float>();
+  const float* const w = W.data_ptr<float>();
+  float* const dz_0 = dz.data_ptr<float>();
+  float* const dc_0 = dc.data_ptr<float>();
+  float* const da_out = da_0.data_ptr<float>();
+  const int threads = threads_for(H);
+#pragma omp parallel num_threads(threads)
+  {
+    const Units u = units_of(omp_get_thread_num(), threads, H);
+    // Column i of this thread's product: unit u.begin + i of da, Σ_k dz[.][k] W[k][u.begin + i].
+    const std::vector<float> P = pack(4 * H, u.padded, [&](int64_t i, int64_t k) {
+      return i < u.count() ? w[k * H + u.begin + i] : 0.0f;
+    });
+    std::vector<float> recurrent(B * u.padded, 0.0f);                      // nothing after step T
+    for (int64_t t = T; t >= 1; --t) {
+      backward_step(gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, tanh_c_0 + (t - 1) * step,
+                    recurrent.data(), dA_0 + t * step, dc_0, dz_0 + (t - 1) * 4 * step, B, H, u);
+#pragma omp barrier
+      packed_product(dz_0 + (t - 1) * 4 * step, B, 4 * H, P.data(), u.padded, recurrent.data());
+    }
+    for (int64_t row = 0; row < B; ++row)
+      for (int64_t j = 0; j < u.count(); ++j)
+        da_out[row * H + u.begin + j] = recurrent[row * u.padded + j] + dA_0[row * H + u.begin + j];
+  }
+  return {dz, da_0, dc};
+}
+
+// --- the softmax cross-entropy -------------------------------------------------------------------
+
+// Independent partial results, so that GCC vectorises a row's maximum and sum (a single float
+// accumulator would be a serial chain to it: reordering float sums needs -ffast-math).
+constexpr int64_t LANES = 16;
+
+// For one row of logits z (V,) and its target y: returns -log softmax(z)[y] = log Σ_j e^(z_j - m) + m - z_y
+// (m = max_j z_j, so that no e^x overflows) and overwrites z with its gradient softmax(z) - onehot(y).
+// Three passes over the row (maximum; e^(z - m) and its sum; scaling), the last two in cache.
+double softmax_row(float* __restrict z, int64_t V, int64_t y) noexcept {
+  float lane_max[LANES];
+  for (int64_t k = 0; k < LANES; ++k) lane_max[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + LANES <= V; j += LANES)
+    for (int64_t k = 0; k < LANES; ++k) lane_max[k] = z[j + k] > lane_max[k] ? z[j + k] : lane_max[k];
+  float m = -INFINITY;
+  for (int64_t k = 0; k < LANES; ++k) m = lane_max[k] > m ? lane_max[k] : m;
+  for (int64_t i = j; i < V; ++i) m = z[i] > m ? z[i] : m;
+  const float z_y = z[y];
+  float lane_sum[LANES] = {};
+  for (j = 0; j + LANES <= V; j += LANES)
+    for (int64_t k = 0; k < LANES; ++k) {
+      const float e = exp_approx(z[j + k] - m);
+      z[j + k] = e;
+      lane_sum[k] += e;
+    }
+  double sum = 0.0;
+  for (int64_t i = j; i < V; ++i) {
+    z[i] = exp_approx(z[i] - m);
+    sum += z[i];
+  }
+  for (int64_t k = 0; k < LANES; ++k) sum += lane_sum[k];
+  const float inverse = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < V; ++i) z[i] *= inverse;
+  z[y] -= 1.0f;
+  return std::log(sum) + m - z_y;
+}
+
+// Σ_r -log softmax(z_r)[y_r] over the rows r of `logits` (R, V) whose target y_r is not `ignore_index`;
+// `logits` is overwritten with the gradient of that sum, softmax(z_r) - onehot(y_r) (a zero row where
+// the target is ignored). Rows run in parallel on torch's threads; the sum is taken in row order, so
+// the result does not depend on the number of threads.
+double softmax_cross_entropy_(at::Tensor logits, at::Tensor targets, int64_t ignore_index) {
+  check(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be (rows, V)");
+  TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == at::kLong && targets.is_contiguous() &&
+              targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "targets must be a contiguous int64 CPU tensor with one entry per row of logits");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  const int64_t* const y = targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < V), "target ", y[r], " is out of bounds for ", V,
+                " classes");
+  float* const z = logits.data_ptr<float>();
+  std::vector<double> nll(rows, 0.0);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (y[r] == ignore_index)
+        std::memset(z + r * V, 0, V * sizeof(float));
+      else
+        nll[r] = softmax_row(z + r * V, V, y[r]);
+    }
+  });
+  double total = 0.0;
+  for (const double value : nll) total += value;
+  return total;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("lstm_forward", &lstm_forward, "The LSTM forward through time (in place)");
+  module.def("lstm_backward", &lstm_backward, "The LSTM backward through time: returns (dz, da(0), dc(0))");
+  module.def("softmax_cross_entropy_", &softmax_cross_entropy_,
+             "The summed cross-entropy of (rows, V) logits; overwrites them with its gradient");
+}
