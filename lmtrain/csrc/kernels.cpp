@@ -104,13 +104,14 @@ Units units_of(int thread, int threads, int64_t H) {
   return {begin, end, (end - begin + COLUMNS - 1) / COLUMNS * COLUMNS};
 }
 
-// The threads to run on: torch's, but no more than there are blocks of 16 units.
+// The threads to ask for: torch's, but no more than there are blocks of 16 units. The units are shared
+// among the threads the region actually got (omp_get_num_threads), which may be fewer.
 int threads_for(int64_t H) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + COLUMNS - 1) / COLUMNS)));
 }
 
-// Packs columns `column(i)`, i < count, of the (rows, N) product A W_packed into blocks of (K, 16), where
-// the product's column i is Σ_k A[.][k] weight(i, k); columns past `count` are zero.
+// The weights of a product's columns, packed for `packed_product`: column i < count takes weight(i, k) for
+// input k, the columns from `count` up to the next multiple of 16 are zero.
 template <typename Weight>
 std::vector<float> pack(int64_t K, int64_t count, Weight weight) {
   const int64_t N = (count + COLUMNS - 1) / COLUMNS * COLUMNS;
@@ -214,7 +215,7 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
   const int threads = threads_for(H);
 #pragma omp parallel num_threads(threads)
   {
-    const Units u = units_of(omp_get_thread_num(), threads, H);
+    const Units u = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
     // Column g u.padded + i of this thread's product: gate g of unit u.begin + i, row g H + u.begin + i of W.
     const std::vector<float> P = pack(H, 4 * u.padded, [&](int64_t i, int64_t k) {
       const int64_t gate = i / u.padded, unit = i % u.padded;
@@ -254,7 +255,7 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
   const int threads = threads_for(H);
 #pragma omp parallel num_threads(threads)
   {
-    const Units u = units_of(omp_get_thread_num(), threads, H);
+    const Units u = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
     // Column i of this thread's product: unit u.begin + i of da, Σ_k dz[.][k] W[k][u.begin + i].
     const std::vector<float> P = pack(4 * H, u.padded, [&](int64_t i, int64_t k) {
       return i < u.count() ? w[k * H + u.begin + i] : 0.0f;
