@@ -1,0 +1,86 @@
+"""The LSTM's compiled time loops against last round's, alternating in one process: this round's
+(`lmtrain/csrc/kernels.cpp`: each thread makes its units' share of every step's recurrent product itself)
+and last round's (`lmtrain/csrc/lstm_loops.cpp` at commit 5390b09: one oneDNN call per step, W packed once
+per sequence by `gemm.FixedProduct`), both built with the same flags.
+
+    python scripts/compare_lstm_loops.py [--repeats 9]
+
+Needs the git history (the old source is read with `git show`). Times one forward and one backward time
+loop (the products over all steps, which both leave to `lmtrain.gemm`, are not included) at each size,
+the two implementations taking turns, and prints the medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from lmtrain import kernels
+from lmtrain.gemm import FixedProduct
+
+ROOT = Path(__file__).resolve().parent.parent
+OLD = ("5390b09", "lmtrain/csrc/lstm_loops.cpp")
+SIZES = [(20, 35, 200), (32, 64, 256), (64, 128, 256), (128, 16, 512), (64, 128, 512)]  # (B, T, H)
+MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def build_old(folder: Path):
+    source = folder / "old_lstm_loops.cpp"
+    source.write_text(subprocess.run(["git", "show", f"{OLD[0]}:{OLD[1]}"], cwd=ROOT, check=True,
+                                     capture_output=True, text=True).stdout)
+    name, flags = kernels._flags()
+    return cpp_extension.load(f"{name}_old_loops", [str(source)], extra_cflags=flags, verbose=False)
+
+
+def old_arguments(product: FixedProduct) -> tuple[torch.Tensor, bool]:
+    """What last round's loops took: the packed W for oneDNN, or Wᵀ for mm."""
+    return (product.W, True) if product.onednn else (product.W_t, False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    new = kernels.load()
+    if new is None:
+        raise SystemExit(f"the compiled kernels are not available: {kernels.unavailable_reason()}")
+    with tempfile.TemporaryDirectory() as folder:
+        old = build_old(Path(folder))
+    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"allocator: {allocator}; medians of {args.repeats} alternating forward + backward time loops\n")
+    print("| B, T, H | last round's loops ms | this round's loops ms | ratio |")
+    print("|---|---:|---:|---:|")
+    generator = torch.Generator().manual_seed(0)
+    for B, T, H in SIZES:
+        W = torch.randn(4 * H, H, generator=generator) / H ** 0.5
+        pre_activations = torch.randn(T, B, 4 * H, generator=generator)
+        a, c, tanh_c = torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.empty(T, B, H)
+        dA, dc = 0.1 * torch.randn(T + 1, B, H, generator=generator), torch.zeros(B, H)
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(args.repeats):
+            for which in times:
+                gates = pre_activations.clone()
+                begin = time.perf_counter()
+                if which == "old":
+                    old.lstm_forward(gates, a, c, tanh_c, *old_arguments(FixedProduct(W, B, T)))
+                    old.lstm_backward(gates, c, tanh_c, dA, dc, *old_arguments(FixedProduct(W.t().contiguous(), B, T)))
+                else:
+                    new.lstm_forward(gates, a, c, tanh_c, W)
+                    new.lstm_backward(gates, c, tanh_c, dA, dc, W)
+                times[which].append(time.perf_counter() - begin)
+        old_ms, new_ms = (1e3 * statistics.median(times[which]) for which in ("old", "new"))
+        print(f"| {B}, {T}, {H} | {old_ms:.1f} | {new_ms:.1f} | {new_ms / old_ms:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
