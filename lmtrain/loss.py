@@ -10,9 +10,9 @@ backward writes a one-hot gradient; log_softmax's backward reads both and writes
 Treebank's 10,000 words and 700 rows a step each is 28 MB, and log_softmax with its backward took 13 ms
 of a 95-ms step (torch's profiler, scripts/profile_train_step.py). Here the compiled kernel
 (`lmtrain.kernels`) makes the loss and dL/dz in one pass over each row, writing dL/dz over the logits it
-no longer needs (2.6 ms a step); the backward is then the two products dL/da = dL/dz W_y and
-dL/dW_y = (dL/dz)ᵀ a, and dL/db_y = Σ_t dL/dz(t). A PTB training step takes 0.93x the time
-(scripts/bench_train_step.py, docs/benchmarks.md).
+no longer needs (2.6 ms a step), and sums it over the rows on the way, dL/db_y = Σ_t dL/dz(t); the
+backward is then the two products dL/da = dL/dz W_y and dL/dW_y = (dL/dz)ᵀ a. A PTB training step takes
+0.93-0.94x the time (scripts/bench_train_step.py, docs/benchmarks.md).
 
 Without the compiled kernels (float64, CUDA, no compiler) it is `gemm.projection` and torch's
 `cross_entropy`: the same numbers (tests/test_loss.py), made the usual way.
@@ -36,9 +36,11 @@ class ProjectedNLL(Function):
                 compiled) -> Tensor:
         rows = x.reshape(-1, x.size(-1))
         z = gemm.linear(rows, W, b)                                          # (rows, V) logits
-        total = compiled.softmax_cross_entropy_(z, targets.reshape(-1).contiguous(), ignore_index)
+        # dL/db_y = Σ_t dL/dz(t), summed by the kernel as it writes dL/dz: no second pass over z.
+        db = torch.empty(W.size(0), dtype=x.dtype) if b is not None and ctx.needs_input_grad[2] else None
+        total = compiled.softmax_cross_entropy_(z, targets.reshape(-1).contiguous(), ignore_index, db)
         ctx.save_for_backward(x, W)
-        ctx.dz, ctx.has_bias = z, b is not None                             # z now holds dL/dz
+        ctx.dz, ctx.db = z, db                                               # z now holds dL/dz
         return torch.tensor(total, dtype=x.dtype)
 
     @staticmethod
@@ -49,7 +51,7 @@ class ProjectedNLL(Function):
         # grad is the scalar dLoss/dL: it scales the small factors and results, never the (rows, V) dz.
         dx = (dz @ W).mul_(grad).view_as(x) if needs[0] else None
         dW = dz.t() @ (rows * grad) if needs[1] else None
-        db = dz.sum(0).mul_(grad) if ctx.has_bias and needs[2] else None
+        db = ctx.db * grad if ctx.db is not None else None
         return dx, dW, db, None, None, None
 
 

@@ -120,6 +120,30 @@ def test_the_sum_does_not_depend_on_the_number_of_threads(compiled):
     assert totals[0] == totals[1] == totals[2]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gradients_with_several_threads(compiled, threads):
+    """Rows are shared among the threads, each summing its rows' bias gradient apart: the same gradients."""
+    x, W, b = torch.randn(6, 35, 16), torch.randn(300, 16) / 4, torch.randn(300)
+    targets = torch.randint(0, 300, (6, 35))
+    targets[2, 5:9] = IGNORE
+    expected = loss_and_gradients(reference, x, W, b, targets)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = loss_and_gradients(projected_nll, x, W, b, targets)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close(expected, actual)
+
+
+def test_a_bias_without_gradient_is_skipped(compiled):
+    x, W, b = torch.randn(2, 3, 4, requires_grad=True), torch.randn(5, 4), torch.randn(5)
+    targets = torch.randint(0, 5, (2, 3))
+    projected_nll(x, W, b, targets).backward()
+    expected = torch.autograd.grad(reference(x, W, b, targets), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_is_torch_cross_entropy_exactly():
     x, W, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 4, 6), (11, 6), (11,)))
     targets = torch.randint(0, 11, (2, 4))
