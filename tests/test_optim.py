@@ -88,6 +88,45 @@ def test_build_optimizer(config_factory, name: str, kind: type):
     assert group["lr"] == 0.05 and group["weight_decay"] == 0.01
     if name == "sgd":
         assert group["momentum"] == 0.9
+    else:
+        assert group["fused"]  # torch's one-kernel Adam on the CPU
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_a_step_refreshes_the_cached_stacked_weights(config_factory, name: str):
+    """Evaluation and sampling use the cells' cached weight stack, kept until a parameter's version
+    changes; the fused Adam kernel does not bump versions itself, so build_optimizer makes it."""
+    model = tiny_model()
+    optimizer = build_optimizer(model, config_factory(**{"train.optimizer": name, "train.lr": 0.1}).train)
+    cell = model.rnn.layers[0].cell
+    with torch.no_grad():
+        before = [t.clone() for t in cell.stacked_weights()]
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    with torch.no_grad():
+        after = cell.stacked_weights()
+        assert not any(torch.equal(a, b) for a, b in zip(before, after))
+        assert all(torch.equal(a, b) for a, b in zip(after, cell._stack()))
+
+
+@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_fused_adam_takes_the_for_loop_implementations_steps(config_factory, name: str, kind: type):
+    """The fused kernel computes Adam's update as torch's for-loop implementation does, to float rounding."""
+    config = config_factory(**{"train.optimizer": name, "train.lr": 0.05, "train.weight_decay": 0.01})
+    fused_model, loop_model = tiny_model(), tiny_model()
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, config.train)
+    loop = kind(loop_model.parameters(), lr=0.05, weight_decay=0.01, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_tied_weight_appears_once(config_factory):
