@@ -60,6 +60,11 @@ def projected_nll(x: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, ignor
     x (..., K), W (V, K), b (V,) or None, targets (...) of class ids. A scalar of x's dtype."""
     if (compiled := kernels.compiled(x)) is not None:
         return ProjectedNLL.apply(x, W, b, targets, ignore_index, compiled)
+    return unfused_nll(x, W, b, targets, ignore_index)
+
+
+def unfused_nll(x: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """The same sum made the usual way: the logits (`gemm.projection`), then torch's cross_entropy."""
     logits = gemm.projection(x, W, b)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index,
                            reduction="sum")

@@ -36,7 +36,8 @@ class Projection(nn.Linear):
         return gemm.projection(x, self.weight, self.bias)
 
     def summed_nll(self, x: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-        """Σ −log softmax(W_y x + b_y)[target] over the targets that are not `ignore_index` (`loss.projected_nll`)."""
+        """Σ −log softmax(W_y x + b_y)[target] over the targets that are not `ignore_index`
+        (`loss.projected_nll`)."""
         return loss.projected_nll(x, self.weight, self.bias, targets, ignore_index)
 
 

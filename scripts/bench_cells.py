@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from comparison import allocator_settings
 from doc_sections import write_section
 from lmtrain.gemm import use_onednn
 from lmtrain.kernels import use_compiled
@@ -40,7 +41,6 @@ from lmtrain.layers import RecurrentStack
 
 SIZES = ((32, 64, 128), (64, 128, 256), (64, 128, 512), (1, 256, 512), (64, 128, 1024))
 VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual aten", "lmtrain manual python", "lmtrain manual")
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 REFERENCE = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 FOOTNOTE = """Times in ms per training step (forward + backward, input gradients on), fp32; ratio = lmtrain /
 torch.nn (below 1: lmtrain is faster). The GRU rows use `model.gru_reset: after`, PyTorch's
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--title", default=None, help="the section of --doc to write")
     args = parser.parse_args()
     sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     header = [f"`python scripts/bench_cells.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps"

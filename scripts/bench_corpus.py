@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
+from comparison import ALLOCATOR, allocator_settings
 from doc_sections import write_section
 from lmtrain.cache import cached_corpus
 from lmtrain.config import load_config
 
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 SECTION = "Corpora of any size"
 CONFIG = """\
 data:
@@ -163,7 +163,7 @@ def bench_level(level: str, work: Path, megabytes: float, in_memory: bool) -> di
 
 
 def section(command: str, rows: list[dict]) -> str:
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     lines = [f"`{command}`", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"allocator: {allocator}; load average at the end {os.getloadavg()[1]:.1f} (a shared machine: "
@@ -215,7 +215,7 @@ def main() -> None:
                         help="at these levels also train once with data.cache: false (minutes and GBs at word level)")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown section into this file")
     args = parser.parse_args()
-    allocator = " ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ)
+    allocator = " ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR if name in os.environ)
     command = f"{allocator} python scripts/bench_corpus.py {' '.join(sys.argv[1:])}".strip()
     print(f"allocator: {allocator or 'glibc defaults'}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="lmtrain-bench-corpus-"))

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from comparison import allocator_settings
 from doc_sections import write_section
 from lmtrain.model import LanguageModel
 from lmtrain.sampling import generate
 from lmtrain.tokenizer import Tokenizer
 
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 class NeverEnds(LanguageModel):
@@ -59,7 +59,7 @@ def main() -> None:
         begin = time.perf_counter()
         samples = run()
         speeds.append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     lines = [f"`python scripts/bench_sampling.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads, allocator: {allocator}, device {args.device}: 2x512 LSTM, vocabulary {tokenizer.vocab_size}, "

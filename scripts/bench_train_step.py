@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from lmtrain import gemm, kernels
+from comparison import allocator_settings
+from lmtrain import gemm, kernels, loss
 from lmtrain.config import load_config
 from lmtrain.model import Projection
 from lmtrain.train import Trainer
 
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 WARM_UP, BLOCK = 10, 5
 # (compiled LSTM loops, oneDNN output layer forward, fused loss): none, each round's addition in turn
 VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
@@ -40,9 +40,7 @@ VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (
 
 def unfused_nll(self: Projection, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """What `Projection.summed_nll` replaced: the logits, then torch's cross-entropy."""
-    logits = self(x)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                             ignore_index=ignore_index, reduction="sum")
+    return loss.unfused_nll(x, self.weight, self.bias, targets, ignore_index)
 
 
 @contextlib.contextmanager
@@ -90,7 +88,7 @@ def main() -> None:
 
         trainer._train_step = timed_step
         trainer.run()
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     model = config.model
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"allocator: {allocator}; {args.config} ({model.cell} {model.num_layers}x{model.hidden_size}, batch "

@@ -9,20 +9,19 @@ loss, test perplexity, training time and tokens/s) to paste into docs/backprop.m
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from comparison import allocator_settings
 from lmtrain.config import load_config
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import evaluate_checkpoint
 from lmtrain.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
         seconds = result.progress.train_seconds
         rows.append(f"| {backward} | {result.progress.best_valid_loss:.4f} | {test['perplexity']:.3f} | "
                     f"{seconds:.0f} s | {result.progress.tokens / seconds:,.0f} |")
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     print(f"\n`python scripts/compare_backward.py {' '.join(sys.argv[1:])}` on {platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator}\n")
     print("| model.backward | best valid loss | test (else valid) perplexity | training time | tokens/s |")

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from comparison import allocator_settings
 from lmtrain import kernels
 from lmtrain.gemm import FixedProduct
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD = ("5390b09", "lmtrain/csrc/lstm_loops.cpp")
 SIZES = [(20, 35, 200), (32, 64, 256), (64, 128, 256), (128, 16, 512), (64, 128, 512)]  # (B, T, H)
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def build_old(folder: Path):
@@ -55,7 +55,7 @@ def main() -> None:
         raise SystemExit(f"the compiled kernels are not available: {kernels.unavailable_reason()}")
     with tempfile.TemporaryDirectory() as folder:
         old = build_old(Path(folder))
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"allocator: {allocator}; medians of {args.repeats} alternating forward + backward time loops\n")
     print("| B, T, H | last round's loops ms | this round's loops ms | ratio |")

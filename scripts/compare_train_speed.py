@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from comparison import allocator_settings
 from doc_sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def reference_tokens_per_s(corpus: Path, steps: int) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
         speeds["lmtrain"].append(lmtrain_tokens_per_s(args.corpus, args.steps, args.overrides))
         print({name: round(values[-1]) for name, values in speeds.items()}, flush=True)
     median = {name: statistics.median(values) for name, values in speeds.items()}
-    allocator = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC if name in os.environ) or "glibc defaults"
+    allocator = allocator_settings()
     lines = [f"`python scripts/compare_train_speed.py {' '.join(sys.argv[1:])}`",
              f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator}; "
              f"{args.rounds} alternating rounds of {args.steps} steps each", "",

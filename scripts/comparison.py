@@ -1,5 +1,6 @@
 """What the same-job comparisons share (compare_shakespeare.py, compare_ptb_epoch.py): the machine line,
-one `lmtrain train` run in a fresh process, and the results table."""
+one `lmtrain train` run in a fresh process, and the results table; and what every benchmark prints, the
+allocator settings it ran with."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from lmtrain.evaluate import WHOLE_TEXT  # as train.eval_segment: one segment, t
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def allocator_settings() -> str:
+    """The glibc allocator variables in effect, as the benchmarks print them."""
+    return ", ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR if name in os.environ) or "glibc defaults"
 
 
 def machine_line() -> str:
