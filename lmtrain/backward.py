@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from lmtrain.cells import Cell, GRUCell, LSTMCell, RNNCell
-from lmtrain.gemm import PACK_FROM, FixedProduct, linear
+from lmtrain.gemm import PACK_FROM, FixedProduct, keeps_precision, linear, mm, product_dtype
 from lmtrain.kernels import compiled
 
 
@@ -87,19 +87,23 @@ def _tanh_slopes(activations: Tensor) -> Tensor:
 
 def _over_time(dz: Tensor, inputs: Tensor) -> Tensor:
     """Σ_t Σ_batch dz(t) input(t)ᵀ as one product: (T, B, K), (T, B, H) -> (K, H)."""
-    return dz.flatten(0, 1).t() @ inputs.flatten(0, 1)
+    return mm(dz.flatten(0, 1).t(), inputs.flatten(0, 1))
 
 
-def _input_gradients(needs: tuple[bool, ...], dz: Tensor, x: Tensor, W_input: Tensor):
+def _input_gradients(needs: tuple[bool, ...], dz: Tensor, x: Tensor, W_input: Tensor,
+                     dz_factor: Tensor | None = None):
     """dx(t) = W_inputᵀ dz(t), dW_input = Σ_t dz(t) x(t)ᵀ, db = Σ_t Σ_batch dz(t): one product each
-    over all T*B rows. `needs` says which of (x, W_input, b) want a gradient."""
+    over all T*B rows. `needs` says which of (x, W_input, b) want a gradient; `dz_factor`, dz as the
+    products' factor (a bfloat16 copy already made), is dz itself if not given."""
     dz_rows = dz.flatten(0, 1)                                             # (T*B, G*H)
-    dx = linear(dz_rows, W_input.t()).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
-    dW_input = dz_rows.t() @ _rows(x) if needs[1] else None
+    factor_rows = dz_rows if dz_factor is None else dz_factor.flatten(0, 1)
+    dx = linear(factor_rows, W_input.t()).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
+    dW_input = mm(factor_rows.t(), _rows(x)) if needs[1] else None
     db = dz_rows.sum(0) if needs[2] else None
     return dx, dW_input, db
 
 
+@keeps_precision
 class RNNFunction(Function):
     """The tanh RNN over a whole sequence. Inputs: x (B, T, E), a(0) (B, H), W_aa (H, H), W_ax (H, E),
     b (H,). Outputs: a(1..T) (B, T, H) and a(T) (B, H)."""
@@ -130,6 +134,7 @@ class RNNFunction(Function):
         return dx, da, dW_aa, dW_ax, db
 
 
+@keeps_precision
 class GRUFunction(Function):
     """The lecture's GRU, Γ_r applied to c(t-1) before the product (`reset="before"`), with or without
     the relevance gate. Inputs: x, c(0), W_recurrent (G*H, H), W_input (G*H, E), b (G*H,), and
@@ -210,6 +215,7 @@ def _gru_simplified_loop(dz, dC, keep, gates, W_recurrent):
     return dc
 
 
+@keeps_precision
 class GRUAfterFunction(Function):
     """PyTorch's GRU (`reset="after"`): c̃ = tanh(W_cx x(t) + b_c + Γ_r * p(t)), p(t) = W_cc c(t-1) + b_cc.
     Inputs: x, c(0), W_recurrent (3H, H), W_input (3H, E), b (3H,), b_cc (H,). Outputs as GRUFunction."""
@@ -263,6 +269,7 @@ class GRUAfterFunction(Function):
         return dx, dc, dW_recurrent, dW_input, db, db_cc
 
 
+@keeps_precision
 class LSTMFunction(Function):
     """The LSTM over a whole sequence. Inputs: x, a(0), c(0), W_recurrent (4H, H), W_input (4H, E),
     b (4H,), gates (f, u, c, o). Outputs: a(1..T) (B, T, H), a(T) and c(T). The time loops are the
@@ -277,27 +284,33 @@ class LSTMFunction(Function):
         a, c = _states(a0, T), _states(c0, T)                              # (T+1, B, H)
         gates = _project(x, W_input, b)                                    # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
-        if T >= PACK_FROM and (loops := compiled(x)) is not None:          # _lstm_forward_loop, compiled
-            loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous())
+        a_low = None                                                       # a(t) in bfloat16, when the products are
+        if (loops := _compiled_loops(x, T, a0.size(1))) is not None:                   # _lstm_forward_loop, compiled
+            a_low = torch.empty_like(a, dtype=torch.bfloat16) if product_dtype() is not None else None
+            loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous(), a_low)
         else:
             _lstm_forward_loop(gates, a, c, tanh_c, FixedProduct(W_recurrent, x.size(0), T))
-        ctx.save_for_backward(x, a, c, gates, tanh_c, W_recurrent, W_input)
+        ctx.save_for_backward(x, a, c, gates, tanh_c, W_recurrent, W_input, a_low)
         return (*_outputs(a), c[-1].clone())
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_a_final, grad_c_final):
-        x, a, c, gates, tanh_c, W_recurrent, W_input = ctx.saved_tensors
+        x, a, c, gates, tanh_c, W_recurrent, W_input, a_low = ctx.saved_tensors
         T = tanh_c.size(0)
         dA = _incoming(grad_outputs, grad_a_final, a)
         dc = grad_c_final if grad_c_final is not None else torch.zeros_like(dA[T])
-        if T >= PACK_FROM and (loops := compiled(gates)) is not None:      # _lstm_backward_loop, compiled
-            dz, da, dc = loops.lstm_backward(gates, c, tanh_c, dA, dc, W_recurrent.detach().contiguous())
+        dz_low = None                                                      # dz(t) in bfloat16, when the products are
+        if (loops := _compiled_loops(gates, T, c.size(2))) is not None:               # _lstm_backward_loop, compiled
+            dz_low = torch.empty_like(gates, dtype=torch.bfloat16) if product_dtype() is not None else None
+            dz, da, dc = loops.lstm_backward(gates, c, tanh_c, dA, dc, W_recurrent.detach().contiguous(), dz_low)
         else:
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)  # dz W_a: the product transposed
             dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA, dc, recurrent_t)
         needs = ctx.needs_input_grad
-        dW_recurrent = _over_time(dz, a[:-1]) if needs[3] else None        # Σ_t dz(t) a(t-1)ᵀ
-        dx, dW_input, db = _input_gradients(needs[:1] + needs[4:], dz, x, W_input)
+        # The products below read the bfloat16 copies the loops made, where they made them.
+        dz_factor, a_factor = (dz, a) if dz_low is None or a_low is None else (dz_low, a_low)
+        dW_recurrent = _over_time(dz_factor, a_factor[:-1]) if needs[3] else None  # Σ_t dz(t) a(t-1)ᵀ
+        dx, dW_input, db = _input_gradients(needs[:1] + needs[4:], dz, x, W_input, dz_factor)
         return dx, da, dc, dW_recurrent, dW_input, db
 
 
@@ -342,6 +355,17 @@ def _lstm_backward_loop(gates: Tensor, c: Tensor, tanh_c: Tensor, dA: Tensor, dc
         dc = dc * forget[t - 1]                                            # ∂c(t)/∂c(t-1) = Γ_f
         da = recurrent_t(dz_[t - 1], dA_[t - 1])                           # ∂z(t)/∂a(t-1) = W_aᵀ (recurrent half)
     return dz, da, dc
+
+
+def _compiled_loops(tensor: Tensor, T: int, H: int):
+    """The compiled LSTM loops, if they run this sequence: T >= PACK_FROM steps (they pack W first, which
+    a single step, as when sampling, would not repay), float32 on the CPU, and, with bfloat16 products,
+    an even H on a CPU with AVX-512 BF16 (`lstm_forward`'s a_low). None: the Python loops."""
+    if T < PACK_FROM or (loops := compiled(tensor)) is None:
+        return None
+    if product_dtype() is not None and not (H % 2 == 0 and loops.bf16_products_supported()):
+        return None
+    return loops
 
 
 def function_for(cell: Cell) -> tuple[type[Function], tuple]:

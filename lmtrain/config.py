@@ -101,6 +101,8 @@ class TrainConfig:
     tensorboard: bool = False          # also log to <out_dir>/tensorboard (needs the tensorboard package)
     seed: int = 1234
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    precision: str = "float32"         # float32 | bfloat16: the training step's matrix products take bfloat16
+                                       # factors, summed in float32 (mixed precision); evaluation stays float32
     out_dir: str = "runs/default"
 
 
@@ -124,6 +126,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.direction": ("forward", "bi"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.schedule": ("constant", "cosine", "step"),
+    "train.precision": ("float32", "bfloat16"),
 }
 POSITIVE = ("model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
             "train.bptt", "train.lr", "train.eval_every", "train.eval_segment", "train.log_every",
@@ -217,6 +220,9 @@ def validate(config: Config) -> None:
                           f"got {model.embed_size} and {model.hidden_size}")
     if model.gru_reset == "after" and not model.relevance_gate:
         raise ConfigError("model.gru_reset: after needs model.relevance_gate: true (it places the relevance gate)")
+    if train.precision != "float32" and config.model.backward != "manual":
+        raise ConfigError(f"train.precision: {train.precision} needs model.backward: manual (the autograd layers "
+                          "make their products in float32)")
     if data.max_vocab is not None and data.max_vocab < 3:
         raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word); got {data.max_vocab}")
     if data.corpus is not None and any(path is not None for path in (data.path, data.train, data.valid, data.test)):

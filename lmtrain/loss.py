@@ -28,6 +28,7 @@ from torch.autograd import Function
 from lmtrain import gemm, kernels
 
 
+@gemm.keeps_precision
 class ProjectedNLL(Function):
     """The summed NLL of x (..., K) through W (V, K), b (V,) against targets (...) on the compiled kernel."""
 
@@ -49,8 +50,8 @@ class ProjectedNLL(Function):
         dz, needs = ctx.dz, ctx.needs_input_grad
         rows = x.reshape(-1, x.size(-1))
         # grad is the scalar dLoss/dL: it scales the small factors and results, never the (rows, V) dz.
-        dx = (dz @ W).mul_(grad).view_as(x) if needs[0] else None
-        dW = dz.t() @ (rows * grad) if needs[1] else None
+        dx = gemm.mm(dz, W).mul_(grad).view_as(x) if needs[0] else None
+        dW = gemm.mm(dz.t(), rows * grad) if needs[1] else None
         db = ctx.db * grad if ctx.db is not None else None
         return dx, dW, db, None, None, None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmtrain import kernels
+from lmtrain import gemm, kernels
 from lmtrain.checkpoint import atomic_write_bytes, parameter_count
 from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
 from lmtrain.cache import load_corpus
@@ -79,6 +79,10 @@ class TrainResult:
     stopped_by: str
     samples: list[str] = field(default_factory=list)
     model: LanguageModel | None = None   # the trained model, on its device
+
+
+# train.precision -> the dtype of the training step's matrix products (`gemm.products_in`); None: float32.
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -329,6 +333,30 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.training_model.train()
+        with gemm.products_in(PRECISIONS[train_config.precision]):
+            total, count = self._forward_and_backward()
+        norm = gradient_norm(self.model, clip=train_config.clip)  # so all clip alike
+        total, seconds, stop_signal = agree_on_step(world, total, time.perf_counter() - begin, stop.signal)
+        progress.step, progress.batch_index = progress.step + 1, progress.batch_index + 1
+        if bool(torch.isfinite(total) & torch.isfinite(norm)):
+            self.optimizer.step()
+            self.bad_steps = 0
+            progress.tokens += count
+            window["loss"] += total
+            window["tokens"] += count
+            window["steps"] += 1
+        else:
+            self._skip_bad_step(float(total) / count, float(norm))
+        if not world.distributed:  # the whole step; several processes count the time they agreed on, so that
+            seconds = time.perf_counter() - begin  # max_seconds stops them all at the same step
+        window["seconds"] += seconds
+        progress.train_seconds += seconds
+        return stop_signal
+
+    def _forward_and_backward(self) -> tuple[torch.Tensor, int]:
+        """The global batch's loss and its gradients (left in the parameters' .grad); returns the summed
+        NLL and the token count."""
+        progress, world = self.progress, self.world
         losses, total, count = [], 0.0, 0
         for backward in self.directions:
             batch = self.batches[backward].batch(progress.epoch, progress.batch_index)   # the global batch
@@ -349,23 +377,7 @@ class Trainer:
         loss = sum(losses) / len(losses)  # ELMo: the mean of the forward and backward LMs' losses
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, the gradients are averaged over the processes here
-        norm = gradient_norm(self.model, clip=train_config.clip)  # so all clip alike
-        total, seconds, stop_signal = agree_on_step(world, total, time.perf_counter() - begin, stop.signal)
-        progress.step, progress.batch_index = progress.step + 1, progress.batch_index + 1
-        if bool(torch.isfinite(total) & torch.isfinite(norm)):
-            self.optimizer.step()
-            self.bad_steps = 0
-            progress.tokens += count
-            window["loss"] += total
-            window["tokens"] += count
-            window["steps"] += 1
-        else:
-            self._skip_bad_step(float(total) / count, float(norm))
-        if not world.distributed:  # the whole step; several processes count the time they agreed on, so that
-            seconds = time.perf_counter() - begin  # max_seconds stops them all at the same step
-        window["seconds"] += seconds
-        progress.train_seconds += seconds
-        return stop_signal
+        return total, count
 
     def _activation_penalty(self, a: torch.Tensor, a_dropped: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | float:
         """AR and TAR (Merity et al. 2017), over the positions that have a target; 0 when both are off."""

@@ -49,3 +49,23 @@ def test_cuda_training_resumes_exactly_and_loads_on_cpu(tmp_path, corpus):  # no
     assert len(samples) == 2
     numbers, _ = evaluate_checkpoint(str(straight / "last.pt"), device="cpu")
     assert numbers["loss"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(CELL_CASES))
+def test_bfloat16_products_on_cuda_stay_within_their_rounding(name):
+    """`train.precision: bfloat16` on CUDA: cuBLAS's bfloat16 products, float32 everything else; values
+    and gradients within bfloat16's rounding of CPU float64's."""
+    from lmtrain import gemm
+
+    torch.manual_seed(0)
+    cell = make_cell(name, torch.float32)
+    x, state = random_inputs(cell, steps=7, dtype=torch.float32)
+    layer = RecurrentLayer(cell, backward="manual")
+    with gemm.products_in(torch.bfloat16):
+        on_cuda = gradients(copy.deepcopy(layer).cuda(), x.cuda(), tuple(s.cuda() for s in state))
+    reference = gradients(copy.deepcopy(layer).double(), x.double(), tuple(s.double() for s in state))
+    assert on_cuda[0].dtype == torch.float32
+    torch.testing.assert_close(on_cuda[0].double().cpu(), reference[0], rtol=3e-2, atol=3e-2)
+    for key, gradient in on_cuda[2].items():
+        want = reference[2][key]
+        assert float((gradient.double().cpu() - want).norm() / want.norm()) < 3e-2, key

@@ -268,6 +268,9 @@ CASES: list[Case] = [
          expect=("model.hidden_size", "positive", "0")),
     Case("config-negative-size", "negative size", (*TRAIN, "tiny.yaml", "train.batch_size=-1"), tiny_with(),
          expect=("train.batch_size", "positive", "-1")),
+    Case("config-precision-needs-manual-backward", "bfloat16 products with the autograd layers",
+         (*TRAIN, "tiny.yaml", "train.precision=bfloat16", "model.backward=autograd"), tiny_with(),
+         expect=("train.precision", "bfloat16", "model.backward: manual")),
     # corpus
     Case("corpus-missing", "corpus file that does not exist", (*TRAIN, "tiny.yaml", "data.path=nowhere.txt"),
          tiny_with(), expect=("corpus file not found", "nowhere.txt")),

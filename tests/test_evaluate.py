@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmtrain import evaluate
-from lmtrain.data import IGNORE, sentence_pieces, stream_ids, stream_segments
+from lmtrain.data import sentence_pieces, stream_ids, stream_segments
 from lmtrain.evaluate import Score, bits_per_character, evaluation_sequences, perplexity, report, score
 from lmtrain.model import LanguageModel
 from lmtrain.tokenizer import Tokenizer

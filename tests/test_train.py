@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-import lmtrain.train as train_module
 from lmtrain.config import Config, build_config
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluate import evaluate_checkpoint

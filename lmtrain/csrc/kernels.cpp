@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -121,6 +122,114 @@ std::vector<float> pack(int64_t K, int64_t count, Weight weight) {
   return P;
 }
 
+// --- the same products with bfloat16 factors (train.precision: bfloat16) ---------------------------
+//
+// AVX-512 BF16's VDPBF16PS adds, in each of its 16 float32 lanes, a pair of products of bfloat16 factors,
+// a[2k] w[2k] + a[2k+1] w[2k+1]: twice an FMA's work per instruction, and half the bytes of W to stream.
+// The factors are therefore kept as pairs along k, one 32-bit word each: A's rows are read as they lie
+// in a (rows, K) bfloat16 buffer, K even; P is packed as N / 16 blocks of (K / 2, 16) pairs. The sums
+// stay float32 from the first product to the result, which is never rounded to bfloat16.
+
+using bf16 = uint16_t;
+
+// float -> bfloat16 rounded to nearest even, as torch's conversion rounds (a NaN stays a NaN).
+inline bf16 to_bf16(float x) noexcept {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<bf16>(bits >> 16);
+}
+
+#define LMTRAIN_BF16 __attribute__((target("avx512f,avx512bf16")))
+
+// C[r][0..16 BLOCKS) = Σ_k A[r][k] P[k][..] for R rows of A (row stride lda, in bfloat16s) and BLOCKS
+// neighbouring packed blocks (K2 pairs by 16 each, `stride` words apart). Up to 6 rows by 2 blocks: 12
+// accumulators, and 8 loads (2 of W, 6 of A) for 12 VDPBF16PS per pair of k, where 4 rows by one block
+// made 5 loads for 4.
+template <int R, int BLOCKS>
+LMTRAIN_BF16 inline void tile_bf16(const bf16* __restrict A, int64_t lda, const uint32_t* __restrict P,
+                                   int64_t stride, int64_t K2, float* __restrict C, int64_t ldc) noexcept {
+  __m512 sum[R][BLOCKS];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) sum[r][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh w[BLOCKS];
+    for (int b = 0; b < BLOCKS; ++b)
+      w[b] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(P + b * stride + k * COLUMNS));
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * k, sizeof pair);
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int b = 0; b < BLOCKS; ++b) sum[r][b] = _mm512_dpbf16_ps(sum[r][b], a, w[b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) _mm512_storeu_ps(C + r * ldc + b * COLUMNS, sum[r][b]);
+}
+
+// All B rows against BLOCKS neighbouring blocks: tiles of 6 rows, then 4, 2 and 1 for the rest.
+template <int BLOCKS>
+LMTRAIN_BF16 inline void rows_bf16(const bf16* A, int64_t B, int64_t K, const uint32_t* P, int64_t N,
+                                   float* C) noexcept {
+  const int64_t K2 = K / 2, stride = K2 * COLUMNS;
+  int64_t row = 0;
+  for (; row + 6 <= B; row += 6) tile_bf16<6, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N);
+  if (row + 4 <= B) tile_bf16<4, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N), row += 4;
+  if (row + 2 <= B) tile_bf16<2, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N), row += 2;
+  if (row < B) tile_bf16<1, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N);
+}
+
+// `packed_product` with bfloat16 A (B, K) and P packed as pairs (`PackedWeights`); K even.
+LMTRAIN_BF16 __attribute__((noinline)) void packed_product_bf16(const bf16* A, int64_t B, int64_t K,
+                                                                  const uint32_t* P, int64_t N, float* C) noexcept {
+  const int64_t blocks = N / COLUMNS, stride = K / 2 * COLUMNS;
+  int64_t block = 0;
+  for (; block + 2 <= blocks; block += 2) rows_bf16<2>(A, B, K, P + block * stride, N, C + block * COLUMNS);
+  if (block < blocks) rows_bf16<1>(A, B, K, P + block * stride, N, C + block * COLUMNS);
+}
+
+bool bf16_products_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"); }
+
+// A thread's share of one recurrent product's weights, packed once for the whole sequence: float32
+// blocks for `packed_product`, or bfloat16 pairs for `packed_product_bf16` (K even) when `low`.
+struct PackedWeights {
+  std::vector<float> single;
+  std::vector<uint32_t> pairs;
+  int64_t K, N;
+
+  template <typename Weight>
+  PackedWeights(bool low, int64_t K_, int64_t count, Weight weight) : K(K_), N((count + COLUMNS - 1) / COLUMNS * COLUMNS) {
+    if (!low) {
+      single = pack(K, count, weight);
+      return;
+    }
+    pairs.assign(N * (K / 2), 0u);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t k = 0; k + 1 < K; k += 2)
+        pairs[(i / COLUMNS) * (K / 2) * COLUMNS + (k / 2) * COLUMNS + i % COLUMNS] =
+            to_bf16(weight(i, k)) | (static_cast<uint32_t>(to_bf16(weight(i, k + 1))) << 16);
+  }
+
+  // C (B, N) = A (B, K) W: A from `A_low` (bfloat16) when packed low, from `A` otherwise.
+  void product(const float* A, const bf16* A_low, int64_t B, float* C) const noexcept {
+    if (pairs.empty())
+      packed_product(A, B, K, single.data(), N, C);
+    else
+      packed_product_bf16(A_low, B, K, pairs.data(), N, C);
+  }
+};
+
+// base + n, or null for a null base (a product without bfloat16 copies).
+inline bf16* offset(bf16* base, int64_t n) noexcept { return base == nullptr ? nullptr : base + n; }
+
+// out[r][begin + j] = bfloat16(x[r][begin + j]) for rows r < B of width `width`, j < count: a thread's
+// units of a(t) or dz(t), rounded for the next step's product.
+void round_units(const float* x, int64_t B, int64_t width, int64_t begin, int64_t count, bf16* out) noexcept {
+  for (int64_t row = 0; row < B; ++row)
+    for (int64_t j = begin; j < begin + count; ++j) out[row * width + j] = to_bf16(x[row * width + j]);
+}
+
 // --- the LSTM ------------------------------------------------------------------------------------
 
 // One step of the forward for the units [u.begin, u.end) of all B rows. z = W_aa a(t-1) + (W_ax x(t) + b):
@@ -200,13 +309,27 @@ void check(const at::Tensor& tensor, const char* name) {
               name, " must be a contiguous float32 CPU tensor");
 }
 
+// A (T+1, B, H) or (T, B, 4H) bfloat16 buffer shaped like `like`, for the bfloat16 copies of a(t) or dz(t).
+bf16* low_buffer(const std::optional<at::Tensor>& low, const at::Tensor& like, const char* name) {
+  if (!low) return nullptr;
+  TORCH_CHECK(low->device().is_cpu() && low->scalar_type() == at::kBFloat16 && low->is_contiguous() &&
+              low->sizes() == like.sizes(), name, " must be a contiguous bfloat16 CPU tensor shaped like ", like.sizes());
+  TORCH_CHECK(like.size(2) % 2 == 0 && bf16_products_supported(),
+              "bfloat16 products need an even width and a CPU with AVX-512 BF16");
+  return reinterpret_cast<bf16*>(low->data_ptr<at::BFloat16>());
+}
+
 // t = 1 .. T: W_aa a(t-1), then forward_step. `gates` (T, B, 4H) arrives holding W_ax x(t) + b and leaves
 // holding the activations; a[t], c[t] (T+1, B, H) and tanh_c[t-1] = tanh(c(t)) are filled. W (4H, H) is
-// W_aa, gate by gate as the rows of `gates`' last axis.
-void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_c, at::Tensor W) {
+// W_aa, gate by gate as the rows of `gates`' last axis. With `a_low` (T+1, B, H) bfloat16, the products
+// take bfloat16 factors: W rounded once, a(t) rounded into a_low[t] as it is made (then also the
+// factor of the weight gradient's product).
+void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_c, at::Tensor W,
+                  std::optional<at::Tensor> a_low) {
   check(gates, "gates"), check(a, "a"), check(c, "c"), check(tanh_c, "tanh_c"), check(W, "W");
   const int64_t T = gates.size(0), B = gates.size(1), H = a.size(2), step = B * H;
   TORCH_CHECK(W.size(0) == 4 * H && W.size(1) == H, "W must be (4H, H)");
+  bf16* const a_low_0 = low_buffer(a_low, a, "a_low");
   float* const gates_0 = gates.data_ptr<float>();
   float* const a_0 = a.data_ptr<float>();
   float* const c_0 = c.data_ptr<float>();
@@ -217,15 +340,20 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
   {
     const Units u = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
     // Column g u.padded + i of this thread's product: gate g of unit u.begin + i, row g H + u.begin + i of W.
-    const std::vector<float> P = pack(H, 4 * u.padded, [&](int64_t i, int64_t k) {
+    const PackedWeights P(a_low_0 != nullptr, H, 4 * u.padded, [&](int64_t i, int64_t k) {
       const int64_t gate = i / u.padded, unit = i % u.padded;
       return unit < u.count() ? w[(gate * H + u.begin + unit) * H + k] : 0.0f;
     });
     std::vector<float> recurrent(B * 4 * u.padded);
+    if (a_low_0 != nullptr) {
+      round_units(a_0, B, H, u.begin, u.count(), a_low_0);
+#pragma omp barrier
+    }
     for (int64_t t = 1; t <= T; ++t) {
-      packed_product(a_0 + (t - 1) * step, B, H, P.data(), 4 * u.padded, recurrent.data());
+      P.product(a_0 + (t - 1) * step, offset(a_low_0, (t - 1) * step), B, recurrent.data());
       forward_step(recurrent.data(), gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, c_0 + t * step,
                    tanh_c_0 + (t - 1) * step, a_0 + t * step, B, H, u);
+      if (a_low_0 != nullptr) round_units(a_0 + t * step, B, H, u.begin, u.count(), a_low_0 + t * step);
 #pragma omp barrier
     }
   }
@@ -234,14 +362,16 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
 // t = T .. 1: backward_step, then W_aᵀ dz(t), the part of da(t-1) that comes through the recurrence.
 // `gates`, c and tanh_c are the forward's buffers, dA[t] what reaches a(t) from outside the recurrence,
 // dc what reaches c(T), W (4H, H) is W_aa. Returns dz (T, B, 4H), the gradients of every step's gate
-// pre-activations, and da(0), dc(0).
+// pre-activations, and da(0), dc(0). With `dz_low` (T, B, 4H) bfloat16, the products take bfloat16 factors:
+// W rounded once, dz(t) rounded into dz_low[t-1] as it is made.
 std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor tanh_c, at::Tensor dA,
-                                      at::Tensor dc, at::Tensor W) {
+                                      at::Tensor dc, at::Tensor W, std::optional<at::Tensor> dz_low) {
   check(gates, "gates"), check(c, "c"), check(tanh_c, "tanh_c"), check(dA, "dA"), check(W, "W");
   const int64_t T = gates.size(0), B = gates.size(1), H = c.size(2), step = B * H;
   TORCH_CHECK(W.size(0) == 4 * H && W.size(1) == H, "W must be (4H, H)");
   at::Tensor dz = at::empty_like(gates);
   at::Tensor da_0 = at::empty_like(dA[0]);
+  bf16* const dz_low_0 = low_buffer(dz_low, dz, "dz_low");
   dc = dc.contiguous().clone();
   check(dc, "dc");
   const float* const gates_0 = gates.data_ptr<float>();
@@ -257,15 +387,19 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
   {
     const Units u = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
     // Column i of this thread's product: unit u.begin + i of da, Σ_k dz[.][k] W[k][u.begin + i].
-    const std::vector<float> P = pack(4 * H, u.padded, [&](int64_t i, int64_t k) {
+    const PackedWeights P(dz_low_0 != nullptr, 4 * H, u.padded, [&](int64_t i, int64_t k) {
       return i < u.count() ? w[k * H + u.begin + i] : 0.0f;
     });
     std::vector<float> recurrent(B * u.padded, 0.0f);                      // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
+      float* const dz_t = dz_0 + (t - 1) * 4 * step;
       backward_step(gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, tanh_c_0 + (t - 1) * step,
-                    recurrent.data(), dA_0 + t * step, dc_0, dz_0 + (t - 1) * 4 * step, B, H, u);
+                    recurrent.data(), dA_0 + t * step, dc_0, dz_t, B, H, u);
+      if (dz_low_0 != nullptr)
+        for (int64_t gate = 0; gate < 4; ++gate)
+          round_units(dz_t, B, 4 * H, gate * H + u.begin, u.count(), offset(dz_low_0, (t - 1) * 4 * step));
 #pragma omp barrier
-      packed_product(dz_0 + (t - 1) * 4 * step, B, 4 * H, P.data(), u.padded, recurrent.data());
+      P.product(dz_t, offset(dz_low_0, (t - 1) * 4 * step), B, recurrent.data());
     }
     for (int64_t row = 0; row < B; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
@@ -369,8 +503,13 @@ double softmax_cross_entropy_(at::Tensor logits, at::Tensor targets, int64_t ign
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("lstm_forward", &lstm_forward, "The LSTM forward through time (in place)");
-  module.def("lstm_backward", &lstm_backward, "The LSTM backward through time: returns (dz, da(0), dc(0))");
+  module.def("lstm_forward", &lstm_forward, "The LSTM forward through time (in place)", py::arg("gates"),
+             py::arg("a"), py::arg("c"), py::arg("tanh_c"), py::arg("W"), py::arg("a_low") = py::none());
+  module.def("lstm_backward", &lstm_backward, "The LSTM backward through time: returns (dz, da(0), dc(0))",
+             py::arg("gates"), py::arg("c"), py::arg("tanh_c"), py::arg("dA"), py::arg("dc"), py::arg("W"),
+             py::arg("dz_low") = py::none());
+  module.def("bf16_products_supported", &bf16_products_supported,
+             "Whether this CPU runs the bfloat16 products (AVX-512 BF16)");
   module.def("softmax_cross_entropy_", &softmax_cross_entropy_,
              "The summed cross-entropy of (rows, V) logits; overwrites them with its gradient, whose column "
              "sums go to column_sum if given", py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),

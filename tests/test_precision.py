@@ -1,0 +1,189 @@
+"""Mixed precision, `train.precision: bfloat16`: inside `gemm.products_in(torch.bfloat16)` every product
+of the recurrences and the output layer takes bfloat16 factors and float32 sums, and nothing else changes.
+
+Checked exactly where the arithmetic is defined (the library products against torch's bfloat16 mm; the
+compiled LSTM loops against the same equations with bfloat16-rounded factors summed in float64), and
+loosely where it is not (gradients within bfloat16's 2^-8 of float32's; a short training run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtrain import gemm, kernels
+from lmtrain.backward import _lstm_backward_loop, _lstm_forward_loop
+from lmtrain.cells import GRUCell, LSTMCell, RNNCell
+from lmtrain.config import ConfigError, build_config
+from lmtrain.layers import RecurrentLayer
+from lmtrain.train import train
+
+BF16 = torch.bfloat16
+
+
+def rounded(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s values rounded to bfloat16, in float64: exact factors for a float64 reference sum."""
+    return tensor.detach().to(BF16).double()
+
+
+def test_products_in_sets_and_restores_the_dtype():
+    assert gemm.product_dtype() is None
+    with gemm.products_in(BF16):
+        assert gemm.product_dtype() is BF16
+        with gemm.products_in(None):
+            assert gemm.product_dtype() is None
+        assert gemm.product_dtype() is BF16
+    assert gemm.product_dtype() is None
+
+
+def test_mm_and_linear_are_torchs_bfloat16_products_returned_as_float32():
+    a, b, W, bias = torch.randn(37, 24), torch.randn(24, 19), torch.randn(19, 24), torch.randn(19)
+    with gemm.products_in(BF16):
+        product, projected, unbiased = gemm.mm(a, b), gemm.linear(a, W, bias), gemm.linear(a, W)
+    assert product.dtype == projected.dtype == unbiased.dtype == torch.float32
+    assert torch.equal(product, torch.mm(a.to(BF16), b.to(BF16)).float())
+    assert torch.equal(unbiased, torch.mm(a.to(BF16), W.to(BF16).t()).float())
+    assert torch.equal(projected, bias + torch.mm(a.to(BF16), W.to(BF16).t()))
+    assert not torch.equal(product, a @ b)  # bfloat16 really made it: float32's product differs
+    torch.testing.assert_close(product, a @ b, rtol=0, atol=2e-2 * float((a @ b).abs().max()))
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
+@pytest.mark.parametrize("uses", [1, 8], ids=["unpacked", "packed"])
+def test_fixed_product_rounds_its_factors_and_adds_in_float32(onednn, uses):
+    W, x, add = torch.randn(512, 256), torch.randn(6, 256), torch.randn(6, 512)  # past ONEDNN_FROM_WEIGHTS
+    with gemm.use_onednn(onednn), gemm.products_in(BF16):
+        product = gemm.FixedProduct(W, 6, uses)
+        plain, added = product(x), product(x, add)
+    expected = torch.mm(x.to(BF16), W.to(BF16).t())
+    assert plain.dtype == added.dtype == torch.float32
+    assert torch.equal(plain, expected.float())
+    assert torch.equal(added, add + expected)
+
+
+def test_a_backward_makes_its_products_in_its_forwards_precision():
+    """The projection's forward under bfloat16, its backward called after the block has ended: the
+    weight gradient is still the bfloat16 product (`keeps_precision`)."""
+    x, W = torch.randn(4, 5, 16, requires_grad=True), torch.randn(11, 16, requires_grad=True)
+    with gemm.products_in(BF16):
+        logits = gemm.projection(x, W)
+    grad = torch.randn_like(logits)
+    logits.backward(grad)
+    rows = grad.reshape(-1, 11)
+    assert torch.equal(W.grad, torch.mm(rows.t().to(BF16), x.detach().reshape(-1, 16).to(BF16)).float())
+    assert torch.equal(x.grad, torch.mm(rows.to(BF16), W.detach().to(BF16)).float().view_as(x))
+
+
+def emulated_lstm(x, a0, c0, W_recurrent, W_input, b, dA, dc_T):
+    """The LSTM's loops in float64 with every recurrent product's factors rounded to bfloat16: what the
+    compiled loops compute with float32 sums. Returns (a, c, gates, dz, da(0), dc(0))."""
+    T = x.size(1)
+    a, c = torch.zeros(T + 1, *a0.shape, dtype=torch.float64), torch.zeros(T + 1, *c0.shape, dtype=torch.float64)
+    a[0], c[0] = a0, c0
+    gates = (x.double().transpose(0, 1) @ W_input.double().t() + b.double()).contiguous()
+    tanh_c = torch.empty_like(c[1:])
+    W_low = rounded(W_recurrent)
+    _lstm_forward_loop(gates, a, c, tanh_c, lambda a_prev, z: z + rounded(a_prev) @ W_low.t())
+    dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA.double(), dc_T.double(),
+                                     lambda dz_t, add: add + rounded(dz_t) @ W_low)
+    return a, c, gates, dz, da, dc
+
+
+@pytest.mark.parametrize("B, T, E, H", [(3, 5, 4, 16), (5, 9, 7, 40), (8, 6, 16, 130)])
+def test_compiled_lstm_loops_in_bfloat16_are_the_rounded_products(compiled, B, T, E, H):
+    if not compiled.bf16_products_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    x, a0, c0 = torch.randn(B, T, E), torch.randn(B, H), torch.randn(B, H)
+    W_recurrent, W_input, b = torch.randn(4 * H, H) / H ** 0.5, torch.randn(4 * H, E) / E ** 0.5, torch.randn(4 * H)
+    dA, dc_T = torch.randn(T + 1, B, H), torch.randn(B, H)
+    a, c = torch.empty(T + 1, B, H), torch.empty(T + 1, B, H)
+    a[0], c[0] = a0, c0
+    gates, tanh_c = (x.transpose(0, 1) @ W_input.t() + b).contiguous(), torch.empty(T, B, H)
+    a_low, dz_low = torch.empty(T + 1, B, H, dtype=BF16), torch.empty(T, B, 4 * H, dtype=BF16)
+    compiled.lstm_forward(gates, a, c, tanh_c, W_recurrent, a_low)
+    dz, da, dc = compiled.lstm_backward(gates, c, tanh_c, dA, dc_T, W_recurrent, dz_low)
+    want = emulated_lstm(x, a0, c0, W_recurrent, W_input, b, dA, dc_T)
+    # Not bit for bit: where float32's a(t) and float64's straddle a bfloat16 rounding boundary, the next
+    # factor differs by one bfloat16 step (2^-8 relative). Float32 products would miss by about 1e-2.
+    for got, expected in zip((a, c, gates, dz, da, dc), want, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=5e-4 * float(expected.abs().max()))
+    # the bfloat16 copies are torch's own rounding of the float32 values, bit for bit
+    assert torch.equal(a_low, a.to(BF16))
+    assert torch.equal(dz_low, dz.to(BF16))
+
+
+def run_layer(cell, x, state, dtype, compiled=True):
+    """Outputs and every gradient of a manual layer under products in `dtype`."""
+    layer = RecurrentLayer(cell, backward="manual")
+    x, state = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in state)
+    layer.zero_grad()
+    with kernels.use_compiled(compiled), gemm.products_in(dtype):
+        outputs, final = layer(x, state)
+        loss = (outputs * torch.linspace(-1, 1, outputs.size(-1))).sum() + final[0].square().sum()
+    loss.backward()
+    return [outputs, x.grad, *(s.grad for s in state), *(p.grad for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("compiled_loops", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("make_cell, H", [(LSTMCell, 48), (LSTMCell, 13), (GRUCell, 48), (RNNCell, 48)],
+                         ids=["lstm", "lstm-odd-H", "gru", "rnn"])
+def test_bfloat16_values_and_gradients_are_within_its_rounding_of_float32(make_cell, H, compiled_loops):
+    cell = make_cell(10, H)
+    x, state = torch.randn(4, 12, 10), tuple(torch.randn(4, H) for _ in cell.initial_state(1))
+    exact = run_layer(cell, x, state, None, compiled_loops)
+    mixed = run_layer(cell, x, state, BF16, compiled_loops)
+    differs = False
+    for want, got in zip(exact, mixed, strict=True):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        relative = float((got - want).detach().norm() / want.detach().norm())
+        assert relative < 2e-2, relative                    # bfloat16 keeps 8 bits: about 0.4% per factor
+        differs |= relative > 0
+    assert differs
+
+
+def test_without_bfloat16_instructions_the_python_loops_take_over(compiled, monkeypatch):
+    """On a CPU without AVX-512 BF16 the compiled loops cannot make bfloat16 products: the Python loops
+    (oneDNN's bfloat16 GEMM) run instead, exactly as with the compiled kernels switched off."""
+    cell, x, state = LSTMCell(6, 32), torch.randn(3, 8, 6), (torch.randn(3, 32), torch.randn(3, 32))
+    monkeypatch.setattr(compiled, "bf16_products_supported", lambda: False)
+    fallback = run_layer(cell, x, state, BF16, compiled=True)
+    python = run_layer(cell, x, state, BF16, compiled=False)
+    for want, got in zip(python, fallback, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_the_compiled_loops_reject_a_mismatched_bfloat16_buffer(compiled):
+    if not compiled.bf16_products_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    T, B, H = 4, 2, 8
+    gates, a, c = torch.randn(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H)
+    with pytest.raises(RuntimeError, match="a_low must be a contiguous bfloat16"):
+        compiled.lstm_forward(gates, a, c, torch.empty(T, B, H), torch.randn(4 * H, H), torch.empty(T, B, H, dtype=BF16))
+    with pytest.raises(RuntimeError, match="a_low must be a contiguous bfloat16"):
+        compiled.lstm_forward(gates, a, c, torch.empty(T, B, H), torch.randn(4 * H, H), torch.empty(T + 1, B, H))
+
+
+def test_bfloat16_needs_the_manual_backward():
+    with pytest.raises(ConfigError, match="train.precision: bfloat16 needs model.backward: manual"):
+        build_config({"data.path": "x.txt", "train.max_steps": 1, "train.precision": "bfloat16",
+                      "model.backward": "autograd"})
+    with pytest.raises(ConfigError, match="train.precision must be one of float32, bfloat16"):
+        build_config({"data.path": "x.txt", "train.max_steps": 1, "train.precision": "float16"})
+
+
+def test_training_in_bfloat16_learns_like_float32(tmp_path):
+    """The same tiny run in both precisions: both learn, to validation losses within 0.05 nats of each other, and the
+    checkpoint records the precision it was trained in."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the {word} sat on the mat\n" for word in ("cat", "dog", "bird", "fox") * 60))
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        config = build_config({"data.path": str(corpus), "model.hidden_size": 32, "model.embed_size": 16,
+                               "train.batch_size": 8, "train.bptt": 16, "train.max_steps": 120, "train.lr": 0.01,
+                               "train.eval_every": 120, "train.final_samples": 0, "train.precision": precision,
+                               "train.out_dir": str(tmp_path / precision)})
+        results[precision] = train(config)
+    exact, mixed = results["float32"].valid_loss, results["bfloat16"].valid_loss
+    assert exact < 1.5 and mixed < 1.5  # from ln(vocabulary) = 2.9
+    assert abs(mixed - exact) < 0.05  # nats; measured 0.016
+    saved = torch.load(tmp_path / "bfloat16" / "last.pt", weights_only=True)
+    assert saved["config"]["train"]["precision"] == "bfloat16"
