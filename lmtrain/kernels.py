@@ -14,7 +14,9 @@ layer's softmax cross-entropy.
   (rows, V) tensor six times.
 
 They take float32 tensors on the CPU; everything else (float64, CUDA) runs the Python code, which
-tests/test_kernels.py checks them against.
+tests/test_kernels.py checks them against. With `train.precision: bfloat16` the LSTM loops make their
+recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run time:
+`bf16_products_supported()`; without it the Python loops run); tests/test_precision.py checks them.
 
 The kernels are built once per machine, on first use, by torch's C++ extension loader (about 30 s;
 cached under `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). That needs a C++ compiler

@@ -247,9 +247,14 @@ class Trainer:
         count against max_seconds."""
         if self.device.type != "cpu":
             return
-        if kernels.load(announce=self.warn) is None and kernels.required():
+        module = kernels.load(announce=self.warn)
+        if module is None and kernels.required():
             raise LmtrainError(f"{kernels.SWITCH}=1, but the compiled kernels are not available: "
                                f"{kernels.unavailable_reason()}")
+        if module is not None and self.config.train.precision == "bfloat16" and not module.bf16_products_supported():
+            self.warn("warning: train.precision is bfloat16 but this CPU has no AVX-512 BF16: the products run in "
+                      "emulated bfloat16 and the LSTM in its Python loops, which may be slower than float32 "
+                      "(scripts/bench_precision.py measures both)")
 
     def _loop(self) -> TrainResult:
         train_config = self.config.train

@@ -187,3 +187,15 @@ def test_training_in_bfloat16_learns_like_float32(tmp_path):
     assert abs(mixed - exact) < 0.05  # nats; measured 0.016
     saved = torch.load(tmp_path / "bfloat16" / "last.pt", weights_only=True)
     assert saved["config"]["train"]["precision"] == "bfloat16"
+
+
+def test_training_in_bfloat16_without_the_instructions_warns(tmp_path, compiled, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\n" * 40)
+    monkeypatch.setattr(compiled, "bf16_products_supported", lambda: False)
+    warnings = []
+    config = build_config({"data.path": str(corpus), "model.hidden_size": 16, "model.embed_size": 8,
+                           "train.batch_size": 4, "train.bptt": 8, "train.max_steps": 2, "train.final_samples": 0,
+                           "train.precision": "bfloat16", "train.out_dir": str(tmp_path / "run")})
+    train(config, warn=warnings.append)
+    assert any("no AVX-512 BF16" in line for line in warnings), warnings

@@ -5,7 +5,8 @@
 //   step's recurrent product and gate arithmetic made together, thread by thread, and no Python or
 //   library call between the steps (the recurrent products are made here; the products over all T
 //   steps at once stay with lmtrain.gemm). Gates are laid out [Γ_f, Γ_u, c̃, Γ_o] along the last axis of
-//   a (T, B, 4H) buffer, rows are batch, and buffers are time-major, exactly as in backward.py.
+//   a (T, B, 4H) buffer, rows are batch, and buffers are time-major, exactly as in backward.py. Under
+//   train.precision: bfloat16 the recurrent products take bfloat16 factors (AVX-512 BF16).
 // - The softmax cross-entropy of the output layer (lmtrain/loss.py): the loss and its gradient with
 //   respect to the logits in one pass per row, the gradient written over the logits.
 
