@@ -45,11 +45,12 @@ from lmtrain.rundir import RunDirectory
 from lmtrain.sampling import generate
 from lmtrain.tokenizer import Tokenizer
 
-# Keys a resumed run may change: how long to go on and how to report, not what is learned.
+# Keys a resumed run may change: how long to go on, how to report, and where and in what precision the
+# products run (a run started with bfloat16 may go on where there is no AVX-512 BF16), not what is learned.
 RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.eval_every", "train.log_every",
              "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
              "train.tensorboard",
-             "train.device", "train.out_dir", "data.cache")
+             "train.device", "train.precision", "train.out_dir", "data.cache")
 
 
 class TrainingInterrupted(LmtrainError):

@@ -199,3 +199,17 @@ def test_training_in_bfloat16_without_the_instructions_warns(tmp_path, compiled,
                            "train.precision": "bfloat16", "train.out_dir": str(tmp_path / "run")})
     train(config, warn=warnings.append)
     assert any("no AVX-512 BF16" in line for line in warnings), warnings
+
+
+def test_a_bfloat16_run_may_go_on_in_float32(tmp_path):
+    """train.precision is how the products are made, not what is learned: --resume accepts a change (a run
+    started on a CPU with AVX-512 BF16 may go on on one without), and the run continues from its step."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\n" * 40)
+    values = {"data.path": str(corpus), "model.hidden_size": 16, "model.embed_size": 8, "train.batch_size": 4,
+              "train.bptt": 8, "train.final_samples": 0, "train.out_dir": str(tmp_path / "run")}
+    train(build_config({**values, "train.max_steps": 3, "train.precision": "bfloat16"}))
+    resumed = train(build_config({**values, "train.max_steps": 6, "train.precision": "float32"}), resume=True)
+    assert resumed.progress.step == 6
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["config"]["train"]["precision"] == "float32"

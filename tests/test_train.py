@@ -76,13 +76,15 @@ REGULARISED = dict(model__locked_dropout=True, model__embedding_dropout=0.1, mod
                    train__activation_regularization=2.0, train__temporal_activation_regularization=1.0)
 
 
-@pytest.mark.parametrize("mode, cell, direction, regularised", [
-    ("stream", "lstm", "forward", False), ("sentences", "gru", "forward", False), ("stream", "rnn", "bi", False),
-    ("sentences", "lstm", "bi", False), ("stream", "lstm", "forward", True), ("sentences", "gru", "forward", True)])
-def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell, direction, regularised):
+@pytest.mark.parametrize("mode, cell, direction, regularised, precision", [
+    ("stream", "lstm", "forward", False, "float32"), ("sentences", "gru", "forward", False, "float32"),
+    ("stream", "rnn", "bi", False, "float32"), ("sentences", "lstm", "bi", False, "float32"),
+    ("stream", "lstm", "forward", True, "float32"), ("sentences", "gru", "forward", True, "float32"),
+    ("stream", "lstm", "forward", False, "bfloat16")])
+def test_stop_and_resume_equals_straight_through(tmp_path, corpus, mode, cell, direction, regularised, precision):
     # dropout > 0 makes the result depend on the restored RNG state; bptt 64 keeps every sentence whole.
     settings = dict(data__mode=mode, model__cell=cell, model__num_layers=2, model__dropout=0.3,
-                    model__direction=direction, **(REGULARISED if regularised else {}),
+                    model__direction=direction, **(REGULARISED if regularised else {}), train__precision=precision,
                     train__bptt=64 if mode == "sentences" else BPTT, train__eval_every=5, train__schedule="constant")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(make_config(corpus, straight, train__max_steps=30, **settings), progress_bar=False)
