@@ -284,8 +284,8 @@ class LSTMFunction(Function):
         a, c = _states(a0, T), _states(c0, T)                              # (T+1, B, H)
         gates = _project(x, W_input, b)                                    # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
-        a_low = None                                                       # a(t) in bfloat16, when the products are
-        if (loops := _compiled_loops(x, T, a0.size(1))) is not None:                   # _lstm_forward_loop, compiled
+        a_low = None                                                       # bfloat16 copies of a(t), for bfloat16 products
+        if (loops := _compiled_loops(x, T, a0.size(1))) is not None:       # _lstm_forward_loop, compiled
             a_low = torch.empty_like(a, dtype=torch.bfloat16) if product_dtype() is not None else None
             loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous(), a_low)
         else:
@@ -299,15 +299,16 @@ class LSTMFunction(Function):
         T = tanh_c.size(0)
         dA = _incoming(grad_outputs, grad_a_final, a)
         dc = grad_c_final if grad_c_final is not None else torch.zeros_like(dA[T])
-        dz_low = None                                                      # dz(t) in bfloat16, when the products are
-        if (loops := _compiled_loops(gates, T, c.size(2))) is not None:               # _lstm_backward_loop, compiled
+        dz_low = None                                                      # bfloat16 copies of dz(t), for bfloat16 products
+        if (loops := _compiled_loops(gates, T, c.size(2))) is not None:    # _lstm_backward_loop, compiled
             dz_low = torch.empty_like(gates, dtype=torch.bfloat16) if product_dtype() is not None else None
             dz, da, dc = loops.lstm_backward(gates, c, tanh_c, dA, dc, W_recurrent.detach().contiguous(), dz_low)
         else:
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T)  # dz W_a: the product transposed
             dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA, dc, recurrent_t)
         needs = ctx.needs_input_grad
-        # The products below read the bfloat16 copies the loops made, where they made them.
+        # The products below read the bfloat16 copies the loops made, where both loops made them (a forward
+        # and its backward may run different loops: `kernels.use_compiled` may change between the two).
         dz_factor, a_factor = (dz, a) if dz_low is None or a_low is None else (dz_low, a_low)
         dW_recurrent = _over_time(dz_factor, a_factor[:-1]) if needs[3] else None  # Σ_t dz(t) a(t-1)ᵀ
         dx, dW_input, db = _input_gradients(needs[:1] + needs[4:], dz, x, W_input, dz_factor)

@@ -213,3 +213,27 @@ def test_a_bfloat16_run_may_go_on_in_float32(tmp_path):
     assert resumed.progress.step == 6
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert saved["config"]["train"]["precision"] == "float32"
+
+
+
+def test_a_forward_and_its_backward_may_run_different_loops(compiled):
+    """Forward by the Python loops, backward by the compiled ones (`use_compiled` changed between the
+    two): the backward has no bfloat16 copy of a(t) and rounds a(t) itself; the gradients stay within
+    bfloat16's rounding of float32's."""
+    if not compiled.bf16_products_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    cell, x, state = LSTMCell(6, 32), torch.randn(3, 8, 6), (torch.randn(3, 32), torch.randn(3, 32))
+    layer = RecurrentLayer(cell, backward="manual")
+
+    def parameter_gradients(dtype, forward_compiled):
+        layer.zero_grad()
+        with gemm.products_in(dtype):
+            with kernels.use_compiled(forward_compiled):
+                outputs, _ = layer(x, state)
+            with kernels.use_compiled(True):
+                (outputs * torch.linspace(-1, 1, 32)).sum().backward()
+        return [parameter.grad.clone() for parameter in layer.parameters()]
+
+    for want, got in zip(parameter_gradients(None, True), parameter_gradients(BF16, False), strict=True):
+        assert torch.isfinite(got).all()
+        assert float((got - want).norm() / want.norm()) < 2e-2
