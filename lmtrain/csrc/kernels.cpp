@@ -13,8 +13,14 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <omp.h>
+
+// The bfloat16 products use AVX-512 BF16 intrinsics: x86 only. Elsewhere (ARM) the rest builds as before
+// and `bf16_products_supported()` is false, so the Python loops make the bfloat16 products.
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(LMTRAIN_NO_X86)
+#define LMTRAIN_X86 1
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -142,6 +148,7 @@ inline bf16 to_bf16(float x) noexcept {
   return static_cast<bf16>(bits >> 16);
 }
 
+#ifdef LMTRAIN_X86
 #define LMTRAIN_BF16 __attribute__((target("avx512f,avx512bf16")))
 
 // C[r][0..16 BLOCKS) = Σ_k A[r][k] P[k][..] for R rows of A (row stride lda, in bfloat16s) and BLOCKS
@@ -191,6 +198,25 @@ LMTRAIN_BF16 __attribute__((noinline)) void packed_product_bf16(const bf16* A, i
 }
 
 bool bf16_products_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"); }
+#else
+// Never called (no CPU here is reported to support it), but defined: the same sums, one at a time.
+void packed_product_bf16(const bf16* A, int64_t B, int64_t K, const uint32_t* P, int64_t N, float* C) noexcept {
+  const auto value = [](uint32_t bits) { float x; std::memcpy(&x, &bits, sizeof x); return x; };
+  for (int64_t row = 0; row < B; ++row)
+    for (int64_t n = 0; n < N; ++n) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K / 2; ++k) {
+        uint32_t pair;
+        std::memcpy(&pair, A + row * K + 2 * k, sizeof pair);
+        const uint32_t w = P[(n / COLUMNS) * (K / 2) * COLUMNS + k * COLUMNS + n % COLUMNS];
+        sum += value(pair << 16) * value(w << 16) + value(pair & 0xffff0000u) * value(w & 0xffff0000u);
+      }
+      C[row * N + n] = sum;
+    }
+}
+
+bool bf16_products_supported() { return false; }
+#endif
 
 // A thread's share of one recurrent product's weights, packed once for the whole sequence: float32
 // blocks for `packed_product`, or bfloat16 pairs for `packed_product_bf16` (K even) when `low`.
