@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import linear
 
+from lmtrain.torch_internals import version_key
+
 sigmoid, tanh = torch.sigmoid, torch.tanh
 
 
@@ -74,8 +76,9 @@ class Cell(nn.Module):
         at every token copied all the weights each time (most of a sampling step, measured)."""
         if torch.is_grad_enabled():
             return self._stack()
-        parameters = [getattr(self, f"{kind}_{gate}") for kind in "Wb" for gate in self.gates]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
+        key = version_key(getattr(self, f"{kind}_{gate}") for kind in "Wb" for gate in self.gates)
+        if key is None:  # a torch without version counters: nothing can tell a changed weight
+            return self._stack()
         if getattr(self, "_stacked_key", None) != key:
             self._stacked_key, self._stacked = key, self._stack()
         return self._stacked

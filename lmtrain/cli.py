@@ -34,11 +34,33 @@ _options = {"debug": False}
 
 data_app = typer.Typer(help="Download and list reference corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+kernels_app = typer.Typer(help="The compiled kernels: build them ahead of time, see and clear their cache.",
+                          no_args_is_help=True)
+app.add_typer(kernels_app, name="kernels")
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (torch's, a library's) as one `warning:` line, the way lmtrain's own read; its
+    source file and line only under --debug."""
+    text = str(message).strip().splitlines()
+    where = f" ({filename}:{lineno})" if _options["debug"] else ""
+    print(f"warning: {text[0] if text else category.__name__}{where}", file=file or sys.stderr)
 
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False) -> None:
+    from lmtrain.threads import Load
+
     _options["debug"] = debug
+    warnings.showwarning = _warning_line
+    _options["load"] = Load()  # the other processes' load, measured from now until a command picks its threads
+
+
+def _set_threads() -> None:
+    """The free cores as threads, for a command that computes (sample, eval, diagnose)."""
+    from lmtrain.threads import set_for_command
+
+    set_for_command(load=_options.get("load"))
 
 
 @contextmanager
@@ -125,6 +147,7 @@ def sample(
     from lmtrain.sampling import sample_checkpoint
 
     with user_errors():
+        _set_threads()
         samples, notes = sample_checkpoint(checkpoint, num=num, prime=prime, temperature=temperature, top_k=top_k,
                                            top_p=top_p, max_tokens=max_tokens, seed=seed, device=_device(device))
         for note in notes:
@@ -193,6 +216,7 @@ def perplexity(
             raise LmtrainError(f"--batch-size must be >= 1; got {batch_size}")
         if segment is not None and segment < 0:
             raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
+        _set_threads()
         numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split, batch_size=batch_size,
                                              device=_device(device), segment=segment)
         for note in notes:
@@ -216,6 +240,7 @@ def gradients(
     from lmtrain.diagnose import gradient_report, plot_rows
 
     with user_errors():
+        _set_threads()
         description, rows = gradient_report(checkpoint=checkpoint, config_path=config, overrides=overrides or [],
                                             data_file=data, length=length, count=count, seed=seed)
         if plot:
@@ -239,6 +264,7 @@ def agreement(
     from lmtrain.agreement import agreement_report, format_report
 
     with user_errors():
+        _set_threads()
         report = agreement_report(checkpoint, data_file=data, device=_device(device))
         if report["unknown_tokens"]:
             typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>", err=True)
@@ -275,6 +301,35 @@ def data_list(
         for row in rows:
             typer.echo(f"{row['name']:<16} {'cached' if row['cached'] else 'not cached':<11} {', '.join(row['files'])}  "
                        f"{row['path']}")
+
+
+@kernels_app.command("build")
+def kernels_build() -> None:
+    """Compile the kernels now, e.g. while building a container image that later runs read-only; prints
+    their folder. Tries again after a failed build."""
+    from lmtrain.kernels import build_now
+
+    with user_errors():
+        typer.echo(build_now(announce=lambda line: typer.echo(line, err=True)))
+
+
+@kernels_app.command("status")
+def kernels_status(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """Whether this lmtrain's kernels are built, where, and every build in the cache (all versions)."""
+    from lmtrain.kernels import status, status_lines
+
+    with user_errors():
+        facts = status()
+        typer.echo(json.dumps(facts) if as_json else "\n".join(status_lines(facts)))
+
+
+@kernels_app.command("clear")
+def kernels_clear() -> None:
+    """Remove every build from the cache (all versions; not one being built right now)."""
+    from lmtrain.kernels import clear
+
+    with user_errors():
+        typer.echo("\n".join(clear()))
 
 
 def _format(key: str, value: float | int) -> str:

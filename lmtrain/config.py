@@ -101,6 +101,7 @@ class TrainConfig:
     tensorboard: bool = False          # also log to <out_dir>/tensorboard (needs the tensorboard package)
     seed: int = 1234
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    threads: int | str = "auto"        # CPU threads: auto (the free cores, following the load) | a number
     precision: str = "float32"         # float32 | bfloat16: the training step's matrix products take bfloat16
                                        # factors, summed in float32 (mixed precision); evaluation stays float32
     out_dir: str = "runs/default"
@@ -244,6 +245,8 @@ def validate(config: Config) -> None:
 
     if "\0" in train.out_dir:
         raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
+    if train.threads != "auto" and not (isinstance(train.threads, int) and train.threads >= 1):
+        raise ConfigError(f"train.threads must be auto or a positive integer; got {train.threads!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {train.device!r}")
 

@@ -112,6 +112,10 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
                            f"{os.environ.get('MASTER_PORT')}): {reason}") from None
     try:
         yield
+        # Before torch 2.8 the group's destructor held the GIL while it joined gloo's threads, and a thread
+        # still releasing an earlier collective's tensors needed it: a deadlock (pytorch/pytorch#56297,
+        # fixed by #154976). After a barrier, whose tensor is C++'s own, no thread holds one.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -26,14 +26,9 @@ from torch import Tensor
 from torch.autograd import Function
 
 
-def _onednn_ops() -> tuple | None:
-    try:
-        return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        return None
+from lmtrain.torch_internals import ONEDNN_LINEAR
 
-
-_ONEDNN = _onednn_ops() if torch.backends.mkldnn.is_available() else None
+_ONEDNN = ONEDNN_LINEAR  # (linear, reorder_weight), or None: every product here is then torch's addmm
 
 _precision: dict[str, torch.dtype | None] = {"dtype": None}  # None: each product in its factors' dtype
 

@@ -18,11 +18,14 @@ tests/test_kernels.py checks them against. With `train.precision: bfloat16` the 
 recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run time:
 `bf16_products_supported()`; without it the Python loops run); tests/test_precision.py checks them.
 
-The kernels are built once per machine, on first use, by torch's C++ extension loader (about 30 s;
-cached under `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). That needs a C++ compiler
-with OpenMP and ninja (`pip install ninja`, or the system's). Without them, or if the build fails,
-lmtrain says so in one line and keeps the Python code: slower, same results. `LMTRAIN_COMPILED=0`
-skips the build; `LMTRAIN_COMPILED=1` makes it required (`lmtrain train` stops with the reason instead).
+The kernels are built once per machine, on first use (about 30 s), by torch's C++ extension loader
+inside `lmtrain.kernel_build`, which names the build by its sources, flags and versions and makes sure
+that a killed build never blocks a later one; `lmtrain kernels build|status|clear` builds ahead of time,
+shows and clears the cache (docs/running.md). That needs a C++ compiler with OpenMP and ninja (`pip
+install ninja`, or the system's). Without them, or if the build fails, lmtrain says so in one line and
+keeps the Python code: slower, same results. `LMTRAIN_COMPILED=0` skips the build; `LMTRAIN_COMPILED=1`
+makes it required (`lmtrain train` stops with the reason instead). `LMTRAIN_KERNELS_WAIT` bounds, in
+seconds (default 600), the wait for another process that is compiling them.
 """
 
 from __future__ import annotations
@@ -37,8 +40,14 @@ from types import ModuleType
 
 import torch
 
+from lmtrain import kernel_build
+from lmtrain.errors import LmtrainError
+from lmtrain.torch_internals import cpu_capability
+
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 SWITCH = "LMTRAIN_COMPILED"
+WAIT = "LMTRAIN_KERNELS_WAIT"
+DEFAULT_WAIT_SECONDS = 600.0
 
 _enabled = True
 _built: dict[str, object] = {}  # "module" and "reason", once the build was tried
@@ -86,60 +95,134 @@ def use_compiled(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
-COMMON_FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
+COMMON_FLAGS = ("-O3", "-fno-trapping-math", "-fopenmp")
 
 
-def _flags() -> tuple[str, list[str]]:
-    """The build's name and compiler flags for this CPU: AVX-512 or AVX2 where torch found them (its own
-    kernels choose the same way), the target's default otherwise. The name carries the
-    choice so that a cache shared between machines never hands one a binary its CPU cannot run.
-    `-fno-trapping-math` lets GCC vectorise the gate loops (their clamps and floors are branches to it
-    otherwise); nothing here reads floating-point exception flags. `-fopenmp` makes ATen's `parallel_for`
-    in the softmax kernel parallel (without it the header's OpenMP loop runs on one thread, measured 2x
-    slower); at run time the kernels share the OpenMP runtime that torch loaded, and its threads."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512":  # 512-bit vectors: the forward's gate pass took 0.7x AVX2's time in a trial run
-        return "lmtrain_kernels_avx512", [*COMMON_FLAGS, "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw",
-                                          "-mavx2", "-mfma", "-mprefer-vector-width=512"]
-    if capability == "AVX2":
-        return "lmtrain_kernels_avx2", [*COMMON_FLAGS, "-mavx2", "-mfma"]
-    return "lmtrain_kernels", COMMON_FLAGS
+def spec() -> kernel_build.Spec:
+    """The build for this CPU: AVX-512 or AVX2 where torch found them (its own kernels choose the same
+    way), the target's default otherwise; the name carries the choice, so that a cache shared between
+    machines never hands one a binary its CPU cannot run. `-fno-trapping-math` lets GCC vectorise the
+    gate loops (their clamps and floors are branches to it otherwise); nothing here reads floating-point
+    exception flags. `-fopenmp` makes ATen's `parallel_for` in the softmax kernel parallel (without it
+    the header's OpenMP loop runs on one thread); at run time the kernels share the OpenMP runtime that
+    torch loaded, and its threads."""
+    capability = cpu_capability()
+    if capability == "AVX512":
+        name, flags = "lmtrain_kernels_avx512", ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2",
+                                                 "-mfma", "-mprefer-vector-width=512")
+    elif capability == "AVX2":
+        name, flags = "lmtrain_kernels_avx2", ("-mavx2", "-mfma")
+    else:
+        name, flags = "lmtrain_kernels", ()
+    return kernel_build.Spec(name, (SOURCE,), cflags=(*COMMON_FLAGS, *flags), ldflags=("-fopenmp",))
 
 
-def _find_ninja(cpp_extension) -> bool:
+def wait_seconds() -> float:
+    """How long to wait for another process's build (`LMTRAIN_KERNELS_WAIT`)."""
+    text = os.environ.get(WAIT)
+    if text is None:
+        return DEFAULT_WAIT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise LmtrainError(f"{WAIT} must be a number of seconds, 0 or more; got {text!r}")
+    return seconds
+
+
+def build_obstacle() -> str | None:
+    """Why a build cannot start on this machine (no compiler, no ninja), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    if not _find_ninja():
+        return "ninja is not installed: pip install ninja"
+    return None
+
+
+def _find_ninja() -> bool:
     """Whether torch's loader can run ninja. `pip install ninja` puts it beside this Python, which is not
     on PATH when lmtrain runs from a venv that was not activated: that folder is then added to PATH."""
-    if cpp_extension.is_ninja_available():
+    if shutil.which("ninja") is not None:
         return True
     beside = Path(sys.executable).parent
     if not (beside / "ninja").exists():
         return False
     os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
-    return cpp_extension.is_ninja_available()
+    return shutil.which("ninja") is not None
 
 
-def _build(announce) -> tuple[ModuleType | None, str | None]:
+def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, str | None]:
     if os.environ.get(SWITCH) == "0":
         return None, f"{SWITCH}=0"
     try:
-        from torch.utils import cpp_extension
-    except ImportError as error:  # a torch without its C++ extension support
-        return None, f"torch.utils.cpp_extension: {error}"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return None, f"no C++ compiler ({compiler}) on PATH"
-    if not _find_ninja(cpp_extension):
-        return None, "ninja is not installed: pip install ninja"
-    name, flags = _flags()
-    try:
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if not built.exists():
-            announce(f"lmtrain: compiling the kernels for this machine (once, about 30 s): {SOURCE.name}")
-    except Exception:  # a private helper of torch's: only the announcement depends on it
-        pass
-    try:
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                  verbose=False), None
-    except Exception as error:  # a compiler error, a read-only cache folder, ...
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        return None, f"build failed: {lines[0][:200]}"
+        return kernel_build.obtain(spec(), announce=announce, wait_seconds=wait_seconds(), retry_failed=retry_failed,
+                                   can_build=build_obstacle,
+                                   building="lmtrain: compiling the kernels for this machine (once, about 30 s): {sources}")
+    except OSError as error:  # the sources missing from an installation, an unreadable cache folder
+        return None, f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+
+
+# -- `lmtrain kernels build | status | clear` ------------------------------------------------------
+
+def build_now(announce) -> str:
+    """Build the kernels if they are not built (trying again after an earlier failure); the folder they
+    are in. For `lmtrain kernels build`: ahead of time, e.g. in a container image that runs read-only."""
+    if os.environ.get(SWITCH) == "0":
+        raise LmtrainError(f"{SWITCH}=0 turns the compiled kernels off; unset it to build them")
+    module, reason = _build(announce, retry_failed=True)
+    if module is None:
+        raise LmtrainError(f"the compiled kernels could not be built: {reason}")
+    _built.update(module=module, reason=None)
+    return str(kernel_build.published(spec()).folder)
+
+
+def status() -> dict:
+    """What `lmtrain kernels status` shows: this lmtrain's build and its state, what a build would need,
+    and every build in the cache folders (other versions' included)."""
+    this = spec()
+    paths = kernel_build.published(this)
+    failed = next((p for root in kernel_build.roots() if (p := kernel_build.Paths(root, this)).failure.exists()), None)
+    if os.environ.get(SWITCH) == "0":
+        state = f"off ({SWITCH}=0)"
+    elif paths is not None:
+        state = "built"
+    elif failed is not None:
+        state = "failed"
+    else:
+        state = "not built (the first training builds it, or `lmtrain kernels build`)"
+    return {"state": state, "module": this.module, "folder": str(paths.folder) if paths else None,
+            "failure_log": str(failed.failure) if failed and not paths else None,
+            "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _find_ninja() else None,
+            "wait_seconds": wait_seconds(),
+            "caches": [{"root": str(root), "builds": kernel_build.builds(root)} for root in kernel_build.roots()]}
+
+
+def status_lines(facts: dict) -> list[str]:
+    lines = [f"kernels: {facts['state']}", f"this lmtrain's build: {facts['module']}"]
+    if facts["folder"]:
+        lines.append(f"folder: {facts['folder']}")
+    if facts["failure_log"]:
+        lines.append(f"failure log: {facts['failure_log']}")
+    lines.append(f"compiler: {facts['compiler'] or 'none found'}; ninja: {facts['ninja'] or 'none found'}")
+    for cache in facts["caches"]:
+        if not cache["builds"]:
+            continue
+        total = sum(build["bytes"] for build in cache["builds"])
+        lines.append(f"cache {cache['root']}: {len(cache['builds'])} entries, {total / 1e6:.1f} MB")
+        for build in cache["builds"]:
+            record = build.get("record") or {}
+            made = f"  lmtrain {record['lmtrain']}, torch {record['torch']}" if "lmtrain" in record else ""
+            mine = "  (this lmtrain)" if build["module"] == facts["module"] else ""
+            lines.append(f"  {build['module']}  {build['state']}  {build['bytes'] / 1e6:.1f} MB{made}{mine}")
+    return lines
+
+
+def clear() -> list[str]:
+    """Remove every build in the cache folders but those being built now; lines saying what went."""
+    lines = []
+    for root in kernel_build.roots():
+        removed, kept = kernel_build.clear(root)
+        lines += [f"removed {path}" for path in removed] + [f"kept {path} (being built now)" for path in kept]
+    return lines or ["nothing to clear"]

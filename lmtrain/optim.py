@@ -6,9 +6,8 @@ import math
 
 import torch
 from torch import nn
-from torch.autograd.graph import increment_version
-
 from lmtrain.config import TrainConfig
+from lmtrain.torch_internals import increment_version
 
 
 # Where torch has a fused Adam kernel: one pass per parameter instead of about ten tensor operations
@@ -26,7 +25,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in parameters)
     built = optimizer(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     if fused:
-        # The fused kernel writes the parameters without bumping their version counters (torch 2.13), and
+        # The fused kernel writes the parameters without bumping their version counters, and
         # `Cell.stacked_weights` keys its no-grad cache on them: evaluation would see stale weights.
         built.register_step_post_hook(lambda *_: increment_version(parameters))
     return built

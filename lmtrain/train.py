@@ -43,6 +43,7 @@ from lmtrain.optim import build_optimizer, learning_rate
 from lmtrain.regularization import activation_penalty
 from lmtrain.rundir import RunDirectory
 from lmtrain.sampling import generate
+from lmtrain.threads import ThreadCount
 from lmtrain.tokenizer import Tokenizer
 
 # Keys a resumed run may change: how long to go on, how to report, and where and in what precision the
@@ -50,7 +51,7 @@ from lmtrain.tokenizer import Tokenizer
 RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.eval_every", "train.log_every",
              "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
              "train.tensorboard",
-             "train.device", "train.precision", "train.out_dir", "data.cache")
+             "train.device", "train.threads", "train.precision", "train.out_dir", "data.cache")
 
 
 class TrainingInterrupted(LmtrainError):
@@ -125,6 +126,7 @@ class Trainer:
     def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], warn: Callable[[str], None],
                  progress_bar: bool, world: World = World(), device: torch.device | None = None) -> None:
         self.config, self.echo, self.warn, self.progress_bar = config, echo, warn, progress_bar
+        self.threads = ThreadCount(config.train.threads)  # from here on it measures the load of other processes
         self.world, self.device = world, device or resolve_device(config.train.device)
         self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
         self.out_dir = self.run_dir.path
@@ -228,6 +230,7 @@ class Trainer:
         keep_freed_memory()  # steps would otherwise fault their large buffers in anew each time
         try:
             self._load_compiled_kernels()
+            self.threads_line = self.threads.start()
             run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
             self.training_model = data_parallel(self.model, self.world, self.device)
             return self._loop()
@@ -236,6 +239,7 @@ class Trainer:
             # last reference it would destroy it holding the GIL, which gloo's worker threads may need to free
             # a finished collective's tensors: a deadlock, seen here (pytorch/pytorch#56297).
             self.training_model = self.model
+            self.threads.restore()
             if self.metrics is not None:
                 self.metrics.close()
             if self.summary is not None:
@@ -262,6 +266,7 @@ class Trainer:
         self.echo(f"model: {self.config.model.cell} {self.config.model.num_layers}x{self.config.model.hidden_size}, "
                   f"{parameter_count(self.model):,} parameters, vocabulary {self.tokenizer.vocab_size}, "
                   f"{self.per_epoch} batches per epoch, device {self.device}"
+                  + (f", {self.threads_line}" if self.device.type == "cpu" else "")
                   + (f", {self.world.size} processes" if self.world.distributed else "")
                   + (", with a backward LM (direction: bi)" if len(self.directions) == 2 else ""))
         total = self._total_steps()
@@ -278,6 +283,8 @@ class Trainer:
         with _StopSignals(second_stops_at_once=not self.world.distributed) as stop:
             while (reason := self._limit_reached()) is None:
                 stop_signal = self._train_step(window, stop)
+                if (change := self.threads.follow()) is not None:
+                    self.echo(change)
                 self.progress.elapsed_seconds = time.perf_counter() - started
                 step = self.progress.step
                 bar.update(1)
@@ -454,7 +461,7 @@ class Trainer:
             return
         event = {"step": self.progress.step, "split": split, "loss": round(loss, 6),
                  "ppl": round(perplexity(loss), 4), "lr": self._lr(), "tokens_per_s": round(tokens_per_s, 1),
-                 "elapsed_s": round(self.progress.elapsed_seconds, 3)}
+                 "elapsed_s": round(self.progress.elapsed_seconds, 3), "threads": self.threads.count}
         self.metrics.write(json.dumps(event) + "\n")
         self.metrics.flush()
         if self.summary is not None:

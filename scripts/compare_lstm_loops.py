@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from comparison import allocator_settings
-from lmtrain import kernels
+from lmtrain import kernel_build, kernels
 from lmtrain.gemm import FixedProduct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +36,12 @@ def build_old(folder: Path):
     source = folder / "old_lstm_loops.cpp"
     source.write_text(subprocess.run(["git", "show", f"{OLD[0]}:{OLD[1]}"], cwd=ROOT, check=True,
                                      capture_output=True, text=True).stdout)
-    name, flags = kernels._flags()
-    return cpp_extension.load(f"{name}_old_loops", [str(source)], extra_cflags=flags, verbose=False)
+    current = kernels.spec()
+    old = kernel_build.Spec(f"{current.name}_old_loops", (source,), cflags=current.cflags, ldflags=current.ldflags)
+    module, reason = kernel_build.obtain(old, announce=print, wait_seconds=600, root=folder / "build")
+    if module is None:
+        raise SystemExit(f"the old loops could not be built: {reason}")
+    return module
 
 
 def old_arguments(product: FixedProduct) -> tuple[torch.Tensor, bool]:

@@ -25,6 +25,15 @@ def allocator_settings() -> str:
     return ", ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR if name in os.environ) or "glibc defaults"
 
 
+def provenance() -> str:
+    """When and from what code a table was made: the date and the commit (noting uncommitted changes)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return f"{time.strftime('%Y-%m-%d')}, commit {commit}{' with uncommitted changes' if dirty else ''}"
+
+
 def machine_line() -> str:
     return (f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads; "

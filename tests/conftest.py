@@ -16,13 +16,17 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 os.environ["LMTRAIN_CACHE"] = tempfile.mkdtemp(prefix="lmtrain-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LMTRAIN_CACHE"], ignore_errors=True)
 
+# The models here are tiny: one thread is many times faster than several fighting over 2 busy cores. Set
+# before torch loads, for this process and the lmtrain processes the tests start, so that every run here
+# has a fixed thread count (train.threads: auto follows the load; tests/test_threads.py tests it).
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lmtrain.config import Config, build_config  # noqa: E402
 from lmtrain.tokenizer import Tokenizer  # noqa: E402
 
-# The models here are tiny: one thread is many times faster than several fighting over 2 busy cores.
 torch.set_num_threads(1)
 
 SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"

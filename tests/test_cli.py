@@ -33,7 +33,7 @@ LMTRAIN = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lmtrain"
 # One thread per process: the fixtures run several processes side by side.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NO_COLOR": "1", "COLUMNS": "120"}
 WORKERS = max(2, min(6, 2 * (os.cpu_count() or 1)))
-METRIC_KEYS = {"step", "split", "loss", "ppl", "lr", "tokens_per_s", "elapsed_s"}
+METRIC_KEYS = {"step", "split", "loss", "ppl", "lr", "tokens_per_s", "elapsed_s", "threads"}
 FINAL_SAMPLES = 3
 
 
@@ -133,6 +133,23 @@ def test_help_lists_the_commands(tmp_path):
         assert re.search(rf"\b{command}\b", main_help.stdout), main_help.stdout
     assert_ok(eval_help)
     assert "perplexity" in eval_help.stdout
+
+
+def test_a_foreign_warning_is_one_warning_line(tmp_path):
+    """A library's Python warning (torch's, matplotlib's) reaches stderr as one `warning:` line."""
+    code = ("import sys, warnings\n"
+            "import lmtrain.cli, lmtrain.checkpoint\n"
+            "from lmtrain.errors import LmtrainError\n"
+            "def describe(path):\n"
+            "    warnings.warn('CUDA initialization: a driver too old\\nand a second line', UserWarning)\n"
+            "    raise LmtrainError('no checkpoint here')\n"
+            "lmtrain.checkpoint.describe = describe\n"
+            "sys.argv = ['lmtrain', 'info', 'x.pt']\n"
+            "lmtrain.cli.run()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "warning: CUDA initialization: a driver too old\nerror: no checkpoint here\n"
 
 
 # -- end to end: four tiny runs -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ cannot run (no compiler, no ninja) the tests that need it are skipped, unless LM
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -177,19 +178,26 @@ def test_every_cpu_run_builds_before_training(monkeypatch, tmp_path, config_fact
 
 def test_ninja_beside_python_is_found_when_not_on_path(monkeypatch, tmp_path):
     """`pip install ninja` in a venv that was not activated: the loader still finds it."""
-    from torch.utils import cpp_extension
-
     beside = Path(sys.executable).parent
     if not (beside / "ninja").exists():
         pytest.skip("ninja is not installed beside this Python")
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert kernels._find_ninja(cpp_extension)
+    assert kernels._find_ninja()
     assert os.environ["PATH"].split(os.pathsep)[0] == str(beside)
 
 
 def test_no_ninja_anywhere_is_a_reason(monkeypatch, tmp_path):
-    from torch.utils import cpp_extension
-
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    assert not kernels._find_ninja(cpp_extension)
+    assert not kernels._find_ninja()
+    (tmp_path / "c++").symlink_to(shutil.which("c++") or "/bin/true")
+    assert kernels.build_obstacle() == "ninja is not installed: pip install ninja"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan"])
+def test_a_bad_wait_bound_is_named(monkeypatch, value):
+    monkeypatch.setenv(kernels.WAIT, value)
+    with pytest.raises(LmtrainError, match=rf"^LMTRAIN_KERNELS_WAIT must be a number of seconds, 0 or more; got '{value}'$"):
+        kernels.wait_seconds()
+    monkeypatch.setenv(kernels.WAIT, "2.5")
+    assert kernels.wait_seconds() == 2.5

@@ -1,0 +1,146 @@
+"""lmtrain.threads: the cores a process may use (affinity, cgroup quota), the load of other processes
+read from /proc/stat, and `train.threads: auto` following it, with real competing processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain import threads
+from lmtrain.threads import Load, ThreadCount, allowed_cores, cgroup_quota
+
+LINUX = Path("/proc/stat").exists() and hasattr(os, "sched_getaffinity")
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_is_the_smallest_on_the_way_up(tmp_path):
+    write(tmp_path / "proc" / "cgroup", "0::/job/step\n")
+    write(tmp_path / "fs" / "job" / "step" / "cpu.max", "max 100000\n")
+    write(tmp_path / "fs" / "job" / "cpu.max", "150000 100000\n")
+    write(tmp_path / "fs" / "cpu.max", "400000 100000\n")
+    assert cgroup_quota(tmp_path / "fs", tmp_path / "proc" / "cgroup") == 1.5
+
+
+def test_cgroup_v1_quota_and_none(tmp_path):
+    write(tmp_path / "proc" / "cgroup", "4:memory:/x\n2:cpu,cpuacct:/job\n")
+    write(tmp_path / "fs" / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us", "200000\n")
+    write(tmp_path / "fs" / "cpu,cpuacct" / "job" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_quota(tmp_path / "fs", tmp_path / "proc" / "cgroup") == 2.0
+    write(tmp_path / "fs" / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us", "-1\n")
+    assert cgroup_quota(tmp_path / "fs", tmp_path / "proc" / "cgroup") is None
+    assert cgroup_quota(tmp_path / "fs", tmp_path / "missing") is None
+
+
+def test_a_quota_below_the_affinity_caps_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: 2.5)
+    assert allowed_cores() == (2, "cgroup CPU quota 2.5")
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: 0.5)
+    assert allowed_cores() == (1, "cgroup CPU quota 0.5")
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
+    assert allowed_cores() == (8, "CPU affinity")
+
+
+def test_a_fixed_count_is_used_as_it_is(monkeypatch):
+    previous = torch.get_num_threads()
+    count = ThreadCount(3, environment={})
+    assert count.start() == "3 threads (train.threads)" and torch.get_num_threads() == 3
+    assert count.follow() is None
+    count.restore()
+    assert torch.get_num_threads() == previous
+    from_environment = ThreadCount("auto", environment={"OMP_NUM_THREADS": "1"})
+    assert from_environment.start() == "1 thread (OMP_NUM_THREADS)"
+    from_environment.restore()
+
+
+class FakeLoad:
+    """What other processes keep busy, one reading per call."""
+
+    def __init__(self, *readings: float | None) -> None:
+        self.readings = list(readings)
+
+    def others(self, *, at_least: float = 0.0) -> float | None:
+        return self.readings.pop(0)
+
+
+@pytest.mark.parametrize("others, expected", [(None, 4), (0.0, 4), (0.2, 4), (0.3, 3), (0.7, 3), (1.0, 3),
+                                              (1.3, 2), (3.9, 1), (7.5, 1)])
+def test_auto_takes_the_cores_that_others_leave(monkeypatch, others, expected):
+    monkeypatch.setattr(threads, "allowed_cores", lambda: (4, "CPU affinity"))
+    count = ThreadCount("auto", load=FakeLoad(others), environment={})
+    try:
+        count.start()
+        assert count.count == expected == torch.get_num_threads()
+    finally:
+        count.restore()
+
+
+def test_auto_follows_the_load_when_two_readings_agree(monkeypatch):
+    monkeypatch.setattr(threads, "allowed_cores", lambda: (2, "CPU affinity"))
+    monkeypatch.setattr(threads, "INTERVAL", 0.0)
+    count = ThreadCount("auto", load=FakeLoad(0.0, 1.0, 0.0, 1.0, 1.0, 0.9, 0.1, 0.0), environment={})
+    try:
+        assert count.start() == "2 threads (auto: 2 cores (CPU affinity), 0.0 kept busy by other processes)"
+        assert [count.follow() for _ in range(3)] == [None, None, None]  # 1.0, 0.0, 1.0: no change yet
+        assert count.count == 2
+        assert count.follow() == "threads: 2 -> 1 (2 cores (CPU affinity), 1.0 kept busy by other processes)"
+        assert torch.get_num_threads() == 1
+        assert count.follow() is None                                    # 0.9: still 1
+        assert count.follow() is None and count.follow() is not None     # 0.1, 0.0: back to 2
+        assert count.count == 2 == torch.get_num_threads()
+    finally:
+        count.restore()
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/stat")
+def test_the_load_of_a_real_competing_process_is_seen():
+    """One CPU-bound process beside this one: about one core busy (more than half of one, less than two);
+    this process's own work is not counted."""
+    cpus = sorted(os.sched_getaffinity(0))
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(competitor.pid, cpus[:1])
+        time.sleep(0.3)
+        load = Load()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # busy ourselves: not counted as another's
+            pass
+        busy = load.others()
+    finally:
+        competitor.kill()
+        competitor.wait()
+    assert 0.6 < busy < 1.6
+    quiet = Load()
+    time.sleep(0.5)
+    assert quiet.others() < 0.6  # this machine may run other things, but not a whole core's worth here
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/stat")
+def test_training_says_its_threads_and_records_them(tmp_path, config_factory, monkeypatch):
+    from lmtrain.train import train
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat\nthe dog ran\n" * 20, encoding="utf-8")
+    config = config_factory(**{"data.path": str(corpus), "train.out_dir": str(tmp_path / "run"),
+                               "train.max_steps": 2, "train.log_every": 1, "model.hidden_size": 8,
+                               "data.cache": False, "train.device": "cpu", "train.final_samples": 0})
+    lines = []
+    previous = torch.get_num_threads()
+    train(config, echo=lines.append)
+    model_line = next(line for line in lines if line.startswith("model: "))
+    cores = allowed_cores()[0]
+    assert ", device cpu, " in model_line and "thread" in model_line and f"auto: {cores} core" in model_line
+    events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert events and all('"threads": ' in line for line in events)
+    assert torch.get_num_threads() == previous  # the caller's count is given back
