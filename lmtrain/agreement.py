@@ -12,6 +12,7 @@ A `direction: bi` model is scored by its forward LM.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,21 +30,44 @@ DEFAULT_PAIRS = Path(lmtrain.__file__).resolve().parent.parent / "corpora" / "ag
 DISTANCE_BUCKETS = (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6-10", 6, 10), ("11+", 11, None))
 ATTRACTOR_BUCKETS = (("0", 0, 0), ("1", 1, 1), ("2", 2, 2), ("3+", 3, None))
 BATCH_SIZE = 64
+# The JSON-lines keys of published suites (BLiMP's among them), and the fields a report is grouped by,
+# the first one present unless --group-by names another.
+GOOD_KEYS, BAD_KEYS = ("sentence_good", "good", "correct"), ("sentence_bad", "bad", "wrong")
+GROUP_KEYS = ("phenomenon", "linguistics_term", "UID", "field")
 
 
 @dataclass(frozen=True)
 class Pair:
     correct: str
     wrong: str
-    distance: int      # words between the subject's head noun and the verb
-    attractors: int    # nouns of the other number among them
+    distance: int | None = None    # words between the subject's head noun and the verb (lmtrain's TSV)
+    attractors: int | None = None  # nouns of the other number among them
+    group: str | None = None       # the phenomenon, from a JSON-lines suite
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    """The pairs of a tab-separated file whose header is `correct wrong distance attractors`."""
+def read_pairs(path: str | Path, *, group_by: str | None = None) -> list[Pair]:
+    """Minimal pairs in any of three forms: lmtrain's TSV (the header `correct wrong distance
+    attractors`), a two-column `good<TAB>bad` file (a header row of such names is skipped), or JSON
+    lines with `sentence_good` and `sentence_bad` (BLiMP's form; `good`/`bad` too), grouped by
+    `group_by` or the first of GROUP_KEYS present."""
     lines = split_lines(read_text(path))
-    if not lines or tuple(lines[0].split("\t")) != HEADER:
-        raise LmtrainError(f"{path}: the first line must be the header {' <tab> '.join(HEADER)}")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise LmtrainError(f"{path}: no pairs (expected lmtrain's TSV with the header {' <tab> '.join(HEADER)}, "
+                           f"good<TAB>bad lines, or JSON lines with sentence_good and sentence_bad)")
+    if lines[0].lstrip().startswith("{"):
+        pairs = _json_pairs(path, lines, group_by)
+    elif tuple(lines[0].split("\t")) == HEADER:
+        pairs = _lmtrain_pairs(path, lines)
+    else:
+        pairs = _plain_pairs(path, lines)
+    if not pairs:
+        raise LmtrainError(f"{path}: no pairs after the header")
+    return pairs
+
+
+def _lmtrain_pairs(path: str | Path, lines: list[str]) -> list[Pair]:
     pairs = []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
@@ -52,8 +76,40 @@ def read_pairs(path: str | Path) -> list[Pair]:
             raise LmtrainError(f"{path}: line {number}: expected 4 tab-separated fields: correct sentence, wrong "
                                f"sentence, distance and attractors as whole numbers >= 0")
         pairs.append(Pair(fields[0], fields[1], int(fields[2]), int(fields[3])))
-    if not pairs:
-        raise LmtrainError(f"{path}: no pairs after the header")
+    return pairs
+
+
+def _plain_pairs(path: str | Path, lines: list[str]) -> list[Pair]:
+    first = [field.strip().lower() for field in lines[0].split("\t")]
+    start = 2 if len(first) == 2 and first[0] in GOOD_KEYS and first[1] in BAD_KEYS else 1
+    pairs = []
+    for number, line in enumerate(lines[start - 1:], start=start):
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise LmtrainError(f"{path}: line {number}: expected a good and a bad sentence separated by one tab "
+                               f"(or lmtrain's header {' <tab> '.join(HEADER)})")
+        pairs.append(Pair(fields[0], fields[1]))
+    return pairs
+
+
+def _json_pairs(path: str | Path, lines: list[str], group_by: str | None) -> list[Pair]:
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise LmtrainError(f"{path}: line {number}: not JSON ({error.msg})") from None
+        good = next((record[key] for key in GOOD_KEYS if isinstance(record, dict) and key in record), None)
+        bad = next((record[key] for key in BAD_KEYS if isinstance(record, dict) and key in record), None)
+        if not (isinstance(good, str) and isinstance(bad, str) and good.strip() and bad.strip()):
+            raise LmtrainError(f"{path}: line {number}: expected an object with the sentences sentence_good and "
+                               f"sentence_bad")
+        key = group_by or next((key for key in GROUP_KEYS if key in record), None)
+        if group_by is not None and group_by not in record:
+            raise LmtrainError(f"{path}: line {number}: no field {group_by!r} to group by (--group-by)")
+        pairs.append(Pair(good, bad, group=None if key is None else str(record[key])))
     return pairs
 
 
@@ -83,47 +139,78 @@ def sentence_log_probability(model: LanguageModel, tokenizer: Tokenizer, sentenc
     return totals
 
 
-def accuracy_by(pairs: list[Pair], right: list[bool], key: str,
+def accuracy_by(pairs: list[Pair], outcomes: list[bool | None], key: str,
                 buckets: tuple[tuple[str, int, int | None], ...]) -> dict[str, tuple[float | None, int]]:
-    """{bucket label: (accuracy, count)} over `pairs` grouped by `key`; accuracy None for no pairs."""
+    """{bucket label: (accuracy, pairs)} over the pairs that are not ties, grouped by `key`; accuracy
+    None where a bucket has none."""
     table = {}
     for label, low, high in buckets:
-        hits = [ok for pair, ok in zip(pairs, right)
-                if low <= getattr(pair, key) and (high is None or getattr(pair, key) <= high)]
+        hits = [ok for pair, ok in zip(pairs, outcomes) if ok is not None
+                and low <= getattr(pair, key) and (high is None or getattr(pair, key) <= high)]
         table[label] = (sum(hits) / len(hits) if hits else None, len(hits))
     return table
 
 
-def agreement_report(checkpoint: str | Path, data_file: str | Path | None = None,
-                     device: str = "cpu") -> dict:
-    """`lmtrain eval agreement`: accuracy on the minimal pairs, overall, by distance and by attractors."""
+def accuracy_by_group(pairs: list[Pair], outcomes: list[bool | None]) -> dict[str, tuple[float | None, int]]:
+    groups: dict[str, list[bool]] = {}
+    for pair, ok in zip(pairs, outcomes):
+        groups.setdefault(pair.group, [])
+        if ok is not None:
+            groups[pair.group].append(ok)
+    return {group: (sum(hits) / len(hits) if hits else None, len(hits)) for group, hits in sorted(groups.items())}
+
+
+def agreement_report(checkpoint: str | Path, data_file: str | Path | None = None, device: str = "cpu",
+                     group_by: str | None = None) -> dict:
+    """`lmtrain eval agreement`: how often the model finds the correct sentence of a pair more probable.
+
+    A pair whose two sentences score the same is a tie, neither right nor wrong: most often they differ
+    only in words the model does not know, which both become <unk>. `accuracy` is over the other pairs
+    (`scored`); the report counts the ties, and those that differ only in unknown words. By distance and
+    attractors for lmtrain's TSV, by group for a suite that names its phenomena."""
     if data_file is None:
         if not DEFAULT_PAIRS.exists():
             raise LmtrainError(f"the bundled {DEFAULT_PAIRS.relative_to(DEFAULT_PAIRS.parents[2])} is not "
                                f"installed here; pass a pairs file with --data")
         data_file = DEFAULT_PAIRS
-    pairs = read_pairs(data_file)
+    pairs = read_pairs(data_file, group_by=group_by)
     model, tokenizer, config = load_model(checkpoint, device)
     sentence_start = config.data.mode == "sentences"
     correct = sentence_log_probability(model, tokenizer, [pair.correct for pair in pairs],
                                        sentence_start=sentence_start, device=device)
     wrong = sentence_log_probability(model, tokenizer, [pair.wrong for pair in pairs],
                                      sentence_start=sentence_start, device=device)
-    right = [good > bad for good, bad in zip(correct, wrong)]  # a tie counts as wrong
-    unknown, total = tokenizer.count_unknown("\n".join(pair.correct for pair in pairs))
-    return {"accuracy": sum(right) / len(right), "count": len(right), "unknown_tokens": unknown,
-            "tokens": total, "by_distance": accuracy_by(pairs, right, "distance", DISTANCE_BUCKETS),
-            "by_attractors": accuracy_by(pairs, right, "attractors", ATTRACTOR_BUCKETS)}
+    same = [tokenizer.encode(pair.correct) == tokenizer.encode(pair.wrong) for pair in pairs]
+    outcomes = [None if identical or good == bad else good > bad for identical, good, bad in zip(same, correct, wrong)]
+    same_tokens = sum(same)
+    scored = [ok for ok in outcomes if ok is not None]
+    unknown, total = tokenizer.count_unknown("\n".join(pair.correct + "\n" + pair.wrong for pair in pairs))
+    report = {"accuracy": sum(scored) / len(scored) if scored else None, "scored": len(scored), "count": len(pairs),
+              "ties": len(pairs) - len(scored), "ties_unknown_words": same_tokens, "unknown_tokens": unknown,
+              "tokens": total}
+    if all(pair.distance is not None for pair in pairs):
+        report["by_distance"] = accuracy_by(pairs, outcomes, "distance", DISTANCE_BUCKETS)
+        report["by_attractors"] = accuracy_by(pairs, outcomes, "attractors", ATTRACTOR_BUCKETS)
+    if any(pair.group is not None for pair in pairs):
+        report["by_group"] = accuracy_by_group(pairs, outcomes)
+    return report
 
 
 def format_report(report: dict) -> str:
-    """A small text table: overall accuracy, then one row per distance and attractor bucket."""
+    """A small text table: the accuracy over the pairs that differ, the ties, then one row per distance,
+    attractor or group bucket that holds pairs."""
     def cell(accuracy: float | None) -> str:
         return "-" if accuracy is None else f"{accuracy:.4f}"
 
-    lines = [f"accuracy {cell(report['accuracy'])}  pairs {report['count']:,}", "",
-             f"{'words between':<14}{'accuracy':>10}{'pairs':>8}"]
-    lines += [f"{label:<14}{cell(accuracy):>10}{count:>8,}" for label, (accuracy, count) in report["by_distance"].items()]
-    lines += ["", f"{'attractors':<14}{'accuracy':>10}{'pairs':>8}"]
-    lines += [f"{label:<14}{cell(accuracy):>10}{count:>8,}" for label, (accuracy, count) in report["by_attractors"].items()]
+    lines = [f"accuracy {cell(report['accuracy'])}  pairs {report['scored']:,}"
+             + (f" of {report['count']:,}" if report["ties"] else "")]
+    if report["ties"]:
+        lines.append(f"ties: {report['ties']:,} pairs score the same and count neither way "
+                     f"({report['ties_unknown_words']:,} of them differ only in words the model does not know)")
+    for key, title in (("by_distance", "words between"), ("by_attractors", "attractors"), ("by_group", "group")):
+        rows = [(label, accuracy, count) for label, (accuracy, count) in report.get(key, {}).items() if count]
+        if rows:
+            width = max(14, *(len(str(label)) + 2 for label, _, _ in rows))
+            lines += ["", f"{title:<{width}}{'accuracy':>10}{'pairs':>8}"]
+            lines += [f"{label:<{width}}{cell(accuracy):>10}{count:>8,}" for label, accuracy, count in rows]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.streaming import count_tokens, encode_pieces, split_texts, text_length
 from lmtrain.tokenizer import SPECIALS, Tokenizer, open_corpus
 
-FORMAT = 1
+FORMAT = 2  # 2: a lone CR is a line end
 HASH_BLOCK = 1 << 24
 DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "uint32": torch.uint32}
 Echo = Callable[[str], None]

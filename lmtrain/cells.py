@@ -195,7 +195,7 @@ class LSTMCell(Cell):
     gates = ("f", "u", "c", "o")
     state_type = LSTMState
 
-    def __init__(self, input_size: int, hidden_size: int, *, forget_bias: float | None = 1.0) -> None:
+    def __init__(self, input_size: int, hidden_size: int, *, forget_bias: float | None = None) -> None:
         self.forget_bias = forget_bias
         super().__init__(input_size, hidden_size)
 
@@ -233,7 +233,7 @@ CELLS: dict[str, type[Cell]] = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell
 
 
 def make_cell(name: str, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
-              gru_reset: str = "before", forget_bias: float | None = 1.0) -> Cell:
+              gru_reset: str = "before", forget_bias: float | None = None) -> Cell:
     """The cell called `name` in a config (`model.cell`); each option reaches only the cell it is for."""
     if name == "gru":
         return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate, reset=gru_reset)

@@ -143,6 +143,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
             "direction": config.model.direction, "parameters": parameter_count(model),
             "level": tokenizer.level, "vocab_size": tokenizer.vocab_size, "first_tokens": tokenizer.tokens[:12],
-            "step": progress.get("step"), "epoch": progress.get("epoch"),
+            "step": progress.get("step"), "epochs_completed": progress.get("epoch"),
+            "epoch_in_progress": None if progress.get("epoch") is None else progress["epoch"] + 1,
             "best_valid_loss": progress.get("best_valid_loss"), "train_seconds": progress.get("train_seconds"),
             "config": payload["config"]}

@@ -21,21 +21,26 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from lmtrain.errors import LmtrainError  # noqa: E402
 
-app = typer.Typer(help="Train recurrent language models (RNN, GRU, LSTM) and sample text from them.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)
-eval_app = typer.Typer(help="Evaluate a checkpoint.", no_args_is_help=True)
+def _group(help: str, **options) -> typer.Typer:
+    """A command group with plain help (flags as `--flag / --no-flag`, values named by their metavar, no
+    boxes): it reads the same in a terminal, a pipe and a log."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                       **options)
+
+
+app = _group("Train recurrent language models (RNN, GRU, LSTM) and sample text from them.", add_completion=True)
+eval_app = _group("Evaluate a checkpoint: perplexity, agreement.")
 app.add_typer(eval_app, name="eval")
-diagnose_app = typer.Typer(help="Look inside a model: the lecture's points, measured.", no_args_is_help=True)
+diagnose_app = _group("Look inside a model: the lecture's points, measured.")
 app.add_typer(diagnose_app, name="diagnose")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 _options = {"debug": False}
 
 
-data_app = typer.Typer(help="Download and list reference corpora.", no_args_is_help=True)
+data_app = _group("Download and list reference corpora.")
 app.add_typer(data_app, name="data")
-kernels_app = typer.Typer(help="The compiled kernels: build them ahead of time, see and clear their cache.",
-                          no_args_is_help=True)
+kernels_app = _group("Build, show and clear the compiled kernels.")
 app.add_typer(kernels_app, name="kernels")
 
 
@@ -47,8 +52,25 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {text[0] if text else category.__name__}{where}", file=file or sys.stderr)
 
 
+def _version(value: bool) -> None:
+    if not value:
+        return
+    import lmtrain
+    import torch
+
+    from lmtrain.kernels import status
+
+    kernels = status()["state"]
+    typer.echo(f"lmtrain {lmtrain.__version__}, torch {torch.__version__}, compiled kernels: "
+               f"{'in use' if kernels == 'built' else kernels}")
+    raise typer.Exit(0)
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+         version: Annotated[bool, typer.Option("--version", help="Show lmtrain's and torch's versions and whether the "
+                                               "compiled kernels are in use, and exit.", is_eager=True,
+                                               callback=_version)] = False) -> None:
     from lmtrain.threads import Load
 
     _options["debug"] = debug
@@ -93,14 +115,17 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(context_settings={"help_option_names": ["-h", "--help"]}, short_help="Train a model from a YAML config.",
+             epilog="Every config key, with its default and meaning: the Configuration table of README.md. "
+                    "Overrides are dotted keys: train.lr=1e-3 model.cell=gru.")
 def train(
     config: Annotated[Optional[str], typer.Argument(help="YAML config (default: configs/quickstart.yaml).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. model.hidden_size=256.",
                                                               show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in train.out_dir from its last.pt.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    nproc: Annotated[int, typer.Option(help="Processes on this machine, training one model with DDP (via "
+    progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, a plain line every "
+                                                "train.log_every steps into a file or pipe.")] = True,
+    nproc: Annotated[int, typer.Option(metavar="N", help="Processes on this machine, training one model with DDP (via "
                                             "torchrun); train.batch_size is their global batch.")] = 1,
 ) -> None:
     """Train a model; prints the resolved config, progress, validation loss and a few samples."""
@@ -119,32 +144,38 @@ def train(
             raise typer.Exit(launch(nproc, [str(path), *overrides, *flags], batch_size=resolved.train.batch_size))
         # torchrun numbers the processes it starts (RANK); the first speaks for all.
         echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda line: None)
-        echo(f"# config: {path}\n{to_yaml(resolved)}")
         from lmtrain.train import train as run_training  # torch loads only once the config is known good
 
+        # The config is printed once the run can start (its folder taken, a resume checked), so that a
+        # refused start is its one error line.
         result = run_training(resolved, resume=resume, echo=typer.echo, warn=lambda line: typer.echo(line, err=True),
-                              progress_bar=progress)
+                              progress_bar=progress, on_start=lambda run: echo(f"# config: {path}\n{to_yaml(run)}"))
         best = result.progress.best_valid_loss
         echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
              f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
         if result.samples:
-            echo("samples:\n" + "\n".join(result.samples))
+            from lmtrain.sampling import printable
+
+            echo("samples:\n" + "\n".join(map(printable, result.samples)))
 
 
-@app.command()
+@app.command(short_help="Sample sentences from a checkpoint.")
 def sample(
-    checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],
-    num: Annotated[int, typer.Option(help="Number of samples, one a line.")] = 1,
-    prime: Annotated[str, typer.Option(help="Text to start every sample with.")] = "",
-    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 is greedy.")] = 1.0,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set reaching p.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Stop a sample after this many new tokens.")] = 200,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same samples.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
+    num: Annotated[int, typer.Option(metavar="N", help="Number of samples, one a line.")] = 1,
+    prime: Annotated[str, typer.Option(metavar="TEXT", help="Text to start every sample with.")] = "",
+    temperature: Annotated[float, typer.Option(metavar="T", help="Softmax temperature; 0 is greedy.")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(metavar="K", help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(metavar="P", help="Nucleus sampling: the smallest set reaching p.")] = None,
+    max_tokens: Annotated[int, typer.Option(metavar="M", help="Stop a sample after this many new tokens.")] = 200,
+    seed: Annotated[Optional[int], typer.Option(metavar="S", help="Random seed: the same seed gives the same samples.")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+    raw: Annotated[bool, typer.Option("--raw", help="Print control characters (CR, ESC, a newline of a data.eos: "
+                                      "none model) as they are, not escaped as \\r, \\x1b, \\n.")] = False,
 ) -> None:
-    """Generate sentences, each until <eos> (not printed) or --max-tokens."""
-    from lmtrain.sampling import sample_checkpoint
+    """Generate sentences, each until <eos> (not printed) or --max-tokens, one a line. Control characters
+    are shown escaped (\\r, \\n, \\x1b, \\u202e) unless --raw."""
+    from lmtrain.sampling import printable, sample_checkpoint
 
     with user_errors():
         _set_threads()
@@ -152,10 +183,10 @@ def sample(
                                            top_p=top_p, max_tokens=max_tokens, seed=seed, device=_device(device))
         for note in notes:
             typer.echo(note, err=True)
-        typer.echo("\n".join(samples))
+        typer.echo("\n".join(samples if raw else map(printable, samples)))
 
 
-@app.command()
+@app.command(short_help="Show what a checkpoint holds.")
 def info(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file (.pt).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -175,16 +206,17 @@ def info(
                    f"model: {facts['cell']} {facts['layers']}x{facts['hidden_size']} ({facts['direction']}), "
                    f"{facts['parameters']:,} parameters\n"
                    f"vocabulary: {facts['vocab_size']:,} {facts['level']} tokens: {' '.join(map(repr, facts['first_tokens']))} ...\n"
-                   f"trained: step {facts['step']}, epoch {(facts['epoch'] or 0) + 1}, "
+                   f"trained: step {facts['step']}, epoch {facts['epoch_in_progress'] or 1} in progress "
+                   f"({facts['epochs_completed'] or 0} completed), "
                    f"{'?' if seconds is None else f'{seconds:.0f}'} s of training, best valid loss "
                    f"{'none' if best is None else f'{best:.4f}'}\nconfig:\n"
                    + yaml.safe_dump(facts["config"], sort_keys=False, default_flow_style=False).rstrip())
 
 
-@app.command()
+@app.command(short_help="Plot the loss curves of runs.")
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(help="Run folders (train.out_dir) to overlay.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
 ) -> None:
     """Train and validation loss against step and wall-clock time; needs matplotlib."""
     from lmtrain.plots import plot_runs
@@ -194,17 +226,17 @@ def plot(
         typer.echo(f"wrote {output}")
 
 
-@eval_app.command()
+@eval_app.command(short_help="Loss, perplexity and bits per character.")
 def perplexity(
-    checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],
-    data: Annotated[Optional[str], typer.Option(help="Text file to score (default: a split of the training corpus).")] = None,
-    split: Annotated[str, typer.Option(help="valid or test split of the checkpoint's corpus.")] = "valid",
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences scored at once (the result does not depend on it).")] = None,
-    segment: Annotated[Optional[int], typer.Option(help="Stream mode: score in segments of this many tokens, each "
+    checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
+    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Text file to score (default: a split of the training corpus).")] = None,
+    split: Annotated[str, typer.Option(metavar="valid|test", help="valid or test split of the checkpoint's corpus.")] = "valid",
+    batch_size: Annotated[Optional[int], typer.Option(metavar="N", help="Sequences scored at once (the result does not depend on it).")] = None,
+    segment: Annotated[Optional[int], typer.Option(metavar="N", help="Stream mode: score in segments of this many tokens, each "
                                                         "from a zero state (default: the run's train.eval_segment); "
                                                         "0: the whole text as one stream, the state carried throughout.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Loss (nats/token), perplexity and, for character models, bits per character; every token counted."""
     from lmtrain.evaluate import evaluate_checkpoint
@@ -224,16 +256,16 @@ def perplexity(
         typer.echo(json.dumps(numbers) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))
 
 
-@diagnose_app.command()
+@diagnose_app.command(short_help="The vanishing gradient, measured.")
 def gradients(
-    checkpoint: Annotated[Optional[str], typer.Option(help="A trained checkpoint (.pt).")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Or a config: measure its freshly initialised model.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(metavar="PATH", help="A trained checkpoint (.pt).")] = None,
+    config: Annotated[Optional[str], typer.Option(metavar="CONFIG.yaml", help="Or a config: measure its freshly initialised model.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides for --config.", show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option(help="Text to draw windows from (default: the validation split).")] = None,
-    length: Annotated[int, typer.Option(help="Window length T.")] = 64,
-    count: Annotated[int, typer.Option(help="Number of windows averaged.")] = 32,
-    seed: Annotated[int, typer.Option(help="Seed for choosing the windows.")] = 0,
-    plot: Annotated[Optional[str], typer.Option(help="Also save a plot (PNG; needs matplotlib).")] = None,
+    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Text to draw windows from (default: the validation split).")] = None,
+    length: Annotated[int, typer.Option(metavar="T", help="Window length T.")] = 64,
+    count: Annotated[int, typer.Option(metavar="N", help="Number of windows averaged.")] = 32,
+    seed: Annotated[int, typer.Option(metavar="S", help="Seed for choosing the windows.")] = 0,
+    plot: Annotated[Optional[str], typer.Option(metavar="FILE.png", help="Also save a plot (PNG; needs matplotlib).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The vanishing gradient: ‖∂L(T)/∂a(t)‖ of the top layer against the distance T - t."""
@@ -253,29 +285,35 @@ def gradients(
             typer.echo(f"{row['distance']:>6}  {row['norm']:>10.3e}  {row['relative']:>10.3e}")
 
 
-@eval_app.command()
+@eval_app.command(short_help="Subject-verb agreement on minimal pairs.")
 def agreement(
-    checkpoint: Annotated[str, typer.Option(help="Checkpoint file (.pt).")],
-    data: Annotated[Optional[str], typer.Option(help="Minimal pairs, TSV (default: corpora/agreement/pairs.tsv).")] = None,
+    checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
+    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Minimal pairs: good<TAB>bad lines, JSON lines with "
+                                                "sentence_good and sentence_bad (as BLiMP ships them), or lmtrain's "
+                                                "TSV (default: corpora/agreement/pairs.tsv).")] = None,
+    group_by: Annotated[Optional[str], typer.Option(metavar="FIELD", help="JSON lines: the field to group the report "
+                                                    "by (default: the first of phenomenon, linguistics_term, UID, "
+                                                    "field).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
-    """Subject-verb agreement (Linzen et al. 2016): how often the correct verb form is the more probable."""
+    """Minimal pairs (Linzen et al. 2016's agreement, or a suite such as BLiMP): how often the model finds the
+    good sentence more probable; a pair that scores the same both ways is a tie and counts neither way."""
     from lmtrain.agreement import agreement_report, format_report
 
     with user_errors():
         _set_threads()
-        report = agreement_report(checkpoint, data_file=data, device=_device(device))
+        report = agreement_report(checkpoint, data_file=data, device=_device(device), group_by=group_by)
         if report["unknown_tokens"]:
             typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>", err=True)
         typer.echo(json.dumps(report) if as_json else format_report(report))
 
 
-@data_app.command("download")
+@data_app.command("download", short_help="Download a corpus into the cache.")
 def data_download(
     name: Annotated[str, typer.Argument(help="tinyshakespeare or ptb")],
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Cache folder (default $LMTRAIN_CACHE or ~/.cache/lmtrain).")] = None,
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="Mirror holding each file under its public URL's path.")] = None,
+    directory: Annotated[Optional[Path], typer.Option("--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE or ~/.cache/lmtrain).")] = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", metavar="URL", help="Mirror holding each file under its public URL's path.")] = None,
 ) -> None:
     """Download a corpus into the cache: resumable, verified by sha256."""
     from lmtrain.corpora import download
@@ -285,9 +323,9 @@ def data_download(
             typer.echo(str(path))
 
 
-@data_app.command("list")
+@data_app.command("list", short_help="The known corpora and whether they are cached.")
 def data_list(
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Cache folder.")] = None,
+    directory: Annotated[Optional[Path], typer.Option("--dir", metavar="DIR", help="Cache folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The known corpora, their files, and whether they are cached."""
@@ -303,7 +341,7 @@ def data_list(
                        f"{row['path']}")
 
 
-@kernels_app.command("build")
+@kernels_app.command("build", short_help="Compile the kernels now.")
 def kernels_build() -> None:
     """Compile the kernels now, e.g. while building a container image that later runs read-only; prints
     their folder. Tries again after a failed build."""
@@ -313,7 +351,7 @@ def kernels_build() -> None:
         typer.echo(build_now(announce=lambda line: typer.echo(line, err=True)))
 
 
-@kernels_app.command("status")
+@kernels_app.command("status", short_help="Whether and where the kernels are built.")
 def kernels_status(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Whether this lmtrain's kernels are built, where, and every build in the cache (all versions)."""
     from lmtrain.kernels import status, status_lines
@@ -323,7 +361,7 @@ def kernels_status(as_json: Annotated[bool, typer.Option("--json", help="Print o
         typer.echo(json.dumps(facts) if as_json else "\n".join(status_lines(facts)))
 
 
-@kernels_app.command("clear")
+@kernels_app.command("clear", short_help="Remove every build from the cache.")
 def kernels_clear() -> None:
     """Remove every build from the cache (all versions; not one being built right now)."""
     from lmtrain.kernels import clear
@@ -355,8 +393,25 @@ def _default_config() -> Path:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    app(prog_name="lmtrain")
+    """Console-script entry point. A mistake on the command line (an unknown option, a missing one, a
+    value of the wrong type) is one `error:` line, like every other mistake; a command group given no
+    command (`lmtrain`, `lmtrain eval`) prints its help and exits 0."""
+    try:
+        code = app(prog_name="lmtrain", standalone_mode=False)
+    except Exception as error:  # the command-line parser's errors (click's, inside typer)
+        if not (hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)):
+            raise
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
+            typer.echo(context.get_help())
+            sys.exit(0)
+        command = context.command_path if context is not None else "lmtrain"
+        typer.echo(f"error: {error.format_message()} (see: {command} --help)", err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

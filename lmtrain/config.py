@@ -62,8 +62,10 @@ class ModelConfig:
     embedding_dropout: float = 0.0     # whole words dropped from the embedding for a batch
     weight_drop: float = 0.0           # DropConnect on the recurrent weights W_aa, one mask per batch
     tie_weights: bool = False
-    init: str = "zaremba"              # zaremba: U(-0.1, 0.1) embedding and projection | torch: torch.nn's defaults
-    forget_bias: float | None = 1.0    # lstm only: the forget gate's initial bias; null: like the other biases
+    init: str = "auto"                 # auto: torch with adam and adamw, zaremba with sgd | zaremba: U(-0.1, 0.1)
+                                       # embedding and projection | torch: torch.nn's defaults
+    forget_bias: float | None | str = "auto"  # lstm only: the forget gate's initial bias; null: like the other
+                                       # biases; auto: 1 with init zaremba, null with torch
     relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
     gru_reset: str = "before"          # gru only: Γ_r applied to c(t-1) before W_c (lecture) | after (PyTorch)
     backward: str = "manual"           # manual: the hand-written backpropagation through time | autograd
@@ -121,7 +123,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.eos": ("line", "none"),
     "data.encoding_errors": ("strict", "replace"),
     "model.cell": ("rnn", "gru", "lstm"),
-    "model.init": ("zaremba", "torch"),
+    "model.init": ("auto", "zaremba", "torch"),
     "model.gru_reset": ("before", "after"),
     "model.backward": ("autograd", "manual"),
     "model.direction": ("forward", "bi"),
@@ -193,7 +195,22 @@ def build_config(values: dict[str, Any]) -> Config:
         sections[section][name] = _coerce(key, value, _field_type(SECTIONS[section], name))
     config = Config(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
     validate(config)
+    config.model.init, config.model.forget_bias = initialisation(config.model.init, config.model.forget_bias,
+                                                                 optimizer=config.train.optimizer)
     return config
+
+
+def initialisation(init: str, forget_bias: float | None | str, *, optimizer: str = TrainConfig.optimizer
+                   ) -> tuple[str, float | None]:
+    """`model.init` and `model.forget_bias` as the model is built. `auto` takes torch.nn's initialisation
+    with Adam and AdamW and Zaremba et al.'s with SGD (its U(-0.1, 0.1) embedding was made for SGD at lr
+    20; with Adam it learned several times slower per step, docs/results.md), and a forget bias of 1 with
+    Zaremba's, none (drawn like every other bias, as nn.LSTM does) with torch's."""
+    if init == "auto":
+        init = "zaremba" if optimizer == "sgd" else "torch"
+    if forget_bias == "auto":
+        forget_bias = 1.0 if init == "zaremba" else None
+    return init, forget_bias
 
 
 def validate(config: Config) -> None:
@@ -245,6 +262,8 @@ def validate(config: Config) -> None:
 
     if "\0" in train.out_dir:
         raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
+    if isinstance(model.forget_bias, str) and model.forget_bias != "auto":
+        raise ConfigError(f"model.forget_bias must be a number, null or auto; got {model.forget_bias!r}")
     if train.threads != "auto" and not (isinstance(train.threads, int) and train.threads >= 1):
         raise ConfigError(f"train.threads must be auto or a positive integer; got {train.threads!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):

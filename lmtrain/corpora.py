@@ -69,16 +69,25 @@ def download(name: str, *, directory: str | Path | None = None, base_url: str | 
     """Fetch every file of corpus `name` that is not already cached and verified; return their paths."""
     files = _files(name, catalog)
     folder = _folder(name, directory)
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LmtrainError(f"could not create {folder}: {os_reason(error)}") from None
     paths = []
-    for file in files:
-        path = folder / file.filename
-        if not (path.is_file() and _sha256(path) == file.sha256):
-            _fetch(file, path, url=_mirrored(file.url, base_url), progress=progress)
-        paths.append(path)
+    try:
+        for file in files:
+            path = folder / file.filename
+            if not (path.is_file() and _sha256(path) == file.sha256):
+                _fetch(file, path, url=_mirrored(file.url, base_url), progress=progress)
+            paths.append(path)
+    except LmtrainError:
+        for parent in created:  # folders this call made and left empty (a partial file keeps its folder)
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
     return paths
 
 
@@ -141,7 +150,9 @@ def _stream(url: str, part: Path, offset: int, size: int, *, progress: bool) -> 
             part.unlink(missing_ok=True)
         raise LmtrainError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        raise LmtrainError(f"could not reach {url}: {getattr(error, 'reason', error)}") from None
+        raise LmtrainError(f"could not reach {url}: {getattr(error, 'reason', error)}; without this network, "
+                           f"download from a mirror with --base-url URL, or train on a copy of the file with "
+                           f"data.path=FILE") from None
     with response:
         if response.status != 206:  # 200: the whole file, so start over
             offset = 0

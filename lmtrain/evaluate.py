@@ -53,9 +53,10 @@ class Score:
 
 
 EVAL_BATCH_SIZE = 64       # sequences scored side by side; the result does not depend on it
-# Floats held at once per layer for a batch, B x T x max(V, 4H) (128 MB): the logits, or the gate
-# activations that a layer's forward keeps for all T steps (4H for the LSTM). Longer inputs go in time chunks.
-ACTIVATIONS_BUDGET = 1 << 25
+# Floats held at once per layer for a batch, B x T x max(V, 4H) (16 MB): the logits, or the gate
+# activations that a layer's forward keeps for all T steps (4H for the LSTM). Longer inputs go in time
+# chunks, with the state carried: the same sums in bounded memory. Still thousands of rows per product.
+ACTIVATIONS_BUDGET = 1 << 22
 
 
 @torch.no_grad()

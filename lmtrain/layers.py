@@ -13,9 +13,11 @@ from torch import Tensor, nn
 
 from lmtrain.backward import manual_layer
 from lmtrain.cells import Cell, make_cell
+from lmtrain.config import ModelConfig
 from lmtrain.regularization import SequenceDropout, drop_connect
 
 BACKWARDS = ("autograd", "manual")
+DEFAULTS = ModelConfig()  # the constructors' defaults are the config's: the route `lmtrain train` takes
 
 
 class RecurrentLayer(nn.Module):
@@ -29,8 +31,8 @@ class RecurrentLayer(nn.Module):
     (`regularization.drop_connect`).
     """
 
-    def __init__(self, cell: Cell, *, reverse: bool = False, backward: str = "autograd",
-                 weight_drop: float = 0.0) -> None:
+    def __init__(self, cell: Cell, *, reverse: bool = False, backward: str = DEFAULTS.backward,
+                 weight_drop: float = DEFAULTS.weight_drop) -> None:
         super().__init__()
         if backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}; got {backward!r}")
@@ -72,8 +74,8 @@ class BidirectionalLayer(nn.Module):
     """The lecture's bidirectional RNN: a forward and a reversed layer over the same input, their
     outputs side by side, `[a→(t), a←(t)]` (B, T, 2H). Each direction has its own weights."""
 
-    def __init__(self, forward_cell: Cell, backward_cell: Cell, *, backward: str = "autograd",
-                 weight_drop: float = 0.0) -> None:
+    def __init__(self, forward_cell: Cell, backward_cell: Cell, *, backward: str = DEFAULTS.backward,
+                 weight_drop: float = DEFAULTS.weight_drop) -> None:
         super().__init__()
         self.forward_layer = RecurrentLayer(forward_cell, backward=backward, weight_drop=weight_drop)
         self.backward_layer = RecurrentLayer(backward_cell, reverse=True, backward=backward, weight_drop=weight_drop)
@@ -92,9 +94,10 @@ class RecurrentStack(nn.Module):
     layer's recurrent weights with `weight_drop` (Merity et al. 2017). `cell_options` (e.g.
     `relevance_gate`, `gru_reset`) go to every cell."""
 
-    def __init__(self, cell: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
-                 dropout: float = 0.0, bidirectional: bool = False, backward: str = "autograd",
-                 locked_dropout: bool = False, weight_drop: float = 0.0, **cell_options) -> None:
+    def __init__(self, cell: str, input_size: int, hidden_size: int, *, num_layers: int = DEFAULTS.num_layers,
+                 dropout: float = DEFAULTS.dropout, bidirectional: bool = False, backward: str = DEFAULTS.backward,
+                 locked_dropout: bool = DEFAULTS.locked_dropout, weight_drop: float = DEFAULTS.weight_drop,
+                 **cell_options) -> None:
         super().__init__()
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)

@@ -10,9 +10,9 @@ backward writes a one-hot gradient; log_softmax's backward reads both and writes
 Treebank's 10,000 words and 700 rows a step each is 28 MB, and log_softmax with its backward took 13 ms
 of a 95-ms step (torch's profiler, scripts/profile_train_step.py). Here the compiled kernel
 (`lmtrain.kernels`) makes the loss and dL/dz in one pass over each row, writing dL/dz over the logits it
-no longer needs (2.6 ms a step), and sums it over the rows on the way, dL/db_y = Σ_t dL/dz(t); the
-backward is then the two products dL/da = dL/dz W_y and dL/dW_y = (dL/dz)ᵀ a. A PTB training step takes
-0.93-0.94x the time (scripts/bench_train_step.py, docs/benchmarks.md).
+no longer needs, and sums it over the rows on the way, dL/db_y = Σ_t dL/dz(t); then the two products
+dL/da = dL/dz W_y and dL/dW_y = (dL/dz)ᵀ a, a chunk of rows at a time so that the (rows, V) logits are
+never all held (docs/benchmarks.md).
 
 Without the compiled kernels (float64, CUDA, no compiler) it is `gemm.projection` and torch's
 `cross_entropy`: the same numbers (tests/test_loss.py), made the usual way.
@@ -28,32 +28,50 @@ from torch.autograd import Function
 from lmtrain import gemm, kernels
 
 
+# The logits made at once: rows of z within this many floats (16 MB), so that the output layer's memory
+# does not grow with batch x bptt x vocabulary (a 2048 x 13,600 step held 111 MB of logits).
+LOGITS_BUDGET = 1 << 22
+
+
 @gemm.keeps_precision
 class ProjectedNLL(Function):
-    """The summed NLL of x (..., K) through W (V, K), b (V,) against targets (...) on the compiled kernel."""
+    """The summed NLL of x (..., K) through W (V, K), b (V,) against targets (...) on the compiled kernel.
+
+    The rows go through in chunks of at most LOGITS_BUDGET logits: each chunk's z is made, turned into
+    dL/dz by the kernel, and at once into its share of the gradients, dL/dx = dL/dz W_y and
+    dL/dW_y += (dL/dz)ᵀ x, so no more than one chunk of (rows, V) is ever held. The backward then only
+    scales what the forward kept by dLoss/dL."""
 
     @staticmethod
     def forward(ctx, x: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, ignore_index: int,
                 compiled) -> Tensor:
-        rows = x.reshape(-1, x.size(-1))
-        z = gemm.linear(rows, W, b)                                          # (rows, V) logits
-        # dL/db_y = Σ_t dL/dz(t), summed by the kernel as it writes dL/dz: no second pass over z.
-        db = torch.empty(W.size(0), dtype=x.dtype) if b is not None and ctx.needs_input_grad[2] else None
-        total = compiled.softmax_cross_entropy_(z, targets.reshape(-1).contiguous(), ignore_index, db)
-        ctx.save_for_backward(x, W)
-        ctx.dz, ctx.db = z, db                                               # z now holds dL/dz
+        rows, y = x.reshape(-1, x.size(-1)), targets.reshape(-1).contiguous()
+        needs = ctx.needs_input_grad
+        dx = torch.empty_like(rows) if needs[0] else None                   # (rows, K)
+        dW = torch.zeros(W.shape, dtype=x.dtype) if needs[1] else None     # (V, K)
+        db = torch.zeros(W.size(0), dtype=x.dtype) if b is not None and needs[2] else None
+        db_chunk = torch.empty_like(db) if db is not None else None
+        total, step = 0.0, max(1, LOGITS_BUDGET // W.size(0))
+        for start in range(0, rows.size(0), step):
+            x_chunk = rows[start:start + step]
+            z = gemm.linear(x_chunk, W, b)                                   # (chunk, V) logits
+            # Σ_t dL/dz(t) is summed by the kernel as it writes dL/dz over z: no second pass.
+            total += compiled.softmax_cross_entropy_(z, y[start:start + step], ignore_index, db_chunk)
+            if db is not None:
+                db += db_chunk
+            if dx is not None:
+                dx[start:start + step] = gemm.mm(z, W)
+            if dW is not None:
+                dW += gemm.mm(z.t(), x_chunk)
+        ctx.x_shape, ctx.gradients = x.shape, (dx, dW, db)
         return torch.tensor(total, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:
-        x, W = ctx.saved_tensors
-        dz, needs = ctx.dz, ctx.needs_input_grad
-        rows = x.reshape(-1, x.size(-1))
-        # grad is the scalar dLoss/dL: it scales the small factors and results, never the (rows, V) dz.
-        dx = gemm.mm(dz, W).mul_(grad).view_as(x) if needs[0] else None
-        dW = gemm.mm(dz.t(), rows * grad) if needs[1] else None
-        db = ctx.db * grad if ctx.db is not None else None
-        return dx, dW, db, None, None, None
+        # grad is the scalar dLoss/dL: it scales the gradients the forward made.
+        dx, dW, db = (None if g is None else g.mul_(grad) for g in ctx.gradients)
+        ctx.gradients = None
+        return None if dx is None else dx.view(ctx.x_shape), dW, db, None, None, None
 
 
 def projected_nll(x: Tensor, W: Tensor, b: Tensor | None, targets: Tensor, ignore_index: int = -100) -> Tensor:

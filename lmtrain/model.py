@@ -19,13 +19,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lmtrain import gemm, loss, regularization
-from lmtrain.config import ModelConfig
+from lmtrain.config import ModelConfig, initialisation
 from lmtrain.layers import RecurrentStack
 from lmtrain.regularization import SequenceDropout
 from lmtrain.tokenizer import ZERO_INPUT
 
 
 INITS = ("zaremba", "torch")
+DEFAULTS = ModelConfig()  # the constructor's defaults are the config's
 
 
 class Projection(nn.Linear):
@@ -42,16 +43,21 @@ class Projection(nn.Linear):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, vocab_size: int, *, cell: str = "lstm", embed_size: int = 64, hidden_size: int = 256,
-                 num_layers: int = 1, dropout: float = 0.0, tie_weights: bool = False,
-                 relevance_gate: bool = True, gru_reset: str = "before", backward: str = "autograd",
-                 direction: str = "forward", input_dropout: float | None = None, layer_dropout: float | None = None,
-                 output_dropout: float | None = None, locked_dropout: bool = False, embedding_dropout: float = 0.0,
-                 weight_drop: float = 0.0, init: str = "zaremba", forget_bias: float | None = 1.0) -> None:
-        """`dropout` is the rate of the three dropouts left as None. `init`: "zaremba", U(-0.1, 0.1)
-        embedding and projection with a zero output bias (Zaremba et al. 2014, pytorch/examples), or
-        "torch", nn.Embedding's N(0, 1) and nn.Linear's defaults. `forget_bias`: the LSTM's initial
-        b_f (None: like the other biases)."""
+    def __init__(self, vocab_size: int, *, cell: str = DEFAULTS.cell, embed_size: int = DEFAULTS.embed_size,
+                 hidden_size: int = DEFAULTS.hidden_size, num_layers: int = DEFAULTS.num_layers,
+                 dropout: float = DEFAULTS.dropout, tie_weights: bool = DEFAULTS.tie_weights,
+                 relevance_gate: bool = DEFAULTS.relevance_gate, gru_reset: str = DEFAULTS.gru_reset,
+                 backward: str = DEFAULTS.backward, direction: str = DEFAULTS.direction,
+                 input_dropout: float | None = DEFAULTS.input_dropout, layer_dropout: float | None = DEFAULTS.layer_dropout,
+                 output_dropout: float | None = DEFAULTS.output_dropout, locked_dropout: bool = DEFAULTS.locked_dropout,
+                 embedding_dropout: float = DEFAULTS.embedding_dropout, weight_drop: float = DEFAULTS.weight_drop,
+                 init: str = DEFAULTS.init, forget_bias: float | None | str = DEFAULTS.forget_bias) -> None:
+        """Every default is `model.*`'s in a config (`ModelConfig`). `dropout` is the rate of the three
+        dropouts left as None. `init`: "zaremba", U(-0.1, 0.1) embedding and projection with a zero
+        output bias (Zaremba et al. 2014, pytorch/examples), "torch", nn.Embedding's N(0, 1) and
+        nn.Linear's defaults, or "auto", torch's (what a config with the default optimizer, Adam, takes).
+        `forget_bias`: the LSTM's initial b_f (None: like the other biases; "auto": follows `init`)."""
+        init, forget_bias = initialisation(init, forget_bias)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {init!r}")
         super().__init__()

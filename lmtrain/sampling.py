@@ -58,7 +58,6 @@ def prime_ids(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:
     return ids, sum(1 for token in tokens if token not in tokenizer.ids)
 
 
-@torch.no_grad()
 def generate(model: LanguageModel, tokenizer: Tokenizer, *, num: int = 1, prime: str = "",
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              max_tokens: int = 200, sentence_start: bool = True,
@@ -68,6 +67,16 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, *, num: int = 1, prime:
     `sentence_start`: start from the zero input x(1) = 0 (sentences mode); otherwise from `<eos>`.
     The prime text is fed first and starts every returned sample.
     """
+    rows = draw(model, tokenizer, num=num, prime=prime, temperature=temperature, top_k=top_k, top_p=top_p,
+                max_tokens=max_tokens, sentence_start=sentence_start, generator=generator)
+    return [_join(tokenizer, prime, _until_eos(row, tokenizer.eos_id)) for row in rows]
+
+
+@torch.no_grad()
+def draw(model: LanguageModel, tokenizer: Tokenizer, *, num: int, prime: str, temperature: float,
+         top_k: int | None, top_p: float | None, max_tokens: int, sentence_start: bool,
+         generator: torch.Generator | None) -> list[list[int]]:
+    """The ids `generate` draws, one row per sample, each ending in `<eos>` if it reached one."""
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
     if num < 1 or max_tokens < 1:
         raise LmtrainError(f"--num and --max-tokens must be >= 1; got {num} and {max_tokens}")
@@ -89,8 +98,7 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, *, num: int = 1, prime:
             break
         logits, state = model(token.unsqueeze(1), state)
     model.train(was_training)
-    rows = torch.stack(drawn, dim=1).tolist()                               # (B, steps)
-    return [_join(tokenizer, prime, _until_eos(row, tokenizer.eos_id)) for row in rows]
+    return torch.stack(drawn, dim=1).tolist()                               # (B, steps)
 
 
 def _until_eos(row: list[int], eos_id: int) -> list[int]:
@@ -117,6 +125,30 @@ def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: 
         generator.manual_seed(seed)
     _, unknown = prime_ids(tokenizer, prime)
     warnings = [f"warning: {unknown} token(s) of --prime are not in the vocabulary and are read as <unk>"] if unknown else []
-    samples = generate(model, tokenizer, num=num, prime=prime, temperature=temperature, top_k=top_k, top_p=top_p,
-                       max_tokens=max_tokens, sentence_start=config.data.mode == "sentences", generator=generator)
-    return samples, warnings
+    rows = draw(model, tokenizer, num=num, prime=prime, temperature=temperature, top_k=top_k, top_p=top_p,
+                max_tokens=max_tokens, sentence_start=config.data.mode == "sentences", generator=generator)
+    if not any(tokenizer.eos_id in row for row in rows):
+        why = ("the model was trained with data.eos: none and never saw <eos>" if config.data.eos == "none"
+               else "the model rarely ends a line")
+        warnings.append(f"warning: no sample reached <eos> within --max-tokens {max_tokens}, where each stopped: "
+                        f"{why}")
+    return [_join(tokenizer, prime, _until_eos(row, tokenizer.eos_id)) for row in rows], warnings
+
+
+# Characters a terminal acts on instead of showing: the C0 and C1 controls (CR returns the cursor, ESC
+# starts a control sequence) and the bidirectional overrides that reorder what follows (Boucher and
+# Anderson 2021, "Trojan Source"). The tab is shown as it is.
+_BIDI = frozenset([*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C])
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if (code < 0x20 and char != "\t") or 0x7F <= code <= 0x9F:
+        return {"\n": "\\n", "\r": "\\r"}.get(char, f"\\x{code:02x}")
+    return f"\\u{code:04x}" if code in _BIDI else char
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one line of a terminal: every control character but the tab, and every
+    bidirectional override, written as its escape (`\\r`, `\\n`, `\\x1b`, `\\x00`, `\\u202e`)."""
+    return "".join(map(_escape, text))

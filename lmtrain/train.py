@@ -42,7 +42,7 @@ from lmtrain.model import LanguageModel
 from lmtrain.optim import build_optimizer, learning_rate
 from lmtrain.regularization import activation_penalty
 from lmtrain.rundir import RunDirectory
-from lmtrain.sampling import generate
+from lmtrain.sampling import generate, printable
 from lmtrain.threads import ThreadCount
 from lmtrain.tokenizer import Tokenizer
 
@@ -52,6 +52,9 @@ RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.
              "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
              "train.tensorboard",
              "train.device", "train.threads", "train.precision", "train.out_dir", "data.cache")
+# Keys that only decide how the weights start: a resumed run has its weights, and keeps the values it
+# started with (a run started before `model.init: auto` was the default goes on with its own).
+INITIAL_ONLY = ("model.init", "model.forget_bias")
 
 
 class TrainingInterrupted(LmtrainError):
@@ -101,10 +104,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] = lambda line: None,
-          warn: Callable[[str], None] | None = None, progress_bar: bool = True) -> TrainResult:
+          warn: Callable[[str], None] | None = None, progress_bar: bool = True,
+          on_start: Callable[[Config], None] | None = None) -> TrainResult:
     """Train (or with `resume`, continue training) the model that `config` describes. Progress lines go
-    to `echo`, warnings to `warn` (default: `echo` too). In a process that torchrun started, train with
-    the others (`distributed`); all but process 0 are silent."""
+    to `echo`, warnings to `warn` (default: `echo` too); `progress_bar`: a bar on a terminal, a plain
+    line every `train.log_every` steps otherwise. `on_start` is called with the run's config once the run
+    can start (its folder taken, a resume checked). In a process that torchrun started, train with the
+    others (`distributed`); all but process 0 are silent."""
     world = world_from_environment()
     warn = warn or echo
     if not world.is_main:
@@ -115,7 +121,7 @@ def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] =
     with process_group(world, device):
         trainer = run_on_all(world, lambda: Trainer(config, resume=resume, echo=echo, warn=warn,
                                                     progress_bar=progress_bar, world=world, device=device))
-        return trainer.run()
+        return trainer.run(on_start=on_start if world.is_main else None)
 
 
 def _silent(line: str) -> None:
@@ -137,6 +143,9 @@ class Trainer:
                              echo=echo, warn=warn)
         self.tokenizer = corpus.tokenizer
         self._warn_unknown(corpus.unknown)
+        if config.data.eos == "line" and line_count(corpus.splits["train"], self.tokenizer.eos_id) <= 1:
+            warn("warning: the training text has no line ends, so with data.eos: line it is one line that ends in "
+                 "one <eos>; for text without line structure, data.eos: none")
         torch.manual_seed(config.train.seed)
         self.model = LanguageModel.from_config(config.model, self.tokenizer.vocab_size).to(self.device)
         if world.distributed:  # dropout masks of their own in each process, as for different rows in one
@@ -177,10 +186,11 @@ class Trainer:
         for note in notes:
             self.warn(note)
         saved = from_dict(payload["config"])
-        changed = differences(saved, self.config, ignore=RESUMABLE)
+        changed = differences(saved, self.config, ignore=RESUMABLE + INITIAL_ONLY)
         if changed:
             raise LmtrainError("--resume: the config differs from the run's in " + ", ".join(
                 f"{key} ({get_value(saved, key)!r} -> {get_value(self.config, key)!r})" for key in changed))
+        self.config.model.init, self.config.model.forget_bias = saved.model.init, saved.model.forget_bias
         return str(path), payload
 
     def _restore(self, payload: dict) -> None:
@@ -225,13 +235,15 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self) -> TrainResult:
+    def run(self, on_start: Callable[[Config], None] | None = None) -> TrainResult:
         self.metrics = None
         keep_freed_memory()  # steps would otherwise fault their large buffers in anew each time
         try:
+            run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
+            if on_start is not None:
+                on_start(self.config)
             self._load_compiled_kernels()
             self.threads_line = self.threads.start()
-            run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
             self.training_model = data_parallel(self.model, self.world, self.device)
             return self._loop()
         finally:
@@ -270,10 +282,12 @@ class Trainer:
                   + (f", {self.world.size} processes" if self.world.distributed else "")
                   + (", with a backward LM (direction: bi)" if len(self.directions) == 2 else ""))
         total = self._total_steps()
-        bar = tqdm(total=total, initial=self.progress.step, disable=not self.progress_bar, unit="step",
-                   dynamic_ncols=True)
+        # A bar on a terminal; into a file or a pipe, where a bar is carriage-return noise, plain lines.
+        self.plain_progress = self.progress_bar and not sys.stderr.isatty()
+        shown = self.progress_bar and not self.plain_progress
+        bar = tqdm(total=total, initial=self.progress.step, disable=not shown, unit="step", dynamic_ncols=True)
         echo, warn = self.echo, self.warn
-        if self.progress_bar:  # lines written through the bar, so that it is redrawn below them
+        if shown:  # lines written through the bar, so that it is redrawn below them
             self.echo, self.warn = bar.write, lambda line: bar.write(line, file=sys.stderr)
         window = {"loss": torch.zeros((), device=self.device), "tokens": 0, "seconds": 0.0, "steps": 0}
         valid_loss, last_eval_step = None, -1
@@ -293,7 +307,7 @@ class Trainer:
                 if step % train_config.eval_every == 0:
                     valid_loss, last_eval_step = self._evaluate(), step
                 if train_config.sample_every and step % train_config.sample_every == 0 and self.world.is_main:
-                    self.echo(f"step {step} samples:\n" + "\n".join(self._samples(3)))
+                    self.echo(f"step {step} samples:\n" + "\n".join(map(printable, self._samples(3))))
                 if step % train_config.checkpoint_every == 0 and self.bad_steps == 0:
                     self._save_last()  # not while steps are failing: the last good checkpoint stays
                 if stop_signal is not None:
@@ -423,7 +437,17 @@ class Trainer:
         loss = float(window["loss"]) / max(window["tokens"], 1)
         tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
         self._log_event("train", loss, tokens_per_s)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._lr():.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        total, progress = self._total_steps(), self.progress
+        left = time_left(step=progress.step, total_steps=total, train_seconds=progress.train_seconds,
+                         max_seconds=self.config.train.max_seconds,
+                         seconds_per_step=window["seconds"] / max(window["steps"], 1))
+        budget = {"left": duration(left)} if self.config.train.max_seconds is not None and left is not None else {}
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._lr():.2e}", tok_s=f"{tokens_per_s:,.0f}", **budget,
+                        refresh=False)
+        if self.plain_progress:
+            self.echo(f"step {progress.step:,}{f'/{total:,}' if total else ''}: loss {loss:.3f}, lr {self._lr():.2e}, "
+                      f"{tokens_per_s:,.0f} tokens/s, {duration(progress.elapsed_seconds)} elapsed"
+                      + (f", {duration(left)} left" if left is not None else ""))
         window.update(loss=torch.zeros((), device=self.device), tokens=0, seconds=0.0, steps=0)
 
     def _evaluate(self) -> float:
@@ -506,6 +530,36 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
         return generate(self.model, self.tokenizer, num=count,
                         sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
+
+
+def line_count(split: str | torch.Tensor, eos_id: int) -> int:
+    """How many lines a split holds (a last one without its line end counted): from its text, or from the
+    `<eos>` ids of its cached stream after the one that starts it."""
+    if isinstance(split, str):
+        return split.count("\n") + (1 if split and not split.endswith("\n") else 0)
+    return max(0, int((split == eos_id).sum()) - 1)
+
+
+def time_left(*, step: int, total_steps: int | None, train_seconds: float, max_seconds: float | None,
+              seconds_per_step: float) -> float | None:
+    """Seconds of training left: to the time budget, or through the steps left at the recent pace,
+    whichever ends first; None when neither limit is set."""
+    left = []
+    if max_seconds is not None:
+        left.append(max(0.0, max_seconds - train_seconds))
+    if total_steps is not None:
+        left.append(max(0, total_steps - step) * seconds_per_step)
+    return min(left) if left else None
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `3 min 5 s`, `2 h 7 min`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def gradient_norm(model: torch.nn.Module, *, clip: float) -> torch.Tensor:

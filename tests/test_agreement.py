@@ -48,14 +48,16 @@ def test_read_pairs(tmp_path: Path):
 def test_read_pairs_errors(tmp_path: Path):
     assert "not found" in error_of(tmp_path / "missing.tsv")
     (tmp_path / "header.tsv").write_text("sentence\twrong\tdistance\tattractors\na\tb\t0\t0\n")
-    assert "header" in error_of(tmp_path / "header.tsv")
+    assert "good and a bad sentence" in error_of(tmp_path / "header.tsv")  # not lmtrain's header, not two columns
     (tmp_path / "empty.tsv").write_text("")
-    assert "header" in error_of(tmp_path / "empty.tsv")
+    assert "no pairs" in error_of(tmp_path / "empty.tsv")
     (tmp_path / "only_header.tsv").write_text(HEADER)
     assert "no pairs" in error_of(tmp_path / "only_header.tsv")
     for bad in ("a\tb\t0", "a\tb\tx\t0", "a\tb\t0\t-1", "\tb\t0\t0", "a\tb\t0\t0\textra", ""):
-        (tmp_path / "bad.tsv").write_text(HEADER + "a\tb\t1\t0\n" + bad + "\n")
+        (tmp_path / "bad.tsv").write_text(HEADER + "a\tb\t1\t0\n" + bad + "\nc\td\t0\t0\n")
         assert "line 3" in error_of(tmp_path / "bad.tsv")
+    (tmp_path / "trailing.tsv").write_text(HEADER + "a\tb\t1\t0\n\n\n")  # blank lines at the end are not pairs
+    assert len(read_pairs(tmp_path / "trailing.tsv")) == 1
 
 
 # --- sentence_log_probability -------------------------------------------------------------------------
@@ -94,6 +96,7 @@ def checkpoint(tmp_path: Path, config_factory, *, mode: str, was_bias: float = 0
     if was_bias:
         with torch.no_grad():
             model.projection.weight.zero_()
+            model.projection.bias.zero_()
             model.projection.bias[tokenizer.ids["was"]] = was_bias
             model.projection.bias[tokenizer.ids["were"]] = -was_bias
     path = tmp_path / f"{mode}.pt"
@@ -112,18 +115,69 @@ def test_report_structure_and_counts(tmp_path: Path, config_factory, mode: str):
         assert all((accuracy is None) == (count == 0) for accuracy, count in table.values())
     assert report["by_distance"]["1-2"] == (None, 0) and report["by_attractors"]["2"][1] == 1
     text = format_report(report)
-    assert "3-5" in text and "3+" in text and f"pairs {len(PAIRS)}" in text
+    assert "3-5" in text and "\n2 " in text and f"pairs {len(PAIRS)}" in text
+    assert "1-2" not in text and "11+" not in text and "3+" not in text  # buckets without pairs get no row
 
 
 def test_a_model_preferring_was_gets_exactly_the_was_pairs_right(tmp_path: Path, config_factory):
     path = checkpoint(tmp_path, config_factory, mode="sentences", was_bias=10.0)
     report = agreement_report(path, write_pairs(tmp_path / "p.tsv"))
-    was_pairs = [" was " in row[0] for row in PAIRS]  # "eats"/"eat" score equal: a tie counts as wrong
-    assert report["accuracy"] == pytest.approx(sum(was_pairs) / len(PAIRS))
+    # "eats"/"eat" score the same (only was/were have a bias): a tie, neither right nor wrong
+    assert (report["ties"], report["ties_unknown_words"], report["scored"]) == (1, 0, len(PAIRS) - 1)
+    was_pairs = [" was " in row[0] for row in PAIRS]
+    assert report["accuracy"] == pytest.approx(sum(was_pairs) / (len(PAIRS) - 1))
     assert report["by_attractors"]["1"] == (0.5, 2)   # "... dogs was" right, "... dog were" wrong
     assert report["by_attractors"]["2"] == (1.0, 1)
-    assert report["by_distance"]["0"] == (0.5, 2)     # "was full" right, "eats" a tie
+    assert report["by_distance"]["0"] == (1.0, 1)     # "was full" right; "eats" a tie, not counted
     assert report["unknown_tokens"] == 0
+    assert "ties: 1 pairs score the same" in format_report(report)
+
+
+def test_pairs_that_differ_only_in_unknown_words_are_ties(tmp_path: Path, config_factory):
+    """With a vocabulary that lacks both verbs, the two sentences are the same tokens: a tie, said."""
+    path = checkpoint(tmp_path, config_factory, mode="sentences")
+    (tmp_path / "unknown.tsv").write_text("the cat sleeps .\tthe cat sleep .\nthe cat was full .\tthe cat were full .\n")
+    report = agreement_report(path, tmp_path / "unknown.tsv")
+    assert (report["count"], report["ties"], report["ties_unknown_words"], report["scored"]) == (2, 1, 1, 1)
+    assert report["unknown_tokens"] == 2
+    assert "1 of them differ only in words the model does not know" in format_report(report)
+    assert "by_distance" not in report  # plain pairs have no distances
+
+
+def test_plain_two_column_pairs_with_or_without_a_header(tmp_path: Path):
+    (tmp_path / "plain.tsv").write_text("the cat was full .\tthe cat were full .\nthe dog ran .\tthe dog run .\n")
+    assert read_pairs(tmp_path / "plain.tsv") == [Pair("the cat was full .", "the cat were full ."),
+                                                   Pair("the dog ran .", "the dog run .")]
+    (tmp_path / "headed.tsv").write_text("sentence_good\tsentence_bad\nthe dog ran .\tthe dog run .\n")
+    assert read_pairs(tmp_path / "headed.tsv") == [Pair("the dog ran .", "the dog run .")]
+    (tmp_path / "bad.tsv").write_text("the dog ran .\tthe dog run .\nonly one sentence\n")
+    assert "line 2" in error_of(tmp_path / "bad.tsv") and "one tab" in error_of(tmp_path / "bad.tsv")
+
+
+def test_json_lines_as_suites_ship_them_grouped_by_their_phenomenon(tmp_path: Path, config_factory):
+    import json
+
+    records = [{"sentence_good": "the cat was full .", "sentence_bad": "the cat were full .", "UID": "agr_1",
+                "linguistics_term": "agreement", "pairID": "0"},
+               {"sentence_good": "the dogs were full .", "sentence_bad": "the dogs was full .", "UID": "agr_2",
+                "linguistics_term": "agreement", "pairID": "1"},
+               {"sentence_good": "the dog eats the food .", "sentence_bad": "the dog eat the food .", "UID": "verb_1",
+                "linguistics_term": "verbs", "pairID": "2"}]
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    pairs = read_pairs(path)
+    assert [pair.group for pair in pairs] == ["agreement", "agreement", "verbs"]  # linguistics_term before UID
+    assert [pair.group for pair in read_pairs(path, group_by="UID")] == ["agr_1", "agr_2", "verb_1"]
+    report = agreement_report(checkpoint(tmp_path, config_factory, mode="sentences"), path)
+    assert list(report["by_group"]) == ["agreement", "verbs"]
+    assert sum(count for _, count in report["by_group"].values()) == report["scored"]
+    assert "group" in format_report(report) and "agreement" in format_report(report)
+    with pytest.raises(LmtrainError, match="no field 'paradigm'"):
+        read_pairs(path, group_by="paradigm")
+    (tmp_path / "broken.jsonl").write_text('{"sentence_good": "a ."}\n')
+    assert "line 1" in error_of(tmp_path / "broken.jsonl") and "sentence_bad" in error_of(tmp_path / "broken.jsonl")
+    (tmp_path / "notjson.jsonl").write_text('{"sentence_good": "a .", \n')
+    assert "not JSON" in error_of(tmp_path / "notjson.jsonl")
 
 
 def test_missing_data_file_and_default_message(tmp_path: Path, config_factory, monkeypatch):

@@ -51,11 +51,13 @@ def test_initialisation_bound(name: str):
         assert parameter.std() > 0.1 * bound  # actually random, not constant
 
 
-def test_lstm_forget_bias_is_one():
-    cell = LSTMCell(E, H)
+def test_lstm_forget_bias_is_a_constant_when_given():
+    cell = LSTMCell(E, H, forget_bias=1.0)
     assert torch.equal(cell.b_f, torch.ones(H))
     cell.reset_parameters()
     assert torch.equal(cell.b_f, torch.ones(H))
+    drawn = LSTMCell(E, H)  # the default, as nn.LSTM: b_f drawn like every other bias
+    assert not torch.equal(drawn.b_f, torch.ones(H)) and float(drawn.b_f.detach().abs().max()) <= 1 / H ** 0.5
 
 
 @pytest.mark.parametrize("name", CELL_CASES)

@@ -152,6 +152,85 @@ def test_a_foreign_warning_is_one_warning_line(tmp_path):
     assert result.stderr == "warning: CUDA initialization: a driver too old\nerror: no checkpoint here\n"
 
 
+def test_version_bare_command_and_plain_help(tmp_path):
+    version = run(["--version"], tmp_path)
+    assert_ok(version)
+    assert re.fullmatch(r"lmtrain \S+, torch \S+, compiled kernels: .+\n", version.stdout), version.stdout
+    for bare in ([], ["eval"], ["kernels"]):
+        shown = run(bare, tmp_path)
+        assert shown.returncode == 0 and shown.stdout.startswith("Usage: lmtrain") and shown.stderr == "", shown
+    for command in ([], ["train"], ["sample"], ["eval", "perplexity"]):
+        helped = run([*command, "--help"], tmp_path)
+        assert_ok(helped)
+        assert "<bool>" not in helped.stdout and "╭" not in helped.stdout, helped.stdout
+    assert "--resume / --no-resume" in run(["train", "--help"], tmp_path).stdout
+    assert "Configuration table of README.md" in " ".join(run(["train", "--help"], tmp_path).stdout.split())
+
+
+def test_command_line_mistakes_are_one_error_line(tmp_path):
+    for args, fragment in ((["sample"], "--checkpoint"), (["sample", "--checkpoint", "x.pt", "--num", "many"], "--num"),
+                           (["no-such-command"], "no-such-command"), (["train", "--no-such-flag"], "--no-such-flag")):
+        result = run(args, tmp_path)
+        assert_user_error(result, fragment, "--help")
+
+
+def tiny_char_run(folder: Path, **values) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_lines(folder / "corpus.txt", sentences(200, seed=5))
+    return write_config(folder / "config.yaml", {
+        "data.path": "corpus.txt", "data.level": "char", "model.embed_size": 8, "model.hidden_size": 16,
+        "model.num_layers": 1, "train.batch_size": 4, "train.bptt": 16, "train.log_every": 5, "train.eval_every": 1000,
+        "train.final_samples": 0, "train.out_dir": str(folder / "run"), **values})
+
+
+def test_progress_into_a_pipe_is_plain_lines_with_the_time_left(tmp_path):
+    """Not a terminal: no bar redrawn with carriage returns, a line every train.log_every steps."""
+    steps = run(["train", tiny_char_run(tmp_path / "steps", **{"train.max_steps": 20})], tmp_path)
+    assert_ok(steps)
+    assert "\r" not in steps.stdout + steps.stderr
+    lines = [line for line in output_lines(steps) if line.startswith("step ") and "tokens/s" in line]
+    assert [line.split(":")[0] for line in lines] == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
+    assert all(re.search(r"tokens/s, .* elapsed, .* left$", line) for line in lines), lines
+    budget = run(["train", tiny_char_run(tmp_path / "seconds", **{"train.max_seconds": 2})], tmp_path)
+    assert_ok(budget)
+    timed = [line for line in output_lines(budget) if line.startswith("step ") and " left" in line]
+    assert timed and all(re.search(r"\d+ s left$", line) for line in timed), output_lines(budget)
+    quiet = run(["train", "--no-progress", tiny_char_run(tmp_path / "quiet", **{"train.max_steps": 10})], tmp_path)
+    assert not [line for line in output_lines(quiet) if line.startswith("step ") and "tokens/s" in line]
+
+
+def test_info_labels_the_epoch_in_progress_and_the_completed_ones(tmp_path):
+    config = tiny_char_run(tmp_path / "epochs", **{"train.max_epochs": 2})
+    assert_ok(run(["train", "--no-progress", config], tmp_path))
+    text = run(["info", tmp_path / "epochs" / "run" / "last.pt"], tmp_path)
+    facts = json_output(run(["info", "--json", tmp_path / "epochs" / "run" / "last.pt"], tmp_path))
+    assert facts["epochs_completed"] == 2 and facts["epoch_in_progress"] == 3 and "epoch" not in facts
+    assert "epoch 3 in progress (2 completed)" in text.stdout
+
+
+def test_sample_escapes_control_characters_unless_raw(tmp_path, config_factory):
+    import torch
+
+    from lmtrain.checkpoint import save_checkpoint
+    from lmtrain.config import to_dict
+    from lmtrain.model import LanguageModel
+    from lmtrain.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.fit("a\x1b[2Jb\rc\u202ed\n", level="char")
+    config = config_factory(**{"model.embed_size": 4, "model.hidden_size": 4, "model.num_layers": 1})
+    model = LanguageModel.from_config(config.model, tokenizer.vocab_size)
+    with torch.no_grad():  # ESC, "[", "2", "J", CR, then <eos>, whatever came before
+        model.projection.weight.zero_()
+        model.projection.bias.fill_(-1e4)
+        model.projection.bias[tokenizer.ids["\r"]] = 1e4
+    save_checkpoint(tmp_path / "model.pt", {"config": to_dict(config), "tokenizer": tokenizer.to_dict(),
+                                            "model": model.state_dict()})
+    shown = run(["sample", "--checkpoint", "model.pt", "--max-tokens", "3", "--seed", "0"], tmp_path)
+    raw = subprocess.run([*LMTRAIN, "sample", "--checkpoint", "model.pt", "--max-tokens", "3", "--seed", "0", "--raw"],
+                         cwd=tmp_path, env=ENV, capture_output=True, timeout=300)  # bytes: text mode reads CR as LF
+    assert shown.stdout == "\\r\\r\\r\n" and raw.stdout == b"\r\r\r\n"
+
+
 # -- end to end: four tiny runs -----------------------------------------------------------------------------
 
 # name: (level, mode, extra config values, corpus layout)
@@ -298,8 +377,10 @@ def test_train_prints_the_resolved_config_and_samples(runs, name):
     assert_ok(r.train_result)
     stdout = r.train_result.stdout
     lines = stdout.split("\n")
-    assert lines[0].startswith("# config:") and str(r.config_path.name) in lines[0], stdout
-    printed = yaml.safe_load("\n".join(lines[1:lines.index("")]))
+    # The config comes once the run can start: after the corpus's one line, when it was tokenized just now.
+    first = next(index for index, line in enumerate(lines) if line.startswith("# config:"))
+    assert first <= 1 and str(r.config_path.name) in lines[first], stdout
+    printed = yaml.safe_load("\n".join(lines[first + 1:lines.index("", first)]))
     assert printed == dataclasses.asdict(load_config(r.config_path))
     assert "done: 20 steps" in stdout
     assert "\nsamples:\n" in stdout, stdout
@@ -541,6 +622,13 @@ def test_user_mistake_is_one_error_line(mistakes, case):
     line = assert_user_error(mistakes.results[case], *MISTAKES[case])
     for wrong in MISLEADING.get(case, []):
         assert wrong not in line, line
+
+
+@pytest.mark.parametrize("case", ["existing-run", "resume-without-run", "resume-changed-key", "missing-corpus",
+                                  "out-dir-under-a-file"])
+def test_a_refused_start_prints_its_error_without_the_config(mistakes, case):
+    """Validate, then print: the resolved config appears only once the run can start."""
+    assert "# config:" not in mistakes.results[case].stdout and "model:" not in mistakes.results[case].stdout
 
 
 def test_training_into_an_existing_run_leaves_it_unchanged(mistakes):

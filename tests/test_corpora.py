@@ -146,7 +146,7 @@ def test_checksum_mismatch_deletes_the_part_and_names_both_sums(server, tmp_path
     message = single_line(error)
     assert "input.txt" in message and CATALOG["tiny"][0].sha256 in message
     assert hashlib.sha256(bad).hexdigest() in message
-    assert list((tmp_path / "tiny").iterdir()) == []
+    assert not (tmp_path / "tiny").exists()  # the part file deleted, and the folder this download made with it
 
 
 def test_dropped_connection_keeps_the_part_and_says_resume(server, tmp_path):
@@ -172,6 +172,19 @@ def test_unreachable_server_is_one_line(tmp_path):
     with pytest.raises(LmtrainError) as error:
         download("tiny", directory=tmp_path, base_url="http://127.0.0.1:9", progress=False, catalog=CATALOG)
     assert "127.0.0.1:9" in single_line(error)
+
+
+def test_without_network_the_line_names_the_ways_out_and_no_empty_folder_stays(tmp_path):
+    cache = tmp_path / "new" / "cache"
+    with pytest.raises(LmtrainError) as error:
+        download("tiny", directory=cache, base_url="http://127.0.0.1:9", progress=False, catalog=CATALOG)
+    assert "--base-url" in single_line(error) and "data.path=" in single_line(error)
+    assert not (tmp_path / "new").exists()  # the folders this download made, empty, are gone
+    (cache / "tiny").mkdir(parents=True)
+    (cache / "tiny" / "notes.txt").write_text("the user's own file")
+    with pytest.raises(LmtrainError):
+        download("tiny", directory=cache, base_url="http://127.0.0.1:9", progress=False, catalog=CATALOG)
+    assert (cache / "tiny" / "notes.txt").exists()  # a folder that was there stays
 
 
 def test_base_url_must_be_http(tmp_path):

@@ -121,8 +121,8 @@ def test_cells_import_only_the_torch_internals():
     assert lmtrain_imports("cells") <= {"torch_internals"}
 
 
-def test_layers_import_only_cells_and_their_backward():
-    assert lmtrain_imports("layers") == {"cells", "backward", "regularization"}
+def test_layers_import_only_cells_their_backward_and_the_config_defaults():
+    assert lmtrain_imports("layers") == {"cells", "backward", "regularization", "config"}
 
 
 @pytest.mark.parametrize("module", ["regularization", "memory", "threads", "torch_internals"])

@@ -49,6 +49,23 @@ def test_compiled_value_and_gradients_equal_torch(compiled, bias, B, T, K, V):
     assert_close(expected, actual)
 
 
+@pytest.mark.parametrize("rows_at_once", [1, 3, 7, 100])
+def test_the_rows_go_through_in_chunks_with_the_same_value_and_gradients(compiled, monkeypatch, rows_at_once):
+    """LOGITS_BUDGET bounds the logits held at once; chunks of 1, 3 (uneven) and 7 rows of 22, ignored
+    targets among them, give what one pass gives."""
+    from lmtrain import loss
+
+    B, T, K, V = 2, 11, 6, 50
+    x, W, b = torch.randn(B, T, K), torch.randn(V, K) / math.sqrt(K), torch.randn(V)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, 3:6] = IGNORE
+    expected = loss_and_gradients(reference, x, W, b, targets, upstream=1.7)
+    monkeypatch.setattr(loss, "LOGITS_BUDGET", rows_at_once * V)
+    assert_close(expected, loss_and_gradients(projected_nll, x, W, b, targets, upstream=1.7))
+    with torch.no_grad():  # evaluation: the loss alone, no gradient made
+        assert_close([expected[0]], [projected_nll(x, W, b, targets)])
+
+
 def test_the_compiled_kernel_is_what_runs(compiled):
     x = torch.randn(2, 3, 4, requires_grad=True)
     total = projected_nll(x, torch.randn(5, 4), torch.randn(5), torch.randint(0, 5, (2, 3)))

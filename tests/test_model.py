@@ -102,7 +102,7 @@ def test_from_config(config_factory):
 
 def test_initialisation():
     # Zaremba et al. 2014 / pytorch word_language_model: U(-0.1, 0.1) embedding and projection, zero bias.
-    model = LanguageModel(50, embed_size=16, hidden_size=16)
+    model = LanguageModel(50, embed_size=16, hidden_size=16, init="zaremba")
     for weight in (model.embedding.weight, model.projection.weight):
         assert weight.abs().max() <= 0.1 and weight.std() > 0.03
     assert torch.equal(model.projection.bias, torch.zeros(50))
@@ -148,12 +148,16 @@ def test_torch_initialisation_and_forget_bias():
         assert float(layer.cell.b_f.detach().abs().max()) <= bound and float(layer.cell.b_f.detach().std()) > 0
     model = LanguageModel(50, embed_size=8, hidden_size=8, num_layers=1, forget_bias=0.5)
     assert torch.equal(model.rnn.layers[0].cell.b_f, torch.full((8,), 0.5))
-    assert torch.equal(LanguageModel(50, embed_size=8, hidden_size=8).rnn.layers[0].cell.b_f, torch.ones(8))
+    # auto: torch's initialisation and b_f like the other biases; with Zaremba's, a forget bias of 1
+    assert not torch.equal(LanguageModel(50, embed_size=8, hidden_size=8).rnn.layers[0].cell.b_f, torch.ones(8))
+    zaremba = LanguageModel(50, embed_size=8, hidden_size=8, init="zaremba")
+    assert torch.equal(zaremba.rnn.layers[0].cell.b_f, torch.ones(8))
+    assert float(zaremba.embedding.weight.detach().abs().max()) <= 0.1
 
 
 def test_init_from_config_and_bad_init(config_factory):
     config = config_factory(**{"model.init": "torch", "model.forget_bias": None, "model.embed_size": 8})
     model = LanguageModel.from_config(config.model, 300)
     assert float(model.embedding.weight.detach().abs().max()) > 0.5 and float(model.rnn.layers[0].cell.b_f.detach().abs().max()) < 0.1
-    with pytest.raises(ConfigError, match="model.init must be one of zaremba, torch"):
+    with pytest.raises(ConfigError, match="model.init must be one of auto, zaremba, torch"):
         config_factory(**{"model.init": "xavier"})

@@ -262,3 +262,36 @@ def test_prime_ids():
     assert prime_ids(tokenizer, "") == ([], 0)
     words = Tokenizer.fit("the cat\n", level="word")
     assert prime_ids(words, " the  dog ") == ([words.ids["the"], words.unk_id], 1)
+
+
+# --- what `lmtrain sample` prints ------------------------------------------------------------------
+
+def test_printable_escapes_what_a_terminal_would_act_on():
+    from lmtrain.sampling import printable
+
+    assert printable("plain text, tabs\tand ünïcode ✓") == "plain text, tabs\tand ünïcode ✓"
+    assert printable("a\rb\nc\x1b[31md\x00e\x7f\x85") == "a\\rb\\nc\\x1b[31md\\x00e\\x7f\\x85"
+    assert printable("x\u202eevil\u2066y\u200f") == "x\\u202eevil\\u2066y\\u200f"  # bidirectional overrides
+
+
+def test_a_model_that_never_saw_eos_says_samples_end_only_at_max_tokens(tmp_path, config_factory):
+    from lmtrain.checkpoint import save_checkpoint
+    from lmtrain.config import to_dict
+    from lmtrain.sampling import sample_checkpoint
+
+    tokenizer = Tokenizer.fit("hello world\n", level="char", eos="none")
+    config = config_factory(**{"data.eos": "none", "model.cell": "gru", "model.embed_size": 8,
+                               "model.hidden_size": 16, "model.num_layers": 1})
+    model = small_model(tokenizer)
+    with torch.no_grad():
+        model.projection.bias[tokenizer.eos_id] = -1e4
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
+    samples, notes = sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)
+    assert [len(sample) for sample in samples] == [7] * 3
+    assert notes == ["warning: no sample reached <eos> within --max-tokens 7, where each stopped: the model was "
+                     "trained with data.eos: none and never saw <eos>"]
+    with torch.no_grad():
+        model.projection.bias[tokenizer.eos_id] = 1e4  # always <eos>: no warning
+    save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
+    assert sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)[1] == []

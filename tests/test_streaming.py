@@ -107,6 +107,8 @@ CORPORA = {
     "plain": "the cat sat\nthe dog ran\na cat ran\n\nthe end\n" * 5,
     "no final newline": "one two\nthree four five\nsix",
     "non-ASCII and CRLF": "naïve café\r\nüber straße\r\n日本語 テキスト\r\n" * 4,
+    "lone CR line ends": "the cat sat\rthe dog ran\ra cat ran\r\rthe end\r" * 5,
+    "mixed line ends": "one two\r\nthree\rfour five\nsix\r\n\rseven" * 3,
 }
 
 

@@ -104,9 +104,14 @@ def test_auto_follows_the_load_when_two_readings_agree(monkeypatch):
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/stat")
 def test_the_load_of_a_real_competing_process_is_seen():
-    """One CPU-bound process beside this one: about one core busy (more than half of one, less than two);
-    this process's own work is not counted."""
+    """One CPU-bound process beside this one adds about one busy core; this process's own work is not
+    counted. (Skipped when the machine is already busy: there is then no quiet baseline to add to.)"""
     cpus = sorted(os.sched_getaffinity(0))
+    before = Load()
+    time.sleep(0.5)
+    baseline = before.others()
+    if baseline > 0.3:
+        pytest.skip(f"other processes already keep {baseline:.1f} cores busy")
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         os.sched_setaffinity(competitor.pid, cpus[:1])
@@ -119,10 +124,7 @@ def test_the_load_of_a_real_competing_process_is_seen():
     finally:
         competitor.kill()
         competitor.wait()
-    assert 0.6 < busy < 1.6
-    quiet = Load()
-    time.sleep(0.5)
-    assert quiet.others() < 0.6  # this machine may run other things, but not a whole core's worth here
+    assert 0.6 < busy - baseline and busy < baseline + 1.4
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/stat")

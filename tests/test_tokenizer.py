@@ -190,10 +190,21 @@ def test_dict_round_trip(small_text: str, level: str, eos: str):
 
 # --- reading files ---------------------------------------------------------------------------------
 
-def test_read_text_strips_bom_and_crlf(tmp_path: Path):
+@pytest.mark.parametrize("data, text", [
+    (b"one\ntwo\nthree\n", "one\ntwo\nthree\n"),                 # LF (Unix)
+    (b"one\r\ntwo\r\nthree\r\n", "one\ntwo\nthree\n"),           # CRLF (Windows)
+    (b"one\rtwo\rthree\r", "one\ntwo\nthree\n"),                 # a lone CR (classic Mac, some e-book dumps)
+    (b"one\r\ntwo\rthree\nfour", "one\ntwo\nthree\nfour"),        # mixed, no final line end
+    (b"a\r\r\nb\n\rc", "a\n\nb\n\nc"),                          # CR then CRLF: two line ends; LF then CR too
+    ("\ufeffone\r\ntwo".encode("utf-8"), "one\ntwo"),              # a byte-order mark dropped
+])
+def test_read_text_reads_every_line_end_convention(tmp_path: Path, data: bytes, text: str):
     path = tmp_path / "c.txt"
-    path.write_bytes("\ufeffone\r\ntwo\rthree\r\n".encode("utf-8"))
-    assert read_text(path) == "one\ntwo\rthree\n"
+    path.write_bytes(data)
+    assert read_text(path) == text
+    assert split_lines(read_text(path)) == text.removesuffix("\n").split("\n")
+    for block_bytes in (1, 2, 3, 1 << 20):  # a CRLF or a CR cut between two blocks
+        assert read_in_blocks(path, block_bytes) == text
 
 
 def test_read_text_keeps_a_bom_that_is_not_first(tmp_path: Path):

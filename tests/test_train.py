@@ -129,6 +129,21 @@ def test_resume_refuses_a_changed_key(tmp_path, corpus, key, value):
     assert (out_dir / "last.pt").read_bytes() == before
 
 
+def test_a_run_started_with_another_initialisation_resumes_with_its_own(tmp_path, corpus):
+    """A run started when Zaremba's initialisation was the default (its checkpoint says init: zaremba,
+    forget_bias: 1) resumes from the same config, whose `model.init: auto` now means torch's: the keys
+    that only decide how weights start keep the run's values, and are not a difference."""
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=3, model__init="zaremba", model__forget_bias=1.0),
+          progress_bar=False)
+    resumed = make_config(corpus, out_dir, train__max_steps=5)
+    assert (resumed.model.init, resumed.model.forget_bias) == ("torch", None)
+    train(resumed, resume=True, progress_bar=False)
+    saved = load_payload(out_dir / "last.pt")
+    assert saved["progress"]["step"] == 5
+    assert (saved["config"]["model"]["init"], saved["config"]["model"]["forget_bias"]) == ("zaremba", 1.0)
+
+
 def test_resume_without_a_run_is_an_error(tmp_path, corpus):
     with pytest.raises(LmtrainError, match="last.pt"):
         train(make_config(corpus, tmp_path / "empty", train__max_steps=3), resume=True, progress_bar=False)
