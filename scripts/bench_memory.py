@@ -37,6 +37,13 @@ MODELS = {"2x200, tied": {"model.embed_size": 200, "model.hidden_size": 200, "mo
 FLOOR = "import torch; torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])"
 
 
+def allocator() -> str:
+    """The MALLOC_* variables set, or lmtrain's own settings, which apply when none is."""
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return allocator_settings()
+    return "lmtrain's own settings (no MALLOC_* variable set; `lmtrain/memory.py`)"
+
+
 def write_corpus(path: Path, vocabulary: int, tokens: int, seed: int) -> None:
     rng = random.Random(seed)
     words = [f"w{index}" for index in range(vocabulary)]
@@ -62,7 +69,7 @@ def peak_mb(command: list[str], *, cwd: Path, checkout: Path = ROOT) -> float:
 def measure(folder: Path, vocabulary: int, model: dict, steps: int, checkout: Path) -> dict[str, float]:
     config = folder / "config.yaml"
     config.write_text("data: {train: train.txt, valid: valid.txt, level: word}\n", encoding="utf-8")
-    run = folder / f"run-{checkout.name}"
+    run = folder / f"run-{checkout.name}-{model['model.hidden_size']}"
     lmtrain = [sys.executable, "-m", "lmtrain"]
     train = [*lmtrain, "train", str(config), "--no-progress", f"train.max_steps={steps}", f"train.eval_every={steps}",
              "train.final_samples=0", f"train.out_dir={run}", *(f"{key}={value}" for key, value in model.items())]
@@ -88,8 +95,8 @@ def main() -> None:
     header = "| vocabulary (words seen) | model | train MB | eval MB | sample MB |" + (
         " baseline train / eval / sample MB |" if args.baseline else "")
     lines = [f"`python scripts/bench_memory.py {' '.join(sys.argv[1:])}` ({provenance()})",
-             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: "
-             f"{allocator_settings()}; peak resident set size of each command's process", "",
+             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator()}; "
+             f"peak resident set size of each command's process", "",
              header, "|---:|---|---:|---:|---:|" + ("---|" if args.baseline else ""),
              f"| (Python, torch and an optimizer: the floor) | | {floor:,.0f} | | |" + (" |" if args.baseline else "")]
     for vocabulary in args.vocab:
