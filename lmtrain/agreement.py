@@ -100,7 +100,9 @@ def _json_pairs(path: str | Path, lines: list[str], group_by: str | None) -> lis
         try:
             record = json.loads(line)
         except ValueError as error:
-            raise LmtrainError(f"{path}: line {number}: not JSON ({error.msg})") from None
+            raise LmtrainError(f"{path}: line {number}: not JSON ({getattr(error, 'msg', error)})") from None
+        except RecursionError:
+            raise LmtrainError(f"{path}: line {number}: nested too deeply to be a pair") from None
         good = next((record[key] for key in GOOD_KEYS if isinstance(record, dict) and key in record), None)
         bad = next((record[key] for key in BAD_KEYS if isinstance(record, dict) and key in record), None)
         if not (isinstance(good, str) and isinstance(bad, str) and good.strip() and bad.strip()):

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -60,6 +60,21 @@ class Corpus:
     tokenizer: Tokenizer
     splits: dict[str, str | Tensor]               # "train", "valid"[, "test"]
     unknown: dict[str, tuple[int, int]]           # valid/test: (tokens not in the vocabulary, all tokens)
+    mapped: tuple[Path, int] | None = None        # the ids file the splits are mapped from, and its size
+
+    def check_mapped(self) -> None:
+        """Raise if the mapped ids file shrank (another process truncated it): reading past its new end
+        would kill the process with SIGBUS and no word."""
+        if self.mapped is None:
+            return
+        path, size = self.mapped
+        try:
+            now = path.stat().st_size
+        except OSError:
+            return  # deleted: the mapping keeps the old inode's pages, reading them is safe
+        if now < size:
+            raise LmtrainError(f"the token cache file {path} shrank from {size:,} to {now:,} bytes while it was in use "
+                               f"(another process changed it); the corpus is read again with --resume")
 
     def view(self, split: str, *, backward: bool = False) -> str | Tensor:
         """A split as it is read forward, or right to left for the backward LM of `direction: bi`."""
@@ -160,6 +175,36 @@ def content_digest(path: Path, folder: Path) -> str:
     return record["sha256"]
 
 
+def data_fingerprints(config: DataConfig, folder: Path | None = None) -> dict[str, dict[str, Any]]:
+    """{role: {"path", "size", "sha256"}} for every corpus file of `config` (`data.path` or
+    train/valid/test, a downloaded corpus's files included): what a checkpoint records so that
+    `--resume` can tell the data it trained on from changed data. The hash is the token cache's, kept
+    per file while its size and times stay the same, so a start reads each file at most once."""
+    folder = folder or cache_dir() / "tokens"
+    config = with_corpus_files(config)
+    fingerprints = {}
+    for role in ("path", *SPLITS):
+        if (path := getattr(config, role)) is not None:
+            path = Path(path)
+            digest = content_digest(path, folder)  # a missing or unreadable file: the error reading it gives
+            fingerprints[role] = {"path": str(path), "size": path.stat().st_size, "sha256": digest}
+    return fingerprints
+
+
+def changed_files(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> list[str]:
+    """What differs between two `data_fingerprints`, one phrase per file (empty: the same data)."""
+    changes = []
+    for role in sorted(set(saved) | set(now)):
+        before, after = saved.get(role), now.get(role)
+        if before is None or after is None:
+            changes.append(f"data.{role} {'added' if before is None else 'removed'}")
+        elif before.get("sha256") != after["sha256"]:
+            sizes = (f"{before['size']:,} -> {after['size']:,} bytes" if before.get("size") != after["size"]
+                     else "same size, other bytes")
+            changes.append(f"data.{role} {after['path']} ({sizes})")
+    return changes
+
+
 def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open_corpus(path) as file:
@@ -198,6 +243,9 @@ def _corpus_from(record: dict, key: str, ids_path: Path) -> Corpus:
     if total <= 0 or found != expected:
         raise ValueError(f"{ids_path.name} holds {found} bytes, not {expected}")
     ids = torch.from_file(str(ids_path), shared=False, size=total, dtype=dtype)  # mapped, read on demand
+    for start in range(0, total, 1 << 24):  # a damaged file of the right size: ids past the vocabulary
+        if int(ids[start:start + (1 << 24)].to(torch.int32).max()) >= tokenizer.vocab_size:
+            raise ValueError(f"{ids_path.name} holds ids past the vocabulary of {tokenizer.vocab_size}")
     streams, unknown, offset = {}, {}, 0
     for name, length, missing in splits:
         streams[name] = ids[offset:offset + length]
@@ -208,7 +256,7 @@ def _corpus_from(record: dict, key: str, ids_path: Path) -> Corpus:
         offset += length
     if "train" not in streams or "valid" not in streams:
         raise ValueError("no train or no valid stream")
-    return Corpus(tokenizer, streams, unknown)
+    return Corpus(tokenizer, streams, unknown, mapped=(ids_path, found))
 
 
 def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokenizer | None,

@@ -8,6 +8,7 @@ old one), so a crash mid-write leaves the previous checkpoint intact. Read only 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtrain.config import Config, from_dict
+from lmtrain.config import Config, from_dict, shown
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
+from lmtrain.memory import available_bytes
+from lmtrain.model import LanguageModel, check_size
 from lmtrain.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -80,8 +82,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents on the CPU; a clear error for anything that is not one of ours."""
     path = Path(path)
-    if not path.exists():
-        raise LmtrainError(f"checkpoint not found: {path}")
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LmtrainError(f"{path}: a loop of symbolic links, not a checkpoint") from None
+        if error.errno != errno.ENOENT:
+            raise LmtrainError(f"cannot read checkpoint {path}: {error.strerror}") from None
+        raise LmtrainError(f"checkpoint not found: {path}") from None
     if path.is_dir():
         raise LmtrainError(f"checkpoint path is a directory: {path} (give the .pt file, e.g. {path}/best.pt)")
     try:
@@ -103,10 +111,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED):
         raise LmtrainError(f"{path}: not an lmtrain checkpoint")
     version = payload["format_version"]
+    if not isinstance(version, (int, float)) or isinstance(version, bool) and version is not True:
+        raise LmtrainError(f"{path}: not an lmtrain checkpoint (its format version {shown(version)} is not a "
+                           f"number)")
     if version != FORMAT_VERSION:
-        relation = "newer" if isinstance(version, int) and version > FORMAT_VERSION else "older"
-        raise LmtrainError(f"{path}: checkpoint format {version} is {relation} than this lmtrain reads "
+        relation = "newer" if version > FORMAT_VERSION else "older"
+        raise LmtrainError(f"{path}: checkpoint format {shown(version)} is {relation} than this lmtrain reads "
                            f"({FORMAT_VERSION}); use a matching lmtrain version")
+    for key, kind in (("config", dict), ("tokenizer", dict), ("model", dict), ("progress", dict)):
+        if key in payload and not isinstance(payload[key], kind):
+            raise LmtrainError(f"{path}: not an lmtrain checkpoint (its {key} is a {type(payload[key]).__name__}, "
+                               f"not a mapping)")
+    if not all(isinstance(section, dict) for section in payload["config"].values()):
+        raise LmtrainError(f"{path}: not an lmtrain checkpoint (its config sections are not mappings)")
     return payload
 
 
@@ -116,6 +133,7 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoin
     try:
         config = from_dict(payload["config"])
         tokenizer = Tokenizer.from_dict(payload["tokenizer"])
+        check_size(config.model, tokenizer.vocab_size, bytes_per_parameter=4, available=available_bytes())
         model = LanguageModel.from_config(config.model, tokenizer.vocab_size)
         model.load_state_dict(payload["model"])
     except (LmtrainError, KeyError, TypeError, RuntimeError) as error:

@@ -123,6 +123,8 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. model.hidden_size=256.",
                                                               show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in train.out_dir from its last.pt.")] = False,
+    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: go on even though "
+                                                     "the corpus files changed since the checkpoint.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, a plain line every "
                                                 "train.log_every steps into a file or pipe.")] = True,
     nproc: Annotated[int, typer.Option(metavar="N", help="Processes on this machine, training one model with DDP (via "
@@ -140,8 +142,13 @@ def train(
         if nproc != 1:
             from lmtrain.distributed import launch
 
-            flags = (["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
-            raise typer.Exit(launch(nproc, [str(path), *overrides, *flags], batch_size=resolved.train.batch_size))
+            flags = ((["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
+                     + (["--allow-changed-data"] if allow_changed_data else []))
+            import torch
+
+            on_cpu = resolved.train.device == "cpu" or (resolved.train.device == "auto" and not torch.cuda.is_available())
+            raise typer.Exit(launch(nproc, [str(path), *overrides, *flags], batch_size=resolved.train.batch_size,
+                                    on_cpu=on_cpu))
         # torchrun numbers the processes it starts (RANK); the first speaks for all.
         echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda line: None)
         from lmtrain.train import train as run_training  # torch loads only once the config is known good
@@ -149,7 +156,8 @@ def train(
         # The config is printed once the run can start (its folder taken, a resume checked), so that a
         # refused start is its one error line.
         result = run_training(resolved, resume=resume, echo=typer.echo, warn=lambda line: typer.echo(line, err=True),
-                              progress_bar=progress, on_start=lambda run: echo(f"# config: {path}\n{to_yaml(run)}"))
+                              progress_bar=progress, on_start=lambda run: echo(f"# config: {path}\n{to_yaml(run)}"),
+                              allow_changed_data=allow_changed_data)
         best = result.progress.best_valid_loss
         echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
              f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+MAX_THREADS = 1024  # more is no machine's core count, and each thread is an OS thread with a stack
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.level": ("char", "word"),
@@ -170,19 +173,91 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def _absolute(key: str, path: str, base: Path) -> str:
     if "\0" in path:
-        raise ConfigError(f"{key} holds a NUL character: {path!r}")
-    return str((base / path).resolve())
+        raise ConfigError(f"{key} holds a NUL character: {shown(path)}")
+    absolute = base / path
+    if absolute.exists() and not (absolute.is_file() or absolute.is_dir()):
+        return str(absolute.absolute())  # a pipe (/dev/fd/63) resolves to no path at all: keep its name
+    return str(absolute.resolve())
 
 
 def parse_override(item: str) -> tuple[str, Any]:
     """`model.hidden_size=256` -> ("model.hidden_size", 256); the value is read as YAML."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. model.hidden_size=256)")
+        raise ConfigError(f"override {shown(item)} is not KEY=VALUE (e.g. model.hidden_size=256)")
     try:
-        return key.strip(), yaml.safe_load(text) if text.strip() else None
+        return key.strip(), read_yaml_text(text, f"override {key.strip()}") if text.strip() else None
     except yaml.YAMLError:
         return key.strip(), text
+
+
+# A config is a few dozen values: a YAML file whose aliases expand to more than this is refused before
+# anything walks it (nine aliases of nine make 9^9 values from 471 bytes).
+MAX_VALUES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise ConfigError(f"key {shown(key)} appears twice, on lines {lines[key]} and "
+                                  f"{key_node.start_mark.line + 1}: one would silently replace the other")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_text(text: str, source: str) -> Any:
+    """The YAML document in `text`, read safely (no Python objects), with duplicate keys, deep nesting and
+    alias expansion past MAX_VALUES refused by a ConfigError naming `source`; yaml.YAMLError for bad YAML."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if (size := _expanded_size(node)) > MAX_VALUES:
+            raise ConfigError(f"{source}: its aliases expand to {size:,} values, more than the {MAX_VALUES:,} a "
+                              f"config may hold")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    except ConfigError as error:
+        if str(error).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document holds once every alias is written out (each node counted as often as
+    it is referred to); computed once per node, so a bomb costs nothing to measure."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if children_done or not children:
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def shown(value: Any) -> str:
+    """`value` as an error message shows it: its repr, cut short (a value may be enormous)."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 6, 6, 3
 
 
 def build_config(values: dict[str, Any]) -> Config:
@@ -191,7 +266,7 @@ def build_config(values: dict[str, Any]) -> Config:
     for key, value in values.items():
         section, _, name = key.partition(".")
         if key not in all_keys():
-            raise ConfigError(f"unknown config key {key!r}{_suggestion(key)}")
+            raise ConfigError(f"unknown config key {shown(key)}{_suggestion(key)}")
         sections[section][name] = _coerce(key, value, _field_type(SECTIONS[section], name))
     config = Config(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
     validate(config)
@@ -215,9 +290,14 @@ def initialisation(init: str, forget_bias: float | None | str, *, optimizer: str
 
 def validate(config: Config) -> None:
     """Values that are of the right type but impossible, named by key."""
+    for key in all_keys():  # .inf and .nan are numbers to YAML, and no setting here can be one
+        value = get_value(config, key)
+        if any(isinstance(number, float) and not math.isfinite(number)
+               for number in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{key} must be a finite number; got {shown(value)}")
     for key, choices in CHOICES.items():
         if get_value(config, key) not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {get_value(config, key)!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {shown(get_value(config, key))}")
     for key in POSITIVE:
         value = get_value(config, key)
         if value is not None and not value > 0:
@@ -263,11 +343,12 @@ def validate(config: Config) -> None:
     if "\0" in train.out_dir:
         raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
     if isinstance(model.forget_bias, str) and model.forget_bias != "auto":
-        raise ConfigError(f"model.forget_bias must be a number, null or auto; got {model.forget_bias!r}")
-    if train.threads != "auto" and not (isinstance(train.threads, int) and train.threads >= 1):
-        raise ConfigError(f"train.threads must be auto or a positive integer; got {train.threads!r}")
+        raise ConfigError(f"model.forget_bias must be a number, null or auto; got {shown(model.forget_bias)}")
+    if train.threads != "auto" and not (isinstance(train.threads, int) and 1 <= train.threads <= MAX_THREADS):
+        raise ConfigError(f"train.threads must be auto or a number of threads from 1 to {MAX_THREADS}; got "
+                          f"{shown(train.threads)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {train.device!r}")
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {shown(train.device)}")
 
 
 def get_value(config: Config, key: str) -> Any:
@@ -299,8 +380,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     if path.is_dir():
         raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    if not (path.is_file() or path.is_fifo()):  # a device (/dev/zero) would be read forever
+        raise ConfigError(f"config path {path} is a device or a socket, not a YAML file")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = read_yaml_text(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte offset {error.start})") from None
     except yaml.YAMLError as error:
@@ -315,7 +398,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for section, entries in tree.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown config section {section!r}{_suggestion(str(section), list(SECTIONS))}")
+            raise ConfigError(f"{path}: unknown config section {shown(section)}"
+                              f"{_suggestion(str(section)[:200], list(SECTIONS))}")
         if entries is None:
             continue
         if not isinstance(entries, dict):
@@ -356,7 +440,7 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
                     pass
         if option is str and isinstance(value, str):
             return value
-    raise ConfigError(f"{key} must be {_type_name(expected)}; got {value!r}")
+    raise ConfigError(f"{key} must be {_type_name(expected)}; got {shown(value)}")
 
 
 def _type_name(expected: Any) -> str:
@@ -368,6 +452,7 @@ def _type_name(expected: Any) -> str:
 
 def _suggestion(key: str, candidates: list[str] | None = None) -> str:
     candidates = candidates if candidates is not None else all_keys()
+    key = key[:100]  # difflib's time grows with the square of the length
     # A bare field name ("hidden_size") is matched against the last part of each key too.
     by_name = {c.rpartition(".")[2]: c for c in candidates}
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)

@@ -15,7 +15,8 @@ from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lmtrain.config import load_config
 from lmtrain.data import fit_tokenizer, load_splits, stream_ids
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
+from lmtrain.memory import available_bytes
+from lmtrain.model import LanguageModel, check_size
 from lmtrain.plots import pyplot, save_figure
 from lmtrain.tokenizer import ZERO_INPUT, read_text
 
@@ -85,6 +86,7 @@ def gradient_report(*, checkpoint: str | None = None, config_path: str | None = 
         config = load_config(config_path, list(overrides))
         texts = load_splits(config.data)
         tokenizer = fit_tokenizer(config.data, texts["train"])
+        check_size(config.model, tokenizer.vocab_size, bytes_per_parameter=8, available=available_bytes())
         torch.manual_seed(config.train.seed)
         model, origin = LanguageModel.from_config(config.model, tokenizer.vocab_size), f"{config_path} (untrained)"
     if data_file is not None:

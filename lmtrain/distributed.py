@@ -298,21 +298,25 @@ def map_tensors(tree: Any, function: Callable[[Tensor], Tensor]) -> Any:
 
 # -- `lmtrain train --nproc N` ------------------------------------------------------------------------------
 
-def launch(nproc: int, arguments: list[str], *, batch_size: int) -> int:
+def launch(nproc: int, arguments: list[str], *, batch_size: int, on_cpu: bool) -> int:
     """Start `nproc` training processes on this machine with torchrun's launcher (`--standalone`: a
     rendezvous on a free localhost port) running `python -m lmtrain train ARGUMENTS`, and return their
-    exit code. The processes print for themselves (process 0 speaks for all)."""
+    exit code. The processes print for themselves (process 0 speaks for all). On the CPU (`on_cpu`),
+    each process needs a core of its own: more processes than cores is refused."""
     if nproc < 1:
         raise LmtrainError(f"--nproc must be at least 1; got {nproc}")
     if world_from_environment().distributed:
         raise LmtrainError("--nproc starts processes of its own: under torchrun, leave it out")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if on_cpu and nproc > cores:
+        raise LmtrainError(f"--nproc {nproc} is more processes than the {cores} cores this process may use: "
+                           f"training on the CPU, each needs a core of its own (--nproc {cores} or fewer)")
     check_batch_size(batch_size, World(size=nproc))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     # An equal share of the cores for each process, as torchrun would otherwise set 1 with a warning.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     # The launcher logs every signal and worker exit at length; the workers say for themselves why they
     # stopped. (Its loggers each have a level of their own, set when its modules load.)

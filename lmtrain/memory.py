@@ -36,3 +36,23 @@ def keep_freed_memory() -> bool:
         return all(libc.mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
     except (OSError, AttributeError):
         return False
+
+
+def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """The memory a process may still take: Linux's MemAvailable, capped by a container's memory limit
+    (cgroup memory.max or v1's memory.limit_in_bytes); None where neither can be read."""
+    found = []
+    try:
+        for line in open(meminfo, encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit, encoding="ascii").read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            found.append(int(text))
+    return min(found) if found else None

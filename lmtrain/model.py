@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lmtrain import gemm, loss, regularization
-from lmtrain.config import ModelConfig, initialisation
+from lmtrain.config import ConfigError, ModelConfig, initialisation
 from lmtrain.layers import RecurrentStack
 from lmtrain.regularization import SequenceDropout
 from lmtrain.tokenizer import ZERO_INPUT
@@ -27,6 +27,42 @@ from lmtrain.tokenizer import ZERO_INPUT
 
 INITS = ("zaremba", "torch")
 DEFAULTS = ModelConfig()  # the constructor's defaults are the config's
+
+
+def parameter_estimate(config: ModelConfig, vocab_size: int) -> dict[str, int]:
+    """The parameters `LanguageModel.from_config(config, vocab_size)` would have, by part, counted from
+    the sizes alone (nothing allocated): "embedding" V x E, "recurrent" every gate's W (H, H + input)
+    and b (H,) in every layer (twice for `direction: bi`), "output" W_y (V, H) and b_y (V,)."""
+    gates = {"rnn": 1, "gru": 3 if config.relevance_gate else 2, "lstm": 4}[config.cell]
+    E, H, L, V = config.embed_size, config.hidden_size, config.num_layers, vocab_size
+    stack = gates * H * (H + E + 1) + (L - 1) * gates * H * (2 * H + 1)
+    return {"embedding": V * E, "recurrent": stack * (2 if config.direction == "bi" else 1),
+            "output": V if config.tie_weights else V * H + V}
+
+
+def check_size(config: ModelConfig, vocab_size: int, *, bytes_per_parameter: int, available: int | None) -> None:
+    """Refuse, naming the keys, a model whose parameters (weights and, in training, their gradients and
+    the optimizer's state: `bytes_per_parameter`) would not fit in `available` bytes of memory."""
+    parts = parameter_estimate(config, vocab_size)
+    total = sum(parts.values())
+    if available is None or total * bytes_per_parameter <= available:
+        return
+    largest = max(parts, key=parts.get)
+    keys = {"embedding": f"model.embed_size={config.embed_size} over {vocab_size:,} tokens",
+            "recurrent": f"model.hidden_size={config.hidden_size}, model.num_layers={config.num_layers}"
+                         + (f", model.embed_size={config.embed_size}" if config.embed_size > config.hidden_size else ""),
+            "output": f"model.hidden_size={config.hidden_size} over {vocab_size:,} tokens"}[largest]
+    raise ConfigError(f"the model would have {total:.3g} parameters, most of them in its {largest} ({keys}): "
+                      f"{_bytes(total * bytes_per_parameter)}, more than the {_bytes(available)} of memory here; "
+                      f"make it smaller")
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} EB"
 
 
 class Projection(nn.Linear):

@@ -62,6 +62,14 @@ class RunDirectory:
         handle.write(str(os.getpid()))
         handle.flush()
         self._lock_handle = handle
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Half-written files of a run that was killed mid-write (`.step-0000100.pt.XXXX.tmp`,
+        `.last.pt.link`): with the lock held, no other process is writing them."""
+        for leftover in [*self.path.glob(".*.pt.*.tmp"), *self.path.glob(".*.pt.link"), *self.path.glob(".*.jsonl.*.tmp"),
+                         *self.path.glob(".config.yaml.*.tmp")]:
+            leftover.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_handle is not None:
@@ -135,8 +143,13 @@ def _write(path: Path, data: bytes) -> None:
     try:
         atomic_write_bytes(path, data)
     except OSError as error:
-        raise LmtrainError(f"could not write checkpoint {path}: {os_reason(error)}; the previous checkpoint "
-                           f"is intact") from None
+        if not path.parent.is_dir():
+            kept = "; the run folder is gone"
+        elif any(path.parent.glob("*.pt")):
+            kept = "; the checkpoints written before are intact"
+        else:
+            kept = ""  # the first checkpoint of the run: there is none to keep
+        raise LmtrainError(f"could not write checkpoint {path}: {os_reason(error)}{kept}") from None
 
 
 def _link_or_write(source: Path, target: Path, data: bytes) -> None:

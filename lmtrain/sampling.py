@@ -26,16 +26,24 @@ def check_options(*, temperature: float, top_k: int | None, top_p: float | None)
         raise LmtrainError(f"--top-p must be in (0, 1]; got {top_p}")
 
 
+GREEDY_BELOW = 1e-30
+
+
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """One token per row of `logits` (B, V) -> (B,).
 
-    temperature 0 is greedy (argmax); top_k keeps the k most likely tokens; top_p keeps the
-    smallest set whose probabilities reach p (nucleus sampling, Holtzman et al. 2020).
+    temperature 0 (or below GREEDY_BELOW) is greedy (argmax); top_k keeps the k most likely tokens;
+    top_p keeps the smallest set whose probabilities reach p (nucleus sampling, Holtzman et al. 2020).
     """
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
     logits = logits.float()
-    if temperature == 0 or top_k == 1:
+    if not bool(torch.isfinite(logits).all()):
+        raise LmtrainError("the model's outputs are not finite numbers (NaN or infinity): its weights are "
+                           "damaged or diverged; sample from another checkpoint (best.pt, an earlier step-*.pt)")
+    # Below GREEDY_BELOW, logits / temperature would overflow float32 to infinities (NaN after the softmax),
+    # and any two logits that differ at all are already a certain choice: that is the greedy draw.
+    if temperature < GREEDY_BELOW or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -112,12 +120,26 @@ def _join(tokenizer: Tokenizer, prime: str, ids: list[int]) -> str:
     return prime + text
 
 
+# torch.Generator.manual_seed takes a 64-bit seed, signed or unsigned.
+SEEDS = (-(1 << 63), (1 << 64) - 1)
+# Samples are drawn side by side: this many bytes of (num, V) probabilities at the most (4 GB).
+SIDE_BY_SIDE_BYTES = 1 << 32
+
+
 def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None, max_tokens: int = 200,
                       seed: int | None = None, device: str = "cpu") -> tuple[list[str], list[str]]:
     """`lmtrain sample`: load a checkpoint and draw `num` samples. Returns (samples, warnings)."""
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
+    if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+        raise LmtrainError(f"--seed must be a 64-bit integer, from {SEEDS[0]} to {SEEDS[1]}; got {seed}")
+    if num < 1 or max_tokens < 1:
+        raise LmtrainError(f"--num and --max-tokens must be >= 1; got {num} and {max_tokens}")
     model, tokenizer, config = load_model(path, device)
+    if num * tokenizer.vocab_size * 4 * 3 > SIDE_BY_SIDE_BYTES:
+        raise LmtrainError(f"--num {num}: the samples are drawn side by side, and {num:,} of them over "
+                           f"{tokenizer.vocab_size:,} tokens would need about "
+                           f"{num * tokenizer.vocab_size * 12 / 1e9:,.1f} GB; ask for fewer at a time")
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # a fresh random seed: different samples each run
@@ -128,10 +150,10 @@ def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: 
     rows = draw(model, tokenizer, num=num, prime=prime, temperature=temperature, top_k=top_k, top_p=top_p,
                 max_tokens=max_tokens, sentence_start=config.data.mode == "sentences", generator=generator)
     if not any(tokenizer.eos_id in row for row in rows):
-        why = ("the model was trained with data.eos: none and never saw <eos>" if config.data.eos == "none"
-               else "the model rarely ends a line")
-        warnings.append(f"warning: no sample reached <eos> within --max-tokens {max_tokens}, where each stopped: "
-                        f"{why}")
+        why = ("the model was trained with data.eos: none and never saw <eos>, so samples end only at --max-tokens"
+               if config.data.eos == "none" else "each stopped there (a larger --max-tokens lets them end, unless "
+               "the model rarely ends a line)")
+        warnings.append(f"warning: no sample reached <eos> within --max-tokens {max_tokens}: {why}")
     return [_join(tokenizer, prime, _until_eos(row, tokenizer.eos_id)) for row in rows], warnings
 
 

@@ -153,7 +153,9 @@ class ThreadCount:
         """Set the count now; returns what it is and why, e.g. "2 threads (auto: 2 of 2 cores free)"."""
         if self.fixed is not None:
             self.count = self.fixed
-            described = f"{_threads(self.count)} ({self.why})"
+            described = f"{_threads(self.count)} ({self.why}"
+            described += (f"; more than the {self.cores} cores this process may use: the threads wait on each other)"
+                          if self.count > self.cores else ")")
         else:
             others = self.load.others(at_least=FIRST_WINDOW)
             self.count = self._free(others)

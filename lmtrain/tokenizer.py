@@ -9,6 +9,9 @@ A leaf module: it knows nothing of torch or the model.
 from __future__ import annotations
 
 import codecs
+import errno
+import os
+import stat
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,17 +28,34 @@ ZERO_INPUT = -1
 
 
 def open_corpus(path: str | Path) -> BinaryIO:
-    """Open a corpus file for reading bytes; a missing file, a folder or an unreadable file is an
-    LmtrainError naming it."""
+    """Open a corpus file for reading bytes; a missing file, a folder, a device (/dev/zero never ends)
+    or an unreadable file is an LmtrainError naming it. A pipe is read as it comes (once)."""
     path = Path(path)
-    if not path.exists():
+    kind = file_kind(path)
+    if kind == "missing":
         raise LmtrainError(f"corpus file not found: {path}")
-    if path.is_dir():
+    if kind == "directory":
         raise LmtrainError(f"corpus path is a directory, not a file: {path}")
+    if kind not in ("file", "pipe"):
+        raise LmtrainError(f"corpus path {path} is a {kind}, not a file of text")
     try:
         return path.open("rb")
     except OSError as error:
         raise LmtrainError(f"cannot read {path}: {error.strerror}") from None
+
+
+def file_kind(path: str | Path) -> str:
+    """What `path` names, links followed: "file", "directory", "pipe", "character device", "block
+    device", "socket", "symbolic link loop" or "missing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        return "symbolic link loop" if error.errno == errno.ELOOP else "missing"
+    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "pipe"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def read_text(path: str | Path, *, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -122,6 +142,9 @@ class Tokenizer:
     ids: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.level not in ("char", "word") or self.eos not in ("line", "none"):
+            raise LmtrainError(f"tokenizer level and eos must be char or word, line or none; got "
+                               f"{str(self.level)[:20]!r}, {str(self.eos)[:20]!r}")
         if tuple(self.tokens[:2]) != SPECIALS:
             raise LmtrainError("tokenizer vocabulary must start with <unk>, <eos>")
         self.ids = {token: index for index, token in enumerate(self.tokens)}

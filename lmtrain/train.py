@@ -29,22 +29,22 @@ from tqdm import tqdm
 
 from lmtrain import gemm, kernels
 from lmtrain.checkpoint import atomic_write_bytes, parameter_count
-from lmtrain.config import Config, differences, from_dict, get_value, to_dict, to_yaml
-from lmtrain.cache import load_corpus
+from lmtrain.config import DATA_PATHS, Config, differences, from_dict, get_value, to_dict, to_yaml
+from lmtrain.cache import changed_files, data_fingerprints, load_corpus
 from lmtrain.data import IGNORE, TrainingBatches, shard_batch, shard_rows
 from lmtrain.distributed import (World, agree_on_step, check_batch_size, data_parallel, from_main, gather_objects,
                                  gather_rows, own_rows, process_device, process_group, run_on_all, sum_over_processes,
                                  world_from_environment)
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluate import Score, evaluation_sequences, perplexity, score
-from lmtrain.memory import keep_freed_memory
-from lmtrain.model import LanguageModel
+from lmtrain.memory import available_bytes, keep_freed_memory
+from lmtrain.model import LanguageModel, check_size, parameter_estimate
 from lmtrain.optim import build_optimizer, learning_rate
 from lmtrain.regularization import activation_penalty
 from lmtrain.rundir import RunDirectory
 from lmtrain.sampling import generate, printable
 from lmtrain.threads import ThreadCount
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.tokenizer import Tokenizer, file_kind
 
 # Keys a resumed run may change: how long to go on, how to report, and where and in what precision the
 # products run (a run started with bfloat16 may go on where there is no AVX-512 BF16), not what is learned.
@@ -52,6 +52,9 @@ RESUMABLE = ("train.max_steps", "train.max_epochs", "train.max_seconds", "train.
              "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.final_samples", "train.sample_every",
              "train.tensorboard",
              "train.device", "train.threads", "train.precision", "train.out_dir", "data.cache")
+# A vocabulary past this gets a warning: the softmax over it then dominates time and memory.
+LARGE_VOCABULARY = 200_000
+
 # Keys that only decide how the weights start: a resumed run has its weights, and keeps the values it
 # started with (a run started before `model.init: auto` was the default goes on with its own).
 INITIAL_ONLY = ("model.init", "model.forget_bias")
@@ -105,12 +108,13 @@ def resolve_device(name: str) -> torch.device:
 
 def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] = lambda line: None,
           warn: Callable[[str], None] | None = None, progress_bar: bool = True,
-          on_start: Callable[[Config], None] | None = None) -> TrainResult:
+          on_start: Callable[[Config], None] | None = None, allow_changed_data: bool = False) -> TrainResult:
     """Train (or with `resume`, continue training) the model that `config` describes. Progress lines go
     to `echo`, warnings to `warn` (default: `echo` too); `progress_bar`: a bar on a terminal, a plain
     line every `train.log_every` steps otherwise. `on_start` is called with the run's config once the run
     can start (its folder taken, a resume checked). In a process that torchrun started, train with the
-    others (`distributed`); all but process 0 are silent."""
+    others (`distributed`); all but process 0 are silent. A resume refuses a corpus that changed since
+    the checkpoint unless `allow_changed_data`."""
     world = world_from_environment()
     warn = warn or echo
     if not world.is_main:
@@ -120,7 +124,8 @@ def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] =
     device = process_device(resolve_device(config.train.device), world)
     with process_group(world, device):
         trainer = run_on_all(world, lambda: Trainer(config, resume=resume, echo=echo, warn=warn,
-                                                    progress_bar=progress_bar, world=world, device=device))
+                                                    progress_bar=progress_bar, world=world, device=device,
+                                                    allow_changed_data=allow_changed_data))
         return trainer.run(on_start=on_start if world.is_main else None)
 
 
@@ -130,22 +135,24 @@ def _silent(line: str) -> None:
 
 class Trainer:
     def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], warn: Callable[[str], None],
-                 progress_bar: bool, world: World = World(), device: torch.device | None = None) -> None:
+                 progress_bar: bool, world: World = World(), device: torch.device | None = None,
+                 allow_changed_data: bool = False) -> None:
         self.config, self.echo, self.warn, self.progress_bar = config, echo, warn, progress_bar
+        self.allow_changed_data = allow_changed_data
         self.threads = ThreadCount(config.train.threads)  # from here on it measures the load of other processes
         self.world, self.device = world, device or resolve_device(config.train.device)
         self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
         self.out_dir = self.run_dir.path
+        _check_data_files(config)
+        self.data_files = data_fingerprints(config.data)  # kept in every checkpoint, checked on --resume
         # Only process 0 reads the folder (the machines need not share a disk); it hands the others the checkpoint.
         self.resume_path, payload = from_main(world, self._resume_payload if resume else self._fresh_start)
         # The checkpoint's tokenizer wins on resume; stream mode reads the ids from the token cache.
         corpus = load_corpus(config.data, tokenizer=Tokenizer.from_dict(payload["tokenizer"]) if payload else None,
                              echo=echo, warn=warn)
-        self.tokenizer = corpus.tokenizer
+        self.tokenizer, self.corpus = corpus.tokenizer, corpus
         self._warn_unknown(corpus.unknown)
-        if config.data.eos == "line" and line_count(corpus.splits["train"], self.tokenizer.eos_id) <= 1:
-            warn("warning: the training text has no line ends, so with data.eos: line it is one line that ends in "
-                 "one <eos>; for text without line structure, data.eos: none")
+        self._check_sizes(config)
         torch.manual_seed(config.train.seed)
         self.model = LanguageModel.from_config(config.model, self.tokenizer.vocab_size).to(self.device)
         if world.distributed:  # dropout masks of their own in each process, as for different rows in one
@@ -164,6 +171,9 @@ class Trainer:
             raise LmtrainError(
                 "the validation split holds no tokens: data.split cuts at line ends, so the file needs more lines "
                 "(or give data.train and data.valid)" if config.data.path else f"{config.data.valid} holds no tokens")
+        if config.data.eos == "line" and line_count(corpus.splits["train"], self.tokenizer.eos_id) <= 1:
+            warn("warning: the training text has no line ends, so with data.eos: line it is one line that ends in "
+                 "one <eos>; for text without line structure, data.eos: none")
         self.carries_state = config.data.mode == "stream"
         self.progress, self.states = Progress(), {backward: None for backward in self.directions}
         self.bad_steps = 0  # non-finite steps in a row
@@ -173,6 +183,19 @@ class Trainer:
         if payload:
             self._restore(payload)
         self.resumed_at = self.progress.step if payload else None
+
+    def _check_sizes(self, config: Config) -> None:
+        """Refuse a model that cannot fit (weights, gradients and the optimizer's state), before allocating
+        it; warn of a vocabulary so large that the output layer dominates every step."""
+        state = {"adam": 2, "adamw": 2, "sgd": 1 if config.train.momentum else 0}[config.train.optimizer]
+        check_size(config.model, self.tokenizer.vocab_size, bytes_per_parameter=4 * (2 + state),
+                   available=available_bytes() if self.device.type == "cpu" else None)
+        V = self.tokenizer.vocab_size
+        if V > LARGE_VOCABULARY:
+            output = parameter_estimate(config.model, V)["output"]
+            self.warn(f"warning: a vocabulary of {V:,} tokens: the output layer alone has {output:,} parameters, and "
+                      f"every step makes batch x bptt x {V:,} logits; data.min_freq or data.max_vocab keep the "
+                      f"frequent words (PTB keeps 10,000)")
 
     def _fresh_start(self) -> tuple[None, None]:  # no checkpoint to resume from
         # Never overwrite a run's checkpoints by starting again in its folder.
@@ -191,6 +214,14 @@ class Trainer:
             raise LmtrainError("--resume: the config differs from the run's in " + ", ".join(
                 f"{key} ({get_value(saved, key)!r} -> {get_value(self.config, key)!r})" for key in changed))
         self.config.model.init, self.config.model.forget_bias = saved.model.init, saved.model.forget_bias
+        changes = changed_files(payload.get("data_files", self.data_files), self.data_files)
+        if changes and not self.allow_changed_data:
+            raise LmtrainError("--resume: the corpus changed since the run's checkpoint: " + "; ".join(changes)
+                               + ": it would go on training, and choose best.pt, on other data; "
+                                 "--allow-changed-data continues on purpose")
+        if changes:
+            self.warn("warning: the corpus changed since the run's checkpoint (" + "; ".join(changes)
+                      + "); continuing on it, as --allow-changed-data asks")
         return str(path), payload
 
     def _restore(self, payload: dict) -> None:
@@ -355,6 +386,12 @@ class Trainer:
     def _train_step(self, window: dict, stop: _StopSignals) -> int | None:
         """One optimizer step on the global batch; returns the stop signal that all processes agree on."""
         train_config, progress, world = self.config.train, self.progress, self.world
+        try:
+            self.corpus.check_mapped()
+        except LmtrainError:
+            if not world.distributed:  # the steps so far are sound: keep them (several processes cannot agree here)
+                self._save_last()
+            raise
         begin = time.perf_counter()
         lr = self._lr()
         for group in self.optimizer.param_groups:
@@ -452,6 +489,7 @@ class Trainer:
 
     def _evaluate(self) -> float:
         """Validation loss (the mean over directions for a `bi` model); writes best.pt on a new best."""
+        self.corpus.check_mapped()
         losses, notes = [], []
         for backward in self.directions:
             begin = time.perf_counter()
@@ -486,18 +524,28 @@ class Trainer:
         event = {"step": self.progress.step, "split": split, "loss": round(loss, 6),
                  "ppl": round(perplexity(loss), 4), "lr": self._lr(), "tokens_per_s": round(tokens_per_s, 1),
                  "elapsed_s": round(self.progress.elapsed_seconds, 3), "threads": self.threads.count}
-        self.metrics.write(json.dumps(event) + "\n")
+        # Strict JSON: a non-finite number (a diverged loss) is null, not NaN or Infinity, which JSON lacks.
+        event = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+                 for name, value in event.items()}
+        self.metrics.write(json.dumps(event, allow_nan=False) + "\n")
         self.metrics.flush()
         if self.summary is not None:
             for name in ("loss", "ppl", "lr", "tokens_per_s"):
-                self.summary.add_scalar(f"{name}/{split}", event[name], self.progress.step)
+                if event[name] is not None:
+                    self.summary.add_scalar(f"{name}/{split}", event[name], self.progress.step)
 
     def _save_last(self) -> None:
         step = self.progress.step
         self._write(lambda payload: self.run_dir.save_last(payload, step))
 
     def _write(self, save: Callable[[dict], None]) -> None:
-        """All processes gather the checkpoint, process 0 saves it; a failed write stops them all."""
+        """All processes gather the checkpoint, process 0 saves it; a failed write stops them all. Weights
+        that are no longer finite numbers are never written: the run stops, the last good checkpoint kept."""
+        if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
+            raise self._everywhere(LmtrainError(
+                f"stopped at step {self.progress.step}: the weights are no longer finite numbers (NaN or "
+                f"infinity), so no checkpoint is written; the checkpoints written before are kept as they were; "
+                f"a lower train.lr or train.clip may help"))
         payload = self._payload()
         run_on_all(self.world, lambda: save(payload) if self.world.is_main else None)
 
@@ -508,7 +556,7 @@ class Trainer:
         payload = {
             "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "progress": asdict(self.progress), "rng": rng[0],
+            "progress": asdict(self.progress), "rng": rng[0], "data_files": self.data_files,
             "stream_states": [gather_rows(self.world, self.states[backward]) for backward in self.directions]}
         if self.world.distributed:
             payload["rng_by_rank"] = rng
@@ -530,6 +578,17 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
         return generate(self.model, self.tokenizer, num=count,
                         sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
+
+
+def _check_data_files(config: Config) -> None:
+    """Training reads its corpus more than once (splitting, tokenizing) and fingerprints it for
+    `--resume`: a pipe or a device cannot serve, and would hang or come back empty."""
+    for key in DATA_PATHS:
+        path = get_value(config, key)
+        if path is not None and (kind := file_kind(path)) not in ("file", "missing", "directory"):
+            raise LmtrainError(f"{key} {path} is a {kind}, not a regular file: training reads its corpus more "
+                               f"than once and checks it on --resume; save it to a file first (lmtrain eval "
+                               f"perplexity --data reads a pipe once)")
 
 
 def line_count(split: str | torch.Tensor, eos_id: int) -> int:

@@ -178,6 +178,8 @@ def test_json_lines_as_suites_ship_them_grouped_by_their_phenomenon(tmp_path: Pa
     assert "line 1" in error_of(tmp_path / "broken.jsonl") and "sentence_bad" in error_of(tmp_path / "broken.jsonl")
     (tmp_path / "notjson.jsonl").write_text('{"sentence_good": "a .", \n')
     assert "not JSON" in error_of(tmp_path / "notjson.jsonl")
+    (tmp_path / "deep.jsonl").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert "nested too deeply" in error_of(tmp_path / "deep.jsonl")
 
 
 def test_missing_data_file_and_default_message(tmp_path: Path, config_factory, monkeypatch):

@@ -150,7 +150,26 @@ def damage_remove_ids(folder: Path) -> None:
     next(folder.glob("*.ids")).unlink()
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_record, damage_field, damage_remove_ids])
+def damage_ids_past_the_vocabulary(folder: Path) -> None:
+    """Same size, other bytes: ids the vocabulary does not have."""
+    ids = next(folder.glob("*.ids"))
+    data = bytearray(ids.read_bytes())
+    data[5:9] = b"\xfa\xfa\xfa\xfa"
+    ids.write_bytes(bytes(data))
+
+
+def damage_forged_vocabulary(folder: Path) -> None:
+    """The record's vocabulary cut to its first tokens, the ids file left as it is."""
+    import json
+
+    record_path = next(folder.glob("*.json"))
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    record["tokenizer"]["tokens"] = record["tokenizer"]["tokens"][:4]
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_record, damage_field, damage_remove_ids,
+                                    damage_ids_past_the_vocabulary, damage_forged_vocabulary])
 def test_a_damaged_entry_is_rebuilt_with_a_warning(folder: Path, tmp_path: Path, damage):
     config = DataConfig(path=write(tmp_path / "corpus.txt", TEXTS["plain"]))
     cached_corpus(config)
@@ -281,3 +300,17 @@ def test_train_twice_the_second_run_reads_the_cache(tmp_path: Path):
     resumed = train("second", "train.max_steps=3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "tokenized " not in resumed.stdout and "resuming" in resumed.stdout
+
+
+def test_a_mapped_ids_file_that_shrinks_is_reported(folder: Path, tmp_path: Path):
+    """Reading past the new end of a truncated mapping would kill the process with SIGBUS: it is
+    checked first, and named."""
+    from lmtrain.errors import LmtrainError
+
+    corpus = cached_corpus(DataConfig(path=write(tmp_path / "corpus.txt", TEXTS["plain"])))
+    corpus.check_mapped()  # whole: nothing said
+    ids = next(folder.glob("*.ids"))
+    size = ids.stat().st_size
+    os.truncate(ids, 0)
+    with pytest.raises(LmtrainError, match=rf"token cache file .* shrank from {size:,} to 0 bytes while it was in use"):
+        corpus.check_mapped()

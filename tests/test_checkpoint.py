@@ -169,13 +169,50 @@ def test_missing_file(tmp_path: Path):
     assert one_line_error(load_checkpoint, missing) == f"checkpoint not found: {missing}"
 
 
-@pytest.mark.parametrize("version, relation", [(FORMAT_VERSION + 1, "newer"), (0, "older"), ("1", "older")])
+@pytest.mark.parametrize("version, relation", [(FORMAT_VERSION + 1, "newer"), (0, "older")])
 def test_wrong_format_version(saved, tmp_path: Path, version, relation: str):
     payload = load_checkpoint(saved[0])
     path = tmp_path / "other.pt"
     save_checkpoint(path, {**payload, "format_version": version})
     message = one_line_error(load_checkpoint, path)
     assert f"checkpoint format {version} is {relation}" in message
+
+
+@pytest.mark.parametrize("replaced, words", [
+    ({"format_version": "1"}, "its format version '1' is not a number"),   # not "older": it is no number at all
+    ({"format_version": None}, "its format version None is not a number"),
+    ({"config": "a string"}, "its config is a str, not a mapping"),
+    ({"progress": "a string"}, "its progress is a str, not a mapping"),
+    ({"tokenizer": ["a", "list"]}, "its tokenizer is a list, not a mapping"),
+    ({"config": {"data": "a string"}}, "its config sections are not mappings"),
+])
+def test_a_forged_payload_is_not_a_checkpoint(saved, tmp_path: Path, replaced, words):
+    payload = load_checkpoint(saved[0])
+    path = tmp_path / "forged.pt"
+    torch.save({**payload, **replaced}, path)
+    assert one_line_error(load_checkpoint, path) == f"{path}: not an lmtrain checkpoint ({words})"
+
+
+def test_a_forged_tokenizer_level_is_refused(saved, tmp_path: Path):
+    payload = load_checkpoint(saved[0])
+    path = tmp_path / "forged.pt"
+    torch.save({**payload, "tokenizer": {**payload["tokenizer"], "level": "byte"}}, path)
+    assert "tokenizer level and eos must be char or word" in one_line_error(load_model, path)
+
+
+def test_a_symlink_loop_is_named_as_one(tmp_path: Path):
+    (tmp_path / "a.pt").symlink_to("b.pt")
+    (tmp_path / "b.pt").symlink_to("a.pt")
+    assert one_line_error(load_checkpoint, tmp_path / "a.pt") == f"{tmp_path / 'a.pt'}: a loop of symbolic links, " \
+                                                                  f"not a checkpoint"
+
+
+def test_a_forged_model_size_is_refused_before_anything_is_allocated(saved, tmp_path: Path):
+    payload = load_checkpoint(saved[0])
+    path = tmp_path / "huge.pt"
+    model = {**payload["config"]["model"], "num_layers": 10 ** 9}
+    torch.save({**payload, "config": {**payload["config"], "model": model}}, path)
+    assert "the model would have" in one_line_error(load_model, path)
 
 
 def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path):

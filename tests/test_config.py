@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lmtrain.config import (Config, ConfigError, all_keys, build_config, differences, from_dict, load_config,
-                            parse_override, to_dict, to_yaml)
+from lmtrain.config import (SECTIONS, Config, ConfigError, _field_type, all_keys, build_config, differences, from_dict,
+                            load_config, parse_override, to_dict, to_yaml)
 from lmtrain.errors import LmtrainError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -396,3 +397,58 @@ def test_differences(minimal: Path):
     assert differences(a, b) == ["model.cell", "train.lr"]
     assert differences(a, b, ignore=("train.lr",)) == ["model.cell"]
     assert differences(a, a) == []
+
+
+# --- hostile YAML ---------------------------------------------------------------------------------
+
+def test_a_key_or_section_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("data:\n  path: c.txt\nmodel:\n  hidden_size: 16\ntrain:\n  max_steps: 1\nmodel:\n  cell: gru\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'model' appears twice, on lines 3 and 7"):
+        load_config(path)
+    path.write_text("data:\n  path: c.txt\nmodel:\n  hidden_size: 16\n  hidden_size: 32\ntrain:\n  max_steps: 1\n")
+    with pytest.raises(ConfigError, match=r"key 'hidden_size' appears twice, on lines 4 and 5"):
+        load_config(path)
+
+
+def test_an_alias_bomb_is_refused_at_once_and_plain_aliases_work(tmp_path):
+    import time
+
+    bomb = "data:\n  path: c.txt\n  split: &a0 [" + ", ".join(['"lol"'] * 9) + "]\n" + "".join(
+        f"  k{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 9))
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    began = time.monotonic()
+    with pytest.raises(ConfigError, match=r"aliases expand to 4[0-9,]+ values, more than the 100,000"):
+        load_config(tmp_path / "bomb.yaml")
+    assert time.monotonic() - began < 2
+    flow = "{" + ", ".join([f"k0: &a0 [{', '.join(['lol'] * 9)}]"] + [
+        f"k{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]) + "}"
+    with pytest.raises(ConfigError, match="override model.cell: its aliases expand"):
+        parse_override("model.cell=" + flow)
+    (tmp_path / "aliases.yaml").write_text("data: {path: c.txt}\nmodel: {hidden_size: &size 24, embed_size: *size}\n"
+                                           "train: {max_steps: 1}\n")
+    config = load_config(tmp_path / "aliases.yaml")
+    assert config.model.hidden_size == config.model.embed_size == 24
+
+
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path):
+    (tmp_path / "deep.yaml").write_text("data: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply"):
+        load_config(tmp_path / "deep.yaml")
+
+
+FLOAT_KEYS = [key for key in all_keys() if "float" in str(_field_type(SECTIONS[key.split(".")[0]], key.split(".")[1]))]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_no_numeric_key_takes_a_non_finite_number(key, value, tmp_path):
+    value = f"[0.9, {value}]" if key == "data.split" else value
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number"):
+        load_config(None, ["data.path=c.txt", "train.max_steps=1", f"{key}={value}"])
+
+
+def test_an_enormous_value_is_shown_short_in_the_message():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["data.path=c.txt", "train.max_steps=1", "model.cell=[" + ", ".join(["x"] * 10_000) + "]"])
+    assert len(str(caught.value)) < 200 and "..." in str(caught.value)

@@ -232,3 +232,11 @@ def test_an_error_in_process_zero_alone_stops_both_with_one_line(runs):
     assert result.stderr.strip().splitlines() == [
         f"error: {runs / 'stream-ddp'} already holds a run (last.pt): add --resume to continue it, "
         f"or choose another train.out_dir"]
+
+
+def test_more_processes_than_cores_on_the_cpu_is_refused():
+    from lmtrain.distributed import launch
+
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(LmtrainError, match=rf"--nproc {cores + 1} is more processes than the {cores} cores"):
+        launch(cores + 1, ["config.yaml"], batch_size=64 * (cores + 1), on_cpu=True)

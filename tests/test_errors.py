@@ -124,6 +124,9 @@ def config_text(**values) -> str:
 
 
 TINY = config_text()
+# Nine anchors, each a list of nine aliases of the one before: 9^9 values once written out, in 470 bytes.
+ALIAS_BOMB = ("data:\n  path: corpus.txt\n  split: &a0 [" + ", ".join(['"lol"'] * 9) + "]\n"
+              + "".join(f"  k{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 9)))
 TRAIN = ("train", "--no-progress")
 
 
@@ -200,6 +203,50 @@ def existing_run_unchanged(folder: Path, result: Result) -> None:
         assert (folder / "run" / name).read_bytes() == before, f"{name} changed"
 
 
+def nan_checkpoint(target: Path) -> None:
+    """The shared char run's best.pt with every weight NaN."""
+    import torch
+
+    payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
+    payload["model"] = {name: torch.full_like(tensor, float("nan")) for name, tensor in payload["model"].items()}
+    torch.save(payload, target)
+
+
+def forged_checkpoint(**replaced) -> Callable[[Path], None]:
+    """The shared char run's best.pt with some of its entries replaced."""
+    def make(target: Path) -> None:
+        import torch
+
+        payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
+        torch.save({**payload, **replaced}, target)
+    return make
+
+
+def symlink_loop(target: Path) -> None:
+    (target.parent / "other.pt").symlink_to(target.name)
+    target.symlink_to("other.pt")
+
+
+def run_trained_on(corpus_text: str) -> Callable[[Path], None]:
+    """A run folder whose checkpoints say it trained on this case's corpus.txt while that file held
+    `corpus_text` (the shared char run's checkpoints, their records pointed here)."""
+    def make(target: Path) -> None:
+        import hashlib
+
+        import torch
+
+        shutil.copytree(target.parent.parent / "_shared" / "char" / "run", target)
+        corpus = target.parent / "corpus.txt"
+        for checkpoint in target.glob("*.pt"):
+            payload = torch.load(checkpoint, weights_only=True)
+            payload["config"]["data"]["path"] = str(corpus)
+            payload["config"]["train"]["out_dir"] = str(target)
+            payload["data_files"] = {"path": {"path": str(corpus), "size": len(corpus_text.encode()),
+                                              "sha256": hashlib.sha256(corpus_text.encode()).hexdigest()}}
+            torch.save(payload, checkpoint)
+    return make
+
+
 def payload_did_not_run(folder: Path, result: Result) -> None:
     assert not (folder / PAYLOAD_MARKER).exists(), "the checkpoint's pickle payload ran"
 
@@ -227,6 +274,7 @@ def big_line_trained(folder: Path, result: Result) -> None:
 CHAR_PT = Shared("char/run/best.pt")
 WORD_PT = Shared("word/run/best.pt")
 SAMPLE = ("sample", "--checkpoint", "model.pt")
+EVAL = ("eval", "perplexity", "--checkpoint", "model.pt")
 
 CASES: list[Case] = [
     # config file
@@ -249,6 +297,33 @@ CASES: list[Case] = [
          expect=("pasted.yaml", "invalid YAML")),
     Case("config-nul-in-path", "config whose data.path holds a NUL character", (*TRAIN, "nul.yaml"),
          {"nul.yaml": TINY.replace("path: corpus.txt", 'path: "corpus\\0.txt"')}, expect=("data.path",)),
+    Case("config-is-a-device", "`lmtrain train /dev/zero` (a config that never ends)", (*TRAIN, "/dev/zero"), {},
+         expect=("/dev/zero", "device", "not a YAML file")),
+    Case("config-threads-too-many", "`train.threads=100000`", (*TRAIN, "tiny.yaml", "train.threads=100000"),
+         tiny_with(), expect=("train.threads", "1 to 1024", "100000")),
+    Case("config-duplicate-section", "a YAML file with the section `model:` twice", (*TRAIN, "twice.yaml"),
+         tiny_with(**{"twice.yaml": TINY + "model:\n  cell: gru\n"}),
+         expect=("twice.yaml", "'model' appears twice", "lines")),
+    Case("config-duplicate-key", "a key given twice in one section", (*TRAIN, "twice.yaml"),
+         tiny_with(**{"twice.yaml": TINY.replace("hidden_size: 8", "hidden_size: 8\n  hidden_size: 16")}),
+         expect=("'hidden_size' appears twice",)),
+    Case("config-alias-bomb", "a 470-byte YAML alias bomb (nine anchors, each nine times the last)",
+         (*TRAIN, "bomb.yaml"), tiny_with(**{"bomb.yaml": ALIAS_BOMB}),
+         expect=("bomb.yaml", "aliases expand", "100,000"), max_rss_mb=600),
+    Case("config-nested-100000-deep", "a YAML value nested 100,000 levels deep", (*TRAIN, "deep.yaml"),
+         tiny_with(**{"deep.yaml": "data: " + "[" * 100_000 + "]" * 100_000 + "\n"}),
+         expect=("deep.yaml", "nested too deeply")),
+    Case("config-infinite-lr", "`train.lr=.inf` (NaN is refused alike)", (*TRAIN, "tiny.yaml", "train.lr=.inf"),
+         tiny_with(), expect=("train.lr", "finite number", "inf")),
+    Case("config-model-too-large-hidden", "`model.hidden_size=1000000000`",
+         (*TRAIN, "tiny.yaml", "model.hidden_size=1000000000"), tiny_with(),
+         expect=("would have", "parameters", "model.hidden_size=1000000000", "memory")),
+    Case("config-model-too-large-embedding", "`model.embed_size=1000000000000000000`",
+         (*TRAIN, "tiny.yaml", "model.embed_size=1000000000000000000"), tiny_with(),
+         expect=("would have", "model.embed_size=1000000000000000000")),
+    Case("config-model-too-many-layers", "`model.num_layers=1000000`",
+         (*TRAIN, "tiny.yaml", "model.num_layers=1000000", "model.hidden_size=64"), tiny_with(),
+         expect=("would have", "model.num_layers=1000000")),
     Case("config-misspelled-override", "misspelled key on the command line",
          (*TRAIN, "tiny.yaml", "model.hiden_size=16"),
          tiny_with(), expect=("model.hiden_size", "did you mean", "model.hidden_size")),
@@ -292,6 +367,16 @@ CASES: list[Case] = [
     Case("corpus-crlf", "CRLF line ends (config and corpus)", (*TRAIN, "tiny.yaml"),
          {"tiny.yaml": TINY.replace("\n", "\r\n").encode(), "corpus.txt": CORPUS.replace("\n", "\r\n").encode()},
          outcome="ok", exit_code=0, check=no_bom_or_cr_tokens, note="no \\r token in best.pt's vocabulary"),
+    Case("corpus-device", "`data.path=/dev/zero` (a device that never ends)", (*TRAIN, "tiny.yaml", "data.path=/dev/zero"),
+         tiny_with(), expect=("/dev/zero", "character device", "not a regular file")),
+    Case("resume-corpus-changed", "`--resume` after the corpus was edited in place (same size)",
+         (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(**{"corpus.txt": CORPUS.replace("the", "THE"), "run": run_trained_on(CORPUS)}),
+         expect=("--resume", "corpus changed", "corpus.txt", "same size", "--allow-changed-data")),
+    Case("resume-corpus-changed-allowed", "`--resume --allow-changed-data` after the corpus was cut short",
+         (*TRAIN, "--resume", "--allow-changed-data", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(**{"corpus.txt": CORPUS[:len(CORPUS) // 2], "run": run_trained_on(CORPUS)}),
+         outcome="ok", exit_code=0, expect=("corpus changed", "continuing", "--allow-changed-data")),
     Case("corpus-lone-cr", "lone CR line ends (classic Mac text)", (*TRAIN, "tiny.yaml"),
          tiny_with(**{"corpus.txt": CORPUS.replace("\n", "\r").encode()}),
          outcome="ok", exit_code=0, check=no_bom_or_cr_tokens, note="no \\r token in best.pt's vocabulary"),
@@ -317,7 +402,7 @@ CASES: list[Case] = [
          (*TRAIN, "tiny.yaml", "train.batch_size=8", "train.bptt=64"), tiny_with(**{"corpus.txt": CORPUS[:300]}),
          outcome="ok", exit_code=0, check=trained),
     Case("config-threads-zero", "`train.threads=0`", (*TRAIN, "tiny.yaml", "train.threads=0"), tiny_with(),
-         expect=("train.threads", "auto or a positive integer", "0")),
+         expect=("train.threads", "auto or a number of threads from 1 to 1024", "0")),
     Case("kernels-build-without-compiler", "`lmtrain kernels build` where there is no C++ compiler",
          ("kernels", "build"), {}, env={"CXX": "no-such-compiler"},
          expect=("could not be built", "no C++ compiler (no-such-compiler)")),
@@ -370,6 +455,24 @@ CASES: list[Case] = [
          {"model.pt": CHAR_PT}, expect=("--num", "valid integer", "lmtrain sample --help")),
     Case("unknown-option", "an option the command does not have", (*TRAIN, "--no-such-flag", "tiny.yaml"),
          tiny_with(), expect=("No such option", "--no-such-flag")),
+    Case("sample-temperature-tiny", "`--temperature 1e-45` (as good as greedy)",
+         (*SAMPLE, "--temperature", "1e-45", "--max-tokens", "5"), {"model.pt": CHAR_PT}, outcome="ok", exit_code=0),
+    Case("sample-seed-too-large", "`--seed 100000000000000000000000`",
+         (*SAMPLE, "--seed", "100000000000000000000000"), {"model.pt": CHAR_PT}, expect=("--seed", "64-bit")),
+    Case("sample-num-too-many", "`--num 1000000000000`", (*SAMPLE, "--num", "1000000000000"), {"model.pt": CHAR_PT},
+         expect=("--num", "side by side", "GB")),
+    Case("sample-nan-weights", "a checkpoint whose weights are NaN", SAMPLE, {"model.pt": nan_checkpoint},
+         expect=("not finite", "weights")),
+    Case("checkpoint-config-a-string", "a forged checkpoint whose config is a string", ("info", "model.pt"),
+         {"model.pt": forged_checkpoint(config="a string")}, expect=("not an lmtrain checkpoint", "config", "str")),
+    Case("checkpoint-progress-a-string", "a forged checkpoint whose progress is a string", ("info", "model.pt"),
+         {"model.pt": forged_checkpoint(progress="a string")}, expect=("not an lmtrain checkpoint", "progress")),
+    Case("checkpoint-version-a-string", "a forged checkpoint whose format version is the string '1'", SAMPLE,
+         {"model.pt": forged_checkpoint(format_version="1")}, expect=("format version '1' is not a number",)),
+    Case("checkpoint-symlink-loop", "a checkpoint path that is a loop of symbolic links", ("sample", "--checkpoint", "loop.pt"),
+         {"loop.pt": symlink_loop}, expect=("loop.pt", "loop of symbolic links")),
+    Case("eval-data-device", "`eval perplexity --data /dev/zero`", (*EVAL, "--data", "/dev/zero"), {"model.pt": CHAR_PT},
+         expect=("/dev/zero", "character device")),
     Case("sample-num", "`--num 0`", (*SAMPLE, "--num", "0"), {"model.pt": CHAR_PT}, expect=("--num",)),
     Case("sample-device-cuda", "`--device cuda` on a machine without CUDA", (*SAMPLE, "--device", "cuda"),
          {"model.pt": CHAR_PT}, expect=("--device", "cuda", "CUDA"), forbid=("train.device", "auto")),

@@ -161,3 +161,30 @@ def test_init_from_config_and_bad_init(config_factory):
     assert float(model.embedding.weight.detach().abs().max()) > 0.5 and float(model.rnn.layers[0].cell.b_f.detach().abs().max()) < 0.1
     with pytest.raises(ConfigError, match="model.init must be one of auto, zaremba, torch"):
         config_factory(**{"model.init": "xavier"})
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"cell": "gru"}, {"cell": "gru", "relevance_gate": False}, {"cell": "rnn", "num_layers": 3},
+    {"tie_weights": True, "embed_size": 256}, {"direction": "bi", "num_layers": 1}, {"embed_size": 7, "hidden_size": 5},
+])
+def test_the_parameter_estimate_is_the_count(options, config_factory):
+    from lmtrain.checkpoint import parameter_count
+    from lmtrain.model import parameter_estimate
+
+    config = config_factory(**{f"model.{key}": value for key, value in options.items()})
+    assert sum(parameter_estimate(config.model, 57).values()) == parameter_count(LanguageModel.from_config(config.model, 57))
+
+
+def test_a_model_that_cannot_fit_is_refused_naming_its_keys(config_factory):
+    from lmtrain.config import ConfigError
+    from lmtrain.model import check_size
+
+    big = config_factory(**{"model.hidden_size": 10 ** 9})
+    with pytest.raises(ConfigError, match=r"would have 1.2e\+19 parameters, most of them in its recurrent "
+                                          r"\(model.hidden_size=1000000000, model.num_layers=2\)"):
+        check_size(big.model, 100, bytes_per_parameter=16, available=24 * 10 ** 9)
+    wide = config_factory(**{"model.embed_size": 10 ** 12, "model.num_layers": 1})
+    with pytest.raises(ConfigError, match="model.embed_size=1000000000000"):
+        check_size(wide.model, 10, bytes_per_parameter=16, available=24 * 10 ** 9)
+    check_size(config_factory().model, 10_000, bytes_per_parameter=16, available=24 * 10 ** 9)  # fits: no error
+    check_size(big.model, 100, bytes_per_parameter=16, available=None)                      # unknown: no refusal

@@ -139,8 +139,31 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, 
     monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
     message = str(caught.value)
     assert "disk is full" in message and "\n" not in message
+    assert message.endswith("; the checkpoints written before are intact")
     assert (out_dir / "last.pt").read_bytes() == before
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_failed_first_checkpoint_claims_no_earlier_one(tmp_path, corpus, monkeypatch):
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    with pytest.raises(LmtrainError) as caught:
+        train(config(corpus, tmp_path / "run", train__max_steps=2), progress_bar=False)
+    assert "disk is full" in str(caught.value) and "intact" not in str(caught.value)
+
+
+def test_files_half_written_by_a_killed_run_are_removed_when_the_folder_is_taken(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=4), progress_bar=False)
+    leftovers = [out_dir / ".step-0000006.pt.k3j2h1.tmp", out_dir / ".last.pt.link", out_dir / ".metrics.jsonl.x.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a checkpoint")
+    (out_dir / "notes.tmp").write_text("the user's own")
+    train(config(corpus, out_dir, train__max_steps=6), resume=True, progress_bar=False)
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert (out_dir / "notes.tmp").exists()
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, corpus):

@@ -289,9 +289,38 @@ def test_a_model_that_never_saw_eos_says_samples_end_only_at_max_tokens(tmp_path
     save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
     samples, notes = sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)
     assert [len(sample) for sample in samples] == [7] * 3
-    assert notes == ["warning: no sample reached <eos> within --max-tokens 7, where each stopped: the model was "
-                     "trained with data.eos: none and never saw <eos>"]
+    assert notes == ["warning: no sample reached <eos> within --max-tokens 7: the model was trained with data.eos: "
+                     "none and never saw <eos>, so samples end only at --max-tokens"]
     with torch.no_grad():
         model.projection.bias[tokenizer.eos_id] = 1e4  # always <eos>: no warning
     save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
     assert sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)[1] == []
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    logits = torch.randn(16, 30) * 50
+    assert torch.equal(sample_next(logits, temperature=1e-45, generator=generator()), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, temperature=1e-300, top_p=0.5, generator=generator()), logits.argmax(-1))
+
+
+def test_non_finite_outputs_are_named_as_damaged_weights():
+    logits = torch.randn(2, 5)
+    logits[1, 3] = float("nan")
+    with pytest.raises(LmtrainError, match="not finite numbers .* weights are damaged or diverged"):
+        sample_next(logits, generator=generator())
+
+
+def test_seed_and_num_out_of_range_are_refused(tmp_path, config_factory):
+    from lmtrain.checkpoint import save_checkpoint
+    from lmtrain.config import to_dict
+    from lmtrain.sampling import sample_checkpoint
+
+    tokenizer = Tokenizer.fit("hello world\n", level="char")
+    config = config_factory(**{"model.cell": "gru", "model.embed_size": 8, "model.hidden_size": 16, "model.num_layers": 1})
+    save_checkpoint(tmp_path / "m.pt", {"config": to_dict(config), "tokenizer": tokenizer.to_dict(),
+                                        "model": small_model(tokenizer).state_dict()})
+    with pytest.raises(LmtrainError, match="--seed must be a 64-bit integer"):
+        sample_checkpoint(str(tmp_path / "m.pt"), seed=10 ** 23)
+    assert sample_checkpoint(str(tmp_path / "m.pt"), seed=-1, max_tokens=3)[0]  # negative 64-bit seeds are fine
+    with pytest.raises(LmtrainError, match=r"--num 1000000000000: the samples are drawn side by side"):
+        sample_checkpoint(str(tmp_path / "m.pt"), num=10 ** 12)

@@ -53,6 +53,7 @@ def test_a_quota_below_the_affinity_caps_the_cores(monkeypatch):
 
 def test_a_fixed_count_is_used_as_it_is(monkeypatch):
     previous = torch.get_num_threads()
+    monkeypatch.setattr(threads, "allowed_cores", lambda: (4, "CPU affinity"))
     count = ThreadCount(3, environment={})
     assert count.start() == "3 threads (train.threads)" and torch.get_num_threads() == 3
     assert count.follow() is None
@@ -61,6 +62,10 @@ def test_a_fixed_count_is_used_as_it_is(monkeypatch):
     from_environment = ThreadCount("auto", environment={"OMP_NUM_THREADS": "1"})
     assert from_environment.start() == "1 thread (OMP_NUM_THREADS)"
     from_environment.restore()
+    too_many = ThreadCount(6, environment={})
+    assert too_many.start() == ("6 threads (train.threads; more than the 4 cores this process may use: the threads "
+                                "wait on each other)")
+    too_many.restore()
 
 
 class FakeLoad:

@@ -324,3 +324,18 @@ def test_char_round_trip_property(tmp_path: Path):
         round_trip()
     finally:
         configuration.set_hypothesis_home_dir(None)
+
+
+def test_file_kinds_and_what_a_corpus_may_be(tmp_path: Path):
+    import os
+
+    from lmtrain.tokenizer import file_kind, open_corpus
+
+    (tmp_path / "c.txt").write_text("a\n")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "loop").symlink_to("loop")
+    assert [file_kind(tmp_path / name) for name in ("c.txt", "pipe", "loop", "missing")] == [
+        "file", "pipe", "symbolic link loop", "missing"]
+    assert file_kind(tmp_path) == "directory" and file_kind("/dev/zero") == "character device"
+    with pytest.raises(LmtrainError, match="corpus path /dev/zero is a character device, not a file of text"):
+        open_corpus("/dev/zero")

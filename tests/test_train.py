@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import math
 from pathlib import Path
 
@@ -142,6 +143,84 @@ def test_a_run_started_with_another_initialisation_resumes_with_its_own(tmp_path
     saved = load_payload(out_dir / "last.pt")
     assert saved["progress"]["step"] == 5
     assert (saved["config"]["model"]["init"], saved["config"]["model"]["forget_bias"]) == ("zaremba", 1.0)
+
+
+def test_resume_refuses_a_corpus_that_changed_unless_asked(tmp_path, corpus):
+    """The checkpoint records each corpus file's size and sha256: a corpus edited in place, or cut short,
+    is not the data the run trained on (same path, same config)."""
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=2), progress_bar=False)
+    os.utime(corpus["train"], (1, 1))  # the same bytes, touched: the same data
+    train(make_config(corpus, out_dir, train__max_steps=3), resume=True, progress_bar=False)
+    original = corpus["train"].read_text()
+    before = (out_dir / "last.pt").read_bytes()
+    corpus["train"].write_text(original.replace("e", "E"))             # same size, other bytes
+    with pytest.raises(LmtrainError, match=r"corpus changed since the run's checkpoint: data.train .*train.txt "
+                                           r"\(same size, other bytes\).*--allow-changed-data"):
+        train(make_config(corpus, out_dir, train__max_steps=5), resume=True, progress_bar=False)
+    corpus["train"].write_text(original[:200])                          # cut short
+    with pytest.raises(LmtrainError, match=rf"\({len(original.encode()):,} -> 200 bytes\)"):
+        train(make_config(corpus, out_dir, train__max_steps=5), resume=True, progress_bar=False)
+    assert (out_dir / "last.pt").read_bytes() == before
+    warnings = []
+    train(make_config(corpus, out_dir, train__max_steps=5), resume=True, progress_bar=False, warn=warnings.append,
+          allow_changed_data=True)
+    assert any("continuing on it, as --allow-changed-data asks" in line for line in warnings)
+    # The checkpoint now records the data it went on with.
+    assert load_payload(out_dir / "last.pt")["data_files"]["train"]["size"] == 200
+
+
+def test_weights_that_are_no_longer_finite_are_never_written(tmp_path, corpus, monkeypatch):
+    """A step that leaves an infinite weight: the run stops with one line, no checkpoint holds it, and
+    metrics.jsonl stays strict JSON."""
+    from lmtrain import train as train_module
+
+    out_dir = tmp_path / "run"
+    real_step = train_module.Trainer._train_step
+
+    def step_that_breaks_a_weight(self, *arguments):  # as an optimizer step gone wrong would
+        stop = real_step(self, *arguments)
+        if self.progress.step == 3:
+            with torch.no_grad():
+                next(self.model.parameters())[0] = float("inf")
+        return stop
+
+    monkeypatch.setattr(train_module.Trainer, "_train_step", step_that_breaks_a_weight)
+    with pytest.raises(LmtrainError, match=r"^stopped at step 3: the weights are no longer finite numbers"):
+        train(make_config(corpus, out_dir, train__max_steps=20, train__checkpoint_every=1, train__log_every=1),
+              progress_bar=False)
+    assert load_payload(out_dir / "last.pt")["progress"]["step"] == 2
+    for checkpoint in out_dir.glob("*.pt"):
+        assert all(torch.isfinite(t).all() for t in load_payload(checkpoint)["model"].values()), checkpoint
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl: not JSON"))
+
+
+def test_a_non_finite_loss_is_null_in_metrics_jsonl(tmp_path, corpus, monkeypatch):
+    """Strict JSON has no NaN or Infinity: a diverged validation loss is logged as null."""
+    from lmtrain import train as train_module
+
+    monkeypatch.setattr(train_module, "score", lambda *a, **k: train_module.Score(loss=float("nan"), tokens=10))
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=2, train__eval_every=1), progress_bar=False)
+    events = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name}: not JSON"))
+              for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [event for event in events if event["split"] == "valid"]
+    assert valid and all(event["loss"] is None and event["ppl"] is None for event in valid)
+
+
+def test_a_huge_vocabulary_is_warned_about_and_a_pipe_refused(tmp_path, corpus, monkeypatch):
+    from lmtrain import train as train_module
+
+    monkeypatch.setattr(train_module, "LARGE_VOCABULARY", 10)
+    warnings = []
+    train(make_config(corpus, tmp_path / "run", train__max_steps=1), progress_bar=False, warn=warnings.append)
+    assert any(line.startswith("warning: a vocabulary of ") and "data.max_vocab" in line for line in warnings)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(LmtrainError, match=r"data.train .*pipe is a pipe, not a regular file: training reads its "
+                                           r"corpus more than once"):
+        train(make_config({**corpus, "train": tmp_path / "pipe"}, tmp_path / "other", train__max_steps=1),
+              progress_bar=False)
 
 
 def test_resume_without_a_run_is_an_error(tmp_path, corpus):
