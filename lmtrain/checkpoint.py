@@ -124,7 +124,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                                f"not a mapping)")
     if not all(isinstance(section, dict) for section in payload["config"].values()):
         raise LmtrainError(f"{path}: not an lmtrain checkpoint (its config sections are not mappings)")
+    for key, value in payload.get("progress", {}).items():
+        if key in PROGRESS and not _plain_number(value, whole=key in WHOLE_PROGRESS, optional=key == "best_valid_loss"):
+            raise LmtrainError(f"{path}: not an lmtrain checkpoint (its progress.{key} is {shown(value)}, not a "
+                               f"{'whole ' if key in WHOLE_PROGRESS else ''}number)")
     return payload
+
+
+WHOLE_PROGRESS = ("step", "epoch", "batch_index", "tokens")
+PROGRESS = (*WHOLE_PROGRESS, "best_valid_loss", "train_seconds", "elapsed_seconds")  # train.Progress's fields
+
+
+def _plain_number(value: Any, *, whole: bool, optional: bool) -> bool:
+    if value is None:
+        return optional
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 and (not whole or isinstance(value, int))
 
 
 def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint"

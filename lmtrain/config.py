@@ -156,9 +156,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         values = _read_yaml(path)
+        # Relative to the YAML file's folder; a config read from a pipe (`<(cmd)`) has none: the current one.
+        base = path.parent if path.is_file() else Path.cwd()
         for key in DATA_PATHS:
             if isinstance(values.get(key), str):
-                values[key] = _absolute(key, values[key], path.parent)
+                values[key] = _absolute(key, values[key], base)
     overridden = set()
     for item in overrides:
         key, value = parse_override(item)
@@ -175,9 +177,12 @@ def _absolute(key: str, path: str, base: Path) -> str:
     if "\0" in path:
         raise ConfigError(f"{key} holds a NUL character: {shown(path)}")
     absolute = base / path
-    if absolute.exists() and not (absolute.is_file() or absolute.is_dir()):
-        return str(absolute.absolute())  # a pipe (/dev/fd/63) resolves to no path at all: keep its name
-    return str(absolute.resolve())
+    try:
+        if absolute.exists() and not (absolute.is_file() or absolute.is_dir()):
+            return str(absolute.absolute())  # a pipe (/dev/fd/63) resolves to no path at all: keep its name
+        return str(absolute.resolve())
+    except (OSError, RuntimeError):  # a loop of symbolic links: left to the reader of the file to name
+        return str(absolute.absolute())
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -54,6 +54,7 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach p; the most likely one always stays.
         drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop[..., 0] = False  # a p below float32's range would otherwise drop it too (0 >= 1e-300 as float32)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 

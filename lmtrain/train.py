@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -227,7 +227,8 @@ class Trainer:
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.progress = Progress(**payload["progress"])
+        known = {field.name for field in fields(Progress)}
+        self.progress = Progress(**{key: value for key, value in payload["progress"].items() if key in known})
         for backward, saved in zip(self.directions, payload["stream_states"]):
             # Saved for the global batch: this process takes its rows.
             self.states[backward] = own_rows(self.world, [tuple(t.to(self.device) for t in layer) for layer in saved]

@@ -185,6 +185,8 @@ def test_wrong_format_version(saved, tmp_path: Path, version, relation: str):
     ({"progress": "a string"}, "its progress is a str, not a mapping"),
     ({"tokenizer": ["a", "list"]}, "its tokenizer is a list, not a mapping"),
     ({"config": {"data": "a string"}}, "its config sections are not mappings"),
+    ({"progress": {"step": "x", "epoch": 0}}, "its progress.step is 'x', not a whole number"),
+    ({"progress": {"step": 3, "train_seconds": -1.0}}, "its progress.train_seconds is -1.0, not a number"),
 ])
 def test_a_forged_payload_is_not_a_checkpoint(saved, tmp_path: Path, replaced, words):
     payload = load_checkpoint(saved[0])
@@ -249,3 +251,12 @@ def test_checkpoint_without_tokenizer_entry(saved):
     model_from_checkpoint(payload, "x.pt")  # fine as saved
     del payload["tokenizer"]["tokens"]
     assert "x.pt: checkpoint does not match" in one_line_error(model_from_checkpoint, payload, "x.pt")
+
+
+def test_the_progress_fields_checked_are_the_trainers():
+    from dataclasses import fields
+
+    from lmtrain.checkpoint import PROGRESS
+    from lmtrain.train import Progress
+
+    assert set(PROGRESS) == {field.name for field in fields(Progress)}

@@ -452,3 +452,25 @@ def test_an_enormous_value_is_shown_short_in_the_message():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["data.path=c.txt", "train.max_steps=1", "model.cell=[" + ", ".join(["x"] * 10_000) + "]"])
     assert len(str(caught.value)) < 200 and "..." in str(caught.value)
+
+
+def test_a_config_read_from_a_pipe_takes_data_paths_from_the_current_folder(tmp_path, monkeypatch):
+    """`lmtrain train <(cat config.yaml)`: the pipe's folder is /proc/PID/fd, no place for data."""
+    import os
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "config-pipe")
+    writer = threading.Thread(target=lambda: (tmp_path / "config-pipe").write_text(
+        "data: {path: corpus.txt}\ntrain: {max_steps: 1}\n"))
+    writer.start()
+    config = load_config(tmp_path / "config-pipe")
+    writer.join()
+    assert config.data.path == str(tmp_path / "corpus.txt")
+
+
+def test_a_data_path_that_is_a_symlink_loop_is_kept_for_its_reader_to_name(tmp_path):
+    (tmp_path / "a.txt").symlink_to("b.txt")
+    (tmp_path / "b.txt").symlink_to("a.txt")
+    config = load_config(None, [f"data.path={tmp_path / 'a.txt'}", "train.max_steps=1"])
+    assert config.data.path == str(tmp_path / "a.txt")

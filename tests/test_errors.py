@@ -223,8 +223,9 @@ def forged_checkpoint(**replaced) -> Callable[[Path], None]:
 
 
 def symlink_loop(target: Path) -> None:
-    (target.parent / "other.pt").symlink_to(target.name)
-    target.symlink_to("other.pt")
+    """`target` and its sibling `other-<name>`, two links naming each other."""
+    (target.parent / f"other-{target.name}").symlink_to(target.name)
+    target.symlink_to(f"other-{target.name}")
 
 
 def run_trained_on(corpus_text: str) -> Callable[[Path], None]:
@@ -369,6 +370,8 @@ CASES: list[Case] = [
          outcome="ok", exit_code=0, check=no_bom_or_cr_tokens, note="no \\r token in best.pt's vocabulary"),
     Case("corpus-device", "`data.path=/dev/zero` (a device that never ends)", (*TRAIN, "tiny.yaml", "data.path=/dev/zero"),
          tiny_with(), expect=("/dev/zero", "character device", "not a regular file")),
+    Case("corpus-symlink-loop", "`data.path` that is a loop of symbolic links", (*TRAIN, "tiny.yaml", "data.path=loop.txt"),
+         tiny_with(**{"loop.txt": symlink_loop}), expect=("loop.txt", "symbolic link loop")),
     Case("resume-corpus-changed", "`--resume` after the corpus was edited in place (same size)",
          (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
          tiny_with(**{"corpus.txt": CORPUS.replace("the", "THE"), "run": run_trained_on(CORPUS)}),
@@ -467,6 +470,8 @@ CASES: list[Case] = [
          {"model.pt": forged_checkpoint(config="a string")}, expect=("not an lmtrain checkpoint", "config", "str")),
     Case("checkpoint-progress-a-string", "a forged checkpoint whose progress is a string", ("info", "model.pt"),
          {"model.pt": forged_checkpoint(progress="a string")}, expect=("not an lmtrain checkpoint", "progress")),
+    Case("checkpoint-progress-step-a-string", "a forged checkpoint whose progress.step is the string 'x'", ("info", "model.pt"),
+         {"model.pt": forged_checkpoint(progress={"step": "x", "epoch": 0})}, expect=("progress.step is 'x'",)),
     Case("checkpoint-version-a-string", "a forged checkpoint whose format version is the string '1'", SAMPLE,
          {"model.pt": forged_checkpoint(format_version="1")}, expect=("format version '1' is not a number",)),
     Case("checkpoint-symlink-loop", "a checkpoint path that is a loop of symbolic links", ("sample", "--checkpoint", "loop.pt"),

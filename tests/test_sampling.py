@@ -324,3 +324,8 @@ def test_seed_and_num_out_of_range_are_refused(tmp_path, config_factory):
     assert sample_checkpoint(str(tmp_path / "m.pt"), seed=-1, max_tokens=3)[0]  # negative 64-bit seeds are fine
     with pytest.raises(LmtrainError, match=r"--num 1000000000000: the samples are drawn side by side"):
         sample_checkpoint(str(tmp_path / "m.pt"), num=10 ** 12)
+
+
+def test_a_top_p_below_float32s_range_keeps_the_most_likely_token():
+    logits = torch.randn(8, 20)
+    assert torch.equal(sample_next(logits, top_p=1e-300, generator=generator()), logits.argmax(-1))
