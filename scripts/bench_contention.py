@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from comparison import allocator_settings, provenance
+from comparison import allocator_settings, baseline_note, provenance
 from doc_sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,12 +121,10 @@ def main() -> None:
                  + " | ".join(f"{median['lmtrain, default (auto)', load] / median['reference, default threads', load]:.2f}x"
                               for load in LOADS) + " |")
     if args.baseline:
-        commit = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
         lines.append("| lmtrain auto / the baseline's defaults | "
                      + " | ".join(f"{median['lmtrain, default (auto)', load] / median['lmtrain baseline, its defaults', load]:.2f}x"
                                   for load in LOADS) + " |")
-        lines += ["", f"The baseline is lmtrain at commit {commit}, run from its own checkout."]
+        lines += ["", baseline_note(args.baseline)]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "Training beside other processes", "\n".join(lines))

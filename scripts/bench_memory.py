@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from comparison import ROOT, allocator_settings, provenance
+from comparison import ROOT, allocator_settings, baseline_note, provenance
 from doc_sections import write_section
 
 MODELS = {"2x200, tied": {"model.embed_size": 200, "model.hidden_size": 200, "model.num_layers": 2,
@@ -113,9 +113,7 @@ def main() -> None:
                 lines.append(row + " |")
                 print(lines[-1], flush=True)
     if args.baseline:
-        commit = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        lines += ["", f"The baseline is lmtrain at commit {commit}, run from its own checkout."]
+        lines += ["", baseline_note(args.baseline)]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "Memory", "\n".join(lines))

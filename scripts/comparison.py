@@ -34,6 +34,13 @@ def provenance() -> str:
     return f"{time.strftime('%Y-%m-%d')}, commit {commit}{' with uncommitted changes' if dirty else ''}"
 
 
+def baseline_note(checkout: Path) -> str:
+    """The line under a table that ran another lmtrain checkout beside this one."""
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    return f"The baseline is lmtrain at commit {commit}, run from its own checkout."
+
+
 def machine_line() -> str:
     return (f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads; "

@@ -9,7 +9,6 @@ that a signal lands there. The last tests run the real kernels through `lmtrain 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
