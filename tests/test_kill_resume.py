@@ -67,6 +67,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, mode):
     with ThreadPoolExecutor(1) as pool:
         straight, resumed, killed_at = pool.submit(run_mode, tmp_path, mode, kill_after).result()
     assert killed_at < STEPS, f"the kill came after the run ended (kill_after={kill_after:.2f}s)"
+    # A kill mid-write leaves a half-written `.step-*.pt.*.tmp`: the resumed run removed any there was.
+    assert not [path.name for path in resumed.parent.iterdir() if path.name.startswith(".")]
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["progress"]["step"] == b["progress"]["step"] == STEPS
     for name, tensor in a["model"].items():
@@ -94,3 +96,30 @@ def test_sigint_and_sigterm_save_and_say_how_to_resume(tmp_path, signal_number, 
     assert "Traceback" not in stdout + stderr
     step = torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"]
     assert 7 <= step < 100000
+
+
+def test_a_token_cache_truncated_under_a_training_is_reported_and_the_steps_kept(tmp_path):
+    """Another process truncates the memory-mapped token cache while a real training runs: one error line
+    naming the file, exit 2, and last.pt written at the step it stopped (not a silent SIGBUS)."""
+    config = write_config(tmp_path, "stream")
+    out_dir, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "LMTRAIN_CACHE": str(cache)}
+    process = subprocess.Popen(lmtrain(str(config), f"train.out_dir={out_dir}", "train.max_steps=1000000"), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "last.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    ids = next((cache / "tokens").glob("*.ids"))
+    os.truncate(ids, 0)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert stderr.strip().splitlines() == [f"error: the token cache file {ids} shrank from "
+                                           f"{stderr.split('shrank from ')[1].split(' to ')[0]} to 0 bytes while it "
+                                           f"was in use (another process changed it); the corpus is read again with "
+                                           f"--resume"]
+    step = torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"]
+    assert step >= 7  # written as it stopped, at or past the first periodic checkpoint
+    resumed = subprocess.run(lmtrain(str(config), f"train.out_dir={out_dir}", "--resume", f"train.max_steps={step + 2}"),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # the damaged entry is tokenized again
