@@ -18,9 +18,12 @@ keeps all four is not noticed (`touch` alone cannot restore a ctime). Knows toke
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +55,61 @@ class CacheUnwritable(Exception):
     """The cache folder cannot take a new entry (read-only, full): train from memory instead."""
 
 
+class MappedFile:
+    """A file this process has memory-mapped, watched for another process shrinking it.
+
+    Where Linux allows it, a read lease (fcntl F_SETLEASE): another process that opens the file to
+    write or truncates it waits, up to /proc/sys/fs/lease-break-time (45 s), until this one lets go,
+    and `check` sees the lease being broken, lets go and raises, so that no read of the mapping is ever
+    under way when the file shrinks. Elsewhere (NFS, another OS, a thread that cannot take signals)
+    `check` compares the size, which leaves the moment between a check and a read unguarded."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size, self.lease = path, size, _read_lease(path)
+
+    def check(self) -> None:
+        if self.lease is not None and fcntl.fcntl(self.lease, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+            self.release()
+            raise self._changed("another process is writing or truncating it")
+        try:
+            now = self.path.stat().st_size
+        except OSError:
+            return  # deleted: the mapping keeps the old inode's pages, reading them is safe
+        if now < self.size:
+            self.release()
+            raise self._changed(f"it shrank from {self.size:,} to {now:,} bytes (another process)")
+
+    def release(self) -> None:
+        if self.lease is not None:
+            os.close(self.lease)  # the waiting process goes on
+            self.lease = None
+
+    __del__ = release
+
+    def _changed(self, what: str) -> LmtrainError:
+        return LmtrainError(f"the token cache file {self.path} changed while it was in use: {what}; the corpus "
+                            f"is read again with --resume")
+
+
+def _read_lease(path: Path) -> int | None:
+    """A descriptor holding a read lease on `path`, or None where none can be had."""
+    if not hasattr(fcntl, "F_SETLEASE") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        # The lease's notice is SIGIO, whose default action ends the process: `check` polls instead.
+        if signal.getsignal(signal.SIGIO) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+        descriptor = os.open(path, os.O_RDONLY)
+    except (OSError, ValueError):
+        return None
+    try:
+        fcntl.fcntl(descriptor, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:  # not the file's owner, NFS, a file open for writing somewhere
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
 @dataclass
 class Corpus:
     """A corpus ready to train on: its tokenizer, and each split either as text or, read from the
@@ -60,21 +118,13 @@ class Corpus:
     tokenizer: Tokenizer
     splits: dict[str, str | Tensor]               # "train", "valid"[, "test"]
     unknown: dict[str, tuple[int, int]]           # valid/test: (tokens not in the vocabulary, all tokens)
-    mapped: tuple[Path, int] | None = None        # the ids file the splits are mapped from, and its size
+    mapped: MappedFile | None = None              # the ids file the splits are mapped from
 
     def check_mapped(self) -> None:
-        """Raise if the mapped ids file shrank (another process truncated it): reading past its new end
-        would kill the process with SIGBUS and no word."""
-        if self.mapped is None:
-            return
-        path, size = self.mapped
-        try:
-            now = path.stat().st_size
-        except OSError:
-            return  # deleted: the mapping keeps the old inode's pages, reading them is safe
-        if now < size:
-            raise LmtrainError(f"the token cache file {path} shrank from {size:,} to {now:,} bytes while it was in use "
-                               f"(another process changed it); the corpus is read again with --resume")
+        """Raise if another process is changing the mapped ids file: reading a page past a shrunk file's
+        end would kill this process with SIGBUS and no word. Call it before reading the splits."""
+        if self.mapped is not None:
+            self.mapped.check()
 
     def view(self, split: str, *, backward: bool = False) -> str | Tensor:
         """A split as it is read forward, or right to left for the backward LM of `direction: bi`."""
@@ -256,7 +306,7 @@ def _corpus_from(record: dict, key: str, ids_path: Path) -> Corpus:
         offset += length
     if "train" not in streams or "valid" not in streams:
         raise ValueError("no train or no valid stream")
-    return Corpus(tokenizer, streams, unknown, mapped=(ids_path, found))
+    return Corpus(tokenizer, streams, unknown, mapped=MappedFile(ids_path, found))
 
 
 def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokenizer | None,

@@ -9,6 +9,7 @@ number does not depend on `batch_size`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -61,15 +62,18 @@ ACTIVATIONS_BUDGET = 1 << 22
 
 @torch.no_grad()
 def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = EVAL_BATCH_SIZE,
-          device: torch.device | str = "cpu", backward: bool = False) -> Score:
+          device: torch.device | str = "cpu", backward: bool = False,
+          before_batch: Callable[[], None] = lambda: None) -> Score:
     """Token-weighted mean loss of `model` on `sequences`, each read from a zero state. A long batch
     runs in time chunks with the state carried, which gives the same result in bounded memory.
-    `backward`: score the backward LM of a `bi` model (on sequences of reversed text)."""
+    `backward`: score the backward LM of a `bi` model (on sequences of reversed text). `before_batch`
+    runs before each batch is read (a check that memory-mapped sequences are still whole)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     lengths = [inputs.numel() for inputs, _ in sequences]
     for batch in length_sorted_batches(lengths, batch_size):
+        before_batch()
         inputs, targets = pad_batch([sequences[index] for index in batch])
         widest = max(model.projection.out_features, 4 * model.projection.in_features)
         chunk = max(1, ACTIVATIONS_BUDGET // (len(batch) * widest))

@@ -512,7 +512,8 @@ class Trainer:
         (The unwrapped model: DDP's forward would wait for the others' backward pass.)"""
         sequences = self.valid[backward]
         share = sequences[shard_rows(len(sequences), rank=self.world.rank, world_size=self.world.size)]
-        result: Score = score(self.model, share, device=self.device, backward=backward)
+        result: Score = score(self.model, share, device=self.device, backward=backward,
+                              before_batch=self.corpus.check_mapped)
         if not self.world.distributed:
             return result
         mine = torch.tensor([result.loss * result.tokens if result.tokens else 0.0, result.tokens], dtype=torch.float64)

@@ -309,8 +309,31 @@ def test_a_mapped_ids_file_that_shrinks_is_reported(folder: Path, tmp_path: Path
 
     corpus = cached_corpus(DataConfig(path=write(tmp_path / "corpus.txt", TEXTS["plain"])))
     corpus.check_mapped()  # whole: nothing said
+    corpus.mapped.release()  # as where no lease can be had: the size is what is left to check
     ids = next(folder.glob("*.ids"))
     size = ids.stat().st_size
     os.truncate(ids, 0)
-    with pytest.raises(LmtrainError, match=rf"token cache file .* shrank from {size:,} to 0 bytes while it was in use"):
+    with pytest.raises(LmtrainError, match=rf"token cache file .* changed while it was in use: it shrank from {size:,} "
+                                           rf"to 0 bytes"):
         corpus.check_mapped()
+
+
+def test_a_process_truncating_the_mapped_file_waits_until_the_reader_lets_go(folder: Path, tmp_path: Path):
+    """With a read lease (Linux), another process's truncate blocks until `check_mapped` sees the lease
+    being broken and lets go: no read of the mapping can be under way when the file shrinks."""
+    import subprocess
+    import sys
+    import time
+
+    from lmtrain.errors import LmtrainError
+
+    corpus = cached_corpus(DataConfig(path=write(tmp_path / "corpus.txt", TEXTS["plain"])))
+    if corpus.mapped.lease is None:
+        pytest.skip("no file leases here (another OS, or a file system without them)")
+    ids = next(folder.glob("*.ids"))
+    truncate = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(ids)!r}, 0)"])
+    time.sleep(1.0)
+    assert truncate.poll() is None and ids.stat().st_size > 0  # waiting for this process
+    with pytest.raises(LmtrainError, match="another process is writing or truncating it"):
+        corpus.check_mapped()
+    assert truncate.wait(timeout=30) == 0 and ids.stat().st_size == 0  # let go: it went on
