@@ -389,13 +389,18 @@ def test_train_prints_the_resolved_config_and_samples(runs, name):
 
 
 @pytest.mark.parametrize("name", COMBO_NAMES)
-def test_sample_same_seed_gives_the_same_lines(follow_ups, name):
+def test_sample_same_seed_gives_the_same_lines(runs, follow_ups, name):
     first, second = follow_ups[(name, "seed-a")], follow_ups[(name, "seed-b")]
     assert_ok(first)
     assert_ok(second)
     assert len(output_lines(first)) == 5, first.stdout
     assert output_lines(first) == output_lines(second)
-    assert first.stderr == ""
+    # A model this small may not end any line within 3 tokens; then, and only then, one warning says so.
+    assert first.stderr == second.stderr
+    if first.stderr:
+        assert first.stderr.startswith("warning: no sample reached <eos> within --max-tokens 3")
+        assert first.stderr.count("\n") == 1, first.stderr
+        assert all(tokens_in(line, runs[name].level) == 3 for line in output_lines(first)), first.stdout
 
 
 def tokens_in(line: str, level: str) -> int:
