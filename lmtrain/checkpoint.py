@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,12 +20,17 @@ import torch
 from torch import nn
 
 from lmtrain.config import Config, from_dict, shown
+from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.memory import available_bytes
-from lmtrain.model import LanguageModel, check_size
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.files import atomic_write
+from lmtrain.model.language_model import LanguageModel, check_size
+from lmtrain.speed.memory import available_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 named the right-to-left LM of `direction: bi` and the reversed layer of a bidirectional layer
+# "backward", the word that also named the gradient algorithm: format 2 gives each its own name.
+FORMAT_1_NAMES = ((".backward_layer.", ".right_to_left_layer."), (".forward_layer.", ".left_to_right_layer."))
+FORMAT_1_PREFIXES = (("rnn_backward.", "rnn_right_to_left."),)
 REQUIRED = ("format_version", "config", "tokenizer", "model")
 
 
@@ -45,25 +48,6 @@ def to_cpu(tree: Any) -> Any:
     return tree
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees either the old file or the whole new one."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
 
 def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
     """The serialized checkpoint: every tensor on the CPU, plus the format version."""
@@ -74,7 +58,7 @@ def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     try:
-        atomic_write_bytes(Path(path), checkpoint_bytes(payload))
+        atomic_write(path, checkpoint_bytes(payload))
     except OSError as error:
         raise LmtrainError(f"could not write checkpoint {path}: {error.strerror or error}") from None
 
@@ -114,7 +98,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(version, (int, float)) or isinstance(version, bool) and version is not True:
         raise LmtrainError(f"{path}: not an lmtrain checkpoint (its format version {shown(version)} is not a "
                            f"number)")
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         relation = "newer" if version > FORMAT_VERSION else "older"
         raise LmtrainError(f"{path}: checkpoint format {shown(version)} is {relation} than this lmtrain reads "
                            f"({FORMAT_VERSION}); use a matching lmtrain version")
@@ -128,11 +112,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key in PROGRESS and not _plain_number(value, whole=key in WHOLE_PROGRESS, optional=key == "best_valid_loss"):
             raise LmtrainError(f"{path}: not an lmtrain checkpoint (its progress.{key} is {shown(value)}, not a "
                                f"{'whole ' if key in WHOLE_PROGRESS else ''}number)")
-    return payload
+    return migrated(payload)
+
+
+def migrated(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an older format in today's: format 1's weight names renamed (its config's
+    `model.backward` is read by `config.from_dict` as `model.gradients`)."""
+    if payload["format_version"] == FORMAT_VERSION:
+        return payload
+    model = {}
+    for key, value in payload["model"].items():
+        for old, new in FORMAT_1_PREFIXES:
+            key = new + key[len(old):] if key.startswith(old) else key
+        for old, new in FORMAT_1_NAMES:
+            key = key.replace(old, new)
+        model[key] = value
+    return {**payload, "model": model, "format_version": FORMAT_VERSION}
 
 
 WHOLE_PROGRESS = ("step", "epoch", "batch_index", "tokens")
-PROGRESS = (*WHOLE_PROGRESS, "best_valid_loss", "train_seconds", "elapsed_seconds")  # train.Progress's fields
+PROGRESS = (*WHOLE_PROGRESS, "best_valid_loss", "train_seconds", "elapsed_seconds")  # training.resume.Progress's fields
 
 
 def _plain_number(value: Any, *, whole: bool, optional: bool) -> bool:

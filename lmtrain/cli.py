@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from lmtrain.errors import LmtrainError  # noqa: E402
 
+
 def _group(help: str, **options) -> typer.Typer:
     """A command group with plain help (flags as `--flag / --no-flag`, values named by their metavar, no
     boxes): it reads the same in a terminal, a pipe and a log."""
@@ -55,10 +56,10 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def _version(value: bool) -> None:
     if not value:
         return
-    import lmtrain
     import torch
 
-    from lmtrain.kernels import status
+    import lmtrain
+    from lmtrain.speed.kernels import status
 
     kernels = status()["state"]
     typer.echo(f"lmtrain {lmtrain.__version__}, torch {torch.__version__}, compiled kernels: "
@@ -71,7 +72,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full trac
          version: Annotated[bool, typer.Option("--version", help="Show lmtrain's and torch's versions and whether the "
                                                "compiled kernels are in use, and exit.", is_eager=True,
                                                callback=_version)] = False) -> None:
-    from lmtrain.threads import Load
+    from lmtrain.speed.threads import Load
 
     _options["debug"] = debug
     warnings.showwarning = _warning_line
@@ -80,7 +81,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full trac
 
 def _set_threads() -> None:
     """The free cores as threads, for a command that computes (sample, eval, diagnose)."""
-    from lmtrain.threads import set_for_command
+    from lmtrain.speed.threads import set_for_command
 
     set_for_command(load=_options.get("load"))
 
@@ -116,7 +117,7 @@ def user_errors() -> Iterator[None]:
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]}, short_help="Train a model from a YAML config.",
-             epilog="Every config key, with its default and meaning: the Configuration table of README.md. "
+             epilog="Every config key, with its default and meaning: docs/config.md. "
                     "Overrides are dotted keys: train.lr=1e-3 model.cell=gru.")
 def train(
     config: Annotated[Optional[str], typer.Argument(help="YAML config (default: configs/quickstart.yaml).")] = None,
@@ -140,18 +141,19 @@ def train(
         path = Path(config) if config is not None else _default_config()
         resolved = load_config(path, overrides)
         if nproc != 1:
-            from lmtrain.distributed import launch
+            from lmtrain.training.distributed import launch
 
             flags = ((["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
                      + (["--allow-changed-data"] if allow_changed_data else []))
             import torch
 
-            on_cpu = resolved.train.device == "cpu" or (resolved.train.device == "auto" and not torch.cuda.is_available())
+            on_cpu = resolved.train.device == "cpu" or (resolved.train.device == "auto"
+                                                        and not torch.cuda.is_available())
             raise typer.Exit(launch(nproc, [str(path), *overrides, *flags], batch_size=resolved.train.batch_size,
                                     on_cpu=on_cpu))
         # torchrun numbers the processes it starts (RANK); the first speaks for all.
         echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda line: None)
-        from lmtrain.train import train as run_training  # torch loads only once the config is known good
+        from lmtrain.training.trainer import train as run_training  # torch loads only once the config is known good
 
         # The config is printed once the run can start (its folder taken, a resume checked), so that a
         # refused start is its one error line.
@@ -162,7 +164,7 @@ def train(
         echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
              f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
         if result.samples:
-            from lmtrain.sampling import printable
+            from lmtrain.evaluation.sampling import printable
 
             echo("samples:\n" + "\n".join(map(printable, result.samples)))
 
@@ -174,16 +176,18 @@ def sample(
     prime: Annotated[str, typer.Option(metavar="TEXT", help="Text to start every sample with.")] = "",
     temperature: Annotated[float, typer.Option(metavar="T", help="Softmax temperature; 0 is greedy.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(metavar="K", help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(metavar="P", help="Nucleus sampling: the smallest set reaching p.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(
+        metavar="P", help="Nucleus sampling: the smallest set reaching p.")] = None,
     max_tokens: Annotated[int, typer.Option(metavar="M", help="Stop a sample after this many new tokens.")] = 200,
-    seed: Annotated[Optional[int], typer.Option(metavar="S", help="Random seed: the same seed gives the same samples.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        metavar="S", help="Random seed: the same seed gives the same samples.")] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
     raw: Annotated[bool, typer.Option("--raw", help="Print control characters (CR, ESC, a newline of a data.eos: "
                                       "none model) as they are, not escaped as \\r, \\x1b, \\n.")] = False,
 ) -> None:
     """Generate sentences, each until <eos> (not printed) or --max-tokens, one a line. Control characters
     are shown escaped (\\r, \\n, \\x1b, \\u202e) unless --raw."""
-    from lmtrain.sampling import printable, sample_checkpoint
+    from lmtrain.evaluation.sampling import printable, sample_checkpoint
 
     with user_errors():
         _set_threads()
@@ -213,7 +217,8 @@ def info(
         typer.echo(f"{checkpoint}: lmtrain checkpoint format {facts['format_version']}\n"
                    f"model: {facts['cell']} {facts['layers']}x{facts['hidden_size']} ({facts['direction']}), "
                    f"{facts['parameters']:,} parameters\n"
-                   f"vocabulary: {facts['vocab_size']:,} {facts['level']} tokens: {' '.join(map(repr, facts['first_tokens']))} ...\n"
+                   f"vocabulary: {facts['vocab_size']:,} {facts['level']} tokens: "
+                   f"{' '.join(map(repr, facts['first_tokens']))} ...\n"
                    f"trained: step {facts['step']}, epoch {facts['epoch_in_progress'] or 1} in progress "
                    f"({facts['epochs_completed'] or 0} completed), "
                    f"{'?' if seconds is None else f'{seconds:.0f}'} s of training, best valid loss "
@@ -224,10 +229,11 @@ def info(
 @app.command(short_help="Plot the loss curves of runs.")
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(help="Run folders (train.out_dir) to overlay.")],
-    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
+    output: Annotated[str, typer.Option(
+        "--output", "-o", metavar="FILE", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
 ) -> None:
     """Train and validation loss against step and wall-clock time; needs matplotlib."""
-    from lmtrain.plots import plot_runs
+    from lmtrain.evaluation.plots import plot_runs
 
     with user_errors():
         plot_runs(run_dirs, output)
@@ -237,17 +243,21 @@ def plot(
 @eval_app.command(short_help="Loss, perplexity and bits per character.")
 def perplexity(
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
-    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Text file to score (default: a split of the training corpus).")] = None,
-    split: Annotated[str, typer.Option(metavar="valid|test", help="valid or test split of the checkpoint's corpus.")] = "valid",
-    batch_size: Annotated[Optional[int], typer.Option(metavar="N", help="Sequences scored at once (the result does not depend on it).")] = None,
-    segment: Annotated[Optional[int], typer.Option(metavar="N", help="Stream mode: score in segments of this many tokens, each "
-                                                        "from a zero state (default: the run's train.eval_segment); "
-                                                        "0: the whole text as one stream, the state carried throughout.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Text file to score (default: a split of the training corpus).")] = None,
+    split: Annotated[str, typer.Option(
+        metavar="valid|test", help="valid or test split of the checkpoint's corpus.")] = "valid",
+    batch_size: Annotated[Optional[int], typer.Option(
+        metavar="N", help="Sequences scored at once (the result does not depend on it).")] = None,
+    segment: Annotated[Optional[int], typer.Option(
+        metavar="N", help="Stream mode: score in segments of this many tokens, each from a zero state (default: "
+                          "the run's train.eval_segment); 0: the whole text as one stream, the state carried "
+                          "throughout.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Loss (nats/token), perplexity and, for character models, bits per character; every token counted."""
-    from lmtrain.evaluate import evaluate_checkpoint
+    from lmtrain.evaluation.perplexity import evaluate_checkpoint
 
     with user_errors():
         if split not in ("valid", "test"):
@@ -267,17 +277,21 @@ def perplexity(
 @diagnose_app.command(short_help="The vanishing gradient, measured.")
 def gradients(
     checkpoint: Annotated[Optional[str], typer.Option(metavar="PATH", help="A trained checkpoint (.pt).")] = None,
-    config: Annotated[Optional[str], typer.Option(metavar="CONFIG.yaml", help="Or a config: measure its freshly initialised model.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides for --config.", show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Text to draw windows from (default: the validation split).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        metavar="CONFIG.yaml", help="Or a config: measure its freshly initialised model.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="KEY=VALUE overrides for --config.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Text to draw windows from (default: the validation split).")] = None,
     length: Annotated[int, typer.Option(metavar="T", help="Window length T.")] = 64,
     count: Annotated[int, typer.Option(metavar="N", help="Number of windows averaged.")] = 32,
     seed: Annotated[int, typer.Option(metavar="S", help="Seed for choosing the windows.")] = 0,
-    plot: Annotated[Optional[str], typer.Option(metavar="FILE.png", help="Also save a plot (PNG; needs matplotlib).")] = None,
+    plot: Annotated[Optional[str], typer.Option(
+        metavar="FILE.png", help="Also save a plot (PNG; needs matplotlib).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The vanishing gradient: ‖∂L(T)/∂a(t)‖ of the top layer against the distance T - t."""
-    from lmtrain.diagnose import gradient_report, plot_rows
+    from lmtrain.evaluation.diagnose import gradient_report, plot_rows
 
     with user_errors():
         _set_threads()
@@ -296,7 +310,8 @@ def gradients(
 @eval_app.command(short_help="Subject-verb agreement on minimal pairs.")
 def agreement(
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
-    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Minimal pairs: good<TAB>bad lines, JSON lines with "
+    data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Minimal pairs: good<TAB>bad lines, JSON lines "
+                                                "with "
                                                 "sentence_good and sentence_bad (as BLiMP ships them), or lmtrain's "
                                                 "TSV (default: corpora/agreement/pairs.tsv).")] = None,
     group_by: Annotated[Optional[str], typer.Option(metavar="FIELD", help="JSON lines: the field to group the report "
@@ -307,24 +322,27 @@ def agreement(
 ) -> None:
     """Minimal pairs (Linzen et al. 2016's agreement, or a suite such as BLiMP): how often the model finds the
     good sentence more probable; a pair that scores the same both ways is a tie and counts neither way."""
-    from lmtrain.agreement import agreement_report, format_report
+    from lmtrain.evaluation.agreement import agreement_report, format_report
 
     with user_errors():
         _set_threads()
         report = agreement_report(checkpoint, data_file=data, device=_device(device), group_by=group_by)
         if report["unknown_tokens"]:
-            typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>", err=True)
+            typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>",
+                       err=True)
         typer.echo(json.dumps(report) if as_json else format_report(report))
 
 
 @data_app.command("download", short_help="Download a corpus into the cache.")
 def data_download(
     name: Annotated[str, typer.Argument(help="tinyshakespeare or ptb")],
-    directory: Annotated[Optional[Path], typer.Option("--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE or ~/.cache/lmtrain).")] = None,
-    base_url: Annotated[Optional[str], typer.Option("--base-url", metavar="URL", help="Mirror holding each file under its public URL's path.")] = None,
+    directory: Annotated[Optional[Path], typer.Option(
+        "--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE or ~/.cache/lmtrain).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(
+        "--base-url", metavar="URL", help="Mirror holding each file under its public URL's path.")] = None,
 ) -> None:
     """Download a corpus into the cache: resumable, verified by sha256."""
-    from lmtrain.corpora import download
+    from lmtrain.data.corpora import download
 
     with user_errors():
         for path in download(name, directory=directory, base_url=base_url, progress=True):
@@ -337,7 +355,7 @@ def data_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The known corpora, their files, and whether they are cached."""
-    from lmtrain.corpora import listing
+    from lmtrain.data.corpora import listing
 
     with user_errors():
         rows = listing(directory=directory)
@@ -345,7 +363,8 @@ def data_list(
             typer.echo(json.dumps(rows))
             return
         for row in rows:
-            typer.echo(f"{row['name']:<16} {'cached' if row['cached'] else 'not cached':<11} {', '.join(row['files'])}  "
+            typer.echo(f"{row['name']:<16} {'cached' if row['cached'] else 'not cached':<11} "
+                       f"{', '.join(row['files'])}  "
                        f"{row['path']}")
 
 
@@ -353,7 +372,7 @@ def data_list(
 def kernels_build() -> None:
     """Compile the kernels now, e.g. while building a container image that later runs read-only; prints
     their folder. Tries again after a failed build."""
-    from lmtrain.kernels import build_now
+    from lmtrain.speed.kernels import build_now
 
     with user_errors():
         typer.echo(build_now(announce=lambda line: typer.echo(line, err=True)))
@@ -362,7 +381,7 @@ def kernels_build() -> None:
 @kernels_app.command("status", short_help="Whether and where the kernels are built.")
 def kernels_status(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Whether this lmtrain's kernels are built, where, and every build in the cache (all versions)."""
-    from lmtrain.kernels import status, status_lines
+    from lmtrain.speed.kernels import status, status_lines
 
     with user_errors():
         facts = status()
@@ -372,7 +391,7 @@ def kernels_status(as_json: Annotated[bool, typer.Option("--json", help="Print o
 @kernels_app.command("clear", short_help="Remove every build from the cache.")
 def kernels_clear() -> None:
     """Remove every build from the cache (all versions; not one being built right now)."""
-    from lmtrain.kernels import clear
+    from lmtrain.speed.kernels import clear
 
     with user_errors():
         typer.echo("\n".join(clear()))

@@ -18,9 +18,10 @@ import re
 import reprlib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -31,83 +32,173 @@ class ConfigError(LmtrainError):
     """A config key is unknown, has the wrong type, or an impossible value."""
 
 
+# What a number may be: `validate` checks these marks, docs/config.md names them.
+POSITIVE = "positive"
+NON_NEGATIVE = "not negative"
+RATE = "in [0, 1)"
+
+
 @dataclass
 class DataConfig:
-    corpus: str | None = None          # a downloaded corpus by name (`lmtrain data download NAME`)
-    path: str | None = None            # one corpus file, cut by `split`
-    split: list[float] = field(default_factory=lambda: [0.9, 0.1])  # train, valid[, test] fractions
-    train: str | None = None           # or three files
+    """`data`: the text and how it becomes tokens."""
+
+    corpus: str | None = None
+    """A corpus fetched by `lmtrain data download NAME` (`tinyshakespeare`, `ptb`)."""
+    path: str | None = None
+    """One corpus file, cut by `data.split`."""
+    split: list[float] = field(default_factory=lambda: [0.9, 0.1])
+    """Fractions for train, valid[, test]: contiguous parts, each cut moved to the end of its line."""
+    train: str | None = None
+    """Or separate files: the training text (with `data.valid`)."""
     valid: str | None = None
+    """The validation text: it picks best.pt."""
     test: str | None = None
-    level: str = "char"                # char | word
-    mode: str = "stream"               # stream | sentences
-    eos: str = "line"                  # line: <eos> at each line end | none
-    min_freq: int = 1                  # word level: rarer words become <unk>
-    max_vocab: int | None = None       # word level: keep the most frequent, specials included
+    """The test text (optional)."""
+    level: Literal["char", "word"] = "char"
+    """`char`: Unicode code points; `word`: whitespace-separated words."""
+    mode: Literal["stream", "sentences"] = "stream"
+    """`stream`: one token stream in `batch_size` rows, truncated BPTT of `bptt` steps with the state
+    carried; `sentences`: each line its own sequence from a zero state, padded batches, padding left out
+    of the loss, lines longer than `bptt` cut into pieces."""
+    eos: Literal["line", "none"] = "line"
+    """`line`: `<eos>` ends every line; `none`: line ends are ordinary characters (char level) or ignored
+    (word level)."""
+    min_freq: Annotated[int, POSITIVE] = 1
+    """Tokens seen fewer times in training become `<unk>`."""
+    max_vocab: int | None = None
+    """Keep the most frequent tokens, `<unk>` and `<eos>` included (at least 3)."""
     encoding: str = "utf-8"
-    encoding_errors: str = "strict"    # strict: undecodable bytes are an error | replace
-    cache: bool = True                 # stream mode: tokenize once into the token cache, memory-map it after
+    """The text encoding; a byte-order mark is dropped, and LF, CRLF and a lone CR are all line ends."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """`strict`: undecodable bytes are an error naming file and byte offset; `replace`: U+FFFD."""
+    cache: bool = True
+    """Stream mode: tokenize the corpus once into the token cache and memory-map the ids in later runs;
+    `false` reads the text whole every run."""
 
 
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"                 # rnn | gru | lstm
-    embed_size: int = 64
-    hidden_size: int = 256
-    num_layers: int = 2
-    dropout: float = 0.0               # the rate of the three below when they are null
-    input_dropout: float | None = None     # on the embeddings x(t) going into the first layer
-    layer_dropout: float | None = None     # between layers
-    output_dropout: float | None = None    # on the last layer's a(t) going into the softmax
-    locked_dropout: bool = False       # one dropout mask per sequence, the same at every step (variational)
-    embedding_dropout: float = 0.0     # whole words dropped from the embedding for a batch
-    weight_drop: float = 0.0           # DropConnect on the recurrent weights W_aa, one mask per batch
+    """`model`: the lecture's network (lmtrain/model/)."""
+
+    cell: Literal["rnn", "gru", "lstm"] = "lstm"
+    """The recurrent cell: the vanilla RNN, the GRU or the LSTM."""
+    embed_size: Annotated[int, POSITIVE] = 64
+    """E, the size of the token embedding x(t)."""
+    hidden_size: Annotated[int, POSITIVE] = 256
+    """H, the size of the state a(t)."""
+    num_layers: Annotated[int, POSITIVE] = 2
+    """Stacked layers: the lecture's deep RNN."""
+    dropout: Annotated[float, RATE] = 0.0
+    """The rate of each of the three dropouts below left `null` (Zaremba et al. 2014)."""
+    input_dropout: Annotated[float | None, RATE] = None
+    """Dropout on the embeddings x(t) going into the first layer."""
+    layer_dropout: Annotated[float | None, RATE] = None
+    """Dropout between layers, on a[l-1](t) going into layer l."""
+    output_dropout: Annotated[float | None, RATE] = None
+    """Dropout on the last layer's a(t) going into the softmax."""
+    locked_dropout: bool = False
+    """`true`: each of the three dropouts draws one mask per sequence and keeps it at every step
+    (variational dropout, Gal & Ghahramani 2016); `false`: a new mask at every step."""
+    embedding_dropout: Annotated[float, RATE] = 0.0
+    """Drop whole words: each vocabulary entry is dropped for the batch with this probability (Gal &
+    Ghahramani 2016, Merity et al. 2017)."""
+    weight_drop: Annotated[float, RATE] = 0.0
+    """DropConnect on the recurrent weights W_aa of every gate, one mask per batch (Merity et al. 2017)."""
     tie_weights: bool = False
-    init: str = "auto"                 # auto: torch with adam and adamw, zaremba with sgd | zaremba: U(-0.1, 0.1)
-                                       # embedding and projection | torch: torch.nn's defaults
-    forget_bias: float | None | str = "auto"  # lstm only: the forget gate's initial bias; null: like the other
-                                       # biases; auto: 1 with init zaremba, null with torch
-    relevance_gate: bool = True        # gru only: the full GRU (True) or the simplified one
-    gru_reset: str = "before"          # gru only: Γ_r applied to c(t-1) before W_c (lecture) | after (PyTorch)
-    backward: str = "manual"           # manual: the hand-written backpropagation through time | autograd
-    direction: str = "forward"         # forward | bi: also a backward LM sharing embedding and softmax (ELMo)
+    """Share the embedding and the output projection (needs `embed_size == hidden_size`; Press & Wolf 2017)."""
+    init: Literal["auto", "zaremba", "torch"] = "auto"
+    """Embedding and projection initialisation: `zaremba`, U(-0.1, 0.1) and a zero output bias (Zaremba
+    et al. 2014, for SGD); `torch`, nn.Embedding's and nn.Linear's defaults; `auto`, `torch` with `adam`
+    and `adamw`, `zaremba` with `sgd`. The cells always start from U(-1/√H, 1/√H)."""
+    forget_bias: float | None | Literal["auto"] = "auto"
+    """LSTM only: the forget gate's initial bias (1 keeps the memory at the start, Jozefowicz et al.
+    2015); `null`: drawn like every other bias, as nn.LSTM does; `auto`: 1 with `init: zaremba`, `null`
+    with `torch`."""
+    relevance_gate: bool = True
+    """GRU only: the full GRU with Γ_r (`true`) or the simplified one."""
+    gru_reset: Literal["before", "after"] = "before"
+    """GRU only: `before`, the lecture's Γ_r * c(t-1) inside the product (Cho et al. 2014); `after`,
+    PyTorch's Γ_r * (W_cc c(t-1) + b_cc)."""
+    gradients: Literal["manual", "autograd"] = "manual"
+    """How the gradients are computed: `manual`, the hand-written backpropagation through time
+    (lmtrain/backprop/); `autograd`, PyTorch's autograd through the same forward."""
+    direction: Literal["forward", "bi"] = "forward"
+    """`bi`: also train a right-to-left LM sharing embedding and softmax (ELMo); the loss is the mean of
+    both."""
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32
-    bptt: int = 64                     # stream: truncated-BPTT length; sentences: longest sequence
-    optimizer: str = "adam"            # adam | adamw | sgd
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.0              # sgd only
-    schedule: str = "constant"         # constant | cosine (over the step, epoch or time budget) | step
-    warmup_steps: int = 0
-    min_lr: float = 0.0                # cosine and step floor
-    decay_start: int = 0               # step schedule: the first step at lr * decay_rate
-    decay_every: int = 1000            # step schedule: a further decay_rate every this many steps
-    decay_rate: float = 0.5            # step schedule
-    activation_regularization: float = 0.0           # AR's α: α mean((m ⊙ a)²) added to the loss
-    temporal_activation_regularization: float = 0.0  # TAR's β: β mean((a(t) - a(t+1))²)
-    clip: float = 5.0                  # global gradient-norm clip; 0 turns it off
-    max_steps: int | None = None       # stop at whichever of the three limits comes first
-    max_epochs: int | None = None
-    max_seconds: float | None = None
-    eval_every: int = 500
-    eval_segment: int = 2048           # stream mode: evaluation reads the split in segments this long
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_last: int = 2                 # step-numbered checkpoints kept besides last.pt and best.pt
-    max_bad_steps: int = 5             # non-finite steps in a row (each skipped) before training stops
-    final_samples: int = 5             # sentences printed when training ends
-    sample_every: int | None = None    # also print a few samples every this many steps
-    tensorboard: bool = False          # also log to <out_dir>/tensorboard (needs the tensorboard package)
-    seed: int = 1234
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    threads: int | str = "auto"        # CPU threads: auto (the free cores, following the load) | a number
-    precision: str = "float32"         # float32 | bfloat16: the training step's matrix products take bfloat16
-                                       # factors, summed in float32 (mixed precision); evaluation stays float32
+    """`train`: the optimisation, its limits, and what a run writes."""
+
+    batch_size: Annotated[int, POSITIVE] = 32
+    """Rows (stream) or sentences (sentences mode) per step."""
+    bptt: Annotated[int, POSITIVE] = 64
+    """Stream: the truncated-BPTT length; sentences: the longest piece."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """`adam`, `adamw` or `sgd` (with `train.momentum`)."""
+    lr: Annotated[float, POSITIVE] = 2e-3
+    """The learning rate (the schedule's peak)."""
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
+    """L2 penalty (`adam`, `sgd`) or decoupled decay (`adamw`)."""
+    momentum: Annotated[float, NON_NEGATIVE] = 0.0
+    """SGD only."""
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    """`constant`; `cosine` from `lr` to `train.min_lr` over the step, epoch or time budget; `step`: `lr`
+    until `train.decay_start`, then times `train.decay_rate` there and every `train.decay_every` steps
+    (Zaremba et al. 2014). All after `train.warmup_steps` of linear warmup."""
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 0
+    """Steps of linear warmup from 0 to `lr`."""
+    min_lr: Annotated[float, NON_NEGATIVE] = 0.0
+    """The floor of the cosine and step schedules."""
+    decay_start: Annotated[int, NON_NEGATIVE] = 0
+    """Step schedule: the first step at `lr * decay_rate`."""
+    decay_every: Annotated[int, POSITIVE] = 1000
+    """Step schedule: a further `decay_rate` every this many steps."""
+    decay_rate: float = 0.5
+    """Step schedule: the factor, in (0, 1]."""
+    activation_regularization: Annotated[float, NON_NEGATIVE] = 0.0
+    """AR's α: adds α mean((m ⊙ a(t))²) over the last layer's outputs after dropout (Merity et al. 2017)."""
+    temporal_activation_regularization: Annotated[float, NON_NEGATIVE] = 0.0
+    """TAR's β: adds β mean((a(t) - a(t+1))²) over the last layer's outputs (Merity et al. 2017)."""
+    clip: Annotated[float, NON_NEGATIVE] = 5.0
+    """Clip the global gradient norm to this; 0 turns it off."""
+    max_steps: Annotated[int | None, POSITIVE] = None
+    """Stop after this many steps (whichever of the three limits comes first; at least one is set)."""
+    max_epochs: Annotated[int | None, POSITIVE] = None
+    """Stop after this many passes over the training split."""
+    max_seconds: Annotated[float | None, POSITIVE] = None
+    """Stop after this many seconds of training steps (evaluation not counted)."""
+    eval_every: Annotated[int, POSITIVE] = 500
+    """Steps between validation runs."""
+    eval_segment: Annotated[int, POSITIVE] = 2048
+    """Stream mode: evaluation reads the split in segments this long."""
+    log_every: Annotated[int, POSITIVE] = 50
+    """Steps between `train` events in metrics.jsonl."""
+    checkpoint_every: Annotated[int, POSITIVE] = 1000
+    """Steps between writes of last.pt."""
+    keep_last: Annotated[int, NON_NEGATIVE] = 2
+    """Step-numbered checkpoints kept besides last.pt and best.pt (0: only last.pt)."""
+    max_bad_steps: Annotated[int, POSITIVE] = 5
+    """Non-finite steps in a row (each skipped) before training stops."""
+    final_samples: Annotated[int, NON_NEGATIVE] = 5
+    """Sentences sampled when training ends."""
+    sample_every: Annotated[int | None, POSITIVE] = None
+    """Also print a few samples every this many steps (their own RNG: the training is unchanged)."""
+    tensorboard: bool = False
+    """Also log to <out_dir>/tensorboard (needs the tensorboard package)."""
+    seed: Annotated[int, NON_NEGATIVE] = 1234
+    """Initialisation, dropout and data order."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
+    threads: int | Literal["auto"] = "auto"
+    """CPU threads: `auto`, the cores this process may use less those other processes keep busy,
+    following the load while training (docs/running.md); or a number."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """`bfloat16`: mixed precision, the training step's matrix products take bfloat16 factors summed in
+    float32; weights, states, the loss, the optimizer and evaluation stay float32."""
     out_dir: str = "runs/default"
+    """Where the run's files go."""
 
 
 @dataclass
@@ -120,34 +211,54 @@ class Config:
 MAX_THREADS = 1024  # more is no machine's core count, and each thread is an OS thread with a stack
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.level": ("char", "word"),
-    "data.mode": ("stream", "sentences"),
-    "data.eos": ("line", "none"),
-    "data.encoding_errors": ("strict", "replace"),
-    "model.cell": ("rnn", "gru", "lstm"),
-    "model.init": ("auto", "zaremba", "torch"),
-    "model.gru_reset": ("before", "after"),
-    "model.backward": ("autograd", "manual"),
-    "model.direction": ("forward", "bi"),
-    "train.optimizer": ("adam", "adamw", "sgd"),
-    "train.schedule": ("constant", "cosine", "step"),
-    "train.precision": ("float32", "bfloat16"),
-}
-POSITIVE = ("model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
-            "train.bptt", "train.lr", "train.eval_every", "train.eval_segment", "train.log_every",
-            "train.checkpoint_every", "train.sample_every", "train.max_bad_steps", "train.max_steps", "train.max_epochs", "train.max_seconds",
-            "data.min_freq", "train.decay_every")
-NON_NEGATIVE = ("train.decay_start", "train.activation_regularization", "train.temporal_activation_regularization",
-                "train.keep_last", "train.weight_decay", "train.momentum", "train.warmup_steps", "train.min_lr",
-                "train.clip", "train.final_samples", "train.seed")
-DATA_PATHS = ("data.path", "data.train", "data.valid", "data.test")
-PATHS = (*DATA_PATHS, "train.out_dir")
+# Keys renamed since: a config or checkpoint that still has the old one is read as the new.
+RENAMED = {"model.backward": "model.gradients"}
+
+
+def _annotations(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a field's type: `int | None` -> (int, NoneType); Annotated marks dropped."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(option for part in typing.get_args(annotation) for option in _options(part))
+    return (annotation,)
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The words a key accepts, from its `Literal[...]` type: `choices("model.cell")` -> ("rnn", "gru", "lstm")."""
+    section, _, name = key.partition(".")
+    return tuple(word for option in _options(_annotations(SECTIONS[section])[name])
+                 if typing.get_origin(option) is typing.Literal for word in typing.get_args(option))
+
+
+def _marked(mark: str) -> tuple[str, ...]:
+    return tuple(f"{section}.{name}" for section, cls in SECTIONS.items()
+                 for name, annotation in _annotations(cls).items()
+                 if typing.get_origin(annotation) is typing.Annotated and mark in typing.get_args(annotation)[1:])
 
 
 def all_keys() -> list[str]:
     """Every dotted key a config accepts, e.g. `model.hidden_size`."""
     return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _annotation(key: str) -> Any:
+    section, _, name = key.partition(".")
+    return _annotations(SECTIONS[section])[name]
+
+
+# The keys that are a choice of words and nothing else, e.g. model.cell; model.forget_bias (a number or
+# auto) is not one: it is checked by its type.
+CHOICES: dict[str, tuple[str, ...]] = {
+    key: choices(key) for key in all_keys()
+    if all(typing.get_origin(option) is typing.Literal for option in _options(_annotation(key)))}
+POSITIVE_KEYS, NON_NEGATIVE_KEYS, RATE_KEYS = _marked(POSITIVE), _marked(NON_NEGATIVE), _marked(RATE)
+DATA_PATHS = ("data.path", "data.train", "data.valid", "data.test")
+PATHS = (*DATA_PATHS, "train.out_dir")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -168,6 +279,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if key in PATHS and isinstance(value, (int, float, bool)):
             value = item.partition("=")[2].strip()  # `data.path=2024` is the file "2024", not a number
         values[key] = _absolute(key, value, Path.cwd()) if key in DATA_PATHS and isinstance(value, str) else value
+    for old in set(values) & set(RENAMED):
+        warnings.warn(f"{old} is now called {RENAMED[old]}: read as {RENAMED[old]}", stacklevel=2)
     if overridden & set(DATA_PATHS) and "data.corpus" not in overridden:
         values.pop("data.corpus", None)  # files named on the command line win over the YAML's corpus
     return build_config(values)
@@ -267,17 +380,30 @@ _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlev
 
 def build_config(values: dict[str, Any]) -> Config:
     """Build a Config from a flat {dotted key: value} dict; unknown keys and bad values raise."""
+    values = renamed_keys(values)
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in values.items():
         section, _, name = key.partition(".")
         if key not in all_keys():
             raise ConfigError(f"unknown config key {shown(key)}{_suggestion(key)}")
-        sections[section][name] = _coerce(key, value, _field_type(SECTIONS[section], name))
+        sections[section][name] = _coerce(key, value, _annotation(key))
     config = Config(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
     validate(config)
     config.model.init, config.model.forget_bias = initialisation(config.model.init, config.model.forget_bias,
                                                                  optimizer=config.train.optimizer)
     return config
+
+
+def renamed_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each old key of RENAMED under its new name (a checkpoint written before the rename
+    loads as it was)."""
+    values = dict(values)
+    for old, new in RENAMED.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{old} and {new} are one setting ({old} is its old name): give only {new}")
+            values[new] = values.pop(old)
+    return values
 
 
 def initialisation(init: str, forget_bias: float | None | str, *, optimizer: str = TrainConfig.optimizer
@@ -300,22 +426,21 @@ def validate(config: Config) -> None:
         if any(isinstance(number, float) and not math.isfinite(number)
                for number in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"{key} must be a finite number; got {shown(value)}")
-    for key, choices in CHOICES.items():
-        if get_value(config, key) not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {shown(get_value(config, key))}")
-    for key in POSITIVE:
+    for key, words in CHOICES.items():
+        if get_value(config, key) not in words:
+            raise ConfigError(f"{key} must be one of {', '.join(words)}; got {shown(get_value(config, key))}")
+    for key in POSITIVE_KEYS:
         value = get_value(config, key)
-        if value is not None and not value > 0:
+        if value is not None and not value > 0:  # written so that NaN fails too
             raise ConfigError(f"{key} must be positive; got {value}")
-    for key in NON_NEGATIVE:
-        if not get_value(config, key) >= 0:  # written so that NaN fails too
+    for key in NON_NEGATIVE_KEYS:
+        if not get_value(config, key) >= 0:
             raise ConfigError(f"{key} must not be negative; got {get_value(config, key)}")
-    data, model, train = config.data, config.model, config.train
-    for key in ("model.dropout", "model.input_dropout", "model.layer_dropout", "model.output_dropout",
-                "model.embedding_dropout", "model.weight_drop"):
+    for key in RATE_KEYS:
         value = get_value(config, key)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1); got {value}")
+    data, model, train = config.data, config.model, config.train
     if not 0.0 < train.decay_rate <= 1.0:
         raise ConfigError(f"train.decay_rate must be in (0, 1]; got {train.decay_rate}")
     if model.tie_weights and model.embed_size != model.hidden_size:
@@ -323,8 +448,8 @@ def validate(config: Config) -> None:
                           f"got {model.embed_size} and {model.hidden_size}")
     if model.gru_reset == "after" and not model.relevance_gate:
         raise ConfigError("model.gru_reset: after needs model.relevance_gate: true (it places the relevance gate)")
-    if train.precision != "float32" and config.model.backward != "manual":
-        raise ConfigError(f"train.precision: {train.precision} needs model.backward: manual (the autograd layers "
+    if train.precision != "float32" and config.model.gradients != "manual":
+        raise ConfigError(f"train.precision: {train.precision} needs model.gradients: manual (the autograd layers "
                           "make their products in float32)")
     if data.max_vocab is not None and data.max_vocab < 3:
         raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word); got {data.max_vocab}")
@@ -347,8 +472,6 @@ def validate(config: Config) -> None:
 
     if "\0" in train.out_dir:
         raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
-    if isinstance(model.forget_bias, str) and model.forget_bias != "auto":
-        raise ConfigError(f"model.forget_bias must be a number, null or auto; got {shown(model.forget_bias)}")
     if train.threads != "auto" and not (isinstance(train.threads, int) and 1 <= train.threads <= MAX_THREADS):
         raise ConfigError(f"train.threads must be auto or a number of threads from 1 to {MAX_THREADS}; got "
                           f"{shown(train.threads)}")
@@ -369,6 +492,11 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
 def from_dict(nested: dict[str, dict[str, Any]]) -> Config:
     """Inverse of `to_dict`, validated (used for the config stored in a checkpoint)."""
     return build_config({f"{s}.{k}": v for s, section in nested.items() for k, v in section.items()})
+
+
+def to_yaml_value(value: Any) -> str:
+    """One value as YAML writes it inline: `[0.9, 0.1]`, `true`, `0.002`."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def to_yaml(config: Config) -> str:
@@ -413,18 +541,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
 def _coerce(key: str, value: Any, expected: Any) -> Any:
-    """Check `value` against the field's annotation; widen int -> float and read '3e-3' as a float
-    (YAML 1.1 reads `3e-3` as a string)."""
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    """Check `value` against the field's type; widen int -> float and read '3e-3' as a float (YAML 1.1
+    reads `3e-3` as a string)."""
+    options = _options(expected)
     if value is None and type(None) in options:
         return None
     for option in options:
-        if option is type(None):
+        if typing.get_origin(option) is typing.Literal:
+            if isinstance(value, str) and value in typing.get_args(option):
+                return value
             continue
         if typing.get_origin(option) is list:
             (item_type,) = typing.get_args(option)
@@ -445,14 +571,18 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
                     pass
         if option is str and isinstance(value, str):
             return value
-    raise ConfigError(f"{key} must be {_type_name(expected)}; got {shown(value)}")
+    if key in CHOICES:
+        raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {shown(value)}")
+    raise ConfigError(f"{key} must be {type_name(expected)}; got {shown(value)}")
 
 
-def _type_name(expected: Any) -> str:
+def type_name(expected: Any) -> str:
+    """A field's type in words: `float | None | Literal["auto"]` -> "a number, null or auto"."""
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              type(None): "null"}
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
-    return " or ".join(names.get(o, "a list of numbers") for o in options)
+    words = [" or ".join(typing.get_args(option)) if typing.get_origin(option) is typing.Literal
+             else names.get(option, "a list of numbers") for option in _options(expected)]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _suggestion(key: str, candidates: list[str] | None = None) -> str:

@@ -7,7 +7,7 @@ class LmtrainError(Exception):
     """A mistake in the user's input (config, files, options); the CLI prints it as one line."""
 
     # True on the copies of one error that the other processes of a distributed training raise
-    # (`lmtrain.distributed`): process 0 prints it, they exit without a word.
+    # (`lmtrain.training.distributed`): process 0 prints it, they exit without a word.
     quiet: bool = False
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.agreement import agreement_report
 from lmtrain.config import load_config
-from lmtrain.train import train
+from lmtrain.evaluation.agreement import agreement_report
+from lmtrain.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ("rnn", "gru", "lstm")
@@ -49,8 +49,8 @@ def main() -> None:
     lines.append("| valid loss (nats/word) | " + " | ".join(f"{losses[c]:.4f}" for c in CELLS) + " | |")
     command = " ".join(["python scripts/agreement_table.py", *sys.argv[1:]])
     header = [f"`{command}` ({platform.machine()}, torch {torch.__version__}): "
-              f"configs/agreement-CELL.yaml for each cell ({config.train.max_steps} steps, model.backward "
-              f"{config.model.backward}), then `lmtrain eval agreement --checkpoint {args.out_dir}/CELL/best.pt`. "
+              f"configs/agreement-CELL.yaml for each cell ({config.train.max_steps} steps, model.gradients "
+              f"{config.model.gradients}), then `lmtrain eval agreement --checkpoint {args.out_dir}/CELL/best.pt`. "
               f"Accuracy = share of minimal pairs whose correct sentence the model finds more probable.", ""]
     text = "\n".join(header + lines) + "\n"
     print(text)

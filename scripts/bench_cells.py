@@ -5,7 +5,7 @@
 
 (`--doc` writes the table as the section "Layers against torch.nn" of that file, or "... on a GPU", or
 TITLE.) "lmtrain manual" is the hand-written backward as `lmtrain train` runs it (oneDNN's products, and for
-the LSTM the compiled loops of lmtrain.kernels where they are built); "manual, ATen GEMM" the same with
+the LSTM the compiled loops of lmtrain.speed.kernels where they are built); "manual, ATen GEMM" the same with
 oneDNN off, "manual, Python loops" with the compiled loops off (the same as "manual" for RNN and GRU).
 
 For each size (B, T, H) (input size = H) and cell: one training step = forward + backward of the sum of
@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from comparison import allocator_settings
 from doc_sections import write_section
-from lmtrain.gemm import use_onednn
-from lmtrain.kernels import use_compiled
-from lmtrain.layers import RecurrentStack
+from torch import nn
+
+from lmtrain.model.layers import RecurrentStack
+from lmtrain.speed import kernels
+from lmtrain.speed.gemm import use_onednn
 
 SIZES = ((32, 64, 128), (64, 128, 256), (64, 128, 512), (1, 256, 512), (64, 128, 1024))
 VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual aten", "lmtrain manual python", "lmtrain manual")
@@ -55,18 +55,18 @@ def build(variant: str, cell: str, hidden: int) -> nn.Module:
     backward = variant.split()[1]  # "lmtrain manual aten": the manual backward with ATen's GEMMs
     # The PyTorch-convention GRU is the like-for-like comparison with nn.GRU.
     options = {"gru_reset": "after"} if cell == "gru" else {}
-    return RecurrentStack(cell, hidden, hidden, backward=backward, **options)
+    return RecurrentStack(cell, hidden, hidden, gradients=backward, **options)
 
 
 def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True, compiled: bool = True):
-    """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.gemm),
-    `compiled=False` the LSTM's Python loops instead of the compiled ones (lmtrain.kernels)."""
+    """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.speed.gemm),
+    `compiled=False` the LSTM's Python loops instead of the compiled ones (lmtrain.speed.kernels)."""
     module.to(x.device)
 
     def step() -> None:
         x.grad = None
         module.zero_grad(set_to_none=True)
-        with use_onednn(onednn), use_compiled(compiled):
+        with use_onednn(onednn), kernels.switched(compiled):
             output, _ = module(x)
             output.sum().backward()
         if x.is_cuda:
@@ -138,7 +138,8 @@ def main() -> None:
               "| cell | B, T, H | torch.nn ms | lmtrain autograd ms (ratio) | lmtrain manual, ATen GEMM ms (ratio) | "
               "lmtrain manual, Python loops ms (ratio) | lmtrain manual ms (ratio) | torch.nn tokens/s | "
               "lmtrain manual tokens/s | "
-              f"peak {'CUDA' if args.device == 'cuda' else 'RSS'} MB torch.nn / autograd / manual ATen / manual Python / manual |",
+              f"peak {'CUDA' if args.device == 'cuda' else 'RSS'} MB torch.nn / autograd / manual ATen / "
+              "manual Python / manual |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     print("\n".join(header), flush=True)
     rows = []
@@ -152,7 +153,8 @@ def main() -> None:
                 base = peak_rss_mb(None, cell, size)
                 rss = [peak_rss_mb(variant, cell, size) - base for variant in VARIANTS]
             reference = median["torch.nn"]
-            timed = " | ".join(f"{1e3 * median[variant]:.1f} ({median[variant] / reference:.2f}x)" for variant in VARIANTS[1:])
+            timed = " | ".join(f"{1e3 * median[variant]:.1f} ({median[variant] / reference:.2f}x)"
+                               for variant in VARIANTS[1:])
             row = (f"| {cell} | {B}, {T}, {size[2]} | {1e3 * reference:.1f} | {timed} | "
                    f"{B * T / reference:,.0f} | {B * T / median['lmtrain manual']:,.0f} | "
                    f"{' / '.join(f'{m:.0f}' for m in rss)} |")

@@ -30,7 +30,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
 from comparison import allocator_settings, baseline_note, provenance
 from doc_sections import write_section
 
@@ -117,13 +116,13 @@ def main() -> None:
     best = {load: max(median["lmtrain, threads 1", load], median["lmtrain, threads 2", load]) for load in LOADS}
     lines.append("| lmtrain auto / its best fixed count | "
                  + " | ".join(f"{median['lmtrain, default (auto)', load] / best[load]:.2f}x" for load in LOADS) + " |")
-    lines.append("| lmtrain auto / reference default | "
-                 + " | ".join(f"{median['lmtrain, default (auto)', load] / median['reference, default threads', load]:.2f}x"
-                              for load in LOADS) + " |")
+    lines.append("| lmtrain auto / reference default | " + " | ".join(
+        f"{median['lmtrain, default (auto)', load] / median['reference, default threads', load]:.2f}x"
+        for load in LOADS) + " |")
     if args.baseline:
-        lines.append("| lmtrain auto / the baseline's defaults | "
-                     + " | ".join(f"{median['lmtrain, default (auto)', load] / median['lmtrain baseline, its defaults', load]:.2f}x"
-                                  for load in LOADS) + " |")
+        lines.append("| lmtrain auto / the baseline's defaults | " + " | ".join(
+            f"{median['lmtrain, default (auto)', load] / median['lmtrain baseline, its defaults', load]:.2f}x"
+            for load in LOADS) + " |")
         lines += ["", baseline_note(args.baseline)]
     print("\n".join(lines))
     if args.doc:

@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from comparison import ROOT, allocator_settings, baseline_note, provenance
 from doc_sections import write_section
 
@@ -41,7 +40,7 @@ def allocator() -> str:
     """The MALLOC_* variables set, or lmtrain's own settings, which apply when none is."""
     if any(name.startswith("MALLOC_") for name in os.environ):
         return allocator_settings()
-    return "lmtrain's own settings (no MALLOC_* variable set; `lmtrain/memory.py`)"
+    return "lmtrain's own settings (no MALLOC_* variable set; `lmtrain/speed/memory.py`)"
 
 
 def write_corpus(path: Path, vocabulary: int, tokens: int, seed: int) -> None:
@@ -106,8 +105,8 @@ def main() -> None:
             write_corpus(folder / "valid.txt", vocabulary, 20_000, seed=2)
             for label, model in MODELS.items():
                 results = [measure(folder, vocabulary, model, args.steps, checkout) for checkout in checkouts]
-                row = f"| {results[0]['words']:,} | {label} | " + " | ".join(f"{results[0][k]:,.0f}" for k in ("train", "eval",
-                                                                                                  "sample"))
+                row = f"| {results[0]['words']:,} | {label} | " + " | ".join(f"{results[0][k]:,.0f}"
+                                                                             for k in ("train", "eval", "sample"))
                 if args.baseline:
                     row += " | " + " / ".join(f"{results[1][k]:,.0f}" for k in ("train", "eval", "sample"))
                 lines.append(row + " |")

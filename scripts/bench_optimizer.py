@@ -3,7 +3,7 @@
 
     python scripts/bench_optimizer.py
 
-`lmtrain.optim.build_optimizer` takes the fused Adam (and plain SGD); this is the measurement behind it.
+`lmtrain.training.optim.build_optimizer` takes the fused Adam (and plain SGD); this is the measurement behind it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lmtrain.model import LanguageModel
+from lmtrain.model.language_model import LanguageModel
 
 MODELS = {  # name -> (vocabulary, embedding, hidden, layers)
     "Tiny Shakespeare 2x256 (configs/tinyshakespeare-char.yaml)": (65, 64, 256, 2),
@@ -39,7 +39,8 @@ def main() -> None:
         model = LanguageModel(vocabulary, embed_size=embedding, hidden_size=hidden, num_layers=layers)
         for parameter in model.parameters():
             parameter.grad = torch.randn(parameter.shape, generator=generator)
-        optimizers = {label: kind(model.parameters(), lr=1e-3, **options) for label, (kind, options) in VARIANTS.items()}
+        optimizers = {label: kind(model.parameters(), lr=1e-3, **options)
+                      for label, (kind, options) in VARIANTS.items()}
         times: dict[str, list[float]] = {label: [] for label in VARIANTS}
         for step in range(STEPS + 3):
             for label, optimizer in optimizers.items():
@@ -48,7 +49,8 @@ def main() -> None:
                 if step >= 3:  # the first steps create the optimizer state
                     times[label].append(time.perf_counter() - begin)
         count = sum(p.numel() for p in model.parameters())
-        print(f"| {name} | {count:,} | " + " | ".join(f"{1e3 * statistics.median(t):.2f}" for t in times.values()) + " |")
+        print(f"| {name} | {count:,} | " + " | ".join(f"{1e3 * statistics.median(t):.2f}" for t in times.values())
+              + " |")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from comparison import machine_line
-from lmtrain import kernels
+
 from lmtrain.config import load_config
-from lmtrain.train import Trainer
+from lmtrain.speed import kernels
+from lmtrain.training.trainer import Trainer
 
 WARM_UP, BLOCK = 10, 5
 VARIANTS = [("float32", True), ("bfloat16", True), ("bfloat16", False)]  # (train.precision, compiled loops)
@@ -68,7 +68,7 @@ def main() -> None:
             nonlocal index
             chosen = VARIANTS[(index // BLOCK) % len(VARIANTS)] if index >= WARM_UP else VARIANTS[index % len(VARIANTS)]
             trainer.config.train.precision = chosen[0]
-            with kernels.use_compiled(chosen[1]):
+            with kernels.switched(chosen[1]):
                 begin = time.perf_counter()
                 result = step(*step_args)
                 if index >= WARM_UP:
@@ -85,7 +85,8 @@ def main() -> None:
     print("| train.precision | LSTM loops | median step (ms) | ratio to float32 |\n|---|---|---|---|")
     for precision, compiled in VARIANTS:
         median = statistics.median(times[(precision, compiled)])
-        print(f"| {precision} | {'compiled' if compiled else 'Python'} | {1e3 * median:.1f} | {median / baseline:.2f}x |")
+        print(f"| {precision} | {'compiled' if compiled else 'Python'} | {1e3 * median:.1f} | "
+              f"{median / baseline:.2f}x |")
 
 
 if __name__ == "__main__":

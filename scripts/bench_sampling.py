@@ -13,27 +13,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-
 from comparison import allocator_settings
 from doc_sections import write_section
-from lmtrain.model import LanguageModel
-from lmtrain.sampling import generate
-from lmtrain.tokenizer import Tokenizer
 
+from lmtrain.data.tokenizer import Tokenizer
+from lmtrain.evaluation.sampling import generate
+from lmtrain.model.language_model import LanguageModel
 
 
 class NeverEnds(LanguageModel):
     """The model with `<eos>` made impossible, so that every sample has the same length."""
 
-    def forward(self, tokens, state=None, *, backward=False):
-        logits, state = super().forward(tokens, state, backward=backward)
+    def forward(self, tokens, state=None, *, right_to_left=False):
+        logits, state = super().forward(tokens, state, right_to_left=right_to_left)
         logits[..., 1] = float("-inf")  # EOS = 1
         return logits, state
 
@@ -49,7 +48,7 @@ def main() -> None:
     tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
     torch.manual_seed(0)
     model = NeverEnds(tokenizer.vocab_size, cell="lstm", embed_size=64, hidden_size=512, num_layers=2,
-                      backward="manual").to(args.device)
+                      gradients="manual").to(args.device)
     generator = torch.Generator(device=args.device).manual_seed(0)
     run = lambda: generate(model, tokenizer, num=args.num, max_tokens=args.tokens,  # noqa: E731
                            sentence_start=False, generator=generator)
@@ -65,7 +64,7 @@ def main() -> None:
              f"threads, allocator: {allocator}, device {args.device}: 2x512 LSTM, vocabulary {tokenizer.vocab_size}, "
              f"{args.num} samples x {args.tokens} tokens side by side: **median {statistics.median(speeds):,.0f} "
              f"tokens/s** (runs: {', '.join(f'{s:,.0f}' for s in speeds)}). The state is carried from token "
-             f"to token (`lmtrain.sampling.generate`); the prefix never runs again."]
+             f"to token (`lmtrain.evaluation.sampling.generate`); the prefix never runs again."]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "Sampling" + (" on a GPU" if args.device == "cuda" else ""), "\n".join(lines))

@@ -1,6 +1,6 @@
 """A training step with and without the last two rounds' speed-ups, alternating in one process: the compiled
-LSTM loops (`lmtrain.kernels`), the output layer's forward by oneDNN (`gemm.projection`, against
-`torch.nn.functional.linear`), and the output layer fused with its loss (`lmtrain.loss`, against the
+LSTM loops (`lmtrain.speed.kernels`), the output layer's forward by oneDNN (`gemm.projection`, against
+`torch.nn.functional.linear`), and the output layer fused with its loss (`lmtrain.speed.loss`, against the
 logits, then torch's `cross_entropy`).
 
     python scripts/bench_train_step.py PATH/TO/tinyshakespeare/input.txt [--steps 120] [override ...]
@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-
 from comparison import allocator_settings
-from lmtrain import gemm, kernels, loss
+
 from lmtrain.config import load_config
-from lmtrain.model import Projection
-from lmtrain.train import Trainer
+from lmtrain.model.language_model import Projection
+from lmtrain.speed import gemm, kernels, loss
+from lmtrain.training.trainer import Trainer
 
 WARM_UP, BLOCK = 10, 5
-# (compiled LSTM loops, oneDNN output layer forward, fused loss): none, each round's addition in turn
+# (compiled LSTM loops, oneDNN output layer forward, fused loss): none, then each speed-up added in turn
 VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
 
 
@@ -51,7 +51,7 @@ def variant(compiled: bool, onednn_projection: bool, fused_loss: bool):
     if not fused_loss:
         Projection.summed_nll = unfused_nll
     try:
-        with kernels.use_compiled(compiled):
+        with kernels.switched(compiled):
             yield
     finally:
         gemm.projection, Projection.summed_nll = projection, summed_nll
@@ -92,7 +92,8 @@ def main() -> None:
     model = config.model
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"allocator: {allocator}; {args.config} ({model.cell} {model.num_layers}x{model.hidden_size}, batch "
-          f"{config.train.batch_size}, bptt {config.train.bptt}), {args.steps} steps in blocks of {BLOCK} per variant\n")
+          f"{config.train.batch_size}, bptt {config.train.bptt}), {args.steps} steps in blocks of {BLOCK} "
+          "per variant\n")
     baseline = statistics.median(times[variants[0]])
     print("| compiled LSTM loops | output layer forward | loss | median step ms | ratio |")
     print("|---|---|---|---:|---:|")

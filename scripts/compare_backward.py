@@ -2,8 +2,8 @@
 
     python scripts/compare_backward.py [--config configs/quickstart.yaml] [--steps 5000] [KEY=VALUE ...]
 
-Same config, seed and data order; only `model.backward` differs (extra KEY=VALUE overrides go to both). Prints a markdown table (validation
-loss, test perplexity, training time and tokens/s) to paste into docs/backprop.md.
+Same config, seed and data order; only `model.gradients` differs (extra KEY=VALUE overrides go to both). Prints a
+markdown table (validation loss, test perplexity, training time and tokens/s) to paste into docs/backprop.md.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-
 from comparison import allocator_settings
+
 from lmtrain.config import load_config
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluate import evaluate_checkpoint
-from lmtrain.train import train
+from lmtrain.evaluation.perplexity import evaluate_checkpoint
+from lmtrain.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ def main() -> None:
     for backward in ("autograd", "manual"):
         out_dir = args.out_dir / backward
         config = load_config(args.config,
-                             [*args.overrides, f"model.backward={backward}", f"train.max_steps={args.steps}",
+                             [*args.overrides, f"model.gradients={backward}", f"train.max_steps={args.steps}",
                               f"train.out_dir={out_dir}", "train.final_samples=0"])
         result = train(config, echo=print, progress_bar=False)
         try:
@@ -48,7 +48,7 @@ def main() -> None:
     allocator = allocator_settings()
     print(f"\n`python scripts/compare_backward.py {' '.join(sys.argv[1:])}` on {platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator}\n")
-    print("| model.backward | best valid loss | test (else valid) perplexity | training time | tokens/s |")
+    print("| model.gradients | best valid loss | test (else valid) perplexity | training time | tokens/s |")
     print("|---|---:|---:|---:|---:|")
     print("\n".join(rows))
 

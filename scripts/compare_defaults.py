@@ -1,4 +1,4 @@
-"""A config that sets only the data keys (what a user writes from the README's key table) against the
+"""A config that sets only the data keys (what a user writes from docs/config.md) against the
 gallery's tuned config for the same corpus, at equal steps: how much the defaults leave on the table.
 
     python scripts/compare_defaults.py PATH/TO/tinyshakespeare/input.txt [--steps 1000]
@@ -55,7 +55,7 @@ def main() -> None:
             limits = [f"train.max_steps={steps}", "train.max_seconds=null", "train.max_epochs=null"]
             defaults = data_only_config(folder, data)
             variants = [("data keys only (the defaults)", defaults, limits),
-                        ("data keys only, the defaults before (init zaremba, forget_bias 1)", defaults,
+                        ("data keys only, with init: zaremba and forget_bias: 1", defaults,
                          limits + OLD_DEFAULTS),
                         (f"`{gallery}`", str(ROOT / gallery), gallery_settings + limits)]
             results = {}
@@ -67,8 +67,10 @@ def main() -> None:
             rows += [(corpus, steps, label, result["valid_loss"], result["valid_loss"] / tuned)
                      for label, result in results.items()]
     lines = [f"`python scripts/compare_defaults.py {' '.join(sys.argv[1:])}` ({provenance()})", "",
-             "| corpus | steps | config | valid loss (nats/token) | / the gallery config's |", "|---|---:|---|---:|---:|"]
-    lines += [f"| {corpus} | {steps:,} | {label} | {loss:.4f} | {ratio:.3f} |" for corpus, steps, label, loss, ratio in rows]
+             "| corpus | steps | config | valid loss (nats/token) | / the gallery config's |",
+             "|---|---:|---|---:|---:|"]
+    lines += [f"| {corpus} | {steps:,} | {label} | {loss:.4f} | {ratio:.3f} |"
+              for corpus, steps, label, loss, ratio in rows]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "What the defaults learn", "\n".join(lines))

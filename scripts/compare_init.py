@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from reference_nn_lstm import CharLSTM, batchify, split_text
 from torch import nn
 
-from reference_nn_lstm import CharLSTM, batchify, split_text
-from lmtrain.model import LanguageModel
+from lmtrain.model.language_model import LanguageModel
 
 VARIANTS = {"reference nn.LSTM": None,
             "lmtrain, init zaremba, forget_bias 1 (the defaults)": dict(init="zaremba", forget_bias=1.0),
@@ -31,7 +31,7 @@ def build(options: dict | None, vocab_size: int) -> nn.Module:
     torch.manual_seed(0)
     if options is None:
         return CharLSTM(vocab_size)
-    return LanguageModel(vocab_size, embed_size=64, hidden_size=256, num_layers=2, backward="manual", **options)
+    return LanguageModel(vocab_size, embed_size=64, hidden_size=256, num_layers=2, gradients="manual", **options)
 
 
 def detach(state):

@@ -1,12 +1,12 @@
-"""The LSTM's compiled time loops against last round's, alternating in one process: this round's
-(`lmtrain/csrc/kernels.cpp`: each thread makes its units' share of every step's recurrent product itself)
-and last round's (`lmtrain/csrc/lstm_loops.cpp` at commit 5390b09: one oneDNN call per step, W packed once
-per sequence by `gemm.FixedProduct`), both built with the same flags.
+"""The LSTM's compiled time loops against the earlier per-step design, alternating in one process: the
+current loops (`lmtrain/speed/csrc/kernels.cpp`: each thread makes its units' share of every step's
+recurrent product itself) and the per-step ones (`lmtrain/csrc/lstm_loops.cpp` at commit 5390b09: one
+oneDNN call per step, W packed once per sequence by `gemm.FixedProduct`), both built with the same flags.
 
     python scripts/compare_lstm_loops.py [--repeats 9]
 
 Needs the git history (the old source is read with `git show`). Times one forward and one backward time
-loop (the products over all steps, which both leave to `lmtrain.gemm`, are not included) at each size,
+loop (the products over all steps, which both leave to `lmtrain.speed.gemm`, are not included) at each size,
 the two implementations taking turns, and prints the medians and their ratio.
 """
 
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from comparison import allocator_settings
-from lmtrain import kernel_build, kernels
-from lmtrain.gemm import FixedProduct
+
+from lmtrain.speed import kernel_build, kernels
+from lmtrain.speed.gemm import FixedProduct
 
 ROOT = Path(__file__).resolve().parent.parent
-OLD = ("5390b09", "lmtrain/csrc/lstm_loops.cpp")
+OLD = ("5390b09", "lmtrain/csrc/lstm_loops.cpp")  # the path at that commit
 SIZES = [(20, 35, 200), (32, 64, 256), (64, 128, 256), (128, 16, 512), (64, 128, 512)]  # (B, T, H)
 
 
@@ -45,7 +45,7 @@ def build_old(folder: Path):
 
 
 def old_arguments(product: FixedProduct) -> tuple[torch.Tensor, bool]:
-    """What last round's loops took: the packed W for oneDNN, or Wᵀ for mm."""
+    """What the per-step loops took: the packed W for oneDNN, or Wᵀ for mm."""
     return (product.W, True) if product.onednn else (product.W_t, False)
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     allocator = allocator_settings()
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"allocator: {allocator}; medians of {args.repeats} alternating forward + backward time loops\n")
-    print("| B, T, H | last round's loops ms | this round's loops ms | ratio |")
+    print("| B, T, H | per-step oneDNN loops ms | current loops ms | ratio |")
     print("|---|---:|---:|---:|")
     generator = torch.Generator().manual_seed(0)
     for B, T, H in SIZES:

@@ -36,12 +36,14 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.folder.resolve()
     print(machine_line(), flush=True)
-    settings = ["data.corpus=null", *(f"data.{split}={folder / f'ptb.{split}.txt'}" for split in ("train", "valid", "test"))]
+    settings = ["data.corpus=null",
+                *(f"data.{split}={folder / f'ptb.{split}.txt'}" for split in ("train", "valid", "test"))]
     results = []
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
             for result in (run_reference(folder),
-                           run_lmtrain("configs/ptb-word.yaml", settings, args.overrides, Path(out) / f"lmtrain-{repeat}")):
+                           run_lmtrain("configs/ptb-word.yaml", settings, args.overrides,
+                                       Path(out) / f"lmtrain-{repeat}")):
                 results.append(result)
                 print(json.dumps(result), flush=True)
     print_table(results, "Penn Treebank, one epoch, 2x200 LSTM", perplexity=True)

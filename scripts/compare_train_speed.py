@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from comparison import allocator_settings
 from doc_sections import write_section
 
@@ -72,9 +71,9 @@ def main() -> None:
         lines.append(f"| {name} | {median[name]:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
                      f"{ratio:.2f}x |" if name == "lmtrain" else
                      f"| {name} | {median[name]:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | |")
-    lines += ["", "`scripts/reference_nn_lstm.py` is a plain PyTorch trainer on `nn.LSTM` (embedding 64, 2x256, batch 32, "
-              "bptt 64, Adam 2e-3, clip 5), the settings of `configs/tinyshakespeare-char.yaml`, which lmtrain runs with "
-              "`train.max_steps` set; both count tokens/s over their training steps alone."]
+    lines += ["", "`scripts/reference_nn_lstm.py` is a plain PyTorch trainer on `nn.LSTM` (embedding 64, 2x256, "
+              "batch 32, bptt 64, Adam 2e-3, clip 5), the settings of `configs/tinyshakespeare-char.yaml`, which "
+              "lmtrain runs with `train.max_steps` set; both count tokens/s over their training steps alone."]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "Whole training runs", "\n".join(lines))

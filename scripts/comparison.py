@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.evaluate import WHOLE_TEXT  # as train.eval_segment: one segment, the state carried through it
+from lmtrain.evaluation.perplexity import WHOLE_TEXT  # as train.eval_segment: one segment, the state carried through it
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -78,5 +78,5 @@ def print_table(results: list[dict], title: str, *, perplexity: bool = False) ->
     print("|---|---|---|---|---|---|")
     for result in results:
         value = f"{2.718281828459045 ** result['valid_loss']:.2f}" if perplexity else f"{result['valid_loss']:.4f}"
-        print(f"| {result['name']} | {result['steps']:,} | {result['train_seconds']:.1f} | {result['tokens_per_s']:,} | "
-              f"{value} | {result['wall_seconds']} |")
+        print(f"| {result['name']} | {result['steps']:,} | {result['train_seconds']:.1f} | "
+              f"{result['tokens_per_s']:,} | {value} | {result['wall_seconds']} |")

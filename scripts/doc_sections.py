@@ -18,3 +18,21 @@ def write_section(path: Path, title: str, text: str) -> None:
         return
     end = old.find("\n## ", start + len(heading))
     path.write_text(old[:start] + section + (old[end:] if end >= 0 else ""), encoding="utf-8")
+
+
+def write_or_check(page: Path, text: str, *, script: str, argv: list[str] | None = None) -> int:
+    """The `main` of a script that generates a whole page: write `text` to `page`, or with `--check` only
+    compare (exit status 1 and one line naming `script` when the page is not current)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=f"Write {page.name}, or check that it is current.")
+    parser.add_argument("--check", action="store_true", help="only check that the page is current")
+    if parser.parse_args(argv).check:
+        if not page.exists() or page.read_text(encoding="utf-8") != text:
+            print(f"{page} is not current: run python {script}", file=sys.stderr)
+            return 1
+        return 0
+    page.write_text(text, encoding="utf-8")
+    print(f"wrote {page}")
+    return 0

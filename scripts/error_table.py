@@ -24,8 +24,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_errors import (CASES, RSS_BOUND_MB, WORKERS, Case, Result, check_case,  # noqa: E402
-                               command_line, run_cases)
+from tests.test_errors import CASES, RSS_BOUND_MB, WORKERS, Case, Result, check_case, command_line, run_cases  # noqa: E402
 
 INTRO = """\
 # Errors and odd input
@@ -139,7 +138,7 @@ def main() -> int:
     options = parser.parse_args()
 
     try:
-        from lmtrain import data
+        from lmtrain.data import dataset as data
 
         long_line = (f"; `data.split` cuts at line ends,\n  and inside a line only when that line is longer "
                      f"than {data.LONG_LINE:,} characters") if hasattr(data, "LONG_LINE") else ""

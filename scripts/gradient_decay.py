@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import load_config
-from lmtrain.diagnose import distances_to_show, gradient_report
-from lmtrain.train import train
+from lmtrain.evaluation.diagnose import distances_to_show, gradient_report
+from lmtrain.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ("rnn", "gru", "lstm")
 
 
 def overrides(cell: str, steps: int, out_dir: Path) -> list[str]:
-    # model.backward=autograd: the setting docs/gradients.md was measured with (the default then).
-    return [f"model.cell={cell}", "model.backward=autograd", "data.mode=stream", "model.embed_size=128", "model.hidden_size=256",
-            f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
-            "train.warmup_steps=0", "train.schedule=constant", "train.final_samples=0",
-            f"train.out_dir={out_dir / cell}"]
+    # model.gradients=autograd: the setting docs/gradients.md was measured with (the default then).
+    return [f"model.cell={cell}", "model.gradients=autograd", "data.mode=stream", "model.embed_size=128",
+            "model.hidden_size=256", f"train.max_steps={steps}", f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}", "train.warmup_steps=0", "train.schedule=constant",
+            "train.final_samples=0", f"train.out_dir={out_dir / cell}"]
 
 
 def main() -> None:
@@ -57,18 +57,21 @@ def main() -> None:
         "measures it: for the loss L(T) at the last step of a window, the norm of ∂L(T)/∂a(t) of the top layer",
         "against the distance T - t, relative to distance 0 (mean over 32 windows of the validation split).",
         "",
-        f"Made by `python scripts/gradient_decay.py --steps {args.steps} --length {args.length}` on {platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads: each cell trained {args.steps} steps on the",
+        f"Made by `python scripts/gradient_decay.py --steps {args.steps} --length {args.length}` on "
+        f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads: each cell trained "
+        f"{args.steps} steps on the",
         "bundled agreement corpus (word level, stream mode, batch 32, bptt 64, 1x256, Adam 3e-3, clip 5,",
-        "`model.backward=autograd`), then",
+        "`model.gradients=autograd`), then",
         "`lmtrain diagnose gradients --checkpoint runs/gradient-decay/CELL/best.pt` and, untrained,",
         "`lmtrain diagnose gradients --config configs/quickstart.yaml model.cell=CELL ...`.",
         "",
-        "| T - t | " + " | ".join(f"{c} untrained" for c in CELLS) + " | " + " | ".join(f"{c} trained" for c in CELLS) + " |",
+        "| T - t | " + " | ".join(f"{c} untrained" for c in CELLS) + " | "
+        + " | ".join(f"{c} trained" for c in CELLS) + " |",
         "|---:|" + "---:|" * (2 * len(CELLS)),
     ]
     for index, distance in enumerate(distances):
-        cells = [f"{untrained[c][index]['relative']:.1e}" for c in CELLS] + [f"{trained[c][index]['relative']:.1e}" for c in CELLS]
+        cells = ([f"{untrained[c][index]['relative']:.1e}" for c in CELLS]
+                 + [f"{trained[c][index]['relative']:.1e}" for c in CELLS])
         lines.append(f"| {distance} | " + " | ".join(cells) + " |")
     lines += ["", "| cell | validation loss after training (nats/word) | training wall time |", "|---|---:|---:|"]
     lines += [f"| {c} | {losses[c]:.4f} | {seconds[c]:.0f} s |" for c in CELLS]

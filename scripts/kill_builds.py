@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from comparison import provenance
 from doc_sections import write_section
 
@@ -95,7 +94,8 @@ def main() -> None:
              "|---:|---|---:|---|---|---|---:|"]
     for index, row in enumerate(rows, 1):
         lines.append(f"| {index} | {row['signal']} | {row['delay']:.1f} | {row['state']} | "
-                     f"{'yes' if row['trained'] else 'NO'} | {'yes' if row['waited'] else 'no'} | {row['seconds']:.0f} |")
+                     f"{'yes' if row['trained'] else 'NO'} | {'yes' if row['waited'] else 'no'} | "
+                     f"{row['seconds']:.0f} |")
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "A build killed at any moment", "\n".join(lines))

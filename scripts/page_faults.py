@@ -1,5 +1,5 @@
 """Page faults and time of a PTB training step, with glibc's default allocator settings and with the
-freed memory kept (lmtrain/memory.py), each in a fresh process.
+freed memory kept (lmtrain/speed/memory.py), each in a fresh process.
 
     python scripts/page_faults.py PATH/TO/ptb [--steps 80]
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(folder: Path, steps: int) -> dict:
     """In this process: train `steps` steps and time each, counting minor page faults."""
     from lmtrain.config import load_config
-    from lmtrain.train import Trainer
+    from lmtrain.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config(ROOT / "configs" / "ptb-word.yaml", [

@@ -4,9 +4,10 @@
     python scripts/profile_train_step.py --config configs/ptb-word.yaml PATH/TO/ptb [override ...]
 
 Runs configs/tinyshakespeare-char.yaml (2x256 LSTM, batch 32, bptt 64), or the `--config` given, on the
-corpus (a file: `data.path`; a folder: its ptb.{train,valid,test}.txt) for 60 steps in a temporary folder, profiles steps 31-50, and prints the median step time and the operators by their own
-CPU time (per step: divide by 20). docs/benchmarks.md's breakdown of the Tiny Shakespeare step comes
-from this script.
+corpus (a file: `data.path`; a folder: its ptb.{train,valid,test}.txt) for 60 steps in a temporary
+folder, profiles steps 31-50, and prints the median step time and the operators by their own CPU time
+(per step: divide by 20). docs/benchmarks.md's breakdown of the Tiny Shakespeare step comes from this
+script.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.profiler import profile
 
 from lmtrain.config import load_config
-from lmtrain.train import Trainer
+from lmtrain.training.trainer import Trainer
 
 PROFILED = range(30, 50)  # step indices (0-based) inside the profile
 

@@ -83,7 +83,8 @@ def main() -> None:
     vocabulary = sorted(set(train_text))
     index = {char: i for i, char in enumerate(vocabulary)}
     encode = lambda text: torch.tensor([index.get(char, 0) for char in text], dtype=torch.long)  # noqa: E731
-    train_data, valid_data = batchify(encode(train_text), args.batch_size), batchify(encode(valid_text), args.batch_size)
+    train_data, valid_data = (batchify(encode(train_text), args.batch_size),
+                              batchify(encode(valid_text), args.batch_size))
     model = CharLSTM(len(vocabulary))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     steps, seconds, tokens, state, start = 0, 0.0, 0, None, 0

@@ -65,7 +65,8 @@ def evaluate(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
     for start in range(0, data.size(0) - 1, bptt):
         length = min(bptt, data.size(0) - 1 - start)
         logits, state = model(data[start:start + length], state)
-        total += length * nn.functional.cross_entropy(logits.flatten(0, 1), data[start + 1:start + 1 + length].flatten()).item()
+        total += length * nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                      data[start + 1:start + 1 + length].flatten()).item()
     return total / (data.size(0) - 1)
 
 
@@ -102,9 +103,10 @@ def main() -> None:
             seconds += time.perf_counter() - begin
             tokens, steps = tokens + targets.numel(), steps + 1
         valid_loss = evaluate(model, valid_data, args.bptt)
-        print(json.dumps({"epoch": epoch, "steps": steps, "train_seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds),
-                          "valid_loss": round(valid_loss, 4), "valid_perplexity": round(math.exp(valid_loss), 2),
-                          "threads": torch.get_num_threads()}), flush=True)
+        print(json.dumps({"epoch": epoch, "steps": steps, "train_seconds": round(seconds, 1),
+                          "tokens_per_s": round(tokens / seconds), "valid_loss": round(valid_loss, 4),
+                          "valid_perplexity": round(math.exp(valid_loss), 2), "threads": torch.get_num_threads()}),
+              flush=True)
         if best is None or valid_loss < best:
             best = valid_loss
         else:

@@ -1,5 +1,5 @@
 """One process of tests/test_kernel_build.py: builds (or loads) tests/tiny_extension.cpp with
-`-DANSWER=N` through lmtrain.kernel_build, then prints `answer N` or `unavailable: REASON`.
+`-DANSWER=N` through lmtrain.speed.kernel_build, then prints `answer N` or `unavailable: REASON`.
 
     python tests/build_worker.py ROOT ANSWER WAIT_SECONDS
 """
@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lmtrain import kernel_build
+from lmtrain.speed import kernel_build
 
 SOURCE = Path(__file__).with_name("tiny_extension.cpp")
 

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lmtrain.config import Config, build_config  # noqa: E402
-from lmtrain.tokenizer import Tokenizer  # noqa: E402
+from lmtrain.data.tokenizer import Tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -35,16 +35,16 @@ SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"
 def pytest_sessionstart(session) -> None:
     """Build (first time on this machine, about 30 s) or load the compiled kernels before any test,
     so that no test's timing or captured output includes the build or its one-line announcement."""
-    from lmtrain import kernels
+    from lmtrain.speed import kernels
 
     kernels.load()
 
 
 @pytest.fixture
 def compiled():
-    """The compiled kernels (`lmtrain.kernels`), or a skip (a failure under LMTRAIN_COMPILED=1, as in
+    """The compiled kernels (`lmtrain.speed.kernels`), or a skip (a failure under LMTRAIN_COMPILED=1, as in
     .ci/run) saying why they are missing."""
-    from lmtrain import kernels
+    from lmtrain.speed import kernels
 
     module = kernels.load(announce=lambda line: None)
     if module is None:

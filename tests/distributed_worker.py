@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 
 from lmtrain.config import load_config  # noqa: E402
-from lmtrain.train import train  # noqa: E402
+from lmtrain.training.trainer import train  # noqa: E402
 
 
 def main(out_dir: Path, configs: list[str]) -> None:

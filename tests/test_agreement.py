@@ -1,4 +1,4 @@
-"""lmtrain.agreement: minimal pairs are read strictly, sentences are scored exactly, the report adds up."""
+"""lmtrain.evaluation.agreement: minimal pairs are read strictly, sentences are scored exactly, the report adds up."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain.agreement import (ATTRACTOR_BUCKETS, DISTANCE_BUCKETS, Pair, agreement_report, format_report,
-                               read_pairs, sentence_log_probability)
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import to_dict
+from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
-from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
+from lmtrain.evaluation.agreement import (
+    ATTRACTOR_BUCKETS,
+    DISTANCE_BUCKETS,
+    Pair,
+    agreement_report,
+    format_report,
+    read_pairs,
+    sentence_log_probability,
+)
+from lmtrain.model.language_model import LanguageModel
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "agreement"
 HEADER = "correct\twrong\tdistance\tattractors\n"
@@ -136,7 +143,8 @@ def test_a_model_preferring_was_gets_exactly_the_was_pairs_right(tmp_path: Path,
 def test_pairs_that_differ_only_in_unknown_words_are_ties(tmp_path: Path, config_factory):
     """With a vocabulary that lacks both verbs, the two sentences are the same tokens: a tie, said."""
     path = checkpoint(tmp_path, config_factory, mode="sentences")
-    (tmp_path / "unknown.tsv").write_text("the cat sleeps .\tthe cat sleep .\nthe cat was full .\tthe cat were full .\n")
+    (tmp_path / "unknown.tsv").write_text("the cat sleeps .\tthe cat sleep .\n"
+                                          "the cat was full .\tthe cat were full .\n")
     report = agreement_report(path, tmp_path / "unknown.tsv")
     assert (report["count"], report["ties"], report["ties_unknown_words"], report["scored"]) == (2, 1, 1, 1)
     assert report["unknown_tokens"] == 2
@@ -186,7 +194,7 @@ def test_missing_data_file_and_default_message(tmp_path: Path, config_factory, m
     path = checkpoint(tmp_path, config_factory, mode="sentences")
     with pytest.raises(LmtrainError, match="not found"):
         agreement_report(path, tmp_path / "none.tsv")
-    monkeypatch.setattr("lmtrain.agreement.DEFAULT_PAIRS", tmp_path / "corpora" / "agreement" / "pairs.tsv")
+    monkeypatch.setattr("lmtrain.evaluation.agreement.DEFAULT_PAIRS", tmp_path / "corpora" / "agreement" / "pairs.tsv")
     with pytest.raises(LmtrainError, match="--data"):
         agreement_report(path)
 

@@ -1,4 +1,4 @@
-"""lmtrain.backward: the hand-written backpropagation through time. Numeric gradients agree
+"""lmtrain/backprop: the hand-written backpropagation through time. Numeric gradients agree
 (gradcheck), and values and gradients equal autograd's: a layer either way, reversed, T = 1, a
 two-layer stack, chunked truncated BPTT; float32 close to float64. Small sizes, float64."""
 
@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from lmtrain.backward import function_for, manual_layer
-from lmtrain.cells import GRUCell, LSTMCell, RNNCell
-from lmtrain.layers import RecurrentLayer, RecurrentStack
+from lmtrain.model.cells import GRUCell, LSTMCell, RNNCell
+from lmtrain.model.layers import RecurrentLayer, RecurrentStack, function_for, manual_layer
+from lmtrain.speed.route import choose
 
 B, T, E, H = 2, 4, 3, 3
 VALUES = dict(rtol=1e-12, atol=1e-12)
@@ -62,8 +62,8 @@ def gradients(layer, x, state, loss_fn=loss_of):
 
 def both_layers(name: str, *, reverse: bool = False, dtype: torch.dtype = torch.float64):
     cell = make_cell(name, dtype)
-    return (RecurrentLayer(cell, reverse=reverse, backward="autograd"),
-            RecurrentLayer(copy.deepcopy(cell), reverse=reverse, backward="manual"))
+    return (RecurrentLayer(cell, reverse=reverse, gradients="autograd"),
+            RecurrentLayer(copy.deepcopy(cell), reverse=reverse, gradients="manual"))
 
 
 def assert_gradients_equal(ours: dict, reference: dict, **tolerance) -> None:
@@ -80,7 +80,7 @@ def test_gradcheck(name: str):
     x, state = random_inputs(cell)
     weights = tuple(w.detach().clone().requires_grad_() for w in cell.stacked_weights())
     extra = tuple(e.detach().clone().requires_grad_() if isinstance(e, torch.Tensor) else e for e in extra)
-    assert torch.autograd.gradcheck(function.apply, (x, *state, *weights, *extra))
+    assert torch.autograd.gradcheck(function.apply, (choose(x), x, *state, *weights, *extra))
 
 
 @pytest.mark.parametrize("steps", [T, 1])
@@ -114,8 +114,8 @@ def test_two_layer_stack_equals_autograd(name: str, bidirectional: bool):
     """With dropout between the layers: the same seed drops the same units in both modes."""
     options = dict(CELL_CASES[name][1], input_size=E, hidden_size=H, num_layers=2, bidirectional=bidirectional,
                    dropout=0.5)
-    reference = RecurrentStack(**options, backward="autograd").double()
-    stack = RecurrentStack(**options, backward="manual").double()
+    reference = RecurrentStack(**options, gradients="autograd").double()
+    stack = RecurrentStack(**options, gradients="manual").double()
     stack.load_state_dict(reference.state_dict())
     x = torch.randn(B, T, E, dtype=torch.float64)
     for model in (reference, stack):
@@ -156,7 +156,7 @@ def test_chunked_equals_autograd(name: str):
 @pytest.mark.parametrize("name", CELL_CASES)
 def test_float32_close_to_float64(name: str):
     reference, _ = both_layers(name)
-    manual = RecurrentLayer(copy.deepcopy(reference.cell).float(), backward="manual")
+    manual = RecurrentLayer(copy.deepcopy(reference.cell).float(), gradients="manual")
     x, state = random_inputs(reference.cell)
     expected = gradients(reference, x, state)[2]
     outputs, final, ours = gradients(manual, x.float(), tuple(s.float() for s in state))

@@ -1,4 +1,4 @@
-"""lmtrain.cache: the token cache gives the streams the in-memory path gives, is reused, is rebuilt
+"""lmtrain.data.cache: the token cache gives the streams the in-memory path gives, is reused, is rebuilt
 when damaged or out of date, and steps aside (one warning) when it cannot be written."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain import cache, streaming
-from lmtrain.cache import Corpus, cached_corpus, corpus_in_memory, load_corpus, smallest_dtype
 from lmtrain.config import DataConfig
-from lmtrain.data import stream_ids
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.data import cache, streaming
+from lmtrain.data.cache import Corpus, cached_corpus, corpus_in_memory, load_corpus, smallest_dtype
+from lmtrain.data.dataset import stream_ids
+from lmtrain.data.tokenizer import Tokenizer
 
 TEXTS = {
     "plain": "the cat sat\nthe dog ran\na cat ran\n\nthe end\n" * 6,
@@ -68,7 +68,8 @@ def test_cached_streams_equal_the_in_memory_ones(folder: Path, tmp_path: Path, n
 @pytest.mark.parametrize("level", ["char", "word"])
 @pytest.mark.parametrize("eos", ["line", "none"])
 def test_cached_streams_of_three_files(folder: Path, tmp_path: Path, level: str, eos: str):
-    config = DataConfig(train=write(tmp_path / "t.txt", "a b c\nb c d\n" * 4), valid=write(tmp_path / "v.txt", "a e\nz\n"),
+    config = DataConfig(train=write(tmp_path / "t.txt", "a b c\nb c d\n" * 4),
+                        valid=write(tmp_path / "v.txt", "a e\nz\n"),
                         test=write(tmp_path / "x.txt", "\ufeffc d\r\nunseen é"), level=level, eos=eos, min_freq=2)
     assert_same_as_in_memory(config)
     assert cached_corpus(config).unknown["valid"][0] > 0  # e and z were never seen in training
@@ -93,7 +94,8 @@ def test_large_vocabularies_are_stored_wider(folder: Path, tmp_path: Path, monke
     config = DataConfig(path=write(tmp_path / "corpus.txt", "\n".join(lines) * 2), level="word", split=[0.5, 0.5])
     corpus = cached_corpus(config)
     assert corpus.splits["train"].dtype == dtype
-    assert corpus.splits["valid"].tolist() == stream_ids(corpus.tokenizer, corpus_in_memory(config).splits["valid"]).tolist()
+    assert corpus.splits["valid"].tolist() == stream_ids(corpus.tokenizer,
+                                                         corpus_in_memory(config).splits["valid"]).tolist()
 
 
 # --- reuse, and what makes an entry out of date ----------------------------------------------------
@@ -227,7 +229,7 @@ def test_a_read_only_cache_still_serves_its_entries(folder: Path, tmp_path: Path
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(cache, "_write_atomically", read_only)
+    monkeypatch.setattr(cache, "atomic_write", read_only)
     monkeypatch.setattr(cache, "write_entry", read_only)
     warnings: list[str] = []
     assert not isinstance(load_corpus(config, warn=warnings.append).splits["train"], str)
@@ -240,13 +242,15 @@ def test_corpus_view_reads_text_and_ids_alike(small_text: str):
     tokenizer = Tokenizer.fit(small_text, level="word")
     as_text = Corpus(tokenizer, {"train": small_text}, {})
     as_ids = Corpus(tokenizer, {"train": stream_ids(tokenizer, small_text).to(torch.uint8)}, {})
-    for backward in (False, True):
-        text_view, ids_view = as_text.view("train", backward=backward), as_ids.view("train", backward=backward)
+    for right_to_left in (False, True):
+        text_view, ids_view = (as_text.view("train", right_to_left=right_to_left),
+                               as_ids.view("train", right_to_left=right_to_left))
         assert stream_ids(tokenizer, text_view).tolist() == ids_view.tolist()
 
 
 def test_corpus_in_memory_counts_unknown_valid_tokens(tmp_path: Path):
-    config = DataConfig(train=write(tmp_path / "t.txt", "a b\n"), valid=write(tmp_path / "v.txt", "a c d\n"), level="word")
+    config = DataConfig(train=write(tmp_path / "t.txt", "a b\n"), valid=write(tmp_path / "v.txt", "a c d\n"),
+                        level="word")
     corpus = corpus_in_memory(config)
     assert corpus.splits == {"train": "a b\n", "valid": "a c d\n"}
     assert corpus.unknown == {"valid": (2, 4)}

@@ -1,4 +1,4 @@
-"""lmtrain.cells: line-by-line `forward` == stacked `step`, == torch.nn references, gradcheck (float64)."""
+"""lmtrain.model.cells: line-by-line `forward` == stacked `step`, == torch.nn references, gradcheck (float64)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lmtrain.cells import CELLS, GRUCell, GRUState, LSTMCell, LSTMState, RNNCell, RNNState, combine, make_cell
+from lmtrain.model.cells import CELLS, GRUCell, GRUState, LSTMCell, LSTMState, RNNCell, RNNState, combine, make_cell
 
 B, E, H = 3, 5, 4
 TOL = dict(rtol=1e-12, atol=1e-12)

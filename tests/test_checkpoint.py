@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmtrain.checkpoint import (FORMAT_VERSION, atomic_write_bytes, load_checkpoint, load_model,
-                                model_from_checkpoint, parameter_count, save_checkpoint, to_cpu)
+from lmtrain.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+    parameter_count,
+    save_checkpoint,
+    to_cpu,
+)
 from lmtrain.config import to_dict
+from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.files import atomic_write
+from lmtrain.model.language_model import LanguageModel
 
 
 class WritesAFile:
@@ -107,23 +116,23 @@ def test_to_cpu_detaches():
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path: Path):
     path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"first")
+    atomic_write(path, b"first")
     assert path.read_bytes() == b"first"
-    atomic_write_bytes(path, b"second, longer")
+    atomic_write(path, b"second, longer")
     assert path.read_bytes() == b"second, longer"
     assert sorted(os.listdir(tmp_path)) == ["file.bin"]
 
 
 def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path: Path, monkeypatch):
     path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"old")
+    atomic_write(path, b"old")
 
     def failing_replace(src, dst):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        atomic_write_bytes(path, b"new")
+        atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["file.bin"]
 
@@ -257,6 +266,37 @@ def test_the_progress_fields_checked_are_the_trainers():
     from dataclasses import fields
 
     from lmtrain.checkpoint import PROGRESS
-    from lmtrain.train import Progress
+    from lmtrain.training.resume import Progress
 
     assert set(PROGRESS) == {field.name for field in fields(Progress)}
+
+
+# A checkpoint of format 1, written by `lmtrain train` before the right-to-left LM and the gradient
+# algorithm got their own names (a 1x8 LSTM with `direction: bi`, `model.backward: manual`, on generated
+# text), and the losses it gave then on one sentence in each direction.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_format_1_checkpoint_loads_and_scores_as_it_did():
+    expected = json.loads((FIXTURES / "checkpoint-format-1.json").read_text())
+    raw = torch.load(FIXTURES / "checkpoint-format-1.pt", weights_only=True)
+    assert raw["format_version"] == 1 and raw["config"]["model"]["backward"] == "manual"
+    assert any(key.startswith("rnn_backward.") for key in raw["model"])
+    model, tokenizer, config = load_model(FIXTURES / "checkpoint-format-1.pt")
+    assert config.model.gradients == "manual" and config.model.direction == "bi"
+    tokens = torch.tensor([[tokenizer.ids[word] for word in expected["text"].split()]])
+    with torch.no_grad():
+        left_to_right = model(tokens[:, :-1], targets=tokens[:, 1:])[0].item()
+        flipped = tokens.flip(1)
+        right_to_left = model(flipped[:, :-1], targets=flipped[:, 1:], right_to_left=True)[0].item()
+    assert left_to_right == pytest.approx(expected["left_to_right_nll"], rel=1e-6)
+    assert right_to_left == pytest.approx(expected["right_to_left_nll"], rel=1e-6)
+
+
+def test_a_format_1_checkpoint_is_written_back_in_todays_format(tmp_path: Path):
+    payload = load_checkpoint(FIXTURES / "checkpoint-format-1.pt")
+    save_checkpoint(tmp_path / "again.pt", payload)
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert again["format_version"] == FORMAT_VERSION
+    assert not any("backward" in key for key in again["model"])
+    assert any(key.startswith("rnn_right_to_left.") for key in again["model"])

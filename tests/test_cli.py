@@ -23,10 +23,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from corpus_helpers import sentences, write_lines
 
 from lmtrain.config import load_config
-from lmtrain.data import load_splits
-from corpus_helpers import sentences, write_lines
+from lmtrain.data.dataset import load_splits
+
+# Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
+pytestmark = pytest.mark.slow
 
 SCRIPT = Path(sys.executable).with_name("lmtrain")
 LMTRAIN = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lmtrain"]
@@ -164,7 +167,8 @@ def test_version_bare_command_and_plain_help(tmp_path):
         assert_ok(helped)
         assert "<bool>" not in helped.stdout and "╭" not in helped.stdout, helped.stdout
     assert "--resume / --no-resume" in run(["train", "--help"], tmp_path).stdout
-    assert "Configuration table of README.md" in " ".join(run(["train", "--help"], tmp_path).stdout.split())
+    assert ("Every config key, with its default and meaning: docs/config.md"
+            in " ".join(run(["train", "--help"], tmp_path).stdout.split()))
 
 
 def test_command_line_mistakes_are_one_error_line(tmp_path):
@@ -213,8 +217,8 @@ def test_sample_escapes_control_characters_unless_raw(tmp_path, config_factory):
 
     from lmtrain.checkpoint import save_checkpoint
     from lmtrain.config import to_dict
-    from lmtrain.model import LanguageModel
-    from lmtrain.tokenizer import Tokenizer
+    from lmtrain.data.tokenizer import Tokenizer
+    from lmtrain.model.language_model import LanguageModel
 
     tokenizer = Tokenizer.fit("a\x1b[2Jb\rc\u202ed\n", level="char")
     config = config_factory(**{"model.embed_size": 4, "model.hidden_size": 4, "model.num_layers": 1})

@@ -4,14 +4,14 @@ cache, resume with Range, a server that ignores Range, checksum mismatch, a drop
 from __future__ import annotations
 
 import hashlib
-import json
 import http.server
+import json
 import threading
 from pathlib import Path
 
 import pytest
 
-from lmtrain.corpora import CorpusFile, cache_dir, corpus_paths, download, listing
+from lmtrain.data.corpora import CorpusFile, cache_dir, corpus_paths, download, listing
 from lmtrain.errors import LmtrainError
 
 SHORT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
@@ -230,7 +230,7 @@ def test_corpus_paths_by_role_or_says_how_to_download(server, tmp_path):
 
 
 def test_shipped_catalog_matches_the_published_files():
-    from lmtrain.corpora import CORPORA
+    from lmtrain.data.corpora import CORPORA
     assert {name: [(f.role, f.filename) for f in files] for name, files in CORPORA.items()} == {
         "tinyshakespeare": [("path", "input.txt")],
         "ptb": [("train", "ptb.train.txt"), ("valid", "ptb.valid.txt"), ("test", "ptb.test.txt")]}
@@ -239,7 +239,7 @@ def test_shipped_catalog_matches_the_published_files():
 
 def test_config_names_a_corpus_and_command_line_files_win(tmp_path, monkeypatch):
     from lmtrain.config import load_config
-    from lmtrain.data import load_splits
+    from lmtrain.data.dataset import load_splits
 
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
     config_file = tmp_path / "c.yaml"
@@ -250,7 +250,7 @@ def test_config_names_a_corpus_and_command_line_files_win(tmp_path, monkeypatch)
         load_splits(config.data)
     cached = tmp_path / "input.txt"  # stands for the downloaded file (the real size is checked above)
     cached.write_text("first line\n" * 9 + "last line\n")
-    monkeypatch.setattr("lmtrain.data.corpus_paths", lambda name: {"path": cached})
+    monkeypatch.setattr("lmtrain.data.dataset.corpus_paths", lambda name: {"path": cached})
     texts = load_splits(config.data)
     assert texts["train"].startswith("first line") and texts["valid"] == "last line\n"
     local = tmp_path / "local.txt"

@@ -8,13 +8,13 @@ import copy
 
 import pytest
 import torch
-
-from lmtrain.evaluate import evaluate_checkpoint
-from lmtrain.layers import RecurrentLayer
-from lmtrain.sampling import sample_checkpoint
-from lmtrain.train import train
 from test_backward import CELL_CASES, gradients, make_cell, random_inputs
 from test_train import corpus, load_payload, make_config  # noqa: F401  (corpus is a fixture)
+
+from lmtrain.evaluation.perplexity import evaluate_checkpoint
+from lmtrain.evaluation.sampling import sample_checkpoint
+from lmtrain.model.layers import RecurrentLayer
+from lmtrain.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,7 +24,7 @@ def test_manual_backward_on_cuda_matches_cpu_float64(name):
     torch.manual_seed(0)
     cell = make_cell(name, torch.float32)
     x, state = random_inputs(cell, steps=7, dtype=torch.float32)
-    layer = RecurrentLayer(cell, backward="manual")
+    layer = RecurrentLayer(cell, gradients="manual")
     on_cuda = gradients(copy.deepcopy(layer).cuda(), x.cuda(), tuple(s.cuda() for s in state))
     reference = gradients(copy.deepcopy(layer).double(), x.double(), tuple(s.double() for s in state))
     torch.testing.assert_close(on_cuda[0].double().cpu(), reference[0], rtol=1e-5, atol=1e-5)
@@ -55,13 +55,11 @@ def test_cuda_training_resumes_exactly_and_loads_on_cpu(tmp_path, corpus):  # no
 def test_bfloat16_products_on_cuda_stay_within_their_rounding(name):
     """`train.precision: bfloat16` on CUDA: cuBLAS's bfloat16 products, float32 everything else; values
     and gradients within bfloat16's rounding of CPU float64's."""
-    from lmtrain import gemm
-
     torch.manual_seed(0)
     cell = make_cell(name, torch.float32)
     x, state = random_inputs(cell, steps=7, dtype=torch.float32)
-    layer = RecurrentLayer(cell, backward="manual")
-    with gemm.products_in(torch.bfloat16):
+    layer = RecurrentLayer(cell, gradients="manual")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
         on_cuda = gradients(copy.deepcopy(layer).cuda(), x.cuda(), tuple(s.cuda() for s in state))
     reference = gradients(copy.deepcopy(layer).double(), x.double(), tuple(s.double() for s in state))
     assert on_cuda[0].dtype == torch.float32

@@ -1,4 +1,4 @@
-"""lmtrain.data: the documented batch layouts; targets are the inputs shifted by one."""
+"""lmtrain.data.dataset: the documented batch layouts; targets are the inputs shifted by one."""
 
 from __future__ import annotations
 
@@ -8,11 +8,28 @@ import pytest
 import torch
 
 from lmtrain.config import DataConfig
-from lmtrain.data import (IGNORE, TrainingBatches, batchify, char_ids, fit_tokenizer, get_chunk, length_sorted_batches,
-                          line_end_bound, load_splits, num_chunks, pad_batch, reverse_text, reversed_stream,
-                          sentence_pieces, shuffled_batches, split_points, stream_ids, stream_segments)
+from lmtrain.data.dataset import (
+    IGNORE,
+    TrainingBatches,
+    batchify,
+    char_ids,
+    fit_tokenizer,
+    get_chunk,
+    length_sorted_batches,
+    line_end_bound,
+    load_splits,
+    num_chunks,
+    pad_batch,
+    reverse_text,
+    reversed_stream,
+    sentence_pieces,
+    shuffled_batches,
+    split_points,
+    stream_ids,
+    stream_segments,
+)
+from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
 
 
 def letters(n: int) -> torch.Tensor:

@@ -9,11 +9,11 @@ import inspect
 import pytest
 import torch
 
-from lmtrain.cells import GRUCell, LSTMCell, make_cell
 from lmtrain.config import ModelConfig, TrainConfig, initialisation
-from lmtrain.interop import from_torch
-from lmtrain.layers import BidirectionalLayer, RecurrentLayer, RecurrentStack
-from lmtrain.model import LanguageModel
+from lmtrain.evaluation.interop import from_torch
+from lmtrain.model.cells import GRUCell, LSTMCell, make_cell
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.layers import BidirectionalLayer, RecurrentLayer, RecurrentStack
 
 CONFIG = ModelConfig()
 RESOLVED_INIT, RESOLVED_FORGET_BIAS = initialisation(CONFIG.init, CONFIG.forget_bias, optimizer=TrainConfig.optimizer)
@@ -58,13 +58,13 @@ def test_the_api_model_is_the_cli_model():
     assert str(from_config) == str(plain)
     for (name, a), (_, b) in zip(from_config.state_dict().items(), plain.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert all(layer.backward == "manual" for layer in plain.rnn.layers)
+    assert all(layer.gradients == "manual" for layer in plain.rnn.layers)
     assert len(plain.rnn.layers) == CONFIG.num_layers == 2
 
 
-def test_from_torch_runs_the_hand_written_backward():
+def test_from_torch_runs_the_hand_written_backpropagation():
     stack = from_torch(torch.nn.LSTM(3, 4, num_layers=2, batch_first=True)).stack
-    assert all(layer.backward == CONFIG.backward == "manual" for layer in stack.layers)
+    assert all(layer.gradients == CONFIG.gradients == "manual" for layer in stack.layers)
 
 
 @pytest.mark.parametrize("optimizer, init, forget_bias", [("adam", "torch", None), ("adamw", "torch", None),

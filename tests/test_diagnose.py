@@ -1,4 +1,4 @@
-"""lmtrain.diagnose: the gradient-by-distance measurement of the vanishing gradient."""
+"""lmtrain.evaluation.diagnose: the gradient-by-distance measurement of the vanishing gradient."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from lmtrain.cli import app
-from lmtrain.diagnose import distances_to_show, gradient_by_distance, gradient_report, windows
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
+from lmtrain.evaluation.diagnose import distances_to_show, gradient_by_distance, gradient_report, windows
+from lmtrain.model.language_model import LanguageModel
 
 V, B, T = 11, 3, 12
 
@@ -111,7 +111,7 @@ def test_cli_json(config_file):
 
 
 def test_plot_without_matplotlib_is_a_clear_error(no_matplotlib, tmp_path):
-    from lmtrain.diagnose import plot_rows
+    from lmtrain.evaluation.diagnose import plot_rows
 
     with pytest.raises(LmtrainError, match="matplotlib"):
         plot_rows({"rnn": [{"distance": 0, "norm": 1.0, "relative": 1.0}]}, str(tmp_path / "plot.png"))

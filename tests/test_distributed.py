@@ -1,4 +1,4 @@
-"""Several processes training one model (`lmtrain.distributed`), proved with two real processes on the
+"""Several processes training one model (`lmtrain.training.distributed`), proved with two real processes on the
 CPU (gloo): they end with identical weights; those equal one process training on the same global batch
 (stream mode, and sentences mode with uneven padding, a `bi` model and tied weights); a run stopped and
 resumed under `lmtrain train --nproc 2` is bit-identical to one that ran straight through; and an error
@@ -21,17 +21,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from corpus_helpers import sentences, write_lines
 from typer.testing import CliRunner
 
 from lmtrain.checkpoint import load_model
 from lmtrain.cli import app
 from lmtrain.config import load_config
-from lmtrain.data import IGNORE, shard_batch, shard_rows
-from lmtrain.distributed import World, check_batch_size, world_from_environment
+from lmtrain.data.dataset import IGNORE, shard_batch, shard_rows
+from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.errors import LmtrainError
-from lmtrain.tokenizer import ZERO_INPUT
-from lmtrain.train import train
-from corpus_helpers import sentences, write_lines
+from lmtrain.training.distributed import World, check_batch_size, world_from_environment
+from lmtrain.training.trainer import train
+
+# Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
+pytestmark = pytest.mark.slow
 
 STEPS = 10
 HERE = Path(__file__).resolve().parent
@@ -235,7 +238,7 @@ def test_an_error_in_process_zero_alone_stops_both_with_one_line(runs):
 
 
 def test_more_processes_than_cores_on_the_cpu_is_refused():
-    from lmtrain.distributed import launch
+    from lmtrain.training.distributed import launch
 
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(LmtrainError, match=rf"--nproc {cores + 1} is more processes than the {cores} cores"):

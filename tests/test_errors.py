@@ -36,6 +36,9 @@ from typing import Union
 import pytest
 import yaml
 
+# Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
+pytestmark = pytest.mark.slow
+
 LMTRAIN = [sys.executable, "-m", "lmtrain"]
 # One thread per process: several run side by side on a small machine.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NO_COLOR": "1", "COLUMNS": "120",
@@ -345,8 +348,8 @@ CASES: list[Case] = [
     Case("config-negative-size", "negative size", (*TRAIN, "tiny.yaml", "train.batch_size=-1"), tiny_with(),
          expect=("train.batch_size", "positive", "-1")),
     Case("config-precision-needs-manual-backward", "bfloat16 products with the autograd layers",
-         (*TRAIN, "tiny.yaml", "train.precision=bfloat16", "model.backward=autograd"), tiny_with(),
-         expect=("train.precision", "bfloat16", "model.backward: manual")),
+         (*TRAIN, "tiny.yaml", "train.precision=bfloat16", "model.gradients=autograd"), tiny_with(),
+         expect=("train.precision", "bfloat16", "model.gradients: manual")),
     # corpus
     Case("corpus-missing", "corpus file that does not exist", (*TRAIN, "tiny.yaml", "data.path=nowhere.txt"),
          tiny_with(), expect=("corpus file not found", "nowhere.txt")),
@@ -368,10 +371,12 @@ CASES: list[Case] = [
     Case("corpus-crlf", "CRLF line ends (config and corpus)", (*TRAIN, "tiny.yaml"),
          {"tiny.yaml": TINY.replace("\n", "\r\n").encode(), "corpus.txt": CORPUS.replace("\n", "\r\n").encode()},
          outcome="ok", exit_code=0, check=no_bom_or_cr_tokens, note="no \\r token in best.pt's vocabulary"),
-    Case("corpus-device", "`data.path=/dev/zero` (a device that never ends)", (*TRAIN, "tiny.yaml", "data.path=/dev/zero"),
-         tiny_with(), expect=("/dev/zero", "character device", "not a regular file")),
-    Case("corpus-symlink-loop", "`data.path` that is a loop of symbolic links", (*TRAIN, "tiny.yaml", "data.path=loop.txt"),
-         tiny_with(**{"loop.txt": symlink_loop}), expect=("loop.txt", "symbolic link loop")),
+    Case("corpus-device", "`data.path=/dev/zero` (a device that never ends)",
+         (*TRAIN, "tiny.yaml", "data.path=/dev/zero"), tiny_with(),
+         expect=("/dev/zero", "character device", "not a regular file")),
+    Case("corpus-symlink-loop", "`data.path` that is a loop of symbolic links",
+         (*TRAIN, "tiny.yaml", "data.path=loop.txt"), tiny_with(**{"loop.txt": symlink_loop}),
+         expect=("loop.txt", "symbolic link loop")),
     Case("resume-corpus-changed", "`--resume` after the corpus was edited in place (same size)",
          (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
          tiny_with(**{"corpus.txt": CORPUS.replace("the", "THE"), "run": run_trained_on(CORPUS)}),
@@ -470,14 +475,16 @@ CASES: list[Case] = [
          {"model.pt": forged_checkpoint(config="a string")}, expect=("not an lmtrain checkpoint", "config", "str")),
     Case("checkpoint-progress-a-string", "a forged checkpoint whose progress is a string", ("info", "model.pt"),
          {"model.pt": forged_checkpoint(progress="a string")}, expect=("not an lmtrain checkpoint", "progress")),
-    Case("checkpoint-progress-step-a-string", "a forged checkpoint whose progress.step is the string 'x'", ("info", "model.pt"),
-         {"model.pt": forged_checkpoint(progress={"step": "x", "epoch": 0})}, expect=("progress.step is 'x'",)),
+    Case("checkpoint-progress-step-a-string", "a forged checkpoint whose progress.step is the string 'x'",
+         ("info", "model.pt"), {"model.pt": forged_checkpoint(progress={"step": "x", "epoch": 0})},
+         expect=("progress.step is 'x'",)),
     Case("checkpoint-version-a-string", "a forged checkpoint whose format version is the string '1'", SAMPLE,
          {"model.pt": forged_checkpoint(format_version="1")}, expect=("format version '1' is not a number",)),
-    Case("checkpoint-symlink-loop", "a checkpoint path that is a loop of symbolic links", ("sample", "--checkpoint", "loop.pt"),
-         {"loop.pt": symlink_loop}, expect=("loop.pt", "loop of symbolic links")),
-    Case("eval-data-device", "`eval perplexity --data /dev/zero`", (*EVAL, "--data", "/dev/zero"), {"model.pt": CHAR_PT},
-         expect=("/dev/zero", "character device")),
+    Case("checkpoint-symlink-loop", "a checkpoint path that is a loop of symbolic links",
+         ("sample", "--checkpoint", "loop.pt"), {"loop.pt": symlink_loop},
+         expect=("loop.pt", "loop of symbolic links")),
+    Case("eval-data-device", "`eval perplexity --data /dev/zero`", (*EVAL, "--data", "/dev/zero"),
+         {"model.pt": CHAR_PT}, expect=("/dev/zero", "character device")),
     Case("sample-num", "`--num 0`", (*SAMPLE, "--num", "0"), {"model.pt": CHAR_PT}, expect=("--num",)),
     Case("sample-device-cuda", "`--device cuda` on a machine without CUDA", (*SAMPLE, "--device", "cuda"),
          {"model.pt": CHAR_PT}, expect=("--device", "cuda", "CUDA"), forbid=("train.device", "auto")),
@@ -550,7 +557,7 @@ def write_files(folder: Path, files: dict[str, FileSpec], shared: Path) -> None:
 def prepare_shared(root: Path) -> Path:
     """Train the shared runs (2 steps each) once, in this process: no second torch import."""
     from lmtrain.config import load_config
-    from lmtrain.train import train
+    from lmtrain.training.trainer import train
 
     shared = root / "_shared"
     for name, files in SHARED_RUNS.items():
@@ -582,8 +589,8 @@ def run_lmtrain(args: Iterable[str], cwd: Path, timeout: float = TIMEOUT_S,
         usage_file = Path(scratch) / "usage.json"
         begin = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage_file), *LMTRAIN, *map(str, args)],
-                                   cwd=cwd, env={**ENV, **(env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
+                                   cwd=cwd, env={**ENV, **(env or {})}, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""lmtrain.evaluate: perplexity is exp of the token-weighted mean NLL and does not depend on batch size."""
+"""lmtrain.evaluation.perplexity: perplexity is exp of the token-weighted mean NLL and does not depend on batch size."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from lmtrain import evaluate
-from lmtrain.data import sentence_pieces, stream_ids, stream_segments
-from lmtrain.evaluate import Score, bits_per_character, evaluation_sequences, perplexity, report, score
-from lmtrain.model import LanguageModel
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.data.dataset import sentence_pieces, stream_ids, stream_segments
+from lmtrain.data.tokenizer import Tokenizer
+from lmtrain.evaluation import perplexity as evaluate
+from lmtrain.evaluation.perplexity import Score, bits_per_character, evaluation_sequences, perplexity, report, score
+from lmtrain.model.language_model import LanguageModel
 
 
 def test_perplexity_and_bits():
@@ -156,7 +156,7 @@ def test_evaluate_checkpoint_segment_zero_carries_the_state_through_the_whole_sp
     from test_train import make_config
 
     from lmtrain.checkpoint import load_model
-    from lmtrain.train import train
+    from lmtrain.training.trainer import train
 
     lines = sentences(50, seed=3)
     corpus = {"train": write_lines(tmp_path / "train.txt", lines[:40]),

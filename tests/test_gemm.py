@@ -1,4 +1,4 @@
-"""lmtrain.gemm: oneDNN's products equal ATen's to float32 rounding, and the hand-written backward
+"""lmtrain.speed.gemm: oneDNN's products equal ATen's to float32 rounding, and the hand-written backward
 gives the same values and gradients whichever runs them (float32, where oneDNN takes over)."""
 
 from __future__ import annotations
@@ -7,11 +7,18 @@ import copy
 
 import pytest
 import torch
-
-from lmtrain import gemm
-from lmtrain.gemm import FixedProduct, linear, onednn_runs, use_onednn
-from lmtrain.layers import RecurrentLayer
 from test_backward import CELL_CASES, gradients, make_cell, random_inputs
+
+from lmtrain.model.layers import RecurrentLayer
+from lmtrain.speed import gemm
+from lmtrain.speed.gemm import FixedProduct, linear, use_onednn
+from lmtrain.speed.route import choose
+
+
+def onednn_runs(tensor: torch.Tensor) -> bool:
+    """Whether a route chosen for `tensor` now lets oneDNN make the products."""
+    return choose(tensor, compiled=False).onednn
+
 
 needs_onednn = pytest.mark.skipif(not onednn_runs(torch.zeros(1)), reason="this torch has no oneDNN")
 FLOAT32 = dict(rtol=1e-5, atol=1e-5)
@@ -27,7 +34,7 @@ def test_fixed_product_is_x_w_transposed_plus_add(add, monkeypatch):
     expected = x.double() @ W.double().t() + (0 if other is None else other.double())
     for onednn in (True, False):
         with use_onednn(onednn):
-            product = FixedProduct(W, rows, uses=8)
+            product = FixedProduct(W, rows, 8, choose(W, compiled=False))
             assert product.onednn == (onednn and onednn_runs(W))
             torch.testing.assert_close(product(x, other).double(), expected, **FLOAT32)
 
@@ -36,14 +43,20 @@ def test_linear_matches_float64():
     x, W, b = torch.randn(9, 4), torch.randn(3, 4), torch.randn(3)
     for onednn in (True, False):
         with use_onednn(onednn):
-            torch.testing.assert_close(linear(x, W, b).double(), x.double() @ W.double().t() + b.double(), **FLOAT32)
-            torch.testing.assert_close(linear(x, W).double(), x.double() @ W.double().t(), **FLOAT32)
+            torch.testing.assert_close(linear(x, W, b, choose(x, compiled=False)).double(),
+                                       x.double() @ W.double().t() + b.double(), **FLOAT32)
+            torch.testing.assert_close(linear(x, W, None, choose(x, compiled=False)).double(),
+                                       x.double() @ W.double().t(), **FLOAT32)
 
 
 def test_float64_and_switched_off_stay_with_aten():
-    assert not FixedProduct(torch.randn(3, 3, dtype=torch.float64), 2, uses=8).onednn
-    assert not FixedProduct(torch.randn(3, 3), 2, uses=8).onednn  # small: MKL's addmm is faster
-    assert FixedProduct(torch.randn(1024, 256), 2, uses=8).onednn == onednn_runs(torch.zeros(1))
+    W64 = torch.randn(1024, 256, dtype=torch.float64)
+    assert not FixedProduct(W64, 2, 8, choose(W64, compiled=False)).onednn
+    assert not FixedProduct(W64, 2, 8, choose(torch.zeros(1), compiled=False)).onednn  # W's own dtype counts too
+    # small: MKL's addmm is faster
+    assert not FixedProduct(torch.randn(3, 3), 2, 8, choose(torch.zeros(1), compiled=False)).onednn
+    assert (FixedProduct(torch.randn(1024, 256), 2, 8, choose(torch.zeros(1), compiled=False)).onednn
+            == onednn_runs(torch.zeros(1)))
     with use_onednn(False):
         assert not onednn_runs(torch.zeros(1))
 
@@ -57,7 +70,7 @@ def test_manual_layer_same_with_either_gemm(name, reverse, monkeypatch):
     torch.manual_seed(0)
     cell = make_cell(name, torch.float32)
     x, state = random_inputs(cell, steps=7, dtype=torch.float32)
-    layer = RecurrentLayer(cell, reverse=reverse, backward="manual")
+    layer = RecurrentLayer(cell, reverse=reverse, gradients="manual")
     results = {}
     for onednn in (True, False):
         with use_onednn(onednn):
@@ -72,8 +85,9 @@ def test_manual_layer_same_with_either_gemm(name, reverse, monkeypatch):
 @needs_onednn
 def test_one_use_is_not_packed(monkeypatch):
     monkeypatch.setattr(gemm, "ONEDNN_FROM_WEIGHTS", 1)
-    assert not FixedProduct(torch.randn(3, 3), 2, uses=1).W.is_mkldnn  # sampling: one product per weight
-    assert FixedProduct(torch.randn(3, 3), 2, uses=8).W.is_mkldnn
+    # sampling: one product per weight
+    assert not FixedProduct(torch.randn(3, 3), 2, 1, choose(torch.zeros(1))).W.is_mkldnn
+    assert FixedProduct(torch.randn(3, 3), 2, 8, choose(torch.zeros(1), compiled=False)).W.is_mkldnn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,6 +1,7 @@
-"""One-way imports (style guide, rule 3), read from the source with `ast`: leaves stay leaves,
-cells <- layers <- model, data knows no model, nothing imports the CLI, and no torch.nn recurrent
-module stands in for the hand-written cells."""
+"""One-way imports (style guide, rule 3), read from the source with `ast`, per folder: the speed layer
+knows no model, the backpropagation knows tensors and the speed layer only, the model knows no
+data beyond the tokenizer's constants, data knows no model, nothing imports the CLI, and no torch.nn
+recurrent module stands in for the hand-written cells. docs/architecture.md draws the same graph."""
 
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmtrain"
-MODULES = sorted(path.stem for path in PACKAGE.glob("*.py"))
+# Dotted names below lmtrain: "config", "model.cells", "model" (model/__init__.py), "__main__".
+MODULES = sorted(".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+                 for path in PACKAGE.rglob("*.py"))
 TORCH_RECURRENT = {"RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase"}
 TORCH_RECURRENT_FUNCTIONS = {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
                              "rnn_relu_cell"}
 
 
+def module_path(module: str) -> Path:
+    path = PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+    return path if path.exists() else PACKAGE.joinpath(*module.split("."), "__init__.py")
+
+
 def tree(module: str) -> ast.Module:
-    path = PACKAGE / f"{module}.py"
+    path = module_path(module)
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
@@ -35,15 +43,23 @@ def imported_names(source: ast.Module) -> set[str]:
             if node.level:
                 base = "lmtrain" + (f".{base}" if base else "")
             names.add(base)
-            if base == "lmtrain":
-                names.update(f"lmtrain.{alias.name}" for alias in node.names)
+            if base == "lmtrain" or base.startswith("lmtrain."):  # `from lmtrain.speed import gemm`
+                names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
 def lmtrain_imports(module: str) -> set[str]:
-    """The lmtrain modules that `module` imports, by short name (`errors`, `cells`, ...)."""
-    return {name.split(".")[1] for name in imported_names(tree(module))
-            if name.startswith("lmtrain.") and name.count(".") >= 1}
+    """The lmtrain modules that `module` imports, by dotted name below lmtrain (`errors`, `model.cells`):
+    a package counts only when nothing below it is named (`from lmtrain.model.cells import Cell` is
+    `model.cells`, not also `model`)."""
+    named = {name.removeprefix("lmtrain.") for name in imported_names(tree(module)) if name.startswith("lmtrain.")}
+    found = {name for name in named if name in MODULES}
+    return {name for name in found if not any(other.startswith(name + ".") for other in found)}
+
+
+def folder(module: str) -> str:
+    """The unit a module belongs to: its folder (`model`, `speed`, ...) or, at the top, itself."""
+    return module.split(".")[0]
 
 
 def third_party_roots(module: str) -> set[str]:
@@ -79,10 +95,11 @@ def torch_recurrent_uses(source: ast.Module) -> list[str]:
 # --- the checker itself ----------------------------------------------------------------------------
 
 def test_checker_sees_imports_everywhere():
-    source = ast.parse("import os\nfrom lmtrain.cells import X\nfrom . import data\nfrom .model import Y\n"
-                       "def f():\n    import lmtrain.cli\n    from lmtrain import sampling\n")
-    assert imported_names(source) == {"os", "lmtrain.cells", "lmtrain", "lmtrain.data", "lmtrain.model",
-                                      "lmtrain.cli", "lmtrain.sampling"}
+    source = ast.parse("import os\nfrom lmtrain.model.cells import X\nfrom . import data\nfrom .model import Y\n"
+                       "def f():\n    import lmtrain.cli\n    from lmtrain.evaluation import sampling\n")
+    assert imported_names(source) == {"os", "lmtrain.model.cells", "lmtrain.model.cells.X", "lmtrain", "lmtrain.data",
+                                      "lmtrain.model", "lmtrain.model.Y", "lmtrain.cli", "lmtrain.evaluation",
+                                      "lmtrain.evaluation.sampling"}
 
 
 def test_checker_sees_torch_recurrent_modules():
@@ -93,24 +110,69 @@ def test_checker_sees_torch_recurrent_modules():
 
 
 def test_package_modules_found():
-    assert {"errors", "config", "tokenizer", "data", "cells", "layers", "model", "evaluate", "sampling",
-            "checkpoint", "optim", "train", "cli", "__main__", "__init__"} <= set(MODULES)
+    assert {"errors", "config", "checkpoint", "cli", "__main__", "model.cells", "model.layers",
+            "model.language_model", "backprop.rnn", "backprop.gru", "backprop.lstm", "speed.gemm",
+            "data.tokenizer", "training.trainer", "evaluation.sampling"} <= set(MODULES)
 
 
-# --- the rules -------------------------------------------------------------------------------------
+def test_checker_resolves_folders():
+    source = ast.parse("from lmtrain.speed import gemm, kernels\nfrom lmtrain.model.cells import Cell\n")
+    assert imported_names(source) >= {"lmtrain.speed.gemm", "lmtrain.speed.kernels", "lmtrain.model.cells"}
 
-@pytest.mark.parametrize("module", ["errors", "config", "tokenizer"])
+
+# --- the rules, folder by folder -------------------------------------------------------------------
+
+# Each folder (or top-level module) and what it may import, bottom to top. A folder may always import
+# itself. Read as layers: errors, files, config | speed | backprop | data | model | checkpoint |
+# evaluation | training | cli.
+ALLOWED = {
+    "errors": set(),
+    "files": set(),
+    "config": {"errors"},
+    "speed": {"errors", "files"},
+    "backprop": {"speed"},
+    "data": {"config", "errors", "files"},
+    "model": {"backprop", "speed", "config", "data", "errors"},
+    "checkpoint": {"model", "data", "speed", "config", "errors", "files"},
+    "evaluation": {"checkpoint", "model", "data", "speed", "config", "errors"},
+    "training": {"evaluation", "checkpoint", "model", "data", "speed", "config", "errors", "files"},
+    "cli": {"training", "evaluation", "checkpoint", "model", "data", "speed", "config", "errors", "files"},
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_folder_imports_only_the_folders_below_it(module: str):
+    unit = folder(module) if module != "__init__" else "__init__"
+    assert unit in ALLOWED, f"{module}: a new folder needs its place in ALLOWED"
+    assert {folder(name) for name in lmtrain_imports(module)} - {unit} <= ALLOWED[unit]
+
+
+def test_the_layers_are_acyclic():
+    order = list(ALLOWED)
+    for unit, below in ALLOWED.items():
+        assert all(order.index(other) < order.index(unit) for other in below), unit
+
+
+def test_the_model_reads_only_the_tokenizers_constants_from_data():
+    assert {name for module in MODULES if folder(module) == "model"
+            for name in lmtrain_imports(module) if folder(name) == "data"} == {"data.tokenizer"}
+
+
+@pytest.mark.parametrize("module", ["errors", "config", "data.tokenizer"])
 def test_leaves_import_only_errors(module: str):
     assert lmtrain_imports(module) <= {"errors"} - {module}
 
 
-@pytest.mark.parametrize("module", ["config", "tokenizer", "errors", "__init__"])
-def test_leaves_import_no_torch(module: str):
+@pytest.mark.parametrize("module", ["config", "data.tokenizer", "errors", "__init__", "model", "backprop", "speed",
+                                    "data", "training", "evaluation"])
+def test_leaves_and_package_files_import_no_torch(module: str):
     assert "torch" not in third_party_roots(module)
 
 
 def test_config_loads_without_torch():
-    code = ("import sys, lmtrain, lmtrain.config, lmtrain.tokenizer\n"
+    code = ("import sys, lmtrain, lmtrain.config, lmtrain.data.tokenizer\n"
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             cwd=PACKAGE.parent, check=True)
@@ -118,41 +180,12 @@ def test_config_loads_without_torch():
 
 
 def test_cells_import_only_the_torch_internals():
-    assert lmtrain_imports("cells") <= {"torch_internals"}
+    assert lmtrain_imports("model.cells") <= {"speed.torch_internals"}
 
 
-def test_layers_import_only_cells_their_backward_and_the_config_defaults():
-    assert lmtrain_imports("layers") == {"cells", "backward", "regularization", "config"}
-
-
-@pytest.mark.parametrize("module", ["regularization", "memory", "threads", "torch_internals"])
+@pytest.mark.parametrize("module", ["model.regularization", "speed.memory", "speed.threads", "speed.torch_internals"])
 def test_leaves_of_the_model_and_speed_import_no_lmtrain_module(module: str):
     assert lmtrain_imports(module) == set()
-
-
-def test_the_speed_layer_imports_only_itself():
-    assert lmtrain_imports("gemm") <= {"torch_internals"}
-    assert lmtrain_imports("kernel_build") <= {"torch_internals"}
-    assert lmtrain_imports("kernels") <= {"kernel_build", "torch_internals", "errors"}
-
-
-def test_backward_imports_only_cells_gemm_and_kernels():
-    assert lmtrain_imports("backward") <= {"cells", "gemm", "kernels"}
-
-
-def test_loss_imports_only_gemm_and_kernels():
-    assert lmtrain_imports("loss") <= {"gemm", "kernels"}
-
-
-def test_model_imports_only_layers_config_tokenizer():
-    assert lmtrain_imports("model") <= {"layers", "config", "tokenizer", "regularization", "gemm", "loss"}
-    assert "layers" in lmtrain_imports("model")
-
-
-@pytest.mark.parametrize("module", ["data", "streaming", "cache"])
-def test_data_knows_tokens_not_models(module: str):
-    assert not lmtrain_imports(module) & {"model", "cells", "layers", "backward", "train", "sampling", "evaluate",
-                                          "cli", "checkpoint", "optim", "rundir", "interop", "diagnose"}
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m not in ("cli", "__main__")])
@@ -164,27 +197,22 @@ def test_main_runs_the_cli():
     assert lmtrain_imports("__main__") == {"cli"}
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m != "interop"])  # interop maps weights to/from torch.nn
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "evaluation.interop"])  # maps weights to/from torch.nn
 def test_no_torch_recurrent_modules(module: str):
     assert torch_recurrent_uses(tree(module)) == []
 
 
-def test_interop_imports_only_cells_and_layers():
-    assert lmtrain_imports("interop") <= {"cells", "layers"}
+def test_interop_imports_only_the_model():
+    assert {folder(name) for name in lmtrain_imports("evaluation.interop")} <= {"model"}
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m != "interop"])
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "evaluation.interop"])
 def test_nothing_imports_interop(module: str):
-    assert "interop" not in lmtrain_imports(module)
+    assert "evaluation.interop" not in lmtrain_imports(module)
 
 
 def test_distributed_knows_processes_and_data_not_models():
-    assert lmtrain_imports("distributed") <= {"data", "errors"}
-
-
-def test_rundir_and_diagnose_stay_above_the_model():
-    assert lmtrain_imports("rundir") <= {"checkpoint", "errors"}
-    assert "train" not in lmtrain_imports("diagnose") and "cli" not in lmtrain_imports("diagnose")
+    assert lmtrain_imports("training.distributed") <= {"data.dataset", "errors"}
 
 
 def test_imports_are_acyclic():
@@ -203,3 +231,9 @@ def test_imports_are_acyclic():
 
     for module in MODULES:
         visit(module, [])
+
+
+def test_the_architecture_page_is_current():
+    result = subprocess.run([sys.executable, str(PACKAGE.parent / "scripts" / "architecture.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

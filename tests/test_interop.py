@@ -1,4 +1,4 @@
-"""lmtrain.interop: torch.nn.RNN/GRU/LSTM imported into lmtrain give torch's outputs, final states and
+"""lmtrain.evaluation.interop: torch.nn.RNN/GRU/LSTM imported into lmtrain give torch's outputs, final states and
 gradients (float64 to 1e-10, float32 to 1e-5), for every depth, direction and bias; exporting gives
 torch modules equal to our stacks; the cells torch lacks are refused with a reason."""
 
@@ -11,10 +11,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lmtrain.cells import Cell
-from lmtrain.interop import (TorchLayout, cell_parameters_from_torch, from_torch, state_from_torch,
-                             state_to_torch, to_torch, torch_suffixes)
-from lmtrain.layers import RecurrentStack
+from lmtrain.evaluation.interop import (
+    TorchLayout,
+    cell_parameters_from_torch,
+    from_torch,
+    state_from_torch,
+    state_to_torch,
+    to_torch,
+    torch_suffixes,
+)
+from lmtrain.model.cells import Cell
+from lmtrain.model.layers import RecurrentStack
 
 B, T, E, H = 3, 5, 4, 3
 TORCH = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -235,7 +242,7 @@ def test_state_layout_round_trip(name, bidirectional):
     state = state_from_torch(initial, stack)
     assert len(state) == 3
     entry = state[1]
-    cell = stack.layers[1].forward_layer.cell if bidirectional else stack.layers[1].cell
+    cell = stack.layers[1].left_to_right_layer.cell if bidirectional else stack.layers[1].cell
     if bidirectional:  # layer 1's rows are 2 (forward) and 3 (backward)
         assert type(entry[0]) is cell.state_type and torch.equal(entry[1][0], as_tuple(initial)[0][3])
     else:

@@ -1,4 +1,4 @@
-"""lmtrain.kernel_build, with real processes: a build killed at any moment (SIGKILL, SIGHUP) never blocks
+"""lmtrain.speed.kernel_build, with real processes: a build killed at any moment (SIGKILL, SIGHUP) never blocks
 the next one; a process waiting for another's build says so and gives up after its bound; two sources
 built at once into one cache never load each other's library; a failed build is recorded; an unwritable
 cache falls back to a private folder; torch's log lines stay off the terminal.
@@ -20,15 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from lmtrain import kernel_build, kernels
+from lmtrain.speed import kernel_build, kernels
 
 HERE = Path(__file__).parent
 WORKER = HERE / "build_worker.py"
 SOURCE = HERE / "tiny_extension.cpp"
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None and not
-                                (Path(sys.executable).parent / "ninja").exists(),
-                                reason="needs a C++ compiler and ninja")
+# Real builds and real processes killed while building: `pytest -m "not slow"` leaves this file out.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None and not
+                                 (Path(sys.executable).parent / "ninja").exists(),
+                                 reason="needs a C++ compiler and ninja")]
 
 
 def environment(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""lmtrain.kernels: the LSTM's compiled time loops give the Python loops' values and gradients (float32,
+"""lmtrain.speed.kernels: the LSTM's compiled time loops give the Python loops' values and gradients (float32,
 either GEMM, reversed, odd sizes, saturated gates), really run when they can, and stay out of float64;
 without them lmtrain says why in one line and falls back, or stops when LMTRAIN_COMPILED=1 asks for them.
 (The compiled softmax cross-entropy has its tests in test_loss.py.)
@@ -11,25 +11,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmtrain import kernels
-from lmtrain.cells import LSTMCell
 from lmtrain.errors import LmtrainError
-from lmtrain.gemm import use_onednn
-from lmtrain.layers import RecurrentLayer
-from lmtrain.train import train
+from lmtrain.model.cells import LSTMCell
+from lmtrain.model.layers import RecurrentLayer
+from lmtrain.speed import kernels
+from lmtrain.speed.gemm import use_onednn
+from lmtrain.speed.route import choose
+from lmtrain.training.trainer import train
 
 
 def run_layer(layer: RecurrentLayer, x: torch.Tensor, state: tuple, *, compiled: bool):
     """Outputs, final state and every gradient of one forward and backward, with the loops asked for."""
     x, state = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in state)
     layer.zero_grad()
-    with kernels.use_compiled(compiled):
+    with kernels.switched(compiled):
         outputs, (a, c) = layer(x, state)
     weights = torch.randn(outputs.shape, generator=torch.Generator().manual_seed(1))
     ((outputs * weights).sum() + a.square().sum() + (2 * c).sum()).backward()
@@ -47,7 +49,7 @@ def assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor], tolera
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("B, T, E, H", [(1, 4, 3, 5), (3, 7, 4, 13), (8, 33, 16, 128), (4, 9, 40, 300)])
 def test_same_values_and_gradients_as_the_python_loops(compiled, onednn, reverse, B, T, E, H):
-    layer = RecurrentLayer(LSTMCell(E, H), reverse=reverse, backward="manual")
+    layer = RecurrentLayer(LSTMCell(E, H), reverse=reverse, gradients="manual")
     x, state = torch.randn(B, T, E), (torch.randn(B, H), torch.randn(B, H))
     with use_onednn(onednn):
         assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
@@ -58,7 +60,7 @@ def test_same_values_and_gradients_as_the_python_loops(compiled, onednn, reverse
 def test_threads_share_the_units_and_give_the_same_result(compiled, threads, H):
     """Each thread owns blocks of 16 hidden units (the last cut at H): H = 40 splits as 16 + 24 on two
     threads and 16 + 16 + 8 on three, H = 13 runs on one; all give the Python loops' values."""
-    layer = RecurrentLayer(LSTMCell(7, H), backward="manual")
+    layer = RecurrentLayer(LSTMCell(7, H), gradients="manual")
     x, state = torch.randn(5, 9, 7), (torch.randn(5, H), torch.randn(5, H))
     expected = run_layer(layer, x, state, compiled=False)
     previous = torch.get_num_threads()
@@ -73,7 +75,7 @@ def test_threads_share_the_units_and_give_the_same_result(compiled, threads, H):
 def test_saturated_gates_match_and_stay_finite(compiled):
     """Pre-activations of ±100 and more: σ and tanh must saturate to 0, ±1 as torch's do, without
     overflow in the compiled exp."""
-    layer = RecurrentLayer(LSTMCell(4, 6), backward="manual")
+    layer = RecurrentLayer(LSTMCell(4, 6), gradients="manual")
     with torch.no_grad():
         for parameter in layer.parameters():
             parameter.mul_(300)
@@ -82,7 +84,7 @@ def test_saturated_gates_match_and_stay_finite(compiled):
 
 
 def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
-    """A float32 CPU layer calls them once forward and once backward; with use_compiled(False), for
+    """A float32 CPU layer calls them once forward and once backward; with LMTRAIN_COMPILED=0, for
     fewer than 4 steps (gemm.PACK_FROM), or in float64, it does not."""
     calls = []
 
@@ -92,10 +94,10 @@ def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
             return getattr(compiled, name)
 
     monkeypatch.setitem(kernels._built, "module", Counting())
-    layer = RecurrentLayer(LSTMCell(3, 4), backward="manual")
+    layer = RecurrentLayer(LSTMCell(3, 4), gradients="manual")
     layer(torch.randn(2, 5, 3))[0].sum().backward()
     assert calls == ["lstm_forward", "lstm_backward"]
-    with kernels.use_compiled(False):
+    with kernels.switched(False):
         layer(torch.randn(2, 5, 3))[0].sum().backward()
     layer(torch.randn(2, 3, 3))[0].sum().backward()  # 3 steps: fewer than packing W repays
     layer.double()(torch.randn(2, 5, 3, dtype=torch.float64))[0].sum().backward()
@@ -106,7 +108,8 @@ def test_kernels_reject_what_they_cannot_read(compiled):
     """A float64 or non-contiguous buffer is an error in C++, not a wrong result (backward.py never
     passes one; this guards the boundary)."""
     T, B, H = 2, 3, 4
-    gates, a, c, tanh_c = torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.zeros(T, B, H)
+    gates, a, c, tanh_c = (torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H),
+                           torch.zeros(T, B, H))
     W = torch.zeros(4 * H, H)
     with pytest.raises(RuntimeError, match="a must be a contiguous float32 CPU tensor"):
         compiled.lstm_forward(gates, a.double(), c, tanh_c, W)
@@ -131,7 +134,7 @@ def test_switched_off_quietly(monkeypatch):
     lines = []
     assert kernels.load(announce=lines.append) is None
     assert kernels.unavailable_reason() == "LMTRAIN_COMPILED=0" and lines == []
-    assert kernels.compiled(torch.zeros(1)) is None
+    assert choose(torch.zeros(1)).loops is None
 
 
 def test_no_compiler_is_one_line_and_the_python_loops(monkeypatch):
@@ -143,7 +146,7 @@ def test_no_compiler_is_one_line_and_the_python_loops(monkeypatch):
     assert lines == ["lmtrain: the compiled kernels are not available (no C++ compiler (no-such-compiler-here) "
                      "on PATH); using the Python code (same results, slower). LMTRAIN_COMPILED=0 silences this."]
     assert kernels.load(announce=lines.append) is None and len(lines) == 1  # said once per process
-    layer = RecurrentLayer(LSTMCell(3, 4), backward="manual")
+    layer = RecurrentLayer(LSTMCell(3, 4), gradients="manual")
     layer(torch.randn(2, 5, 3))[0].sum().backward()  # the Python loops run
 
 
@@ -169,7 +172,7 @@ def test_every_cpu_run_builds_before_training(monkeypatch, tmp_path, config_fact
     monkeypatch.setattr(kernels, "_build", lambda announce: asked.append(1) or (None, "test"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat\nthe dog ran\n" * 20, encoding="utf-8")
-    for index, overrides in enumerate(({"model.cell": "gru"}, {"model.cell": "lstm", "model.backward": "autograd"})):
+    for index, overrides in enumerate(({"model.cell": "gru"}, {"model.cell": "lstm", "model.gradients": "autograd"})):
         config = config_factory(**{"data.path": str(corpus), "train.out_dir": str(tmp_path / f"run{index}"),
                                    "train.max_steps": 1, "data.cache": False, **overrides})
         train(config)
@@ -197,7 +200,25 @@ def test_no_ninja_anywhere_is_a_reason(monkeypatch, tmp_path):
 @pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan"])
 def test_a_bad_wait_bound_is_named(monkeypatch, value):
     monkeypatch.setenv(kernels.WAIT, value)
-    with pytest.raises(LmtrainError, match=rf"^LMTRAIN_KERNELS_WAIT must be a number of seconds, 0 or more; got '{value}'$"):
+    with pytest.raises(LmtrainError,
+                       match=rf"^LMTRAIN_KERNELS_WAIT must be a number of seconds, 0 or more; got '{value}'$"):
         kernels.wait_seconds()
     monkeypatch.setenv(kernels.WAIT, "2.5")
     assert kernels.wait_seconds() == 2.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+def test_the_source_compiles_without_the_x86_bfloat16_instructions():
+    """Where AVX-512 BF16 cannot be built (ARM), the kernels still compile; the bfloat16 products are
+    then the Python loops' (`bf16_products_supported()` is false). A syntax check: no library is made."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{path}" for path in (*include_paths(), sysconfig.get_paths()["include"])]
+    result = subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", "-fsyntax-only", "-fopenmp",
+                             "-DTORCH_EXTENSION_NAME=lmtrain_kernels", "-DLMTRAIN_NO_X86", *includes,
+                             str(kernels.SOURCE)], capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 0 and not errors, "\n".join(errors[:20])

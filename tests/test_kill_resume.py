@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
+pytestmark = pytest.mark.slow
+
 STEPS = 300  # long enough that a kill within 0.4 s of the first checkpoint lands before the end
 WORDS = "the a cat cats dog dogs was were full ran on under mat big small".split()
 
@@ -119,6 +122,7 @@ def test_a_token_cache_truncated_under_a_training_is_reported_and_the_steps_kept
     assert lines[0].endswith("; the corpus is read again with --resume") and "another process" in lines[0]
     step = torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"]
     assert step >= 7  # written as it stopped, at or past the first periodic checkpoint
-    resumed = subprocess.run(lmtrain(str(config), f"train.out_dir={out_dir}", "--resume", f"train.max_steps={step + 2}"),
+    resumed = subprocess.run(lmtrain(str(config), f"train.out_dir={out_dir}", "--resume",
+                                     f"train.max_steps={step + 2}"),
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr  # the damaged entry is tokenized again

@@ -1,4 +1,4 @@
-"""lmtrain.layers: the fast layer loop == the cell's reference step; chunked == whole to float64 rounding;
+"""lmtrain.model.layers: the fast layer loop == the cell's reference step; chunked == whole to float64 rounding;
 a stacked LSTM == torch.nn.LSTM after weight mapping (float64)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lmtrain.cells import GRUCell, LSTMCell, RNNCell
-from lmtrain.layers import RecurrentLayer, RecurrentStack
+from lmtrain.model.cells import GRUCell, LSTMCell, RNNCell
+from lmtrain.model.layers import RecurrentLayer, RecurrentStack
 
 B, T, E, H = 3, 7, 5, 4
 TOL = dict(rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""lmtrain.loss: the output layer fused with its summed cross-entropy gives torch's value and gradients
+"""lmtrain.speed.loss: the output layer fused with its summed cross-entropy gives torch's value and gradients
 (the compiled kernel in float32, odd vocabulary sizes, ignored targets, large logits, any upstream
 gradient), is what training runs, does not depend on the number of threads, and propagates a non-finite
 logit; without the kernel (float64) it is torch's cross_entropy itself."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtrain import kernels
-from lmtrain.data import IGNORE
-from lmtrain.evaluate import perplexity
-from lmtrain.loss import projected_nll
-from lmtrain.model import LanguageModel
+from lmtrain.data.dataset import IGNORE
+from lmtrain.evaluation.perplexity import perplexity
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.speed import kernels
+from lmtrain.speed.loss import projected_nll
 
 
 def reference(x, W, b, targets):
@@ -53,7 +53,7 @@ def test_compiled_value_and_gradients_equal_torch(compiled, bias, B, T, K, V):
 def test_the_rows_go_through_in_chunks_with_the_same_value_and_gradients(compiled, monkeypatch, rows_at_once):
     """LOGITS_BUDGET bounds the logits held at once; chunks of 1, 3 (uneven) and 7 rows of 22, ignored
     targets among them, give what one pass gives."""
-    from lmtrain import loss
+    from lmtrain.speed import loss
 
     B, T, K, V = 2, 11, 6, 50
     x, W, b = torch.randn(B, T, K), torch.randn(V, K) / math.sqrt(K), torch.randn(V)
@@ -66,20 +66,23 @@ def test_the_rows_go_through_in_chunks_with_the_same_value_and_gradients(compile
         assert_close([expected[0]], [projected_nll(x, W, b, targets)])
 
 
-def test_the_compiled_kernel_is_what_runs(compiled):
+def test_the_compiled_kernel_is_what_runs(compiled, monkeypatch):
     x = torch.randn(2, 3, 4, requires_grad=True)
     total = projected_nll(x, torch.randn(5, 4), torch.randn(5), torch.randint(0, 5, (2, 3)))
     assert "ProjectedNLL" in total.grad_fn.name()
-    with kernels.use_compiled(False):
+    with monkeypatch.context() as switch:
+        switch.setenv(kernels.SWITCH, "0")
         plain = projected_nll(x, torch.randn(5, 4), torch.randn(5), torch.randint(0, 5, (2, 3)))
     assert "ProjectedNLL" not in plain.grad_fn.name()
 
 
 @pytest.mark.parametrize("use_compiled", [True, False], ids=["compiled", "torch"])
-def test_ignored_targets_are_left_out_and_get_no_gradient(compiled, use_compiled):
+def test_ignored_targets_are_left_out_and_get_no_gradient(compiled, use_compiled, monkeypatch):
     x, W, b = torch.randn(2, 4, 6), torch.randn(9, 6), torch.randn(9)
     targets = torch.tensor([[1, 2, IGNORE, IGNORE], [3, IGNORE, IGNORE, 8]])
-    with kernels.use_compiled(use_compiled):
+    with monkeypatch.context() as switch:
+        if not use_compiled:
+            switch.setenv(kernels.SWITCH, "0")
         total, dx, dW, db = loss_and_gradients(projected_nll, x, W, b, targets)
     log_p = (x @ W.t() + b).log_softmax(-1)
     expected = -(log_p[0, 0, 1] + log_p[0, 1, 2] + log_p[1, 0, 3] + log_p[1, 3, 8])

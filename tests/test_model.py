@@ -1,4 +1,4 @@
-"""lmtrain.model: shapes, the zero input x(1) = 0, tied weights, and that a tiny model can learn."""
+"""lmtrain.model.language_model: shapes, the zero input x(1) = 0, tied weights, and that a tiny model can learn."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from lmtrain.config import ConfigError
-from lmtrain.model import LanguageModel
-from lmtrain.tokenizer import ZERO_INPUT, Tokenizer
+from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer
+from lmtrain.model.language_model import LanguageModel
 
 V = 11
 
@@ -143,7 +143,8 @@ def test_torch_initialisation_and_forget_bias():
     model = LanguageModel(500, embed_size=16, hidden_size=64, num_layers=2, init="torch", forget_bias=None)
     assert 0.9 < float(model.embedding.weight.detach().std()) < 1.1
     bound = 1 / 64 ** 0.5
-    assert float(model.projection.weight.detach().abs().max()) <= bound and float(model.projection.bias.detach().abs().max()) > 0
+    assert (float(model.projection.weight.detach().abs().max()) <= bound
+            and float(model.projection.bias.detach().abs().max()) > 0)
     for layer in model.rnn.layers:
         assert float(layer.cell.b_f.detach().abs().max()) <= bound and float(layer.cell.b_f.detach().std()) > 0
     model = LanguageModel(50, embed_size=8, hidden_size=8, num_layers=1, forget_bias=0.5)
@@ -158,7 +159,8 @@ def test_torch_initialisation_and_forget_bias():
 def test_init_from_config_and_bad_init(config_factory):
     config = config_factory(**{"model.init": "torch", "model.forget_bias": None, "model.embed_size": 8})
     model = LanguageModel.from_config(config.model, 300)
-    assert float(model.embedding.weight.detach().abs().max()) > 0.5 and float(model.rnn.layers[0].cell.b_f.detach().abs().max()) < 0.1
+    assert (float(model.embedding.weight.detach().abs().max()) > 0.5
+            and float(model.rnn.layers[0].cell.b_f.detach().abs().max()) < 0.1)
     with pytest.raises(ConfigError, match="model.init must be one of auto, zaremba, torch"):
         config_factory(**{"model.init": "xavier"})
 
@@ -169,15 +171,16 @@ def test_init_from_config_and_bad_init(config_factory):
 ])
 def test_the_parameter_estimate_is_the_count(options, config_factory):
     from lmtrain.checkpoint import parameter_count
-    from lmtrain.model import parameter_estimate
+    from lmtrain.model.language_model import parameter_estimate
 
     config = config_factory(**{f"model.{key}": value for key, value in options.items()})
-    assert sum(parameter_estimate(config.model, 57).values()) == parameter_count(LanguageModel.from_config(config.model, 57))
+    assert (sum(parameter_estimate(config.model, 57).values())
+            == parameter_count(LanguageModel.from_config(config.model, 57)))
 
 
 def test_a_model_that_cannot_fit_is_refused_naming_its_keys(config_factory):
     from lmtrain.config import ConfigError
-    from lmtrain.model import check_size
+    from lmtrain.model.language_model import check_size
 
     big = config_factory(**{"model.hidden_size": 10 ** 9})
     with pytest.raises(ConfigError, match=r"would have 1.2e\+19 parameters, most of them in its recurrent "

@@ -1,4 +1,4 @@
-"""lmtrain.optim: the learning-rate schedule as a pure function of the step; the optimizer choice."""
+"""lmtrain.training.optim: the learning-rate schedule as a pure function of the step; the optimizer choice."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lmtrain.config import ConfigError
-from lmtrain.model import LanguageModel
-from lmtrain.optim import build_optimizer, learning_rate
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.training.optim import build_optimizer, learning_rate
 
 
 def lr_at(step: int, **options) -> float:

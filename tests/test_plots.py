@@ -1,4 +1,4 @@
-"""lmtrain.plots: reading metrics.jsonl and the learning-curve plot (the drawing itself only where the
+"""lmtrain.evaluation.plots: reading metrics.jsonl and the learning-curve plot (the drawing itself only where the
 optional matplotlib is installed)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lmtrain.errors import LmtrainError
-from lmtrain.plots import plot_runs, read_metrics
+from lmtrain.evaluation.plots import plot_runs, read_metrics
 
 
 def write_run(folder, events, tail=""):

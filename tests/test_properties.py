@@ -24,11 +24,10 @@ import yaml  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lmtrain import data  # noqa: E402
 from lmtrain.config import SECTIONS, Config, ConfigError, all_keys, load_config  # noqa: E402
-
-from lmtrain.data import reverse_text, split_points  # noqa: E402
-from lmtrain.tokenizer import Tokenizer  # noqa: E402
+from lmtrain.data import dataset as data  # noqa: E402
+from lmtrain.data.dataset import reverse_text, split_points  # noqa: E402
+from lmtrain.data.tokenizer import Tokenizer  # noqa: E402
 
 # Hypothesis writes a cache into ./.hypothesis even without an example database, the first time at the
 # end of collection (before any fixture runs): point it at a temporary folder from the start.

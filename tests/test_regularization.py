@@ -1,4 +1,4 @@
-"""Each regulariser does what its config key's documentation says (lmtrain/regularization.py, README)."""
+"""Each regulariser does what its config key's documentation says (lmtrain/model/regularization.py, docs/config.md)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ import sys
 
 import pytest
 import torch
-
 from corpus_helpers import sentences, write_lines
 from test_train import make_config
 
-from lmtrain.cells import make_cell
 from lmtrain.config import ConfigError
-from lmtrain.layers import RecurrentLayer, RecurrentStack
-from lmtrain.memory import keep_freed_memory
-from lmtrain.model import LanguageModel
-from lmtrain.regularization import (SequenceDropout, activation_penalty, activation_regularization, drop_connect,
-                                    embedding_dropout, temporal_activation_regularization)
-from lmtrain.train import train
+from lmtrain.model.cells import make_cell
+from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.layers import RecurrentLayer, RecurrentStack
+from lmtrain.model.regularization import (
+    SequenceDropout,
+    activation_penalty,
+    activation_regularization,
+    drop_connect,
+    embedding_dropout,
+    temporal_activation_regularization,
+)
+from lmtrain.speed.memory import keep_freed_memory
+from lmtrain.training.trainer import train
 
 B, T, D = 64, 12, 50
 
@@ -131,9 +136,9 @@ def test_dropout_rates_default_to_model_dropout():
     assert not model.input_dropout.locked
 
 
-def weight_dropped_layer(p: float, backward: str = "autograd") -> RecurrentLayer:
+def weight_dropped_layer(p: float, gradients: str = "autograd") -> RecurrentLayer:
     torch.manual_seed(0)
-    return RecurrentLayer(make_cell("lstm", 5, 40), weight_drop=p, backward=backward).double()
+    return RecurrentLayer(make_cell("lstm", 5, 40), weight_drop=p, gradients=gradients).double()
 
 
 def test_weight_drop_masks_only_the_recurrent_weights():
@@ -149,11 +154,11 @@ def test_weight_drop_masks_only_the_recurrent_weights():
     assert torch.equal(layer.weights()[0], W_recurrent)
 
 
-@pytest.mark.parametrize("backward", ["autograd", "manual"])
-def test_weight_drop_is_the_same_mask_at_every_step_and_its_gradient_is_masked(backward: str):
+@pytest.mark.parametrize("gradients", ["autograd", "manual"])
+def test_weight_drop_is_the_same_mask_at_every_step_and_its_gradient_is_masked(gradients: str):
     """The layer's output is the layer run with the dropped weights (one mask for the whole sequence);
     the dropped weights get no gradient."""
-    layer = weight_dropped_layer(0.5, backward).train()
+    layer = weight_dropped_layer(0.5, gradients).train()
     x = torch.randn(3, 7, 5, dtype=torch.float64)
     torch.manual_seed(2)
     mask = layer.weights()[0] == 0
@@ -169,15 +174,16 @@ def test_weight_drop_is_the_same_mask_at_every_step_and_its_gradient_is_masked(b
     torch.testing.assert_close(outputs, plain(x)[0])
     for index, gate in enumerate(layer.cell.gates):
         grad = getattr(layer.cell, f"W_{gate}").grad
-        assert torch.equal(grad[:, :H][mask[index * H:(index + 1) * H]], torch.zeros(int(mask[index * H:(index + 1) * H].sum()), dtype=torch.float64))
+        assert torch.equal(grad[:, :H][mask[index * H:(index + 1) * H]],
+                           torch.zeros(int(mask[index * H:(index + 1) * H].sum()), dtype=torch.float64))
         assert grad[:, H:].abs().sum() > 0
 
 
 def test_weight_drop_manual_equals_autograd_in_a_stack():
     options = dict(cell="gru", input_size=5, hidden_size=6, num_layers=2, dropout=0.3, locked_dropout=True,
                    weight_drop=0.4)
-    reference = RecurrentStack(**options, backward="autograd").double()
-    stack = RecurrentStack(**options, backward="manual").double()
+    reference = RecurrentStack(**options, gradients="autograd").double()
+    stack = RecurrentStack(**options, gradients="manual").double()
     stack.load_state_dict(reference.state_dict())
     x = torch.randn(4, 8, 5, dtype=torch.float64)
     for model in (reference, stack):
@@ -254,11 +260,11 @@ def test_null_rates_are_allowed(config_factory):
 FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from lmtrain.memory import keep_freed_memory
+    from lmtrain.speed.memory import keep_freed_memory
     assert keep_freed_memory()
-from lmtrain.model import LanguageModel
+from lmtrain.model.language_model import LanguageModel
 torch.manual_seed(0)
-model = LanguageModel(10000, embed_size=32, hidden_size=32, num_layers=2, backward="manual")  # 28 MB logits
+model = LanguageModel(10000, embed_size=32, hidden_size=32, num_layers=2, gradients="manual")  # 28 MB logits
 optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
 tokens = torch.randint(0, 10000, (20, 36))
 for step in range(16):

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmtrain.checkpoint as checkpoint_module
-import lmtrain.loss as loss_module
+import lmtrain.files as files_module
+import lmtrain.speed.loss as loss_module
 from lmtrain.config import build_config
 from lmtrain.errors import LmtrainError
-from lmtrain.rundir import RunDirectory
-from lmtrain.train import train
+from lmtrain.training.rundir import RunDirectory
+from lmtrain.training.trainer import train
 
 WORDS = "the a cat dog sat ran on under mat rug big small".split()
 
@@ -112,7 +112,7 @@ def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path, corpus):
     out_dir = tmp_path / "run"
     script = textwrap.dedent(f"""
         import os, signal
-        from lmtrain.rundir import RunDirectory
+        from lmtrain.training.rundir import RunDirectory
         run = RunDirectory({str(out_dir)!r}); run.create(); run.lock()
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -133,10 +133,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, 
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(descriptor)
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    monkeypatch.setattr(files_module.os, "fsync", full_disk)
     with pytest.raises(LmtrainError) as caught:
         train(config(corpus, out_dir, train__max_steps=8), resume=True, progress_bar=False)
-    monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
+    monkeypatch.setattr(files_module.os, "fsync", real_fsync)
     message = str(caught.value)
     assert "disk is full" in message and "\n" not in message
     assert message.endswith("; the checkpoints written before are intact")
@@ -148,7 +148,7 @@ def test_a_failed_first_checkpoint_claims_no_earlier_one(tmp_path, corpus, monke
     def full_disk(descriptor):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    monkeypatch.setattr(files_module.os, "fsync", full_disk)
     with pytest.raises(LmtrainError) as caught:
         train(config(corpus, tmp_path / "run", train__max_steps=2), progress_bar=False)
     assert "disk is full" in str(caught.value) and "intact" not in str(caught.value)

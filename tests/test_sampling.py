@@ -1,14 +1,14 @@
-"""lmtrain.sampling: one sampling step (greedy, top-k, top-p, seeds) and generation that stops at <eos>."""
+"""lmtrain.evaluation.sampling: one sampling step (greedy, top-k, top-p, seeds) and generation that stops at <eos>."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.model import LanguageModel
-from lmtrain.sampling import check_options, generate, prime_ids, sample_next
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.evaluation.sampling import check_options, generate, prime_ids, sample_next
+from lmtrain.model.language_model import LanguageModel
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -267,7 +267,7 @@ def test_prime_ids():
 # --- what `lmtrain sample` prints ------------------------------------------------------------------
 
 def test_printable_escapes_what_a_terminal_would_act_on():
-    from lmtrain.sampling import printable
+    from lmtrain.evaluation.sampling import printable
 
     assert printable("plain text, tabs\tand ünïcode ✓") == "plain text, tabs\tand ünïcode ✓"
     assert printable("a\rb\nc\x1b[31md\x00e\x7f\x85") == "a\\rb\\nc\\x1b[31md\\x00e\\x7f\\x85"
@@ -277,7 +277,7 @@ def test_printable_escapes_what_a_terminal_would_act_on():
 def test_a_model_that_never_saw_eos_says_samples_end_only_at_max_tokens(tmp_path, config_factory):
     from lmtrain.checkpoint import save_checkpoint
     from lmtrain.config import to_dict
-    from lmtrain.sampling import sample_checkpoint
+    from lmtrain.evaluation.sampling import sample_checkpoint
 
     tokenizer = Tokenizer.fit("hello world\n", level="char", eos="none")
     config = config_factory(**{"data.eos": "none", "model.cell": "gru", "model.embed_size": 8,
@@ -313,10 +313,11 @@ def test_non_finite_outputs_are_named_as_damaged_weights():
 def test_seed_and_num_out_of_range_are_refused(tmp_path, config_factory):
     from lmtrain.checkpoint import save_checkpoint
     from lmtrain.config import to_dict
-    from lmtrain.sampling import sample_checkpoint
+    from lmtrain.evaluation.sampling import sample_checkpoint
 
     tokenizer = Tokenizer.fit("hello world\n", level="char")
-    config = config_factory(**{"model.cell": "gru", "model.embed_size": 8, "model.hidden_size": 16, "model.num_layers": 1})
+    config = config_factory(**{"model.cell": "gru", "model.embed_size": 8, "model.hidden_size": 16,
+                               "model.num_layers": 1})
     save_checkpoint(tmp_path / "m.pt", {"config": to_dict(config), "tokenizer": tokenizer.to_dict(),
                                         "model": small_model(tokenizer).state_dict()})
     with pytest.raises(LmtrainError, match="--seed must be a 64-bit integer"):

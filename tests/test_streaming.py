@@ -1,4 +1,4 @@
-"""lmtrain.streaming: a corpus read in blocks gives exactly what the whole text gives: the same split
+"""lmtrain.data.streaming: a corpus read in blocks gives exactly what the whole text gives: the same split
 cuts, the same vocabulary as `Tokenizer.fit`, the same ids as `stream_ids`, the same unknown counts."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain import streaming
 from lmtrain.config import DataConfig
-from lmtrain.data import cut_offsets, load_splits, split_points, stream_ids
-from lmtrain.streaming import count_tokens, encode_pieces, split_pieces, split_texts, whole_words
-from lmtrain.tokenizer import Tokenizer
+from lmtrain.data import streaming
+from lmtrain.data.dataset import cut_offsets, load_splits, split_points, stream_ids
+from lmtrain.data.streaming import count_tokens, encode_pieces, split_pieces, split_texts, whole_words
+from lmtrain.data.tokenizer import Tokenizer
 
 ALPHABET = "ab c\n\n \té\u3000x"  # words, spaces, tabs, empty lines, a non-ASCII letter and space
 TEXTS = ["", "\n", "a", "ab\n", "ab\ncd", "the cat sat\nthe dog ran\n\na cat\n", "  x \n\n y\u3000z\t\n",

@@ -1,4 +1,4 @@
-"""lmtrain.threads: the cores a process may use (affinity, cgroup quota), the load of other processes
+"""lmtrain.speed.threads: the cores a process may use (affinity, cgroup quota), the load of other processes
 read from /proc/stat, and `train.threads: auto` following it, with real competing processes."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain import threads
-from lmtrain.threads import Load, ThreadCount, allowed_cores, cgroup_quota
+from lmtrain.speed import threads
+from lmtrain.speed.threads import Load, ThreadCount, allowed_cores, cgroup_quota
+
+# Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
+pytestmark = pytest.mark.slow
 
 LINUX = Path("/proc/stat").exists() and hasattr(os, "sched_getaffinity")
 
@@ -134,7 +137,7 @@ def test_the_load_of_a_real_competing_process_is_seen():
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/stat")
 def test_training_says_its_threads_and_records_them(tmp_path, config_factory, monkeypatch):
-    from lmtrain.train import train
+    from lmtrain.training.trainer import train
 
     monkeypatch.delenv("OMP_NUM_THREADS")
     corpus = tmp_path / "corpus.txt"

@@ -1,4 +1,4 @@
-"""lmtrain.tokenizer: code-point round trips, one <eos> per line, vocabulary fit on training text only."""
+"""lmtrain.data.tokenizer: code-point round trips, one <eos> per line, vocabulary fit on training text only."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lmtrain.data.tokenizer import EOS, SPECIALS, UNK, ZERO_INPUT, Tokenizer, read_text, read_text_blocks, split_lines
 from lmtrain.errors import LmtrainError
-from lmtrain.tokenizer import EOS, SPECIALS, UNK, ZERO_INPUT, Tokenizer, read_text, read_text_blocks, split_lines
 
 UNICODE_TEXTS = [
     "hello world\n",
@@ -329,7 +329,7 @@ def test_char_round_trip_property(tmp_path: Path):
 def test_file_kinds_and_what_a_corpus_may_be(tmp_path: Path):
     import os
 
-    from lmtrain.tokenizer import file_kind, open_corpus
+    from lmtrain.data.tokenizer import file_kind, open_corpus
 
     (tmp_path / "c.txt").write_text("a\n")
     os.mkfifo(tmp_path / "pipe")

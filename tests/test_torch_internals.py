@@ -1,4 +1,4 @@
-"""lmtrain.torch_internals: every private torch entry point has a fallback, and each fallback gives the
+"""lmtrain.speed.torch_internals: every private torch entry point has a fallback, and each fallback gives the
 same results (a torch that drops or renames one runs slower, never wrongly)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from lmtrain import gemm, kernels, torch_internals
-from lmtrain.cells import LSTMCell
-from lmtrain.layers import RecurrentLayer
+from lmtrain.model.cells import LSTMCell
+from lmtrain.model.layers import RecurrentLayer
+from lmtrain.speed import kernels, route, torch_internals
 
 
 def test_onednn_ops_are_looked_up_once_and_missing_ones_give_none(monkeypatch):
@@ -38,13 +38,14 @@ def layer_results(layer: RecurrentLayer, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["python-loops", "compiled-loops"])
 def test_without_the_onednn_ops_the_products_are_addmm_with_the_same_values(monkeypatch, compiled):
-    layer = RecurrentLayer(LSTMCell(16, 384), backward="manual")  # above ONEDNN_FROM_WEIGHTS: oneDNN's route
+    layer = RecurrentLayer(LSTMCell(16, 384), gradients="manual")  # above ONEDNN_FROM_WEIGHTS: oneDNN's route
     x = torch.randn(4, 9, 16)
-    with kernels.use_compiled(compiled):
-        expected = layer_results(layer, x)
-        monkeypatch.setattr(gemm, "_ONEDNN", None)
-        assert not gemm.onednn_runs(x)
-        actual = layer_results(layer, x)
+    if not compiled:
+        monkeypatch.setenv(kernels.SWITCH, "0")
+    expected = layer_results(layer, x)
+    monkeypatch.setattr(route, "ONEDNN_LINEAR", None)
+    assert not route.choose(x).onednn
+    actual = layer_results(layer, x)
     for want, got in zip(expected, actual, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from corpus_helpers import sentences, write_lines
 
+from lmtrain.checkpoint import FORMAT_VERSION
 from lmtrain.config import Config, build_config
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluate import evaluate_checkpoint
-from lmtrain.rundir import RunDirectory
-from lmtrain.train import train
-from corpus_helpers import sentences, write_lines
+from lmtrain.evaluation.perplexity import evaluate_checkpoint
+from lmtrain.training.rundir import RunDirectory
+from lmtrain.training.trainer import train
 
 BATCH_SIZE, BPTT = 4, 16
 
@@ -173,7 +174,7 @@ def test_resume_refuses_a_corpus_that_changed_unless_asked(tmp_path, corpus):
 def test_weights_that_are_no_longer_finite_are_never_written(tmp_path, corpus, monkeypatch):
     """A step that leaves an infinite weight: the run stops with one line, no checkpoint holds it, and
     metrics.jsonl stays strict JSON."""
-    from lmtrain import train as train_module
+    from lmtrain.training import trainer as train_module
 
     out_dir = tmp_path / "run"
     real_step = train_module.Trainer._train_step
@@ -198,7 +199,7 @@ def test_weights_that_are_no_longer_finite_are_never_written(tmp_path, corpus, m
 
 def test_a_non_finite_loss_is_null_in_metrics_jsonl(tmp_path, corpus, monkeypatch):
     """Strict JSON has no NaN or Infinity: a diverged validation loss is logged as null."""
-    from lmtrain import train as train_module
+    from lmtrain.training import trainer as train_module
 
     monkeypatch.setattr(train_module, "score", lambda *a, **k: train_module.Score(loss=float("nan"), tokens=10))
     out_dir = tmp_path / "run"
@@ -210,7 +211,7 @@ def test_a_non_finite_loss_is_null_in_metrics_jsonl(tmp_path, corpus, monkeypatc
 
 
 def test_a_huge_vocabulary_is_warned_about_and_a_pipe_refused(tmp_path, corpus, monkeypatch):
-    from lmtrain import train as train_module
+    from lmtrain.training import trainer as train_module
 
     monkeypatch.setattr(train_module, "LARGE_VOCABULARY", 10)
     warnings = []
@@ -362,27 +363,28 @@ def test_bidirectional_lm_trains_both_directions(tmp_path, corpus):
     config = make_config(corpus, out_dir, model__direction="bi", train__max_steps=80, train__eval_every=40,
                          train__lr=0.02)
     result = train(config, progress_bar=False)
-    forward, backward = events(out_dir, "valid"), events(out_dir, "valid_backward")
+    forward, backward = events(out_dir, "valid"), events(out_dir, "valid_right_to_left")
     assert [e["step"] for e in forward] == [e["step"] for e in backward] == [40, 80]
     # best.pt follows the mean of the two directions, the training objective.
     assert result.progress.best_valid_loss == pytest.approx(
         min((f["loss"] + b["loss"]) / 2 for f, b in zip(forward, backward)), abs=1e-5)
     numbers, _ = evaluate_checkpoint(str(out_dir / "best.pt"), split="valid")
-    assert {"loss", "perplexity", "bpc", "backward_loss", "backward_perplexity", "backward_bpc"} <= set(numbers)
-    assert numbers["loss"] != numbers["backward_loss"]  # two models, two numbers
+    assert {"loss", "perplexity", "bpc", "right_to_left_loss", "right_to_left_perplexity",
+            "right_to_left_bpc"} <= set(numbers)
+    assert numbers["loss"] != numbers["right_to_left_loss"]  # two models, two numbers
     payload = load_payload(out_dir / "best.pt")
-    assert any(name.startswith("rnn_backward.") for name in payload["model"])
+    assert any(name.startswith("rnn_right_to_left.") for name in payload["model"])
     # Both LMs learned: each is far below the uniform loss ln(V).
     vocab_size = len(payload["tokenizer"]["tokens"])
-    assert numbers["loss"] < math.log(vocab_size) - 0.5 and numbers["backward_loss"] < math.log(vocab_size) - 0.5
+    assert numbers["loss"] < math.log(vocab_size) - 0.5 and numbers["right_to_left_loss"] < math.log(vocab_size) - 0.5
 
 
-def test_forward_only_model_has_no_backward_lm(tmp_path, corpus):
+def test_forward_only_model_has_no_right_to_left_lm(tmp_path, corpus):
     out_dir = tmp_path / "forward"
     train(make_config(corpus, out_dir, train__max_steps=3), progress_bar=False)
-    assert not events(out_dir, "valid_backward")
+    assert not events(out_dir, "valid_right_to_left")
     numbers, _ = evaluate_checkpoint(str(out_dir / "last.pt"), split="valid")
-    assert "backward_loss" not in numbers
+    assert "right_to_left_loss" not in numbers
 
 
 def test_sample_every_prints_samples_without_moving_the_training(tmp_path, corpus):
@@ -409,8 +411,9 @@ def test_info_describes_a_checkpoint(tmp_path, corpus):
     assert result.exit_code == 0, result.output
     facts = json.loads(result.output)
     payload = load_payload(out_dir / "best.pt")
-    assert facts["step"] == payload["progress"]["step"] and facts["format_version"] == 1
-    assert facts["vocab_size"] == len(payload["tokenizer"]["tokens"]) and facts["first_tokens"][:2] == ["<unk>", "<eos>"]
+    assert facts["step"] == payload["progress"]["step"] and facts["format_version"] == FORMAT_VERSION
+    assert (facts["vocab_size"] == len(payload["tokenizer"]["tokens"])
+            and facts["first_tokens"][:2] == ["<unk>", "<eos>"])
     assert facts["parameters"] == sum(t.numel() for t in payload["model"].values())
     assert facts["best_valid_loss"] == pytest.approx(min(e["loss"] for e in events(out_dir, "valid")), abs=1e-6)
     text = CliRunner().invoke(app, ["info", str(out_dir / "best.pt")]).output

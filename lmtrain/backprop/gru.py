@@ -1,0 +1,161 @@
+"""The GRU's backpropagation through time, in the style of the lecture's Backpropagation slide
+(docs/backprop.md derives each line): the full and the simplified GRU with Γ_r applied before the
+product (the lecture's), and PyTorch's variant with Γ_r applied after it. The forward keeps every
+c(t) and gate activation; the backward walks t = T .. 1 computing only the recurrence, then sums each
+weight gradient over time as one product (`lmtrain/backprop/sequence.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+from lmtrain.backprop.sequence import (
+    incoming_gradients,
+    input_gradients,
+    layer_outputs,
+    per_step,
+    project_inputs,
+    sigmoid_slopes,
+    state_buffer,
+    summed_over_time,
+    tanh_slopes,
+)
+from lmtrain.speed.gemm import FixedProduct
+from lmtrain.speed.route import Route, runs_on_its_route
+
+
+@runs_on_its_route
+class GRUFunction(Function):
+    """The lecture's GRU, Γ_r applied to c(t-1) before the product (`reset="before"`), with or without
+    the relevance gate. Inputs: x, c(0), W_recurrent (G*H, H), W_input (G*H, E), b (G*H,), and
+    relevance_gate (a bool: gates (u, r, c) or (u, c)). Outputs: c(1..T) (B, T, H) and c(T)."""
+
+    @staticmethod
+    def forward(ctx, route, x, c0, W_recurrent, W_input, b, relevance_gate):
+        ctx.set_materialize_grads(False)
+        H, c = c0.size(1), state_buffer(c0, x.size(1))                     # c: (T+1, B, H)
+        gates = project_inputs(x, W_input, b, route)                       # (T, B, G*H)
+        gamma, gamma_u, gamma_r, c_tilde, c_ = per_step(                   # gates: [Γ_u, (Γ_r,) c̃] of each step
+            gates[..., :-H], gates[..., :H], gates[..., H:2 * H], gates[..., -H:], c)
+        B, T = x.shape[:2]                                                 # recurrent halves: (W_u, W_r), W_c
+        W_gates, W_c = FixedProduct(W_recurrent[:-H], B, T, route), FixedProduct(W_recurrent[-H:], B, T, route)
+        for t in range(1, T + 1):
+            torch.sigmoid(W_gates(c_[t - 1], gamma[t - 1]), out=gamma[t - 1])  # Γ_u, Γ_r = σ(W [c(t-1), x(t)] + b)
+            c_in = gamma_r[t - 1] * c_[t - 1] if relevance_gate else c_[t - 1]  # Γ_r * c(t-1)
+            torch.tanh(W_c(c_in, c_tilde[t - 1]), out=c_tilde[t - 1])      # c̃ = tanh(W_c [Γ_r * c(t-1), x(t)] + b_c)
+            torch.lerp(c_[t - 1], c_tilde[t - 1], gamma_u[t - 1], out=c_[t])  # c(t) = Γ_u c̃ + (1 - Γ_u) c(t-1)
+        ctx.relevance_gate = relevance_gate
+        ctx.save_for_backward(x, c, gates, W_recurrent, W_input)
+        return layer_outputs(c)
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_final):
+        x, c, gates, W_recurrent, W_input = ctx.saved_tensors
+        H, relevance_gate, needs = c.size(-1), ctx.relevance_gate, ctx.needs_input_grad[1:]
+        c_prev, gamma_u, c_tilde = c[:-1], gates[..., :H], gates[..., -H:]
+        # dz (T, B, G*H) starts as what multiplies the incoming gradient, for all t at once; the loop
+        # multiplies that gradient in.
+        dz = sigmoid_slopes(gates)                                         # Γ (1 - Γ)
+        dz[..., :H] *= c_tilde - c_prev                                    # dz_u = dc (c̃ - c(t-1)) Γ_u (1 - Γ_u)
+        if relevance_gate:
+            dz[..., H:2 * H] *= c_prev                                     # dz_r = dc_in c(t-1) Γ_r (1 - Γ_r)
+        torch.mul(gamma_u, tanh_slopes(c_tilde), out=dz[..., -H:])         # dz_c = dc Γ_u (1 - c̃²)
+        loop = _gru_relevance_loop if relevance_gate else _gru_simplified_loop
+        dc = loop(dz, incoming_gradients(grad_outputs, grad_final, c), 1 - gamma_u, gates, W_recurrent, ctx.route)
+        dW_recurrent = None
+        if needs[2]:  # the gates read c(t-1), the candidate reads Γ_r * c(t-1)
+            c_in = gates[..., H:2 * H] * c_prev if relevance_gate else c_prev
+            dW_recurrent = torch.cat([summed_over_time(dz[..., :-H], c_prev, ctx.route),
+                                      summed_over_time(dz[..., -H:], c_in, ctx.route)])
+        dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dz, x, W_input, ctx.route)
+        return dx, dc, dW_recurrent, dW_input, db, None
+
+
+def _gru_relevance_loop(dz, dC, keep, gates, W_recurrent, route: Route):
+    """t = T .. 1 for the full GRU (gates u, r, c): multiplies the incoming gradients into dz(t),
+    returns dc(0)."""
+    T, H = dC.size(0) - 1, dC.size(2)
+    rows = dC.size(1)  # products with the transposed recurrent halves
+    gates_t, candidate_t = (FixedProduct(W_recurrent[:-H].t().contiguous(), rows, T, route),
+                            FixedProduct(W_recurrent[-H:].t().contiguous(), rows, T, route))
+    dz_gates, dz_u, dz_r, dz_c, gamma_r, keep, dC = per_step(
+        dz[..., :2 * H], *dz.split(H, -1), gates[..., H:2 * H], keep, dC)
+    dc = dC[T]
+    for t in range(T, 0, -1):
+        dz_c[t - 1].mul_(dc)                                               # dz_c = dc Γ_u (1 - c̃²)
+        dc_in = candidate_t(dz_c[t - 1])                                   # reaches the candidate's input Γ_r * c(t-1)
+        dz_r[t - 1].mul_(dc_in)                                            # dz_r = dc_in c(t-1) Γ_r (1 - Γ_r)
+        dz_u[t - 1].mul_(dc)                                               # dz_u = dc (c̃ - c(t-1)) Γ_u (1 - Γ_u)
+        dc_prev = torch.addcmul(dC[t - 1], dc, keep[t - 1])                # c(t) = ... + (1 - Γ_u) c(t-1)
+        dc_prev.addcmul_(dc_in, gamma_r[t - 1])                            # c̃ reads Γ_r * c(t-1)
+        dc = gates_t(dz_gates[t - 1], dc_prev)                             # Γ_u, Γ_r read c(t-1)
+    return dc
+
+
+def _gru_simplified_loop(dz, dC, keep, gates, W_recurrent, route: Route):
+    """t = T .. 1 for the simplified GRU (gates u, c): multiplies dc(t) into dz(t), returns dc(0)."""
+    T, H = dC.size(0) - 1, dC.size(2)
+    dz_, dz_uc, keep, dC = per_step(dz, dz.unflatten(-1, (2, H)), keep, dC)
+    dc = dC[T]
+    recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T, route)
+    for t in range(T, 0, -1):
+        # [dz_u, dz_c] = dc [(c̃ - c(t-1)) Γ_u (1 - Γ_u), Γ_u (1 - c̃²)], both blocks in one product
+        dz_uc[t - 1].mul_(dc.unsqueeze(1))
+        dc_prev = torch.addcmul(dC[t - 1], dc, keep[t - 1])                # c(t) = ... + (1 - Γ_u) c(t-1)
+        dc = recurrent_t(dz_[t - 1], dc_prev)                              # both gates read c(t-1)
+    return dc
+
+
+@runs_on_its_route
+class GRUAfterFunction(Function):
+    """PyTorch's GRU (`reset="after"`): c̃ = tanh(W_cx x(t) + b_c + Γ_r * p(t)), p(t) = W_cc c(t-1) + b_cc.
+    Inputs: x, c(0), W_recurrent (3H, H), W_input (3H, E), b (3H,), b_cc (H,). Outputs as GRUFunction."""
+
+    @staticmethod
+    def forward(ctx, route, x, c0, W_recurrent, W_input, b, b_cc):
+        ctx.set_materialize_grads(False)
+        H, c = c0.size(1), state_buffer(c0, x.size(1))                     # c: (T+1, B, H)
+        gates = project_inputs(x, W_input, b, route)                       # (T, B, 3H)
+        gamma, gamma_u, gamma_r, c_tilde, c_ = per_step(gates[..., :2 * H], *gates.split(H, -1), c)
+        recurrent_bias = torch.cat([b_cc.new_zeros(2 * H), b_cc])
+        product = FixedProduct(W_recurrent, *x.shape[:2], route)
+        recurrent = []  # [t-1]: W_rec c(t-1) + [0, 0, b_cc] = [., ., p(t)]
+        for t in range(1, c.size(0)):
+            recurrent.append(r := product(c_[t - 1], recurrent_bias))
+            gamma[t - 1].add_(r[:, :2 * H]).sigmoid_()                     # Γ_u, Γ_r
+            c_tilde[t - 1].addcmul_(gamma_r[t - 1], r[:, 2 * H:]).tanh_()  # c̃ = tanh(W_cx x(t) + b_c + Γ_r * p)
+            torch.lerp(c_[t - 1], c_tilde[t - 1], gamma_u[t - 1], out=c_[t])  # c(t) = Γ_u c̃ + (1 - Γ_u) c(t-1)
+        recurrent = torch.stack(recurrent) if recurrent else torch.empty_like(gates)  # (T, B, 3H)
+        ctx.save_for_backward(x, c, gates, recurrent, W_recurrent, W_input)
+        return layer_outputs(c)
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_final):
+        x, c, gates, recurrent, W_recurrent, W_input = ctx.saved_tensors
+        T, H = gates.size(0), c.size(-1)
+        c_prev, gamma_u, gamma_r, c_tilde = c[:-1], *gates.split(H, dim=2)
+        # dr = [dz_u, dz_r, dp], the gradients of the recurrent products W_rec c(t-1) + [0, 0, b_cc], and
+        # dz_c start as what multiplies the incoming gradient, for all t at once; the loop multiplies it in.
+        dr = sigmoid_slopes(gates)
+        dr[..., :H] *= c_tilde - c_prev                                    # dz_u = dc (c̃ - c(t-1)) Γ_u (1 - Γ_u)
+        dr[..., H:2 * H] *= recurrent[..., 2 * H:]                         # dz_r = dz_c p Γ_r (1 - Γ_r)
+        dr[..., 2 * H:] = gamma_r                                          # dp = dz_c Γ_r, p = W_cc c(t-1) + b_cc
+        dz_c = gamma_u * tanh_slopes(c_tilde)                              # dz_c = dc Γ_u (1 - c̃²)
+        dr_, dz_u, dz_rp, dz_c_, keep, dC = per_step(
+            dr, dr[..., :H], dr[..., H:].unflatten(-1, (2, H)), dz_c, 1 - gamma_u,
+            incoming_gradients(grad_outputs, grad_final, c))
+        dc = dC[T]
+        recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T, ctx.route)
+        for t in range(T, 0, -1):
+            dz_c_[t - 1].mul_(dc)                                          # dz_c = dc Γ_u (1 - c̃²)
+            dz_rp[t - 1].mul_(dz_c_[t - 1].unsqueeze(1))                   # [dz_r, dp] = dz_c [p Γ_r (1 - Γ_r), Γ_r]
+            dz_u[t - 1].mul_(dc)                                           # dz_u = dc (c̃ - c(t-1)) Γ_u (1 - Γ_u)
+            dc_prev = torch.addcmul(dC[t - 1], dc, keep[t - 1])            # c(t) = ... + (1 - Γ_u) c(t-1)
+            dc = recurrent_t(dr_[t - 1], dc_prev)                          # W_uᵀ dz_u + W_rᵀ dz_r + W_ccᵀ dp
+        needs = ctx.needs_input_grad[1:]
+        dW_recurrent = summed_over_time(dr, c_prev, ctx.route) if needs[2] else None  # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
+        db_cc = dr[..., 2 * H:].sum((0, 1)) if needs[5] else None          # Σ_t Σ_batch dp
+        dr[..., 2 * H:] = dz_c                                             # the input side's dZ: [dz_u, dz_r, dz_c]
+        dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dr, x, W_input, ctx.route)
+        return dx, dc, dW_recurrent, dW_input, db, db_cc

@@ -1,0 +1,61 @@
+"""The tanh RNN's backpropagation through time, from the lecture's Backpropagation slide:
+
+    a(t) = tanh(W_ax x(t) + W_aa a(t-1) + b)
+    ∂tanh(z)/∂z = 1 - tanh(z)²
+    ∂a(t)/∂W_ax = (1 - a(t)²) x(t)ᵀ        ∂a(t)/∂W_aa = (1 - a(t)²) a(t-1)ᵀ
+    ∂a(t)/∂b    = Σ_batch (1 - a(t)²)      ∂a(t)/∂x(t) = W_axᵀ (1 - a(t)²)
+    ∂a(t)/∂a(t-1) = W_aaᵀ (1 - a(t)²)
+
+The forward keeps every a(t); the backward walks t = T .. 1 computing only the recurrence, then sums
+each weight gradient over time as one product (`lmtrain/backprop/sequence.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+from lmtrain.backprop.sequence import (
+    incoming_gradients,
+    input_gradients,
+    layer_outputs,
+    per_step,
+    project_inputs,
+    state_buffer,
+    summed_over_time,
+    tanh_slopes,
+)
+from lmtrain.speed.gemm import FixedProduct
+from lmtrain.speed.route import runs_on_its_route
+
+
+@runs_on_its_route
+class RNNFunction(Function):
+    """The tanh RNN over a whole sequence. Inputs: x (B, T, E), a(0) (B, H), W_aa (H, H), W_ax (H, E),
+    b (H,). Outputs: a(1..T) (B, T, H) and a(T) (B, H)."""
+
+    @staticmethod
+    def forward(ctx, route, x, a0, W_aa, W_ax, b):
+        ctx.set_materialize_grads(False)
+        a = state_buffer(a0, x.size(1))                                    # (T+1, B, H)
+        a_, z_ = per_step(a, project_inputs(x, W_ax, b, route))            # z_[t-1] = W_ax x(t) + b
+        recurrent = FixedProduct(W_aa, x.size(0), x.size(1), route)
+        for t in range(1, a.size(0)):
+            torch.tanh(recurrent(a_[t - 1], z_[t - 1]), out=a_[t])         # a(t) = tanh(W_ax x(t) + W_aa a(t-1) + b)
+        ctx.save_for_backward(x, a, W_aa, W_ax)
+        return layer_outputs(a)
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_final):
+        x, a, W_aa, W_ax = ctx.saved_tensors
+        T, needs = a.size(0) - 1, ctx.needs_input_grad[1:]
+        dz = tanh_slopes(a[1:])                                            # (T, B, H): 1 - a(t)², times da(t) below
+        dA, dz_ = per_step(incoming_gradients(grad_outputs, grad_final, a), dz)
+        # dz W_aa: the product transposed
+        da, recurrent_t = dA[T], FixedProduct(W_aa.t().contiguous(), a.size(1), T, ctx.route)
+        for t in range(T, 0, -1):
+            dz_[t - 1].mul_(da)                                            # dz = da * (1 - a(t)²)
+            da = recurrent_t(dz_[t - 1], dA[t - 1])                        # ∂a(t)/∂a(t-1) = W_aaᵀ (1 - a(t)²)
+        dW_aa = summed_over_time(dz, a[:-1], ctx.route) if needs[2] else None  # ∂a(t)/∂W_aa = (1 - a(t)²) a(t-1)ᵀ
+        dx, dW_ax, db = input_gradients(needs[:1] + needs[3:], dz, x, W_ax, ctx.route)  # ∂a(t)/∂x(t), /∂W_ax, /∂b
+        return dx, da, dW_aa, dW_ax, db

@@ -1,0 +1,47 @@
+"""Files written so that a crash never leaves half of one: the new content goes to a temporary file in
+the same folder, is flushed to disk, and is renamed over the old name (a rename is atomic on POSIX); the
+folder is then synced, so that the rename itself survives a power cut. A reader sees the old file or the
+whole new one, never a mixture."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+def sync(path: Path) -> None:
+    """Flush a file, or a folder's list of names, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path`'s new content into; when the block ends without an error it
+    replaces `path` at once, and otherwise it is removed and `path` is left as it was. The temporary
+    file is `.NAME.XXXXXXXX.tmp` beside it (what a cleanup of a killed writer's leftovers looks for)."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    sync(path.parent)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader sees either the old file or the whole new one."""
+    with replacing(path) as handle:
+        handle.write(data)

@@ -1,0 +1,163 @@
+"""The language model: embedding -> deep RNN -> dropout -> projection to the vocabulary.
+
+    x(t) = E[token(t)]                 (a zero vector where token(t) == ZERO_INPUT: the lecture's x(1) = 0)
+    a[l](t) = cell(a[l](t-1), a[l-1](t))   for l = 1..num_layers, a[0](t) = x(t)
+    ŷ(t) = softmax(W_y a(t) + b_y)     (the model returns the logits W_y a(t) + b_y)
+
+In training, dropout acts on x(t) (`input_dropout`), between layers (`layer_dropout`) and on a(t) before
+W_y (`output_dropout`), with one mask per sequence if `locked_dropout`; `embedding_dropout` drops whole
+words and `weight_drop` the recurrent weights (`lmtrain.model.regularization` has the papers).
+
+Batch-first: tokens (B, T) -> logits (B, T, V); given the targets, the model returns the summed
+NLL instead, Σ_t −log ŷ(t)[y(t)], made with the output layer in one step (`lmtrain.speed.loss`) so that the
+(B, T, V) logits never leave it. What to do with the loss lives in `lmtrain.training` and
+`lmtrain.evaluation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor, nn
+
+from lmtrain.config import ConfigError, ModelConfig, choices, initialisation
+from lmtrain.data.tokenizer import ZERO_INPUT
+from lmtrain.model import regularization
+from lmtrain.model.layers import RecurrentStack
+from lmtrain.model.regularization import SequenceDropout
+from lmtrain.speed import gemm, loss
+
+DEFAULTS = ModelConfig()  # the constructor's defaults are the config's
+
+
+def parameter_estimate(config: ModelConfig, vocab_size: int) -> dict[str, int]:
+    """The parameters `LanguageModel.from_config(config, vocab_size)` would have, by part, counted from
+    the sizes alone (nothing allocated): "embedding" V x E, "recurrent" every gate's W (H, H + input)
+    and b (H,) in every layer (twice for `direction: bi`), "output" W_y (V, H) and b_y (V,)."""
+    gates = {"rnn": 1, "gru": 3 if config.relevance_gate else 2, "lstm": 4}[config.cell]
+    E, H, L, V = config.embed_size, config.hidden_size, config.num_layers, vocab_size
+    stack = gates * H * (H + E + 1) + (L - 1) * gates * H * (2 * H + 1)
+    return {"embedding": V * E, "recurrent": stack * (2 if config.direction == "bi" else 1),
+            "output": V if config.tie_weights else V * H + V}
+
+
+def check_size(config: ModelConfig, vocab_size: int, *, bytes_per_parameter: int, available: int | None) -> None:
+    """Refuse, naming the keys, a model whose parameters (weights and, in training, their gradients and
+    the optimizer's state: `bytes_per_parameter`) would not fit in `available` bytes of memory."""
+    parts = parameter_estimate(config, vocab_size)
+    total = sum(parts.values())
+    if available is None or total * bytes_per_parameter <= available:
+        return
+    largest = max(parts, key=parts.get)
+    keys = {"embedding": f"model.embed_size={config.embed_size} over {vocab_size:,} tokens",
+            "recurrent": f"model.hidden_size={config.hidden_size}, model.num_layers={config.num_layers}"
+                         + (f", model.embed_size={config.embed_size}"
+                            if config.embed_size > config.hidden_size else ""),
+            "output": f"model.hidden_size={config.hidden_size} over {vocab_size:,} tokens"}[largest]
+    raise ConfigError(f"the model would have {total:.3g} parameters, most of them in its {largest} ({keys}): "
+                      f"{_bytes(total * bytes_per_parameter)}, more than the {_bytes(available)} of memory here; "
+                      f"make it smaller")
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} EB"
+
+
+class Projection(nn.Linear):
+    """The output layer, `W_y a + b_y`: nn.Linear's parameters and maths, its forward by `gemm.projection`
+    (oneDNN's GEMM on the CPU, the faster one for PTB's 10k-word output)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gemm.projection(x, self.weight, self.bias)
+
+    def summed_nll(self, x: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Σ −log softmax(W_y x + b_y)[target] over the targets that are not `ignore_index`
+        (`loss.projected_nll`)."""
+        return loss.projected_nll(x, self.weight, self.bias, targets, ignore_index)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, vocab_size: int, *, cell: str = DEFAULTS.cell, embed_size: int = DEFAULTS.embed_size,
+                 hidden_size: int = DEFAULTS.hidden_size, num_layers: int = DEFAULTS.num_layers,
+                 dropout: float = DEFAULTS.dropout, tie_weights: bool = DEFAULTS.tie_weights,
+                 relevance_gate: bool = DEFAULTS.relevance_gate, gru_reset: str = DEFAULTS.gru_reset,
+                 gradients: str = DEFAULTS.gradients, direction: str = DEFAULTS.direction,
+                 input_dropout: float | None = DEFAULTS.input_dropout,
+                 layer_dropout: float | None = DEFAULTS.layer_dropout,
+                 output_dropout: float | None = DEFAULTS.output_dropout, locked_dropout: bool = DEFAULTS.locked_dropout,
+                 embedding_dropout: float = DEFAULTS.embedding_dropout, weight_drop: float = DEFAULTS.weight_drop,
+                 init: str = DEFAULTS.init, forget_bias: float | None | str = DEFAULTS.forget_bias) -> None:
+        """Every default is `model.*`'s in a config (`ModelConfig`). `dropout` is the rate of the three
+        dropouts left as None. `init`: "zaremba", U(-0.1, 0.1) embedding and projection with a zero
+        output bias (Zaremba et al. 2014, pytorch/examples), "torch", nn.Embedding's N(0, 1) and
+        nn.Linear's defaults, or "auto", torch's (what a config with the default optimizer, Adam, takes).
+        `forget_bias`: the LSTM's initial b_f (None: like the other biases; "auto": follows `init`)."""
+        init, forget_bias = initialisation(init, forget_bias)
+        if init not in choices("model.init"):
+            raise ValueError(f"init must be one of {choices('model.init')}; got {init!r}")
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.embedding_dropout = embedding_dropout
+        rate = lambda p: dropout if p is None else p  # noqa: E731
+        cell_options = {"relevance_gate": relevance_gate, "gru_reset": gru_reset, "forget_bias": forget_bias}
+        new_stack = lambda: RecurrentStack(cell, embed_size, hidden_size, num_layers=num_layers,  # noqa: E731
+                                           dropout=rate(layer_dropout), locked_dropout=locked_dropout,
+                                           weight_drop=weight_drop, gradients=gradients, **cell_options)
+        self.rnn = new_stack()
+        # ELMo's bidirectional LM (Peters et al. 2018): a second stack reads the text right to left;
+        # embedding and softmax are shared. A bidirectional RNN could not predict the next token.
+        self.rnn_right_to_left = new_stack() if direction == "bi" else None
+        self.input_dropout = SequenceDropout(rate(input_dropout), locked=locked_dropout)
+        self.output_dropout = SequenceDropout(rate(output_dropout), locked=locked_dropout)
+        self.projection = Projection(hidden_size, vocab_size)               # W_y, b_y
+        if init == "zaremba":
+            # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept
+            # by pytorch/examples word_language_model (nn.Embedding's N(0, 1) is too large for SGD at lr 20).
+            # With Adam at character level it learned slower than torch's defaults (docs/results.md).
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+            nn.init.uniform_(self.projection.weight, -0.1, 0.1)
+            nn.init.zeros_(self.projection.bias)
+        if tie_weights:
+            # One matrix as both input embedding and output projection (Press & Wolf 2017, Inan et al. 2017).
+            self.projection.weight = self.embedding.weight
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, vocab_size: int) -> LanguageModel:
+        """The model a `model:` section describes: its keys are this constructor's arguments."""
+        return cls(vocab_size, **dataclasses.asdict(config))
+
+    @property
+    def directions(self) -> tuple[bool, ...]:
+        """The language models inside, by `right_to_left`: (False,), or (False, True) for `direction: bi`."""
+        return (False, True) if self.rnn_right_to_left is not None else (False,)
+
+    def initial_state(self, batch_size: int, **kwargs) -> list[tuple[Tensor, ...]]:
+        return self.rnn.initial_state(batch_size, **kwargs)
+
+    def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None, *,
+                targets: Tensor | None = None, ignore_index: int = -100, right_to_left: bool = False,
+                hidden: bool = False) -> tuple:
+        """Logits for the next token at every position, and the new state. Given `targets` (B, T), the
+        summed NLL of those that are not `ignore_index` (a scalar) takes the logits' place: the training
+        loss, without the (B, T, V) logits. `right_to_left=True` runs the right-to-left LM of a `direction: bi`
+        model, which expects `tokens` in reversed order (see `data.reverse_text`). `hidden=True` also
+        returns the last layer's outputs before and after output dropout, `(a, m ⊙ a)`, both (B, T, H),
+        for AR/TAR."""
+        x = self.embedding(tokens.clamp(min=0))                              # (B, T, E)
+        x = x.masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
+        if self.training:
+            x = regularization.embedding_dropout(x, tokens, self.embedding.num_embeddings, self.embedding_dropout)
+        rnn = self.rnn_right_to_left if right_to_left else self.rnn
+        if rnn is None:
+            raise ValueError("right_to_left=True needs a model built with direction='bi'")
+        a, state = rnn(self.input_dropout(x), state)                        # (B, T, H)
+        a_dropped = self.output_dropout(a)
+        if targets is None:
+            output = self.projection(a_dropped)                             # (B, T, V) logits
+        else:
+            output = self.projection.summed_nll(a_dropped, targets, ignore_index)
+        return (output, state, (a, a_dropped)) if hidden else (output, state)

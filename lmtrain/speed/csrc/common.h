@@ -1,0 +1,51 @@
+// What every kernel shares: the includes, and e^x, σ and tanh written without library calls so that
+// the compiler vectorises the loops that use them.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+// The bfloat16 products use AVX-512 BF16 intrinsics: x86 only. Elsewhere (ARM) the rest builds as before
+// and `bf16_products_supported()` is false, so the Python loops make the bfloat16 products.
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(LMTRAIN_NO_X86)
+#define LMTRAIN_X86 1
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// e^x by Cody and Waite's range reduction, x = n ln2 + r with |r| <= ln2/2, and Cephes' degree-6
+// polynomial for e^r (about 1 float ulp); then 2^n built from its exponent bits. Written without
+// library calls so that the compiler vectorises the loops below. The clamp keeps 2^n a normal float:
+// σ and tanh have saturated long before.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + exp_approx(-z)); }             // σ(z) = 1 / (1 + e^-z)
+
+inline float tanh_approx(float z) { return 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f); }  // (e^2z - 1) / (e^2z + 1)
+
+}  // namespace

@@ -1,0 +1,31 @@
+// lmtrain's compiled kernels (built and loaded by lmtrain/speed/kernels.py), one library in one
+// translation unit (torch's headers take most of the build time), its parts in headers by concern:
+//
+// - lstm_loops.h: the LSTM's two time loops, forward and backward through time: the equations of the
+//   Python loops in lmtrain/backprop/lstm.py (_lstm_forward_loop, _lstm_backward_loop), one step at a
+//   time, but with each step's recurrent product (recurrent_products.h) and gate arithmetic made
+//   together, thread by thread, and no Python or library call between the steps (the products over all
+//   T steps at once stay with lmtrain/speed/gemm.py). Gates are laid out [Γ_f, Γ_u, c̃, Γ_o] along the
+//   last axis of a (T, B, 4H) buffer, rows are batch, and buffers are time-major, exactly as in the
+//   Python loops. Under train.precision: bfloat16 the recurrent products take bfloat16 factors
+//   (AVX-512 BF16).
+// - softmax_cross_entropy.h: the output layer's loss and its gradient with respect to the logits in
+//   one pass per row (lmtrain/speed/loss.py).
+// - common.h: e^x, σ and tanh without library calls, so that the loops vectorise.
+
+#include "lstm_loops.h"
+#include "softmax_cross_entropy.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("lstm_forward", &lstm_forward, "The LSTM forward through time (in place)", py::arg("gates"),
+             py::arg("a"), py::arg("c"), py::arg("tanh_c"), py::arg("W"), py::arg("a_low") = py::none());
+  module.def("lstm_backward", &lstm_backward, "The LSTM backward through time: returns (dz, da(0), dc(0))",
+             py::arg("gates"), py::arg("c"), py::arg("tanh_c"), py::arg("dA"), py::arg("dc"), py::arg("W"),
+             py::arg("dz_low") = py::none());
+  module.def("bf16_products_supported", &bf16_products_supported,
+             "Whether this CPU runs the bfloat16 products (AVX-512 BF16)");
+  module.def("softmax_cross_entropy_", &softmax_cross_entropy_,
+             "The summed cross-entropy of (rows, V) logits; overwrites them with its gradient, whose column "
+             "sums go to column_sum if given", py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
+             py::arg("column_sum") = py::none());
+}

@@ -1,0 +1,200 @@
+// The recurrent product of every LSTM step, W_a a(t-1), made by the thread that owns each slice of the
+// hidden units: float32, or bfloat16 factors summed in float32 (train.precision: bfloat16).
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+// --- the recurrent products ----------------------------------------------------------------------
+//
+// Each step's recurrent product, (B, H) by (H, 4H) with B = 20 and H = 200 in PTB's setting (6.4 MFLOP),
+// is too small for a library call to pay off: made by one oneDNN call per step, with W packed once per
+// sequence, the 140 such products of a PTB training step averaged about 100 us, some 60 GFLOPS (torch's
+// profiler, scripts/profile_train_step.py: 145 oneDNN calls and 30 ms a step, the output layer's
+// 2.8-GFLOP product among them). So the time loops run inside one parallel region, each thread owning a
+// slice of the hidden units for all T steps: it packs its slice of W once, into its own cache, makes its
+// columns of every step's product and the gate arithmetic of its units together, and meets the other
+// threads at one barrier per step (the next product needs all of a(t), or all of dz(t)).
+
+using vector16 = float __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
+constexpr int64_t COLUMNS = 16;                              // a packed block's width: one vector16
+constexpr int64_t ROWS = 4;   // rows per tile: 4 accumulators (8 of AVX2's 16 registers); of the tiles
+                              // tried in a side trial (4-8 rows, 16-64 columns) none was faster
+
+// C[r][0..16) = Σ_k A[r][k] P[k][0..16) for R rows of A (row stride lda) and a packed block P (K, 16).
+template <int R>
+inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P, int64_t K, float* __restrict C,
+                 int64_t ldc) noexcept {
+  vector16 sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = vector16{};
+  for (int64_t k = 0; k < K; ++k) {
+    vector16 w;
+    std::memcpy(&w, P + k * COLUMNS, sizeof w);
+    for (int r = 0; r < R; ++r) sum[r] += A[r * lda + k] * w;
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(C + r * ldc, &sum[r], sizeof sum[r]);
+}
+
+// C (B, N) = A (B, K) P, P packed as N / 16 blocks of (K, 16), N a multiple of 16. Block by block, so
+// that a block (K x 64 bytes) stays in the core's cache while every row passes over it.
+void packed_product(const float* A, int64_t B, int64_t K, const float* P, int64_t N, float* C) noexcept {
+  for (int64_t block = 0; block < N / COLUMNS; ++block) {
+    const float* P_block = P + block * K * COLUMNS;
+    float* C_block = C + block * COLUMNS;
+    int64_t row = 0;
+    for (; row + ROWS <= B; row += ROWS) tile<ROWS>(A + row * K, K, P_block, K, C_block + row * N, N);
+    for (; row < B; ++row) tile<1>(A + row * K, K, P_block, K, C_block + row * N, N);
+  }
+}
+
+// The hidden units [begin, end) of one thread, and the width of its gate slices padded to whole blocks.
+struct Units {
+  int64_t begin, end, padded;
+  int64_t count() const { return end - begin; }
+};
+
+// Thread `thread` of `threads`: whole blocks of 16 units each, the last thread's block cut at H.
+Units units_of(int thread, int threads, int64_t H) {
+  const int64_t blocks = (H + COLUMNS - 1) / COLUMNS;
+  const int64_t begin = std::min(H, blocks * thread / threads * COLUMNS);
+  const int64_t end = std::min(H, blocks * (thread + 1) / threads * COLUMNS);
+  return {begin, end, (end - begin + COLUMNS - 1) / COLUMNS * COLUMNS};
+}
+
+// The threads to ask for: torch's, but no more than there are blocks of 16 units. The units are shared
+// among the threads the region actually got (omp_get_num_threads), which may be fewer.
+int threads_for(int64_t H) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + COLUMNS - 1) / COLUMNS)));
+}
+
+// The weights of a product's columns, packed for `packed_product`: column i < count takes weight(i, k) for
+// input k, the columns from `count` up to the next multiple of 16 are zero.
+template <typename Weight>
+std::vector<float> pack(int64_t K, int64_t count, Weight weight) {
+  const int64_t N = (count + COLUMNS - 1) / COLUMNS * COLUMNS;
+  std::vector<float> P(N * K, 0.0f);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t k = 0; k < K; ++k) P[(i / COLUMNS) * K * COLUMNS + k * COLUMNS + i % COLUMNS] = weight(i, k);
+  return P;
+}
+
+// --- the same products with bfloat16 factors (train.precision: bfloat16) ---------------------------
+//
+// AVX-512 BF16's VDPBF16PS adds, in each of its 16 float32 lanes, a pair of products of bfloat16 factors,
+// a[2k] w[2k] + a[2k+1] w[2k+1]: twice an FMA's work per instruction, and half the bytes of W to stream.
+// The factors are therefore kept as pairs along k, one 32-bit word each: A's rows are read as they lie
+// in a (rows, K) bfloat16 buffer, K even; P is packed as N / 16 blocks of (K / 2, 16) pairs. The sums
+// stay float32 from the first product to the result, which is never rounded to bfloat16.
+
+using bf16 = uint16_t;
+
+// float -> bfloat16 rounded to nearest even, as torch's conversion rounds (a NaN stays a NaN).
+inline bf16 to_bf16(float x) noexcept {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<bf16>(bits >> 16);
+}
+
+#ifdef LMTRAIN_X86
+#define LMTRAIN_BF16 __attribute__((target("avx512f,avx512bf16")))
+
+// C[r][0..16 BLOCKS) = Σ_k A[r][k] P[k][..] for R rows of A (row stride lda, in bfloat16s) and BLOCKS
+// neighbouring packed blocks (K2 pairs by 16 each, `stride` words apart). Up to 6 rows by 2 blocks: 12
+// accumulators, and 8 loads (2 of W, 6 of A) for 12 VDPBF16PS per pair of k, where 4 rows by one block
+// made 5 loads for 4.
+template <int R, int BLOCKS>
+LMTRAIN_BF16 inline void tile_bf16(const bf16* __restrict A, int64_t lda, const uint32_t* __restrict P,
+                                   int64_t stride, int64_t K2, float* __restrict C, int64_t ldc) noexcept {
+  __m512 sum[R][BLOCKS];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) sum[r][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh w[BLOCKS];
+    for (int b = 0; b < BLOCKS; ++b)
+      w[b] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(P + b * stride + k * COLUMNS));
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * k, sizeof pair);
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int b = 0; b < BLOCKS; ++b) sum[r][b] = _mm512_dpbf16_ps(sum[r][b], a, w[b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) _mm512_storeu_ps(C + r * ldc + b * COLUMNS, sum[r][b]);
+}
+
+// All B rows against BLOCKS neighbouring blocks: tiles of 6 rows, then 4, 2 and 1 for the rest.
+template <int BLOCKS>
+LMTRAIN_BF16 inline void rows_bf16(const bf16* A, int64_t B, int64_t K, const uint32_t* P, int64_t N,
+                                   float* C) noexcept {
+  const int64_t K2 = K / 2, stride = K2 * COLUMNS;
+  int64_t row = 0;
+  for (; row + 6 <= B; row += 6) tile_bf16<6, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N);
+  if (row + 4 <= B) tile_bf16<4, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N), row += 4;
+  if (row + 2 <= B) tile_bf16<2, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N), row += 2;
+  if (row < B) tile_bf16<1, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N);
+}
+
+// `packed_product` with bfloat16 A (B, K) and P packed as pairs (`PackedWeights`); K even.
+LMTRAIN_BF16 __attribute__((noinline)) void packed_product_bf16(const bf16* A, int64_t B, int64_t K,
+                                                                  const uint32_t* P, int64_t N, float* C) noexcept {
+  const int64_t blocks = N / COLUMNS, stride = K / 2 * COLUMNS;
+  int64_t block = 0;
+  for (; block + 2 <= blocks; block += 2) rows_bf16<2>(A, B, K, P + block * stride, N, C + block * COLUMNS);
+  if (block < blocks) rows_bf16<1>(A, B, K, P + block * stride, N, C + block * COLUMNS);
+}
+
+bool bf16_products_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"); }
+#else
+// No AVX-512 BF16 instructions to build with: `bf16_products_supported()` is false, so the Python loops
+// make the bfloat16 products and this is never reached.
+void packed_product_bf16(const bf16*, int64_t, int64_t, const uint32_t*, int64_t, float*) {
+  TORCH_CHECK(false, "the bfloat16 products need AVX-512 BF16, which this build lacks");
+}
+
+bool bf16_products_supported() { return false; }
+#endif
+
+// A thread's share of one recurrent product's weights, packed once for the whole sequence: float32
+// blocks for `packed_product`, or bfloat16 pairs for `packed_product_bf16` (K even) when `low`.
+struct PackedWeights {
+  std::vector<float> single;
+  std::vector<uint32_t> pairs;
+  int64_t K, N;
+
+  template <typename Weight>
+  PackedWeights(bool low, int64_t K_, int64_t count, Weight weight) : K(K_), N((count + COLUMNS - 1) / COLUMNS * COLUMNS) {
+    if (!low) {
+      single = pack(K, count, weight);
+      return;
+    }
+    pairs.assign(N * (K / 2), 0u);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t k = 0; k + 1 < K; k += 2)
+        pairs[(i / COLUMNS) * (K / 2) * COLUMNS + (k / 2) * COLUMNS + i % COLUMNS] =
+            to_bf16(weight(i, k)) | (static_cast<uint32_t>(to_bf16(weight(i, k + 1))) << 16);
+  }
+
+  // C (B, N) = A (B, K) W: A from `A_low` (bfloat16) when packed low, from `A` otherwise.
+  void product(const float* A, const bf16* A_low, int64_t B, float* C) const noexcept {
+    if (pairs.empty())
+      packed_product(A, B, K, single.data(), N, C);
+    else
+      packed_product_bf16(A_low, B, K, pairs.data(), N, C);
+  }
+};
+
+// base + n, or null for a null base (a product without bfloat16 copies).
+inline bf16* offset(bf16* base, int64_t n) noexcept { return base == nullptr ? nullptr : base + n; }
+
+// out[r][begin + j] = bfloat16(x[r][begin + j]) for rows r < B of width `width`, j < count: a thread's
+// units of a(t) or dz(t), rounded for the next step's product.
+void round_units(const float* x, int64_t B, int64_t width, int64_t begin, int64_t count, bf16* out) noexcept {
+  for (int64_t row = 0; row < B; ++row)
+    for (int64_t j = begin; j < begin + count; ++j) out[row * width + j] = to_bf16(x[row * width + j]);
+}
+
+}  // namespace

@@ -1,0 +1,235 @@
+"""lmtrain's compiled kernels (`lmtrain/speed/csrc/kernels.cpp`): the LSTM's time loops and the output
+layer's softmax cross-entropy.
+
+- The Python loops of `lmtrain.backprop.lstm.LSTMFunction` make, per time step, one matrix product and about
+  seven separate elementwise tensor operations forward and five backward (after six passes over every
+  step's buffers), each a call of its own, and run Python between them: at batch 32 and H = 256 those
+  calls cost more than their arithmetic (docs/benchmarks.md). The compiled loops run the same equations
+  in one parallel region for the whole sequence: each thread owns a slice of the hidden units, keeps its
+  slice of W_aa packed in its cache, and makes its columns of each step's recurrent product and the gate
+  arithmetic of its units together, with one barrier per step. The products over all T steps at once
+  (W_ax x, the weight gradients) stay with `lmtrain.speed.gemm`.
+- The softmax cross-entropy (`lmtrain.speed.loss`) makes the loss and its gradient with respect to the logits
+  in one pass over each row, where torch's log_softmax, nll_loss and their backwards read or write a
+  (rows, V) tensor six times.
+
+They take float32 tensors on the CPU; everything else (float64, CUDA) runs the Python code, which
+tests/test_kernels.py checks them against. With `train.precision: bfloat16` the LSTM loops make their
+recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run time:
+`bf16_products_supported()`; without it the Python loops run); tests/test_precision.py checks them.
+
+The kernels are built once per machine, on first use (about 30 s), by torch's C++ extension loader
+inside `lmtrain.speed.kernel_build`, which names the build by its sources, flags and versions and makes sure
+that a killed build never blocks a later one; `lmtrain kernels build|status|clear` builds ahead of time,
+shows and clears the cache (docs/running.md). That needs a C++ compiler with OpenMP and ninja (`pip
+install ninja`, or the system's). Without them, or if the build fails, lmtrain says so in one line and
+keeps the Python code: slower, same results. `LMTRAIN_COMPILED=0` skips the build; `LMTRAIN_COMPILED=1`
+makes it required (`lmtrain train` stops with the reason instead). `LMTRAIN_KERNELS_WAIT` bounds, in
+seconds (default 600), the wait for another process that is compiling them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+from lmtrain.errors import LmtrainError
+from lmtrain.speed import kernel_build
+from lmtrain.speed.torch_internals import cpu_capability
+
+SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+SWITCH = "LMTRAIN_COMPILED"
+WAIT = "LMTRAIN_KERNELS_WAIT"
+DEFAULT_WAIT_SECONDS = 600.0
+
+_built: dict[str, object] = {}  # "module" and "reason", once the build was tried: a memo, not a switch
+
+
+def load(announce=lambda line: print(line, file=sys.stderr)) -> ModuleType | None:
+    """Build (first time on this machine) or load the compiled kernels; None, after one line through
+    `announce` saying why, if they cannot be had."""
+    if "module" not in _built:
+        module, reason = _build(announce)
+        _built.update(module=module, reason=reason)
+        if reason is not None and os.environ.get(SWITCH) not in ("0", "1"):
+            announce(f"lmtrain: the compiled kernels are not available ({reason}); using the Python code "
+                     f"(same results, slower). {SWITCH}=0 silences this.")
+    return _built["module"]
+
+
+def load_for_training(*, bfloat16: bool, warn) -> None:
+    """Build or load the kernels before a CPU training starts; stop if `LMTRAIN_COMPILED=1` asks for them
+    and they cannot be had; warn when bfloat16 products are asked of a CPU without AVX-512 BF16."""
+    module = load(announce=warn)
+    if module is None and required():
+        raise LmtrainError(f"{SWITCH}=1, but the compiled kernels are not available: {unavailable_reason()}")
+    if module is not None and bfloat16 and not module.bf16_products_supported():
+        warn("warning: train.precision is bfloat16 but this CPU has no AVX-512 BF16: the products run in "
+             "emulated bfloat16 and the LSTM in its Python loops, which may be slower than float32 "
+             "(scripts/bench_precision.py measures both)")
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels are not in use, or None if they are (after `load`)."""
+    return _built.get("reason")
+
+
+def required() -> bool:
+    """`LMTRAIN_COMPILED=1`: the user wants the compiled kernels or an error, not a silent fallback."""
+    return os.environ.get(SWITCH) == "1"
+
+
+@contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """`LMTRAIN_COMPILED` as the user sets it, inside the block: unset (the kernels where they run) or
+    "0" (the Python loops). For the tests and benchmarks that compare the two; routes chosen inside the
+    block follow it, and a backward follows its forward's route wherever it runs."""
+    previous = os.environ.pop(SWITCH, None)
+    if not on:
+        os.environ[SWITCH] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(SWITCH, None)
+        if previous is not None:
+            os.environ[SWITCH] = previous
+
+
+COMMON_FLAGS = ("-O3", "-fno-trapping-math", "-fopenmp")
+
+
+def spec() -> kernel_build.Spec:
+    """The build for this CPU: AVX-512 or AVX2 where torch found them (its own kernels choose the same
+    way), the target's default otherwise; the name carries the choice, so that a cache shared between
+    machines never hands one a binary its CPU cannot run. `-fno-trapping-math` lets GCC vectorise the
+    gate loops (their clamps and floors are branches to it otherwise); nothing here reads floating-point
+    exception flags. `-fopenmp` makes ATen's `parallel_for` in the softmax kernel parallel (without it
+    the header's OpenMP loop runs on one thread); at run time the kernels share the OpenMP runtime that
+    torch loaded, and its threads."""
+    capability = cpu_capability()
+    if capability == "AVX512":
+        name, flags = "lmtrain_kernels_avx512", ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2",
+                                                 "-mfma", "-mprefer-vector-width=512")
+    elif capability == "AVX2":
+        name, flags = "lmtrain_kernels_avx2", ("-mavx2", "-mfma")
+    else:
+        name, flags = "lmtrain_kernels", ()
+    return kernel_build.Spec(name, (SOURCE,), cflags=(*COMMON_FLAGS, *flags), ldflags=("-fopenmp",),
+                             headers=tuple(sorted(SOURCE.parent.glob("*.h"))))
+
+
+def wait_seconds() -> float:
+    """How long to wait for another process's build (`LMTRAIN_KERNELS_WAIT`)."""
+    text = os.environ.get(WAIT)
+    if text is None:
+        return DEFAULT_WAIT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise LmtrainError(f"{WAIT} must be a number of seconds, 0 or more; got {text!r}")
+    return seconds
+
+
+def build_obstacle() -> str | None:
+    """Why a build cannot start on this machine (no compiler, no ninja), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    if not _find_ninja():
+        return "ninja is not installed: pip install ninja"
+    return None
+
+
+def _find_ninja() -> bool:
+    """Whether torch's loader can run ninja. `pip install ninja` puts it beside this Python, which is not
+    on PATH when lmtrain runs from a venv that was not activated: that folder is then added to PATH."""
+    if shutil.which("ninja") is not None:
+        return True
+    beside = Path(sys.executable).parent
+    if not (beside / "ninja").exists():
+        return False
+    os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
+    return shutil.which("ninja") is not None
+
+
+def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, str | None]:
+    if os.environ.get(SWITCH) == "0":
+        return None, f"{SWITCH}=0"
+    try:
+        return kernel_build.obtain(spec(), announce=announce, wait_seconds=wait_seconds(), retry_failed=retry_failed,
+                                   can_build=build_obstacle,
+                                   building="lmtrain: compiling the kernels for this machine (once, about 30 s): "
+                                            "{sources}")
+    except OSError as error:  # the sources missing from an installation, an unreadable cache folder
+        return None, f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+
+
+# -- `lmtrain kernels build | status | clear` ------------------------------------------------------
+
+def build_now(announce) -> str:
+    """Build the kernels if they are not built (trying again after an earlier failure); the folder they
+    are in. For `lmtrain kernels build`: ahead of time, e.g. in a container image that runs read-only."""
+    if os.environ.get(SWITCH) == "0":
+        raise LmtrainError(f"{SWITCH}=0 turns the compiled kernels off; unset it to build them")
+    module, reason = _build(announce, retry_failed=True)
+    if module is None:
+        raise LmtrainError(f"the compiled kernels could not be built: {reason}")
+    _built.update(module=module, reason=None)
+    return str(kernel_build.published(spec()).folder)
+
+
+def status() -> dict:
+    """What `lmtrain kernels status` shows: this lmtrain's build and its state, what a build would need,
+    and every build in the cache folders (other versions' included)."""
+    this = spec()
+    paths = kernel_build.published(this)
+    failed = next((p for root in kernel_build.roots() if (p := kernel_build.Paths(root, this)).failure.exists()), None)
+    if os.environ.get(SWITCH) == "0":
+        state = f"off ({SWITCH}=0)"
+    elif paths is not None:
+        state = "built"
+    elif failed is not None:
+        state = "failed"
+    else:
+        state = "not built (the first training builds it, or `lmtrain kernels build`)"
+    return {"state": state, "module": this.module, "folder": str(paths.folder) if paths else None,
+            "failure_log": str(failed.failure) if failed and not paths else None,
+            "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _find_ninja() else None,
+            "wait_seconds": wait_seconds(),
+            "caches": [{"root": str(root), "builds": kernel_build.builds(root)} for root in kernel_build.roots()]}
+
+
+def status_lines(facts: dict) -> list[str]:
+    lines = [f"kernels: {facts['state']}", f"this lmtrain's build: {facts['module']}"]
+    if facts["folder"]:
+        lines.append(f"folder: {facts['folder']}")
+    if facts["failure_log"]:
+        lines.append(f"failure log: {facts['failure_log']}")
+    lines.append(f"compiler: {facts['compiler'] or 'none found'}; ninja: {facts['ninja'] or 'none found'}")
+    for cache in facts["caches"]:
+        if not cache["builds"]:
+            continue
+        total = sum(build["bytes"] for build in cache["builds"])
+        lines.append(f"cache {cache['root']}: {len(cache['builds'])} entries, {total / 1e6:.1f} MB")
+        for build in cache["builds"]:
+            record = build.get("record") or {}
+            made = f"  lmtrain {record['lmtrain']}, torch {record['torch']}" if "lmtrain" in record else ""
+            mine = "  (this lmtrain)" if build["module"] == facts["module"] else ""
+            lines.append(f"  {build['module']}  {build['state']}  {build['bytes'] / 1e6:.1f} MB{made}{mine}")
+    return lines
+
+
+def clear() -> list[str]:
+    """Remove every build in the cache folders but those being built now; lines saying what went."""
+    lines = []
+    for root in kernel_build.roots():
+        removed, kept = kernel_build.clear(root)
+        lines += [f"removed {path}" for path in removed] + [f"kept {path} (being built now)" for path in kept]
+    return lines or ["nothing to clear"]

@@ -1,0 +1,105 @@
+"""Which code runs a layer: decided once, here, when its forward starts, and kept for its backward.
+
+A `Route` says three things: whether the compiled kernels run (`loops`), whether oneDNN may make the
+matrix products (`onednn`), and the dtype the products take their factors in (`product_dtype`). The
+hand-written Functions (lmtrain/backprop/, the output layer) take it as their first argument, keep it
+in their autograd context and run their backward on it, so a forward and its backward always take
+the same route, whatever changes between the two.
+
+The inputs to the decision are the user's, read where they live, never a switch of lmtrain's own:
+- mixed precision is torch's: inside `torch.autocast(device, dtype=torch.bfloat16)` the products take
+  bfloat16 factors summed in float32 (`train.precision: bfloat16` opens that block around the forward).
+  torch.amp's `custom_fwd`/`custom_bwd` do not fit: with `cast_inputs` they forget that the forward ran
+  under autocast, and without it the forward's own elementwise arithmetic would be autocast too;
+- oneDNN follows torch's own switch, `torch.backends.mkldnn.enabled`;
+- the compiled kernels run unless `LMTRAIN_COMPILED=0` (or they cannot be built: `kernels.load`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from lmtrain.speed import kernels
+from lmtrain.speed.torch_internals import ONEDNN_LINEAR
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one call runs; `PYTHON` is the plain route (Python loops, torch's addmm, the factors' dtype)."""
+
+    loops: ModuleType | None = None            # the compiled kernels, or None: the Python loops and torch
+    onednn: bool = False                       # oneDNN may make the products (else torch's addmm)
+    product_dtype: torch.dtype | None = None   # the products' factors (bfloat16: mixed precision); None: as given
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the products round their factors to `product_dtype` (and return float32)."""
+        return self.product_dtype is not None
+
+    def lowered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as a factor of a product: rounded to the product dtype when mixed and float32."""
+        return tensor.to(self.product_dtype) if self.mixed and tensor.dtype == torch.float32 else tensor
+
+
+PYTHON = Route()
+
+
+def choose(tensor: torch.Tensor, *, compiled: bool = True) -> Route:
+    """The route for a call whose input is `tensor`: the fastest that computes the same numbers here.
+    `compiled=False` keeps to the Python loops (for the tests and benchmarks that compare the two)."""
+    device = tensor.device.type
+    product_dtype = None
+    if tensor.dtype == torch.float32 and _autocast_enabled(device):
+        product_dtype = torch.get_autocast_dtype(device)
+    onednn = (ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled and device == "cpu"
+              and tensor.dtype in (torch.float32, torch.bfloat16))
+    loops = None
+    if compiled and device == "cpu" and tensor.dtype == torch.float32 and os.environ.get(kernels.SWITCH) != "0":
+        loops = kernels.load()
+    return Route(loops=loops, onednn=onednn, product_dtype=product_dtype)
+
+
+def _autocast_enabled(device: str) -> bool:
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+
+
+def runs_on_its_route(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator for an autograd Function whose forward takes a Route first: the route is kept in
+    the context for the backward (which returns no gradient for it), and both run with autocast off, the
+    route having already said what precision the products take."""
+    forward, backward = function.forward, function.backward
+
+    @functools.wraps(forward)
+    def forward_on_route(ctx, route: Route, *arguments):
+        ctx.route = route
+        with _autocast_off():
+            return forward(ctx, route, *arguments)
+
+    @functools.wraps(backward)
+    def backward_on_route(ctx, *gradients):
+        with _autocast_off():
+            return (None, *_as_tuple(backward(ctx, *gradients)))
+
+    function.forward, function.backward = staticmethod(forward_on_route), staticmethod(backward_on_route)
+    return function
+
+
+def _as_tuple(gradients) -> tuple:
+    return gradients if isinstance(gradients, tuple) else (gradients,)
+
+
+@contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Autocast off on every device it is on (nothing to do when it is off)."""
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if _autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield

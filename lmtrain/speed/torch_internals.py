@@ -1,0 +1,106 @@
+"""The parts of torch that lmtrain's speed code reaches which are not torch's public API, in one place.
+
+Each is looked up once, here, and each has a fallback that gives the same results by public means, so
+a torch that renames or drops one runs slower, never wrongly (tests/test_torch_internals.py runs every
+fallback):
+
+- `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight`: oneDNN's linear with its weight
+  packed once (`lmtrain.speed.gemm`). Fallback: `torch.addmm` (MKL, OpenBLAS), the same float32 sums.
+- `Tensor._version` and `torch.autograd.graph.increment_version`: a parameter's in-place version, which
+  the cells' stacked-weight cache keys on and torch's fused optimizers do not bump (`lmtrain.training.optim`).
+  Fallback: no cache, the weights are stacked anew at every call.
+- `torch.utils.cpp_extension.load`, public but noisy and with a lock file that outlives a killed
+  process: `lmtrain.speed.kernel_build` calls it only inside a private folder of its own and keeps its log
+  records off the terminal (`torch_logs_captured`).
+
+Nothing here imports anything else of lmtrain.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+
+import torch
+
+
+def _onednn_linear() -> tuple[Callable, Callable] | None:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+    except (AttributeError, RuntimeError):  # a torch built without these ops, or that renamed them
+        return None
+
+
+# (linear, reorder_weight): oneDNN's linear `linear(x, W, b, "none", [], "")` (and `linear.binary(x,
+# other, W, None, "add")`), and the packing of W for a given number of rows; None where torch lacks them.
+ONEDNN_LINEAR = _onednn_linear()
+
+
+def _version_counters() -> Callable[[Iterable[torch.Tensor]], None] | None:
+    try:
+        from torch.autograd.graph import increment_version
+        _ = torch.zeros(1)._version  # the attribute must exist too
+    except (ImportError, AttributeError):
+        return None
+    return increment_version
+
+
+# Bumps the version counters of the given tensors; None where torch has no version counters to read.
+INCREMENT_VERSION = _version_counters()
+
+
+def version_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
+    """A key that changes whenever one of `tensors` is written in place, moved or cast; None when this
+    torch has no version counters (then nothing may be cached on it)."""
+    if INCREMENT_VERSION is None:
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+def increment_version(tensors: list[torch.Tensor]) -> None:
+    """Mark `tensors` as written in place (after a fused optimizer's step, which does not)."""
+    if INCREMENT_VERSION is not None:
+        INCREMENT_VERSION(tensors)
+
+
+def cpu_capability() -> str:
+    """The widest vector instructions torch's own CPU kernels use here: "AVX512", "AVX2" or "DEFAULT"."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "DEFAULT"
+
+
+@contextmanager
+def torch_logs_captured() -> Iterator[list[str]]:
+    """Inside the block, log records of `torch.utils` (the C++ extension loader's "No CUDA runtime is
+    found, using CUDA_HOME=...", compiler warnings), Python warnings and what Python code prints (older
+    torch printed that line) are collected into the list yielded, not shown: the CLI's stderr carries
+    lmtrain's own lines only."""
+    lines: list[str] = []
+    printed = io.StringIO()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    logger = logging.getLogger("torch.utils")
+    handler, propagate = Collect(level=logging.DEBUG), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught, redirect_stdout(printed), redirect_stderr(printed):
+            warnings.simplefilter("always")
+            try:
+                yield lines
+            finally:
+                lines.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+                lines.extend(line for line in printed.getvalue().splitlines() if line.strip())
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate

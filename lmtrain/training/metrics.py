@@ -1,0 +1,78 @@
+"""What a run reports: one JSON object per event in metrics.jsonl (and, with `train.tensorboard`, the same
+numbers to TensorBoard), and the small pure functions behind its progress lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmtrain.errors import LmtrainError
+from lmtrain.evaluation.perplexity import perplexity
+from lmtrain.training.rundir import RunDirectory
+
+TENSORBOARD = ("loss", "ppl", "lr", "tokens_per_s")  # the event fields also sent to TensorBoard
+
+
+def event(*, step: int, split: str, loss: float, lr: float, tokens_per_s: float, elapsed_seconds: float,
+          threads: int | None) -> dict[str, Any]:
+    """One line of metrics.jsonl. Strict JSON: a non-finite number (a diverged loss) is null, not NaN or
+    Infinity, which JSON lacks."""
+    values = {"step": step, "split": split, "loss": round(loss, 6), "ppl": round(perplexity(loss), 4), "lr": lr,
+              "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_seconds, 3), "threads": threads}
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in values.items()}
+
+
+class Metrics:
+    """metrics.jsonl of a run folder, opened for this run (`resumed_at`: the events after that step, from a
+    run that died before its next checkpoint, are dropped), and TensorBoard's log beside it if asked for."""
+
+    def __init__(self, run_dir: RunDirectory, *, resumed_at: int | None, tensorboard: bool) -> None:
+        self.file = run_dir.open_metrics(resumed_at=resumed_at)
+        self.summary = summary_writer_class()(log_dir=str(Path(run_dir.path) / "tensorboard")) if tensorboard else None
+
+    def write(self, values: dict[str, Any]) -> None:
+        self.file.write(json.dumps(values, allow_nan=False) + "\n")
+        self.file.flush()
+        if self.summary is not None:
+            for name in TENSORBOARD:
+                if values[name] is not None:
+                    self.summary.add_scalar(f"{name}/{values['split']}", values[name], values["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.summary is not None:
+            self.summary.close()
+
+
+def summary_writer_class() -> type:
+    """TensorBoard's SummaryWriter, or a clear error when the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LmtrainError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def time_left(*, step: int, total_steps: int | None, train_seconds: float, max_seconds: float | None,
+              seconds_per_step: float) -> float | None:
+    """Seconds of training left: to the time budget, or through the steps left at the recent pace,
+    whichever ends first; None when neither limit is set."""
+    left = []
+    if max_seconds is not None:
+        left.append(max(0.0, max_seconds - train_seconds))
+    if total_steps is not None:
+        left.append(max(0, total_steps - step) * seconds_per_step)
+    return min(left) if left else None
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `3 min 5 s`, `2 h 7 min`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -1,0 +1,167 @@
+"""The files of one run in `train.out_dir`, kept so that no crash loses work:
+
+    config.yaml        the resolved config
+    metrics.jsonl      one JSON object per log or evaluation event
+    step-0001000.pt    the last `train.keep_last` periodic checkpoints
+    last.pt            the newest checkpoint (a hard link to the newest step file)
+    best.pt            the lowest finite validation loss
+    lock               held (flock) by the training process using the folder
+
+Every file is replaced atomically (`lmtrain.files.atomic_write`), and old step files are pruned only
+after the new one is in place. `--resume` takes the newest checkpoint that loads: last.pt, else the
+step files newest first, else best.pt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lmtrain.checkpoint import checkpoint_bytes, load_checkpoint
+from lmtrain.errors import LmtrainError, os_reason
+from lmtrain.files import atomic_write
+
+STEP_FILE = re.compile(r"step-(\d+)\.pt")
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path, *, keep_last: int = 2) -> None:
+        self.path, self.keep_last = Path(path), keep_last
+        self.last, self.best = self.path / "last.pt", self.path / "best.pt"
+        self.metrics = self.path / "metrics.jsonl"
+        self._lock_handle = None
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LmtrainError(f"cannot create train.out_dir {self.path}: {os_reason(error)}") from None
+
+    # -- one trainer per folder ----------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the folder's lock or refuse. An flock dies with its process, so a lock left by a killed
+        run is never stale; the pid inside is only for the message."""
+        try:
+            handle = open(self.path / "lock", "a+", encoding="utf-8")
+        except OSError as error:
+            raise LmtrainError(f"cannot write to train.out_dir {self.path}: {os_reason(error)}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise LmtrainError(f"another training (pid {holder}) is using {self.path}; wait for it or choose "
+                               f"another train.out_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Half-written files of a run that was killed mid-write (`.step-0000100.pt.XXXX.tmp`,
+        `.last.pt.link`): with the lock held, no other process is writing them."""
+        for leftover in [*self.path.glob(".*.pt.*.tmp"), *self.path.glob(".*.pt.link"),
+                         *self.path.glob(".*.jsonl.*.tmp"),
+                         *self.path.glob(".config.yaml.*.tmp")]:
+            leftover.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # closing releases the flock
+            self._lock_handle = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save_last(self, payload: dict[str, Any], step: int) -> None:
+        """Write the step's checkpoint, point last.pt at it, then prune step files beyond keep_last."""
+        data = checkpoint_bytes(payload)
+        if self.keep_last == 0:
+            _write(self.last, data)
+            return
+        step_path = self.path / f"step-{step:07d}.pt"
+        _write(step_path, data)
+        _link_or_write(step_path, self.last, data)
+        for old in self.step_files()[self.keep_last:]:
+            old.unlink(missing_ok=True)
+
+    def save_best(self, payload: dict[str, Any]) -> None:
+        _write(self.best, checkpoint_bytes(payload))
+
+    def step_files(self) -> list[Path]:
+        """Step checkpoints, newest first."""
+        found = [(int(m.group(1)), p) for p in self.path.glob("step-*.pt") if (m := STEP_FILE.fullmatch(p.name))]
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def has_run(self) -> bool:
+        return self.last.exists() or bool(self.step_files())
+
+    def newest_intact(self) -> tuple[Path, dict[str, Any], list[str]]:
+        """The checkpoint to resume from and notes on any that were skipped as damaged."""
+        notes = []
+        for path in [self.last, *self.step_files(), self.best]:
+            if not path.exists():
+                continue
+            try:
+                return path, load_checkpoint(path), notes
+            except LmtrainError as error:
+                notes.append(f"warning: {error}; trying an older checkpoint")
+        if notes:
+            raise LmtrainError(f"no intact checkpoint to resume in {self.path} ({len(notes)} damaged)")
+        raise LmtrainError(f"nothing to resume: no last.pt in {self.path}")
+
+    # -- metrics -------------------------------------------------------------------------------------
+
+    def open_metrics(self, *, resumed_at: int | None):
+        """metrics.jsonl for appending. On resume, events logged after the checkpoint's step (by a
+        run that died before its next checkpoint) are dropped, since they are about to be redone."""
+        try:
+            if resumed_at is None:
+                return open(self.metrics, "w", encoding="utf-8")
+            if self.metrics.exists():
+                kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if _event_step(line) <= resumed_at]
+                atomic_write(self.metrics, "".join(kept).encode())
+            return open(self.metrics, "a", encoding="utf-8")
+        except OSError as error:
+            raise LmtrainError(f"cannot write {self.metrics}: {os_reason(error)}") from None
+
+
+def _event_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a crash
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write(path, data)
+    except OSError as error:
+        if not path.parent.is_dir():
+            kept = "; the run folder is gone"
+        elif any(path.parent.glob("*.pt")):
+            kept = "; the checkpoints written before are intact"
+        else:
+            kept = ""  # the first checkpoint of the run: there is none to keep
+        raise LmtrainError(f"could not write checkpoint {path}: {os_reason(error)}{kept}") from None
+
+
+def _link_or_write(source: Path, target: Path, data: bytes) -> None:
+    """Atomically make `target` the same file as `source`: a hard link renamed into place (no second
+    copy on disk), or a plain atomic write where the file system has no hard links."""
+    temporary = target.with_name(f".{target.name}.link")
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(source, temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        _write(target, data)
