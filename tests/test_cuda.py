@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_backward import CELL_CASES, gradients, make_cell, random_inputs
+from test_backprop import CELL_CASES, gradients, make_cell, random_inputs
 from test_train import corpus, load_payload, make_config  # noqa: F401  (corpus is a fixture)
 
 from lmtrain.evaluation.perplexity import evaluate_checkpoint

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_backward import CELL_CASES, gradients, make_cell, random_inputs
+from test_backprop import CELL_CASES, gradients, make_cell, random_inputs
 
 from lmtrain.model.layers import RecurrentLayer
 from lmtrain.speed import gemm

@@ -105,7 +105,7 @@ def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
 
 
 def test_kernels_reject_what_they_cannot_read(compiled):
-    """A float64 or non-contiguous buffer is an error in C++, not a wrong result (backward.py never
+    """A float64 or non-contiguous buffer is an error in C++, not a wrong result (lmtrain/backprop/lstm.py never
     passes one; this guards the boundary)."""
     T, B, H = 2, 3, 4
     gates, a, c, tanh_c = (torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H),

@@ -47,7 +47,7 @@ from lmtrain.data.dataset import (
 from lmtrain.data.streaming import count_tokens, encode_pieces, split_texts, text_length
 from lmtrain.data.tokenizer import SPECIALS, Tokenizer, open_corpus
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import atomic_write
+from lmtrain.files import atomic_write, replacing
 
 FORMAT = 2  # 2: a lone CR is a line end
 HASH_BLOCK = 1 << 24
@@ -327,34 +327,25 @@ def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokeni
                 signatures: dict[str, list[int]], echo: Echo) -> None:
     """Tokenize the corpus into a new entry: pass 1 counts the vocabulary on the training split
     (unless `tokenizer` is given), pass 2 writes the ids. The ids go to a temporary file that is
-    renamed into place, and the record is written after it."""
+    renamed into place (if the corpus did not change meanwhile), and the record is written after it."""
     begin = time.perf_counter()
-    temporary = folder / f".{key}.{os.getpid()}.ids.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        file = temporary.open("wb")  # before the passes: a read-only cache is found out at once
-    except OSError as error:
-        raise CacheUnwritable(f"cannot write the token cache {folder}: {os_reason(error)}") from None
-    try:
-        with file:
+        # Opened before the passes: a read-only cache is found out at once.
+        with replacing(folder / f"{key}.ids") as file:
             characters = text_length(config.path, encoding=config.encoding, errors=config.encoding_errors) \
                 if config.path is not None else None  # the cuts between the splits depend on it
             tokenizer = tokenizer or _fit(config, characters)
             dtype = smallest_dtype(tokenizer.vocab_size)
             splits = [_write_split(file, name, pieces, tokenizer, dtype)
                       for name, pieces in split_texts(config, length=characters)]
-            file.flush()
-            os.fsync(file.fileno())
-        if {role: file_signature(Path(getattr(config, role))) for role in signatures} != signatures:
-            raise LmtrainError("the corpus changed while it was being tokenized; run again")
-        os.replace(temporary, folder / f"{key}.ids")
+            if {role: file_signature(Path(getattr(config, role))) for role in signatures} != signatures:
+                raise LmtrainError("the corpus changed while it was being tokenized; run again")
         record = {"format": FORMAT, "key": key, "tokenizer": tokenizer.to_dict(), "dtype": str(dtype).split(".")[1],
                   "splits": splits, "files": {role: getattr(config, role) for role in signatures}}
         atomic_write(folder / f"{key}.json", json.dumps(record).encode())
     except OSError as error:
         raise CacheUnwritable(f"cannot write the token cache {folder}: {os_reason(error)}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
     seconds = time.perf_counter() - begin
     megabytes = sum(signature[0] for signature in signatures.values()) / 1e6
     echo(f"tokenized {megabytes:,.1f} MB into {sum(length for _, length, _ in splits):,} tokens in {seconds:.1f} s "

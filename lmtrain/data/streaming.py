@@ -111,7 +111,7 @@ def count_tokens(pieces: Iterable[str], *, level: str, eos: str) -> Counter:
     for piece in (pieces if level == "char" else whole_words(pieces)):
         if not piece:
             continue
-        if code_counts is not None:  # bincount of the code points: C speed, where Counter(str) is ~20 MB/s
+        if code_counts is not None:  # bincount of the code points: C speed, where Counter(str) is Python's
             piece_counts = torch.bincount(code_points(piece))
             if piece_counts.numel() > code_counts.numel():
                 code_counts = torch.cat([code_counts, torch.zeros(piece_counts.numel() - code_counts.numel(),
@@ -135,7 +135,7 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str], *,
                   count_unknown: bool = True) -> Iterator[tuple[Tensor, int]]:
     """`stream_ids(tokenizer, text)` of the text given in pieces, as consecutive blocks of int32 ids,
     each with how many of its tokens are not in the vocabulary (as `Tokenizer.count_unknown` counts:
-    a literal `<unk>` word is known; at char level 0 unless `count_unknown`, which costs ~5 ms a MB)."""
+    a literal `<unk>` word is known; at char level 0 unless `count_unknown`, which costs a pass)."""
     eos_block = torch.tensor([tokenizer.eos_id], dtype=torch.int32)
     yield eos_block, 0  # the stream starts with <eos>: the first line is read as a line start
     encode = (_char_encoder(tokenizer, count_unknown) if tokenizer.level == "char" else _word_encoder(tokenizer))

@@ -2,7 +2,7 @@
 (CPU, float32 or bfloat16), ATen's `addmm` (MKL, OpenBLAS, cuBLAS) otherwise.
 
 Why not always `torch.addmm`: on CPU it calls MKL, which runs a recurrence's small per-step products,
-(B, H) @ (H, 4H) with B = 32, at about 0.6x of what oneDNN reaches with its weight packed once for the
+(B, H) @ (H, 4H) with B = 32, well below what oneDNN reaches with its weight packed once for the
 whole sequence (docs/benchmarks.md; `nn.LSTM` gets its speed from the same oneDNN). oneDNN follows
 torch's own switch: `torch.backends.mkldnn.enabled = False` (or `use_onednn(False)` below) makes
 every product here an `addmm`. Both compute the same float32 sums; they differ only in summation
@@ -11,7 +11,7 @@ order (about 1e-6 relative; tests/test_gemm.py compares them).
 Mixed precision (`train.precision: bfloat16`: a route whose `product_dtype` is bfloat16, chosen under
 `torch.autocast`, lmtrain/speed/route.py): every product here then takes bfloat16 factors, rounded
 from the float32 weights and activations, and the library sums them in float32 (oneDNN's bfloat16
-GEMM: about 2.5x float32's throughput on a CPU with AVX-512 BF16, docs/benchmarks.md); its result is
+GEMM: a multiple of float32's throughput on a CPU with AVX-512 BF16, docs/benchmarks.md); its result is
 rounded to bfloat16 and handed back as float32, as torch.autocast's own products are. Weights, states,
 gate arithmetic, the loss and the optimizer stay float32 (Micikevicius et al. 2018, "Mixed Precision
 Training"; Kalamkar et al. 2019 on bfloat16, which needs no loss scaling).
@@ -34,8 +34,8 @@ _ONEDNN = ONEDNN_LINEAR  # (linear, reorder_weight), or None: every product here
 
 def mm(a: Tensor, b: Tensor, route: Route) -> Tensor:
     """a @ b, of factors in the route's product dtype (float32 result: mixed precision is for float32
-    models) or in their own: the weight gradients dZᵀ X, by torch.mm (oneDNN's linear needs both factors
-    transposed into copies there, and was slower side by side: docs/benchmarks.md)."""
+    models) or in their own: the weight gradients dZᵀ X, by torch.mm (oneDNN's linear would need both
+    factors transposed into copies there)."""
     if route.mixed:
         return torch.mm(route.lowered(a), route.lowered(b)).to(torch.float32)
     return torch.mm(a, b)
@@ -53,11 +53,11 @@ def use_onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
-# Packing W for oneDNN costs about two products' worth of time (docs/benchmarks.md); for fewer uses
-# than this, as when sampling feeds one token at a time, W is used as it is.
+# Packing W for oneDNN costs a few products' worth of time: for fewer uses than this, as when sampling
+# feeds one token at a time, W is used as it is.
 PACK_FROM = 4
-# Below this many weights (H = 128 for every cell), MKL's addmm was the faster of the two per step
-# (docs/benchmarks.md).
+# Below this many weights (H = 128 for every cell), MKL's addmm is the faster of the two per step
+# (docs/benchmarks.md, "oneDNN or MKL").
 ONEDNN_FROM_WEIGHTS = 1 << 17
 
 
@@ -98,8 +98,8 @@ def linear(x: Tensor, W: Tensor, b: Tensor | None, route: Route) -> Tensor:
         low = torch.mm(route.lowered(x), route.lowered(W.detach()).t())
         return low.to(torch.float32) if b is None else torch.add(b.detach(), low)
     if route.onednn and x.dtype in (torch.float32, torch.bfloat16):
-        # A strided weight (W_inputᵀ for the input gradient) sends oneDNN to a reference path about
-        # 100x slower (docs/benchmarks.md): a contiguous copy of the weight costs next to nothing.
+        # A strided weight (W_inputᵀ for the input gradient) sends oneDNN to a reference path, slower by
+        # orders of magnitude: a contiguous copy of the weight costs next to nothing.
         return _ONEDNN[0](x, W.detach().contiguous(), None if b is None else b.detach(), "none", [], "")
     return x @ W.t() if b is None else torch.addmm(b, x, W.t())
 

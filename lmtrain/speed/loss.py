@@ -6,9 +6,9 @@ and its gradients, with dL/dz(t) = ŷ(t) − onehot(y(t)) (the softmax's and the
 
 Made as logits, then torch's log_softmax and nll_loss, the loss reads or writes a (rows, V) tensor six
 times between its forward and backward (log_softmax reads the logits and writes its output; nll_loss's
-backward writes a one-hot gradient; log_softmax's backward reads both and writes a third). At Penn
-Treebank's 10,000 words and 700 rows a step each is 28 MB, and log_softmax with its backward took 13 ms
-of a 95-ms step (torch's profiler, scripts/profile_train_step.py). Here the compiled kernel
+backward writes a one-hot gradient; log_softmax's backward reads both and writes a third): at Penn
+Treebank's 10,000 words and 700 rows a step, each is 28 MB (what that costs: docs/benchmarks.md,
+scripts/profile_train_step.py). Here the compiled kernel
 (`lmtrain.speed.kernels`) makes the loss and dL/dz in one pass over each row, writing dL/dz over the logits it
 no longer needs, and sums it over the rows on the way, dL/db_y = Σ_t dL/dz(t); then the two products
 dL/da = dL/dz W_y and dL/dW_y = (dL/dz)ᵀ a, a chunk of rows at a time so that the (rows, V) logits are

@@ -4,8 +4,7 @@ kernel and fault them in again at the next step.
 glibc's malloc serves allocations above its mmap threshold with fresh pages from the kernel and
 trims the top of its heap when much is free. A training step allocates and frees the same large
 tensors (logits and their gradient, gate buffers) every step, so by default each step pays page
-faults for all of them: measured on PTB's 10k-word softmax (scripts/page_faults.py), 17,500 page
-faults and 119 ms a step, against none and 105 ms with the settings below (docs/results.md). The settings are the ones
+faults for all of them (docs/results.md measures it with scripts/page_faults.py). The settings are the ones
 `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456`
 give: buffers up to 32 MiB (glibc's largest mmap threshold) come from the heap, and freed memory
 stays in it.

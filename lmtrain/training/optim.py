@@ -11,9 +11,8 @@ from lmtrain.config import TrainConfig
 from lmtrain.speed.torch_internals import increment_version
 
 # Where torch has a fused Adam kernel: one pass per parameter instead of about ten tensor operations
-# each. On this project's CPU an Adam step of the 1x512 Tiny Shakespeare model took 0.8 ms fused against
-# 4.5 ms (scripts/bench_optimizer.py, docs/benchmarks.md), some 4% of its training step. SGD is one
-# operation per parameter already.
+# each, several times faster (docs/benchmarks.md, "The optimizer step"). SGD is one operation per
+# parameter already.
 FUSED_DEVICES = ("cpu", "cuda")
 
 

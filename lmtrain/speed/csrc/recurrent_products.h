@@ -9,10 +9,8 @@ namespace {
 // --- the recurrent products ----------------------------------------------------------------------
 //
 // Each step's recurrent product, (B, H) by (H, 4H) with B = 20 and H = 200 in PTB's setting (6.4 MFLOP),
-// is too small for a library call to pay off: made by one oneDNN call per step, with W packed once per
-// sequence, the 140 such products of a PTB training step averaged about 100 us, some 60 GFLOPS (torch's
-// profiler, scripts/profile_train_step.py: 145 oneDNN calls and 30 ms a step, the output layer's
-// 2.8-GFLOP product among them). So the time loops run inside one parallel region, each thread owning a
+// is too small for a library call to pay off, even with W packed once per sequence (docs/benchmarks.md,
+// scripts/profile_train_step.py, measures the calls). So the time loops run inside one parallel region, each thread owning a
 // slice of the hidden units for all T steps: it packs its slice of W once, into its own cache, makes its
 // columns of every step's product and the gate arithmetic of its units together, and meets the other
 // threads at one barrier per step (the next product needs all of a(t), or all of dz(t)).
