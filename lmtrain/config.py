@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import reprlib
@@ -215,7 +216,9 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 RENAMED = {"model.backward": "model.gradients"}
 
 
+@functools.cache
 def _annotations(cls: type) -> dict[str, Any]:
+    """A section's field types, read once (every key of every config looks its type up)."""
     return typing.get_type_hints(cls, include_extras=True)
 
 
@@ -279,7 +282,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if key in PATHS and isinstance(value, (int, float, bool)):
             value = item.partition("=")[2].strip()  # `data.path=2024` is the file "2024", not a number
         values[key] = _absolute(key, value, Path.cwd()) if key in DATA_PATHS and isinstance(value, str) else value
-    for old in set(values) & set(RENAMED):
+    for old in set(values) & set(RENAMED) - {old for old, new in RENAMED.items() if new in values}:  # both: an error
         warnings.warn(f"{old} is now called {RENAMED[old]}: read as {RENAMED[old]}", stacklevel=2)
     if overridden & set(DATA_PATHS) and "data.corpus" not in overridden:
         values.pop("data.corpus", None)  # files named on the command line win over the YAML's corpus
