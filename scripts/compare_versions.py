@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from comparison import train_result
 
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
              "MALLOC_TOP_PAD_": "268435456"}
@@ -52,12 +52,7 @@ def run(name: str, side: str, folder: Path, python: str, arguments: list[str], o
     wall = time.perf_counter() - begin
     if done.returncode != 0:
         raise SystemExit(f"{name} ({side}) failed:\n{done.stderr[-2000:]}")
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    valid = [event for event in events if event["split"] == "valid"][-1]
-    progress = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")["progress"]
-    return {"run": name, "side": side, "steps": progress["step"], "train_seconds": round(progress["train_seconds"], 1),
-            "tokens_per_s": round(progress["tokens"] / progress["train_seconds"]), "valid_loss": valid["loss"],
-            "valid_ppl": valid["ppl"], "wall_seconds": round(wall)}
+    return {"run": name, "side": side, **train_result(run_dir), "wall_seconds": round(wall)}
 
 
 def main() -> None:

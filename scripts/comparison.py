@@ -63,13 +63,17 @@ def run_lmtrain(config: str, settings: list[str], overrides: list[str], out_dir:
                f"train.eval_every={10**9}", f"train.checkpoint_every={10**9}", "train.final_samples=0",
                f"train.out_dir={out_dir}", *overrides]
     _, wall = run_subprocess(command)
+    return {"name": f"lmtrain `{' '.join([config, *overrides])}`", **train_result(out_dir), "wall_seconds": round(wall)}
+
+
+def train_result(out_dir: Path) -> dict:
+    """A finished run folder's steps, training seconds, tokens/s and last validation loss and perplexity."""
     events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     valid = [event for event in events if event["split"] == "valid"][-1]
     progress = torch.load(out_dir / "last.pt", weights_only=True, map_location="cpu")["progress"]
-    return {"name": f"lmtrain `{' '.join([config, *overrides])}`", "steps": progress["step"],
-            "train_seconds": round(progress["train_seconds"], 1),
-            "tokens_per_s": round(progress["tokens"] / progress["train_seconds"]),
-            "valid_loss": valid["loss"], "wall_seconds": round(wall)}
+    return {"steps": progress["step"], "train_seconds": round(progress["train_seconds"], 1),
+            "tokens_per_s": round(progress["tokens"] / progress["train_seconds"]), "valid_loss": valid["loss"],
+            "valid_ppl": valid["ppl"]}
 
 
 def print_table(results: list[dict], title: str, *, perplexity: bool = False) -> None:

@@ -3,14 +3,26 @@ script replaces its own section and leaves the others."""
 
 from __future__ import annotations
 
+import datetime
+import subprocess
 from pathlib import Path
 
 
+def recorded_line() -> str:
+    """The date and the commit of the code that made a table (and whether the checkout had changes)."""
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True,  # noqa: E731
+                                       cwd=Path(__file__).parent).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = bool(git("status", "--porcelain", "--", ":/lmtrain"))
+    return (f"*Recorded on {datetime.date.today().isoformat()} with the code of commit {commit}"
+            + (" with uncommitted changes to lmtrain/" if changed else "") + ".*")
+
+
 def write_section(path: Path, title: str, text: str) -> None:
-    """Put "## {title}" followed by `text` into `path`, in place of an earlier section of that title
-    (up to the next "## "), or at the end."""
+    """Put "## {title}", the date and commit (`recorded_line`) and `text` into `path`, in place of an
+    earlier section of that title (up to the next "## "), or at the end."""
     heading = f"## {title}\n"
-    section = f"{heading}\n{text.strip()}\n"
+    section = f"{heading}\n{recorded_line()}\n\n{text.strip()}\n"
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     start = old.find(heading)
     if start < 0:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from lmtrain.config import DataConfig
-from lmtrain.data import cache, streaming
+from lmtrain.data import cache, encoding
 from lmtrain.data.cache import Corpus, cached_corpus, corpus_in_memory, load_corpus, smallest_dtype
-from lmtrain.data.dataset import stream_ids
+from lmtrain.data.encoding import stream_ids
 from lmtrain.data.tokenizer import Tokenizer
 
 TEXTS = {
@@ -34,7 +34,7 @@ def write(path: Path, content: str | bytes) -> str:
 def folder(tmp_path: Path, monkeypatch) -> Path:
     """A cache of its own, read in 5-byte blocks so that every test corpus spans many of them."""
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 5)
+    monkeypatch.setattr(encoding, "BLOCK_BYTES", 5)
     return tmp_path / "cache" / "tokens"
 
 
@@ -76,7 +76,7 @@ def test_cached_streams_of_three_files(folder: Path, tmp_path: Path, level: str,
 
 
 def test_one_long_line_is_cut_inside_it(folder: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(encoding, "BLOCK_BYTES", 4096)
     config = DataConfig(path=write(tmp_path / "corpus.txt", "abcd efg " * 4000), split=[0.9, 0.1])  # 36,000 chars
     assert_same_as_in_memory(config)
 
@@ -89,7 +89,7 @@ def test_smallest_dtype(size: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("words, dtype", [(300, torch.uint16), (70_000, torch.uint32)])
 def test_large_vocabularies_are_stored_wider(folder: Path, tmp_path: Path, monkeypatch, words: int, dtype: torch.dtype):
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(encoding, "BLOCK_BYTES", 1 << 16)
     lines = [" ".join(f"w{index}" for index in range(start, min(start + 10, words))) for start in range(0, words, 10)]
     config = DataConfig(path=write(tmp_path / "corpus.txt", "\n".join(lines) * 2), level="word", split=[0.5, 0.5])
     corpus = cached_corpus(config)
@@ -108,7 +108,7 @@ def test_second_load_neither_hashes_nor_tokenizes(folder: Path, tmp_path: Path, 
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the second load must come from the cache")
-    for name in ("hash_file", "split_texts", "count_tokens", "encode_pieces", "write_entry"):
+    for name in ("hash_file", "split_texts", "fit_tokenizer", "encode_pieces", "write_entry"):
         monkeypatch.setattr(cache, name, forbidden)
     second = cached_corpus(config, echo=lines.append)
     assert len(lines) == 1

@@ -26,7 +26,7 @@ import yaml
 from corpus_helpers import sentences, write_lines
 
 from lmtrain.config import load_config
-from lmtrain.data.dataset import load_splits
+from lmtrain.data.encoding import load_splits
 
 # Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from lmtrain import config
 from lmtrain.config import ConfigError, ModelConfig, build_config, choices, load_config
 from lmtrain.model.cells import CELLS
 from lmtrain.model.language_model import LanguageModel
-from lmtrain.training.trainer import PRECISIONS
+from lmtrain.model.objective import PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {"data.path": "/corpus.txt", "train.max_steps": 1}

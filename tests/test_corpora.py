@@ -239,7 +239,7 @@ def test_shipped_catalog_matches_the_published_files():
 
 def test_config_names_a_corpus_and_command_line_files_win(tmp_path, monkeypatch):
     from lmtrain.config import load_config
-    from lmtrain.data.dataset import load_splits
+    from lmtrain.data.encoding import load_splits
 
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path / "cache"))
     config_file = tmp_path / "c.yaml"
@@ -250,7 +250,7 @@ def test_config_names_a_corpus_and_command_line_files_win(tmp_path, monkeypatch)
         load_splits(config.data)
     cached = tmp_path / "input.txt"  # stands for the downloaded file (the real size is checked above)
     cached.write_text("first line\n" * 9 + "last line\n")
-    monkeypatch.setattr("lmtrain.data.dataset.corpus_paths", lambda name: {"path": cached})
+    monkeypatch.setattr("lmtrain.data.encoding.corpus_paths", lambda name: {"path": cached})
     texts = load_splits(config.data)
     assert texts["train"].startswith("first line") and texts["valid"] == "last line\n"
     local = tmp_path / "local.txt"

@@ -8,26 +8,22 @@ import pytest
 import torch
 
 from lmtrain.config import DataConfig
+from lmtrain.data import encoding
 from lmtrain.data.dataset import (
     IGNORE,
     TrainingBatches,
     batchify,
-    char_ids,
-    fit_tokenizer,
     get_chunk,
     length_sorted_batches,
-    line_end_bound,
-    load_splits,
     num_chunks,
     pad_batch,
     reverse_text,
     reversed_stream,
     sentence_pieces,
     shuffled_batches,
-    split_points,
-    stream_ids,
     stream_segments,
 )
+from lmtrain.data.encoding import fit_tokenizer, line_end_bound, load_splits, split_points, stream_ids
 from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer
 from lmtrain.errors import LmtrainError
 
@@ -96,9 +92,10 @@ def test_stream_ids_start_with_eos(char_tokenizer: Tokenizer):
 
 @pytest.mark.parametrize("eos", ["line", "none"])
 @pytest.mark.parametrize("text", ["", "a", "ab\nc", "ab\nc\n", "\n\n", "héllo wörld 🙂\nz\n", "unseen: ẞ 🙈 x\n"])
-def test_vectorised_char_ids_equal_encode(text: str, eos: str):
+def test_vectorised_char_stream_equals_encode(text: str, eos: str, monkeypatch):
+    monkeypatch.setattr(encoding, "TEXT_BLOCK", 2)  # blocks of the text in memory, cut inside lines
     tokenizer = Tokenizer.fit("abcdefgh héllo wörld 🙂 xyz\n", level="char", eos=eos)
-    assert char_ids(tokenizer, text).tolist() == tokenizer.encode(text)
+    assert stream_ids(tokenizer, text).tolist() == [tokenizer.eos_id, *tokenizer.encode(text)]
 
 
 def test_char_counts_match_the_list_path():

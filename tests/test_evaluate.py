@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lmtrain.data.dataset import sentence_pieces, stream_ids, stream_segments
+from lmtrain.data.dataset import sentence_pieces, stream_segments
+from lmtrain.data.encoding import stream_ids
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.evaluation import perplexity as evaluate
 from lmtrain.evaluation.perplexity import Score, bits_per_character, evaluation_sequences, perplexity, report, score

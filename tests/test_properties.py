@@ -26,7 +26,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from lmtrain.config import SECTIONS, Config, ConfigError, all_keys, load_config  # noqa: E402
 from lmtrain.data import dataset as data  # noqa: E402
-from lmtrain.data.dataset import reverse_text, split_points  # noqa: E402
+from lmtrain.data.dataset import reverse_text  # noqa: E402
+from lmtrain.data.encoding import split_points, stream_ids  # noqa: E402
 from lmtrain.data.tokenizer import Tokenizer  # noqa: E402
 
 # Hypothesis writes a cache into ./.hypothesis even without an example database, the first time at the
@@ -76,7 +77,7 @@ def test_char_stream_ids_match_encode(training, text):
     """The vectorised id stream of the data pipeline is `<eos>` + `encode`, unseen characters <unk>."""
     for eos in ("line", "none"):
         tokenizer = Tokenizer.fit(training, level="char", eos=eos)
-        assert data.stream_ids(tokenizer, text).tolist() == [tokenizer.eos_id, *tokenizer.encode(text)]
+        assert stream_ids(tokenizer, text).tolist() == [tokenizer.eos_id, *tokenizer.encode(text)]
 
 
 @PROFILE
@@ -99,7 +100,7 @@ def test_char_reverse_twice_is_the_text(text):
     assert reverse_text(once, level="char") == text
     tokenizer = Tokenizer.fit(text, level="char")
     # What `model.direction: bi` relies on: the backward stream is the forward one flipped.
-    assert data.stream_ids(tokenizer, once).tolist() == data.stream_ids(tokenizer, text).tolist()[::-1]
+    assert stream_ids(tokenizer, once).tolist() == stream_ids(tokenizer, text).tolist()[::-1]
 
 
 @PROFILE
@@ -117,7 +118,7 @@ def test_word_reverse_twice_gives_the_same_ids(text):
         twice = reverse_text(once, level="word", eos=eos)
         assert tokenizer.encode(twice) == tokenizer.encode(text)
         if eos == "line":
-            assert data.stream_ids(tokenizer, once).tolist() == data.stream_ids(tokenizer, text).tolist()[::-1]
+            assert stream_ids(tokenizer, once).tolist() == stream_ids(tokenizer, text).tolist()[::-1]
 
 
 # -- the config loader -------------------------------------------------------------------------------------

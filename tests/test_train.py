@@ -199,9 +199,9 @@ def test_weights_that_are_no_longer_finite_are_never_written(tmp_path, corpus, m
 
 def test_a_non_finite_loss_is_null_in_metrics_jsonl(tmp_path, corpus, monkeypatch):
     """Strict JSON has no NaN or Infinity: a diverged validation loss is logged as null."""
-    from lmtrain.training import trainer as train_module
+    from lmtrain.training import validation
 
-    monkeypatch.setattr(train_module, "score", lambda *a, **k: train_module.Score(loss=float("nan"), tokens=10))
+    monkeypatch.setattr(validation, "score", lambda *a, **k: validation.Score(loss=float("nan"), tokens=10))
     out_dir = tmp_path / "run"
     train(make_config(corpus, out_dir, train__max_steps=2, train__eval_every=1), progress_bar=False)
     events = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name}: not JSON"))
@@ -211,9 +211,9 @@ def test_a_non_finite_loss_is_null_in_metrics_jsonl(tmp_path, corpus, monkeypatc
 
 
 def test_a_huge_vocabulary_is_warned_about_and_a_pipe_refused(tmp_path, corpus, monkeypatch):
-    from lmtrain.training import trainer as train_module
+    from lmtrain.training import optim
 
-    monkeypatch.setattr(train_module, "LARGE_VOCABULARY", 10)
+    monkeypatch.setattr(optim, "LARGE_VOCABULARY", 10)
     warnings = []
     train(make_config(corpus, tmp_path / "run", train__max_steps=1), progress_bar=False, warn=warnings.append)
     assert any(line.startswith("warning: a vocabulary of ") and "data.max_vocab" in line for line in warnings)

@@ -35,17 +35,18 @@ from torch import Tensor
 
 from lmtrain.config import DataConfig
 from lmtrain.data.corpora import cache_dir
-from lmtrain.data.dataset import (
+from lmtrain.data.dataset import line_count, reverse_text, reversed_stream
+from lmtrain.data.encoding import (
     LONG_LINE,
     SPLITS,
+    encode_pieces,
     fit_tokenizer,
     load_splits,
-    reverse_text,
-    reversed_stream,
+    split_texts,
+    text_length,
     with_corpus_files,
 )
-from lmtrain.data.streaming import count_tokens, encode_pieces, split_texts, text_length
-from lmtrain.data.tokenizer import SPECIALS, Tokenizer, open_corpus
+from lmtrain.data.tokenizer import Tokenizer, open_corpus
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.files import atomic_write, replacing
 
@@ -133,6 +134,13 @@ class Corpus:
         return [f"warning: {unknown} of {total} {split} tokens ({100 * unknown / max(total, 1):.2f}%) are not in "
                 f"the training vocabulary and count as <unk>"
                 for split, (unknown, total) in self.unknown.items() if unknown]
+
+    def line_end_warnings(self) -> list[str]:
+        """A warning for `data.eos: line` on a training text without line ends, which is then one line."""
+        if self.tokenizer.eos == "line" and line_count(self.splits["train"], self.tokenizer.eos_id) <= 1:
+            return ["warning: the training text has no line ends, so with data.eos: line it is one line that ends "
+                    "in one <eos>; for text without line structure, data.eos: none"]
+        return []
 
     def check_mapped(self) -> None:
         """Raise if another process is changing the mapped ids file: reading a page past a shrunk file's
@@ -314,7 +322,7 @@ def _corpus_from(record: dict, key: str, ids_path: Path) -> Corpus:
     for name, length, missing in splits:
         streams[name] = ids[offset:offset + length]
         if length < 1 or int(streams[name][0]) != tokenizer.eos_id:
-            raise ValueError(f"the {name} stream does not start with {SPECIALS[1]}")
+            raise ValueError(f"the {name} stream does not start with <eos>")
         if name != "train":
             unknown[name] = (int(missing), length - 1)  # every token but the leading <eos>
         offset += length
@@ -335,7 +343,7 @@ def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokeni
         with replacing(folder / f"{key}.ids") as file:
             characters = text_length(config.path, encoding=config.encoding, errors=config.encoding_errors) \
                 if config.path is not None else None  # the cuts between the splits depend on it
-            tokenizer = tokenizer or _fit(config, characters)
+            tokenizer = tokenizer or fit_tokenizer(config, next(split_texts(config, length=characters))[1])
             dtype = smallest_dtype(tokenizer.vocab_size)
             splits = [_write_split(file, name, pieces, tokenizer, dtype)
                       for name, pieces in split_texts(config, length=characters)]
@@ -350,20 +358,6 @@ def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokeni
     megabytes = sum(signature[0] for signature in signatures.values()) / 1e6
     echo(f"tokenized {megabytes:,.1f} MB into {sum(length for _, length, _ in splits):,} tokens in {seconds:.1f} s "
          f"({megabytes / max(seconds, 1e-9):,.1f} MB/s), cached in {folder}")
-
-
-def _fit(config: DataConfig, characters: int | None) -> Tokenizer:
-    """Pass 1: the vocabulary `fit_tokenizer` gives the training text, counted block by block."""
-    _, pieces = next(split_texts(config, length=characters))
-    counts = count_tokens(pieces, level=config.level, eos=config.eos)
-    if not any(token != SPECIALS[1] and not token.isspace() for token in counts):
-        origin = config.path if config.path is not None else config.train
-        raise LmtrainError(f"the training text is empty or only whitespace ({origin})")
-    tokenizer = Tokenizer.from_counts(counts, level=config.level, eos=config.eos, min_freq=config.min_freq,
-                                      max_vocab=config.max_vocab)
-    if tokenizer.vocab_size <= 2:
-        raise LmtrainError("the training text has no tokens besides line ends")
-    return tokenizer
 
 
 def _write_split(file: BinaryIO, name: str, pieces: Iterator[str], tokenizer: Tokenizer, dtype: torch.dtype) -> list:

@@ -14,88 +14,17 @@ Targets are always the inputs shifted by one step: the model predicts token t+1 
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import warnings
-
 import torch
 from torch import Tensor
 
-from lmtrain.config import DATA_PATHS, Config, DataConfig, get_value
-from lmtrain.data.corpora import corpus_paths
-from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer, file_kind, read_text, split_lines
+from lmtrain.config import DATA_PATHS, Config, get_value
+from lmtrain.data.encoding import stream_ids
+from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer, file_kind, split_lines
 from lmtrain.errors import LmtrainError
 
 IGNORE = -100  # target id left out of the loss (torch's cross_entropy default ignore_index)
-SPLITS = ("train", "valid", "test")
-LONG_LINE = 10_000
 
 Sequence = tuple[Tensor, Tensor]  # (inputs (T,), targets (T,))
-
-
-def load_splits(config: DataConfig) -> dict[str, str]:
-    """The text of each split that the config names: {"train": ..., "valid": ..., ["test": ...]}.
-
-    With `data.path`, the file is cut into contiguous parts by `data.split` (first 90% train, then
-    valid, then test: nanoGPT's convention for Tiny Shakespeare), see `split_points`.
-    """
-    read = lambda path: read_text(path, encoding=config.encoding, errors=config.encoding_errors)  # noqa: E731
-    config = with_corpus_files(config)
-    if config.path is not None:
-        text = read(config.path)
-        bounds = split_points(text, config.split)
-        texts = {name: text[start:end] for name, start, end in zip(SPLITS, bounds, bounds[1:])}
-        origin = config.path
-    else:
-        texts = {name: read(getattr(config, name)) for name in SPLITS if getattr(config, name) is not None}
-        origin = config.train
-    if not texts["train"].strip():
-        raise LmtrainError(f"the training text is empty or only whitespace ({origin})")
-    return texts
-
-
-def with_corpus_files(config: DataConfig) -> DataConfig:
-    """`config` with a downloaded corpus (`data.corpus`) replaced by its files: its one file (cut by
-    data.split) or its three."""
-    if config.corpus is None:
-        return config
-    return dataclasses.replace(config, **{role: str(path) for role, path in corpus_paths(config.corpus).items()})
-
-
-def split_points(text: str, fractions: list[float], *, long_line: int = LONG_LINE) -> list[int]:
-    """Character offsets [0, ..., len(text)] cutting `text` into parts of the given fractions. Each
-    cut moves forward to the end of its line so no word or sentence is split between two parts,
-    unless that line goes on for more than `long_line` characters (a corpus may be one long line)."""
-    bounds = [0]
-    for cut in cut_offsets(len(text), fractions):
-        bound = line_end_bound(text, cut, window_start=0, total=len(text), long_line=long_line)
-        bounds.append(max(bounds[-1], bound))
-    return [*bounds, len(text)]
-
-
-def cut_offsets(length: int, fractions: list[float]) -> list[int]:
-    """Where a text of `length` characters would be cut by the fractions, before moving to line ends."""
-    cuts, cumulative = [], 0.0
-    for fraction in fractions[:-1]:
-        cumulative += fraction
-        cuts.append(round(cumulative * length))
-    return cuts
-
-
-def line_end_bound(window: str, cut: int, *, window_start: int, total: int, long_line: int = LONG_LINE) -> int:
-    """The bound that `cut` moves to: just past the first line end at or after offset cut - 1, if
-    one comes within `long_line` characters; else the end of the text if that comes first, else
-    `cut` itself. `window` is text[window_start:] of a text of `total` characters, or enough of it:
-    from offset cut - 1 (>= window_start) to cut + long_line.
-
-        text    a b c \n d e \n f       cut 2 -> 4 (after "abc\n")
-    """
-    if cut <= 0:
-        return 0
-    line_end = window.find("\n", cut - 1 - window_start, cut + long_line - window_start)
-    if line_end >= 0:
-        return window_start + line_end + 1
-    return total if total - cut <= long_line else cut
 
 
 def reverse_text(text: str, *, level: str, eos: str = "line") -> str:
@@ -106,68 +35,6 @@ def reverse_text(text: str, *, level: str, eos: str = "line") -> str:
         return text[::-1] if level == "char" else " ".join(reversed(text.split()))
     flip = (lambda line: line[::-1]) if level == "char" else (lambda line: " ".join(reversed(line.split())))
     return "".join(flip(line) + "\n" for line in reversed(split_lines(text)))
-
-
-def fit_tokenizer(config: DataConfig, train_text: str) -> Tokenizer:
-    tokenizer = Tokenizer.fit(train_text, level=config.level, eos=config.eos, min_freq=config.min_freq,
-                              max_vocab=config.max_vocab)
-    if tokenizer.vocab_size <= 2:
-        raise LmtrainError("the training text has no tokens besides line ends")
-    return tokenizer
-
-
-def stream_ids(tokenizer: Tokenizer, text: str) -> Tensor:
-    """The split as one id stream (int32, 4 bytes a token), starting with `<eos>` so the first token is
-    read as the start of a line, just as every later line follows an `<eos>`."""
-    if tokenizer.level == "char":
-        return char_ids(tokenizer, text, start_with_eos=True)
-    return torch.tensor([tokenizer.eos_id, *tokenizer.encode(text)], dtype=torch.int32)
-
-
-def char_ids(tokenizer: Tokenizer, text: str, *, start_with_eos: bool = False, block: int = 1 << 22) -> Tensor:
-    """`tokenizer.encode(text)` for a character tokenizer, vectorised: code points (UTF-32) looked up
-    in a table, `block` characters at a time, so a corpus costs 4 bytes a character and never a
-    Python list (a corpus may be one 50 MB line)."""
-    table = char_table(tokenizer)
-    last_eos = tokenizer.eos == "line" and bool(text) and not text.endswith("\n")  # the last line's <eos>
-    offset = int(start_with_eos)
-    ids = torch.empty(offset + len(text) + int(last_eos), dtype=torch.int32)
-    ids[: offset] = tokenizer.eos_id
-    ids[ids.numel() - int(last_eos):] = tokenizer.eos_id
-    for start in range(0, len(text), block):
-        part = text[start:start + block]
-        lookup_chars(table, part, out=ids[offset + start: offset + start + len(part)])
-    return ids
-
-
-def char_table(tokenizer: Tokenizer, *, size: int = 0) -> Tensor:
-    """The id of every code point up to the largest one in the vocabulary, then one more entry,
-    `<unk>`, for every code point beyond (int32); at least `size` entries (0x110000: every code point,
-    and `lookup_chars` need not clamp). A line end is `<eos>` when `eos == "line"`."""
-    known = {ord(token): index for index, token in enumerate(tokenizer.tokens) if len(token) == 1}
-    if tokenizer.eos == "line":
-        known[ord("\n")] = tokenizer.eos_id
-    table = torch.full((max(max(known, default=0) + 2, size),), tokenizer.unk_id, dtype=torch.int32)
-    table[list(known)] = torch.tensor(list(known.values()), dtype=torch.int32)
-    return table
-
-
-def lookup_chars(table: Tensor, text: str, *, out: Tensor) -> Tensor:
-    """Write the ids of the characters of `text` into `out` (int32, len(text)): no line-end handling
-    beyond the table's, no `<eos>` added."""
-    codes = code_points(text)
-    if table.numel() <= sys.maxunicode:
-        codes = codes.clamp(max=table.numel() - 1)  # beyond the table: its last entry, <unk>
-    return torch.index_select(table, 0, codes, out=out)
-
-
-def code_points(text: str) -> Tensor:
-    """The code points of `text` (int32, read-only: a view of its UTF-32 bytes)."""
-    if not text:
-        return torch.empty(0, dtype=torch.int32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a read-only buffer is fine: it is only read
-        return torch.frombuffer(text.encode("utf-32-le"), dtype=torch.int32)
 
 
 def reversed_stream(ids: Tensor, *, eos: str) -> Tensor:

@@ -64,18 +64,7 @@ def read_text(path: str | Path, *, encoding: str = "utf-8", errors: str = "stric
 
     Undecodable bytes are an error naming the file and byte offset unless `errors="replace"`.
     """
-    with open_corpus(path) as file:
-        try:
-            raw = file.read()
-        except OSError as error:
-            raise LmtrainError(f"cannot read {path}: {error.strerror}") from None
-    try:
-        text = raw.decode(encoding, errors=errors)
-    except UnicodeDecodeError as error:
-        raise _decode_error(path, encoding, error.start) from None
-    except LookupError:
-        raise LmtrainError(f"unknown text encoding {encoding!r} (data.encoding)") from None
-    return universal_newlines(text.removeprefix("\ufeff"))
+    return "".join(read_text_blocks(path, encoding=encoding, errors=errors, block_bytes=-1))
 
 
 def universal_newlines(text: str) -> str:
@@ -85,8 +74,8 @@ def universal_newlines(text: str) -> str:
 
 def read_text_blocks(path: str | Path, *, encoding: str = "utf-8", errors: str = "strict",
                      block_bytes: int = 1 << 24) -> Iterator[str]:
-    """`read_text(path)` in pieces, reading `block_bytes` at a time: the pieces joined are exactly the
-    text `read_text` returns, with the same errors, but the file is never held whole.
+    """The text `read_text` returns, in pieces, reading `block_bytes` at a time (-1: the whole file at
+    once, one piece, perhaps and a last line end): the file is never held whole.
 
     A character cut between two blocks is completed by the incremental decoder; a "\\r" at the end of
     a block waits for the next one, in case a "\\n" follows it (CRLF is one line end, a lone CR another).

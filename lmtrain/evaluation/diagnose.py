@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lmtrain.config import load_config
-from lmtrain.data.dataset import fit_tokenizer, load_splits, stream_ids
+from lmtrain.data.encoding import fit_tokenizer, load_splits, stream_ids
 from lmtrain.data.tokenizer import ZERO_INPUT, read_text
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.plots import pyplot, save_figure

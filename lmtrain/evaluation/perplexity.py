@@ -21,13 +21,12 @@ from lmtrain.data.dataset import (
     IGNORE,
     Sequence,
     length_sorted_batches,
-    load_splits,
     pad_batch,
     reverse_text,
     sentence_pieces,
-    stream_ids,
     stream_segments,
 )
+from lmtrain.data.encoding import load_splits, stream_ids
 from lmtrain.data.tokenizer import Tokenizer, read_text
 from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel

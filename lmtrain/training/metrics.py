@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.perplexity import perplexity
 from lmtrain.training.rundir import RunDirectory
@@ -76,3 +81,39 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@dataclass
+class Window:
+    """The good training steps since the last progress line: their summed NLL (kept as a tensor on the
+    model's device, read once a line rather than once a step), tokens, seconds and count."""
+    loss: Tensor | float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return float(self.loss) / max(self.tokens, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def progress_line(*, step: int, total_steps: int | None, loss: float, lr: float, tokens_per_s: float,
+                  elapsed_seconds: float, left: float | None) -> str:
+    """The line printed every `train.log_every` steps where no progress bar is drawn."""
+    return (f"step {step:,}{f'/{total_steps:,}' if total_steps else ''}: loss {loss:.3f}, lr {lr:.2e}, "
+            f"{tokens_per_s:,.0f} tokens/s, {duration(elapsed_seconds)} elapsed"
+            + (f", {duration(left)} left" if left is not None else ""))
+
+
+def run_line(model: ModelConfig, *, parameters: int, vocab_size: int, per_epoch: int, device: torch.device,
+             threads: str, processes: int) -> str:
+    """The line a run starts with: the model, its data, and where it runs."""
+    return (f"model: {model.cell} {model.num_layers}x{model.hidden_size}, {parameters:,} parameters, vocabulary "
+            f"{vocab_size}, {per_epoch} batches per epoch, device {device}"
+            + (f", {threads}" if device.type == "cpu" else "")
+            + (f", {processes} processes" if processes > 1 else "")
+            + (", with a right-to-left LM (direction: bi)" if model.direction == "bi" else ""))

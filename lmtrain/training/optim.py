@@ -1,19 +1,24 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer, learning-rate schedule, and whether the model and its optimizer state fit in memory."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from lmtrain.config import TrainConfig
+from lmtrain.config import Config, TrainConfig
+from lmtrain.model.language_model import check_size, parameter_estimate
+from lmtrain.speed.memory import available_bytes
 from lmtrain.speed.torch_internals import increment_version
 
 # Where torch has a fused Adam kernel: one pass per parameter instead of about ten tensor operations
 # each, several times faster (docs/benchmarks.md, "The optimizer step"). SGD is one operation per
 # parameter already.
 FUSED_DEVICES = ("cpu", "cuda")
+# A vocabulary past this gets a warning: the softmax over it then dominates time and memory.
+LARGE_VOCABULARY = 200_000
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -28,6 +33,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         # `Cell.stacked_weights` keys its no-grad cache on them: evaluation would see stale weights.
         built.register_step_post_hook(lambda *_: increment_version(parameters))
     return built
+
+
+def total_steps(config: TrainConfig, per_epoch: int) -> int | None:
+    """The steps a run takes if no time budget stops it first: the nearer of max_steps and max_epochs."""
+    limits = [config.max_steps, config.max_epochs and config.max_epochs * per_epoch]
+    return min((limit for limit in limits if limit), default=None)
+
+
+def scheduled_rate(config: TrainConfig, *, step: int, train_seconds: float, total_steps: int | None) -> float:
+    """`learning_rate` with a run's `train.*` settings."""
+    return learning_rate(step, lr=config.lr, schedule=config.schedule, warmup_steps=config.warmup_steps,
+                         total_steps=total_steps, min_lr=config.min_lr, decay_start=config.decay_start,
+                         decay_every=config.decay_every, decay_rate=config.decay_rate,
+                         time_fraction=train_seconds / config.max_seconds if config.max_seconds else None)
 
 
 def learning_rate(step: int, *, lr: float, schedule: str, warmup_steps: int, total_steps: int | None,
@@ -65,3 +84,16 @@ def gradient_norm(model: torch.nn.Module, *, clip: float) -> torch.Tensor:
     if clip > 0:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def check_fits(config: Config, vocab_size: int, *, device: torch.device, warn: Callable[[str], None]) -> None:
+    """Refuse a model that cannot fit (weights, gradients and the optimizer's state), before allocating
+    it; warn of a vocabulary so large that the output layer dominates every step."""
+    state = {"adam": 2, "adamw": 2, "sgd": 1 if config.train.momentum else 0}[config.train.optimizer]
+    check_size(config.model, vocab_size, bytes_per_parameter=4 * (2 + state),
+               available=available_bytes() if device.type == "cpu" else None)
+    if vocab_size > LARGE_VOCABULARY:
+        output = parameter_estimate(config.model, vocab_size)["output"]
+        warn(f"warning: a vocabulary of {vocab_size:,} tokens: the output layer alone has {output:,} parameters, "
+             f"and every step makes batch x bptt x {vocab_size:,} logits; data.min_freq or data.max_vocab keep the "
+             f"frequent words (PTB keeps 10,000)")

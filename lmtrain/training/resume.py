@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-from lmtrain.config import Config, differences, from_dict, get_value, to_dict
+import torch
+
+from lmtrain.config import Config, TrainConfig, differences, from_dict, get_value, to_dict
 from lmtrain.data.cache import changed_files
 from lmtrain.errors import LmtrainError
+from lmtrain.training import rng
+from lmtrain.training.distributed import World, gather_objects, gather_rows, own_rows
+from lmtrain.training.rundir import RunDirectory
 
 # Keys a resumed run may change: how long to go on, how to report, and where and in what precision the
 # products run (a run started with bfloat16 may go on where there is no AVX-512 BF16), not what is learned.
@@ -35,10 +41,59 @@ class Progress:
     elapsed_seconds: float = 0.0         # wall-clock time, evaluation and saving included
     tokens: int = 0                      # target tokens trained on
 
+    def stop_reason(self, config: TrainConfig) -> str | None:
+        """The limit of `train.*` that the run has reached (the first of max_steps, max_epochs and
+        max_seconds), or None."""
+        if config.max_steps is not None and self.step >= config.max_steps:
+            return "max_steps"
+        if config.max_epochs is not None and self.epoch >= config.max_epochs:
+            return "max_epochs"
+        if config.max_seconds is not None and self.train_seconds >= config.max_seconds:
+            return "max_seconds"
+        return None
+
     @classmethod
     def from_checkpoint(cls, saved: dict) -> Progress:
         known = {field.name for field in fields(cls)}
         return cls(**{key: value for key, value in saved.items() if key in known})
+
+
+def fresh_start(run_dir: RunDirectory) -> tuple[None, None]:
+    """No checkpoint to resume from: never overwrite a run's checkpoints by starting again in its folder."""
+    if run_dir.has_run():
+        raise LmtrainError(f"{run_dir.path} already holds a run (last.pt): add --resume to continue it, "
+                           f"or choose another train.out_dir")
+    return None, None
+
+
+def resume_payload(run_dir: RunDirectory, config: Config, data_files: dict, *, allow_changed_data: bool,
+                   warn: Callable[[str], None]) -> tuple[str, dict]:
+    """The newest intact checkpoint of the folder: (path, payload), plain values to hand to the other
+    processes, once `checked_resume` accepted it (and set `config`'s initialisation keys to the run's)."""
+    path, payload, notes = run_dir.newest_intact()
+    for note in notes:
+        warn(note)
+    checked_resume(payload, config, data_files, allow_changed_data=allow_changed_data, warn=warn)
+    return str(path), payload
+
+
+def restore(payload: dict, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World,
+            device: torch.device) -> tuple[Progress, list]:
+    """Weights, optimizer and RNG state as the checkpoint left them; returns its progress and this
+    process's rows of the carried states (saved for the global batch), one per LM."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    states = [own_rows(world, [tuple(t.to(device) for t in layer) for layer in saved]) if saved else None
+              for saved in payload["stream_states"]]
+    rng.restore(payload, device, world)
+    return Progress.from_checkpoint(payload["progress"]), states
+
+
+def resume_command(out_dir: Path, world: World) -> str:
+    """The command that continues a stopped run (with its number of processes, when they ran on one machine)."""
+    command = f"lmtrain train {out_dir / 'config.yaml'} --resume"
+    one_machine = world.distributed and world.local_size == world.size
+    return command + (f" --nproc {world.size}" if one_machine else "")
 
 
 def checked_resume(payload: dict, config: Config, data_files: dict, *, allow_changed_data: bool,
@@ -63,8 +118,12 @@ def checked_resume(payload: dict, config: Config, data_files: dict, *, allow_cha
 
 
 def checkpoint_payload(*, config: Config, tokenizer, model, optimizer, progress: Progress, data_files: dict,
-                       stream_states: list, rng_by_rank: list[dict]) -> dict:
-    """The checkpoint's contents; `rng_by_rank` is every process's RNG state (one entry for one process)."""
+                       states: list, world: World, device: torch.device) -> dict:
+    """The checkpoint's contents. Every process must call this at the same step: the carried states
+    (`states`, one per LM) are gathered for the global batch, whatever the number of processes, and
+    every process's RNG state with them."""
+    stream_states = [gather_rows(world, state) for state in states]
+    rng_by_rank = gather_objects(world, rng.captured(device, world))
     payload = {
         "config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "progress": asdict(progress), "rng": rng_by_rank[0],

@@ -41,6 +41,15 @@ class RunDirectory:
         except OSError as error:
             raise LmtrainError(f"cannot create train.out_dir {self.path}: {os_reason(error)}") from None
 
+    def open_for_run(self, config_yaml: str) -> None:
+        """Create the folder, take its lock, then write the run's config.yaml."""
+        self.create()
+        self.lock()
+        try:
+            atomic_write(self.path / "config.yaml", config_yaml.encode())
+        except OSError as error:
+            raise LmtrainError(f"cannot write to train.out_dir {self.path}: {os_reason(error)}") from None
+
     # -- one trainer per folder ----------------------------------------------------------------------
 
     def lock(self) -> None:

@@ -1,5 +1,5 @@
-"""lmtrain.data.streaming: a corpus read in blocks gives exactly what the whole text gives: the same split
-cuts, the same vocabulary as `Tokenizer.fit`, the same ids as `stream_ids`, the same unknown counts."""
+"""lmtrain.data.encoding: a corpus read in blocks gives exactly what the whole text gives: the same split
+cuts, the same vocabulary as `Tokenizer.fit`, the same ids as `Tokenizer.encode`, the same unknown counts."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ import pytest
 import torch
 
 from lmtrain.config import DataConfig
-from lmtrain.data import streaming
-from lmtrain.data.dataset import cut_offsets, load_splits, split_points, stream_ids
-from lmtrain.data.streaming import count_tokens, encode_pieces, split_pieces, split_texts, whole_words
+from lmtrain.data import encoding
+from lmtrain.data.encoding import (
+    count_tokens,
+    cut_offsets,
+    encode_pieces,
+    load_splits,
+    split_pieces,
+    split_points,
+    split_texts,
+    stream_ids,
+    whole_words,
+)
 from lmtrain.data.tokenizer import Tokenizer
 
 ALPHABET = "ab c\n\n \té\u3000x"  # words, spaces, tabs, empty lines, a non-ASCII letter and space
@@ -90,7 +99,8 @@ def test_encode_pieces_equal_stream_ids_and_count_unknown(level: str, eos: str):
     tokenizer = Tokenizer.fit("ab c\nab\n", level=level, eos=eos)  # é, x, \u3000... are unknown
     for size, text in enumerate(random_texts(60, seed=3)):
         blocks = list(encode_pieces(tokenizer, blocks_of(text, size % 6 + 1)))
-        assert torch.cat([ids for ids, _ in blocks]).tolist() == stream_ids(tokenizer, text).tolist(), text
+        expected = [tokenizer.eos_id, *tokenizer.encode(text)]  # the tokenizer's own encoding, token by token
+        assert torch.cat([ids for ids, _ in blocks]).tolist() == expected == stream_ids(tokenizer, text).tolist()
         assert sum(unknown for _, unknown in blocks) == tokenizer.count_unknown(text)[0], text
 
 
@@ -115,7 +125,7 @@ CORPORA = {
 @pytest.mark.parametrize("name", list(CORPORA))
 @pytest.mark.parametrize("fractions", [[0.9, 0.1], [0.6, 0.2, 0.2]])
 def test_split_texts_of_a_file_equal_load_splits(tmp_path: Path, monkeypatch, name: str, fractions: list[float]):
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 7)  # many blocks, multi-byte characters cut between them
+    monkeypatch.setattr(encoding, "BLOCK_BYTES", 7)  # many blocks, multi-byte characters cut between them
     path = tmp_path / "corpus.txt"
     path.write_bytes(("\ufeff" + CORPORA[name]).encode("utf-8"))
     config = DataConfig(path=str(path), split=fractions)
@@ -124,7 +134,7 @@ def test_split_texts_of_a_file_equal_load_splits(tmp_path: Path, monkeypatch, na
 
 
 def test_split_texts_of_three_files_equal_load_splits(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 3)
+    monkeypatch.setattr(encoding, "BLOCK_BYTES", 3)
     files = {split: tmp_path / f"{split}.txt" for split in ("train", "valid", "test")}
     for split, path in files.items():
         path.write_text(f"{split} text é\nline two", encoding="utf-8")
@@ -133,7 +143,7 @@ def test_split_texts_of_three_files_equal_load_splits(tmp_path: Path, monkeypatc
 
 
 def test_split_texts_replace_undecodable_bytes(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(streaming, "BLOCK_BYTES", 2)
+    monkeypatch.setattr(encoding, "BLOCK_BYTES", 2)
     path = tmp_path / "bad.txt"
     path.write_bytes(b"ok\n\xfe\nfine \xe2\x82\n" * 3)
     config = DataConfig(path=str(path), split=[0.5, 0.5], encoding_errors="replace")
