@@ -240,6 +240,83 @@ def plot(
         typer.echo(f"wrote {output}")
 
 
+@app.command(short_help="See inside the cells: units and gates on a text, as one HTML page.")
+def visualize(
+    checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
+    text: Annotated[str, typer.Option(metavar="FILE", help="The text to read (at most --max-tokens positions).")],
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", metavar="FILE.html",
+        help="The page to write (default: visualize.html, unless --json, --png or --tokens asks for other output).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
+    png: Annotated[Optional[str], typer.Option(
+        metavar="FILE.png", help="Also draw the chosen unit over the first 600 positions (needs matplotlib).")] = None,
+    layer: Annotated[Optional[int], typer.Option(
+        metavar="L", help="The layer shown first (and drawn by --png), from 1 (default: the top one). Without "
+                          "--layer, --quantity and --unit: the unit that follows a feature most closely.")] = None,
+    quantity: Annotated[Optional[str], typer.Option(
+        metavar="a|c|f|u|o|r", help="a(t), the LSTM's c(t), or a gate (default: a).")] = None,
+    unit: Annotated[Optional[int], typer.Option(metavar="U", help="The unit, from 0 (default: 0).")] = None,
+    feature: Annotated[Optional[list[str]], typer.Option(
+        metavar="NAME=FILE", help="A feature of your own: one label a line for each position (see --tokens); "
+                                  "repeatable.")] = None,
+    tokens: Annotated[bool, typer.Option(
+        "--tokens", help="Print the positions, one token a line, to label them for --feature.")] = False,
+    segment: Annotated[Optional[int], typer.Option(
+        metavar="N", help="As for eval perplexity: stream mode reads segments of N tokens from a zero state "
+                          "(default: the run's train.eval_segment); 0: the whole text, the state carried.")] = None,
+    max_tokens: Annotated[int, typer.Option(metavar="N", help="Read at most this many positions.")] = 10_000,
+    top: Annotated[int, typer.Option(metavar="N", help="Units listed per feature.")] = 5,
+    all_values: Annotated[bool, typer.Option("--all-values", help="With --json: every unit's values, not only "
+                                             "the chosen unit's and the listed ones'.")] = False,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """What each unit and gate does on a text (Karpathy, Johnson and Fei-Fei 2015): the text coloured by any
+    unit with the model's next-token guesses, the units that follow features of the text, and the gates'
+    saturation, in one HTML file that works offline."""
+    from lmtrain.evaluation import visualize as view
+
+    with user_errors():
+        if max_tokens < 1:
+            raise LmtrainError(f"--max-tokens must be >= 1; got {max_tokens}")
+        if top < 1:
+            raise LmtrainError(f"--top must be >= 1; got {top}")
+        if segment is not None and segment < 0:
+            raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
+        labels = {}
+        for given in feature or []:
+            name, separator, path = given.partition("=")
+            if not separator or not name or not path:
+                raise LmtrainError(f"--feature takes NAME=FILE; got {given!r}")
+            labels[name] = path
+        _set_threads()
+        inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
+                                  top=top, device=_device(device))
+        if tokens:
+            typer.echo("\n".join(view.printable_token(token) for token in inside.trace.tokens))
+            return
+        chosen = view.default_unit(inside) if layer is None and quantity is None and unit is None else view.Unit(
+            layer if layer is not None else len(inside.trace.values), quantity or "a", unit or 0)
+        view.check_unit(inside, chosen)
+        page_path = output or (None if as_json or png else "visualize.html")
+        if page_path is not None:
+            view.write_page(page_path, view.page(inside, chosen, title=f"Inside {Path(checkpoint).name} on "
+                                                                      f"{Path(text).name}"))
+        if png is not None:
+            view.unit_png(inside, chosen, png)
+        if as_json:
+            listed = [view.Unit(m.layer + 1, m.quantity, m.unit) for ms in inside.matches.values() for m in ms]
+            typer.echo(json.dumps(view.as_json(inside, [chosen, *listed], all_values=all_values)))
+            return
+        typer.echo(f"{inside.description}: {len(inside.trace.tokens):,} positions")
+        for name, matches in inside.matches.items():
+            typer.echo(f"  {name}: " + (f"layer {matches[0].layer + 1} {matches[0].quantity} unit {matches[0].unit}, "
+                                        f"r = {matches[0].r:+.3f}" if matches else "does not vary on this text"))
+        for written in (page_path, png):
+            if written is not None:
+                typer.echo(f"wrote {written}")
+
+
 @eval_app.command(short_help="Loss, perplexity and bits per character.")
 def perplexity(
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],

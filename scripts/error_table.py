@@ -137,13 +137,10 @@ def main() -> int:
     parser.add_argument("-j", "--jobs", type=int, default=WORKERS, help="commands run at once")
     options = parser.parse_args()
 
-    try:
-        from lmtrain.data import dataset as data
+    from lmtrain.data.encoding import LONG_LINE
 
-        long_line = (f"; `data.split` cuts at line ends,\n  and inside a line only when that line is longer "
-                     f"than {data.LONG_LINE:,} characters") if hasattr(data, "LONG_LINE") else ""
-    except ImportError:
-        long_line = ""
+    long_line = (f"; `data.split` cuts at line ends,\n  and inside a line only when that line is longer "
+                 f"than {LONG_LINE:,} characters")
 
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lmtrain-errors-") as scratch:

@@ -279,6 +279,11 @@ CHAR_PT = Shared("char/run/best.pt")
 WORD_PT = Shared("word/run/best.pt")
 SAMPLE = ("sample", "--checkpoint", "model.pt")
 EVAL = ("eval", "perplexity", "--checkpoint", "model.pt")
+VISUALIZE = ("visualize", "--checkpoint", "model.pt", "--text", "text.txt")
+
+
+def no_page(folder: Path, result: Result) -> None:
+    assert not (folder / "visualize.html").exists(), "a page was written"
 
 CASES: list[Case] = [
     # config file
@@ -493,6 +498,23 @@ CASES: list[Case] = [
     Case("sample-prime-unseen-chars", "characters unseen in training in `--prime`",
          (*SAMPLE, "--prime", "the ☃é", "--num", "2", "--max-tokens", "5", "--seed", "0"), {"model.pt": CHAR_PT},
          outcome="ok", exit_code=0, expect=("2 token(s) of --prime", "<unk>"), check=prime_starts_every_sample),
+    # visualize
+    Case("visualize-text-missing", "`visualize --text` naming no file", (*VISUALIZE[:-1], "nowhere.txt"),
+         {"model.pt": CHAR_PT}, expect=("nowhere.txt",), check=no_page),
+    Case("visualize-text-empty", "`visualize --text` on an empty file", VISUALIZE,
+         {"model.pt": CHAR_PT, "text.txt": b""}, expect=("text.txt", "no tokens"), check=no_page),
+    Case("visualize-unit", "`visualize --unit` past the layer's units", (*VISUALIZE, "--unit", "100000"),
+         {"model.pt": CHAR_PT, "text.txt": "to be or not\n"}, expect=("--unit must be 0 to",), check=no_page),
+    Case("visualize-quantity", "`visualize --quantity` the cell does not have", (*VISUALIZE, "--quantity", "z"),
+         {"model.pt": CHAR_PT, "text.txt": "to be or not\n"}, expect=("--quantity must be one of",),
+         check=no_page),
+    Case("visualize-feature-count", "`visualize --feature` with fewer labels than positions",
+         (*VISUALIZE, "--feature", "mine=labels.txt"),
+         {"model.pt": CHAR_PT, "text.txt": "to be or not\n", "labels.txt": "1\n0\n"},
+         expect=("labels.txt has 2 labels", "positions"), check=no_page),
+    Case("visualize-output-folder", "`visualize -o` into a folder that does not exist",
+         (*VISUALIZE, "-o", "nowhere/page.html"), {"model.pt": CHAR_PT, "text.txt": "to be or not\n"},
+         expect=("cannot write", "nowhere/page.html")),
     # eval
     Case("eval-empty-data", "`eval perplexity --data` on an empty file",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--data", "empty.txt"),

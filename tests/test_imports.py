@@ -134,7 +134,7 @@ ALLOWED = {
     "data": {"config", "errors", "files"},
     "model": {"backprop", "speed", "config", "data", "errors"},
     "checkpoint": {"model", "data", "speed", "config", "errors", "files"},
-    "evaluation": {"checkpoint", "model", "data", "speed", "config", "errors"},
+    "evaluation": {"checkpoint", "model", "data", "speed", "config", "errors", "files"},
     "training": {"evaluation", "checkpoint", "model", "data", "speed", "config", "errors", "files"},
     "cli": {"training", "evaluation", "checkpoint", "model", "data", "speed", "config", "errors", "files"},
     "__main__": {"cli"},

@@ -138,6 +138,10 @@ class LanguageModel(nn.Module):
     def initial_state(self, batch_size: int, **kwargs) -> list[tuple[Tensor, ...]]:
         return self.rnn.initial_state(batch_size, **kwargs)
 
+    def embed(self, tokens: Tensor) -> Tensor:
+        """x(t) for every token: its embedding, and the zero vector for `ZERO_INPUT` (the lecture's x(1) = 0)."""
+        return self.embedding(tokens.clamp(min=0)).masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
+
     def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None, *,
                 targets: Tensor | None = None, ignore_index: int = -100, right_to_left: bool = False,
                 hidden: bool = False) -> tuple:
@@ -147,8 +151,7 @@ class LanguageModel(nn.Module):
         model, which expects `tokens` in reversed order (see `data.reverse_text`). `hidden=True` also
         returns the last layer's outputs before and after output dropout, `(a, m ⊙ a)`, both (B, T, H),
         for AR/TAR."""
-        x = self.embedding(tokens.clamp(min=0))                              # (B, T, E)
-        x = x.masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
+        x = self.embed(tokens)                                               # (B, T, E)
         if self.training:
             x = regularization.embedding_dropout(x, tokens, self.embedding.num_embeddings, self.embedding_dropout)
         rnn = self.rnn_right_to_left if right_to_left else self.rnn

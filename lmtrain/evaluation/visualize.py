@@ -1,0 +1,281 @@
+"""`lmtrain visualize`: the numbers of `lmtrain.evaluation.inside` as one self-contained HTML page (the
+text coloured by any unit, the model's guesses under every token, the units that follow features of
+the text, the gates' saturation), as JSON for scripts, and as a PNG of one unit for papers and slides.
+
+The page embeds everything (no network, no CDN): each layer's values as one 8-bit code per unit and
+position, scaled to the unit's own range, decoded only when shown. The JSON holds the exact values.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from lmtrain.checkpoint import load_model
+from lmtrain.data.tokenizer import read_text
+from lmtrain.errors import LmtrainError, os_reason
+from lmtrain.evaluation.inside import (
+    SATURATED,
+    START,
+    Match,
+    Saturation,
+    Trace,
+    quantities,
+    read_labels,
+    saturation,
+    strongest_units,
+    text_features,
+    trace,
+)
+from lmtrain.evaluation.perplexity import WHOLE_TEXT, evaluation_sequences
+from lmtrain.files import atomic_write
+
+MAX_POSITIONS = 10_000
+LAYER_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+@dataclass(frozen=True)
+class Unit:
+    layer: int      # 1-based, as the lecture's a^[l]
+    quantity: str   # "a", "c" or a gate
+    unit: int       # 0-based index into the layer's vector
+
+
+@dataclass
+class Inside:
+    """What `lmtrain visualize` found in one model on one text."""
+    description: str
+    level: str
+    trace: Trace
+    features: dict[str, list[float]]
+    matches: dict[str, list[Match]]
+    saturation: list[Saturation]
+    quantities: list[str]
+    hidden_size: int
+
+
+def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | None = None, segment: int | None = None,
+                max_positions: int = MAX_POSITIONS, top: int = 5, device: str = "cpu") -> Inside:
+    """Load the checkpoint, read the text as `eval perplexity` does (`segment` as its --segment), trace
+    at most `max_positions` positions, and find the units that follow each feature (the text's own and
+    `features`: name -> a file of one label a position)."""
+    model, tokenizer, config = load_model(checkpoint, device)
+    if segment is not None:
+        config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
+    text = read_text(text_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
+    sequences = _first_positions(evaluation_sequences(tokenizer, text, config), max_positions)
+    if not sequences:
+        raise LmtrainError(f"{text_file} holds no tokens to read")
+    traced = trace(model, tokenizer, sequences)
+    found = {}  # the user's features first: they are what the user came to ask about
+    for name, path in (features or {}).items():
+        found.update(read_labels(path, name, len(traced.tokens)))
+    found.update({name: values for name, values in text_features(traced.tokens, level=config.data.level).items()
+                  if name not in found})
+    cells = [layer.cell for layer in model.rnn.layers]
+    m = config.model
+    description = (f"{m.cell} {m.num_layers}x{m.hidden_size}, {config.data.level} level, {Path(checkpoint).name}"
+                   + (" (its left-to-right LM)" if m.direction == "bi" else ""))
+    return Inside(description, config.data.level, traced, found,
+                  {name: strongest_units(traced, values, count=top) for name, values in found.items()},
+                  saturation(traced, cells), quantities(cells[0]), m.hidden_size)
+
+
+def _first_positions(sequences: list, limit: int) -> list:
+    kept, count = [], 0
+    for inputs, targets in sequences:
+        if count >= limit:
+            break
+        kept.append((inputs[: limit - count], targets[: limit - count]))
+        count += kept[-1][0].numel()
+    return kept
+
+
+def check_unit(inside: Inside, unit: Unit) -> None:
+    """Refuse, in one line, a layer, quantity or unit the model does not have."""
+    layers = len(inside.trace.values)
+    if not 1 <= unit.layer <= layers:
+        raise LmtrainError(f"--layer must be 1 to {layers} (the model has {layers} layer{'s' * (layers > 1)}); "
+                           f"got {unit.layer}")
+    if unit.quantity not in inside.quantities:
+        raise LmtrainError(f"--quantity must be one of {', '.join(inside.quantities)} for this cell; "
+                           f"got {unit.quantity!r}")
+    if not 0 <= unit.unit < inside.hidden_size:
+        raise LmtrainError(f"--unit must be 0 to {inside.hidden_size - 1}; got {unit.unit}")
+
+
+def default_unit(inside: Inside) -> Unit:
+    """The unit the page opens on: the one that follows any feature most closely."""
+    best = max((match for matches in inside.matches.values() for match in matches), key=lambda m: abs(m.r),
+               default=Match(len(inside.trace.values) - 1, "a", 0, 0.0))
+    return Unit(best.layer + 1, best.quantity, best.unit)
+
+
+def values_of(inside: Inside, unit: Unit) -> list[float]:
+    return inside.trace.values[unit.layer - 1][unit.quantity][:, unit.unit].tolist()
+
+
+# -- JSON ---------------------------------------------------------------------------------------------------
+
+def as_json(inside: Inside, units: list[Unit], *, all_values: bool = False) -> dict:
+    """The numbers for scripts: tokens, guesses, the strongest units per feature with their r, the gates'
+    saturation with its reading, and the exact values of `units` (every unit with `all_values`)."""
+    shown = [Unit(layer + 1, quantity, unit) for layer, layer_values in enumerate(inside.trace.values)
+             for quantity, values in layer_values.items() for unit in range(values.size(1))] if all_values else units
+    return {
+        "model": inside.description, "positions": len(inside.trace.tokens), "tokens": inside.trace.tokens,
+        "sequence_starts": inside.trace.sequence_starts,
+        "guesses": [[[token, p] for token, p in guesses] for guesses in inside.trace.guesses],
+        "features": {name: [{**asdict(match), "layer": match.layer + 1} for match in matches]
+                     for name, matches in inside.matches.items()},
+        "saturation": [{"layer": s.layer + 1, "gate": s.gate, "left": [round(v, 4) for v in s.left],
+                        "right": [round(v, 4) for v in s.right], "reading": s.reading()} for s in inside.saturation],
+        "values": [{**asdict(unit), "values": values_of(inside, unit)} for unit in dict.fromkeys(shown)],
+    }
+
+
+# -- the page --------------------------------------------------------------------------------------------
+
+def page(inside: Inside, opened: Unit, *, title: str) -> str:
+    """One HTML file that needs nothing else: data, script and style inline."""
+    layers = []
+    for layer_values in inside.trace.values:
+        layers.append({name: _encoded(values) for name, values in layer_values.items()})
+    data = {
+        "title": title, "model": inside.description, "level": inside.level, "tokens": inside.trace.tokens,
+        "start": START, "guesses": inside.trace.guesses, "layers": layers, "quantities": inside.quantities,
+        "hiddenSize": inside.hidden_size, "opened": asdict(opened),
+        "features": [{"name": name, "units": [{**asdict(m), "layer": m.layer + 1} for m in matches]}
+                     for name, matches in inside.matches.items()],
+        "saturation": [{"gate": gate, "svg": _scatter([s for s in inside.saturation if s.gate == gate]),
+                        "readings": [s.reading() for s in inside.saturation if s.gate == gate]}
+                       for gate in dict.fromkeys(s.gate for s in inside.saturation)],
+    }
+    template = resources.files("lmtrain.evaluation").joinpath("visualize.html").read_text(encoding="utf-8")
+    # "</" inside a script element would end it: JSON escapes the slash.
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return template.replace("{{title}}", html.escape(title)).replace("{{data}}", payload)
+
+
+def _encoded(values: torch.Tensor) -> dict:
+    """(P, H) values as one byte per value, unit by unit (unit u's P codes together), each unit scaled to
+    its own [low, high]: value = low + code / 255 * (high - low)."""
+    low, high = values.min(dim=0).values, values.max(dim=0).values
+    span = (high - low).clamp(min=1e-12)
+    codes = ((values - low) / span * 255).round().clamp(0, 255).to(torch.uint8).t().flatten()
+    data = bytearray(codes.numel())  # the bytes through a tensor over them: no NumPy needed
+    if data:
+        torch.frombuffer(data, dtype=torch.uint8).copy_(codes)
+    return {"low": [round(v, 6) for v in low.tolist()], "high": [round(v, 6) for v in high.tolist()],
+            "codes": base64.b64encode(bytes(data)).decode("ascii")}
+
+
+def _scatter(gates: list[Saturation], size: int = 220) -> str:
+    """The paper's saturation plot for one gate: a dot per unit at (fraction left-saturated, fraction
+    right-saturated), coloured by layer; inline SVG."""
+    margin, inner = 34, size - 44
+    x = lambda f: margin + f * inner  # noqa: E731
+    y = lambda f: 10 + (1 - f) * inner  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img">',
+             f'<rect x="{margin}" y="10" width="{inner}" height="{inner}" fill="none" stroke="#999"/>',
+             f'<text x="{margin + inner / 2}" y="{size - 4}" font-size="10" text-anchor="middle">'
+             f'fraction left-saturated (&lt; {SATURATED[0]})</text>',
+             f'<text x="10" y="{10 + inner / 2}" font-size="10" text-anchor="middle" '
+             f'transform="rotate(-90 10 {10 + inner / 2})">fraction right-saturated (&gt; {SATURATED[1]})</text>',
+             f'<text x="{margin - 3}" y="{y(0) + 3}" font-size="9" text-anchor="end">0</text>',
+             f'<text x="{margin - 3}" y="{y(1) + 8}" font-size="9" text-anchor="end">1</text>',
+             f'<text x="{x(1)}" y="{y(0) + 11}" font-size="9" text-anchor="end">1</text>']
+    for saturation_of_layer in gates:
+        colour = LAYER_COLOURS[saturation_of_layer.layer % len(LAYER_COLOURS)]
+        for left, right in zip(saturation_of_layer.left, saturation_of_layer.right):
+            parts.append(f'<circle cx="{x(left):.1f}" cy="{y(right):.1f}" r="2.2" fill="{colour}" fill-opacity="0.6"/>')
+    return "".join(parts) + "</svg>"
+
+
+def write_page(path: str, text: str) -> None:
+    """Write the page whole or not at all, readable by others as a new file would be (umask)."""
+    try:
+        atomic_write(Path(path), text.encode("utf-8"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+    except OSError as error:
+        raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None
+
+
+# -- a picture of one unit -----------------------------------------------------------------------------------
+
+def unit_png(inside: Inside, unit: Unit, path: str, *, positions: int = 600, columns: int = 100) -> None:
+    """The first `positions` tokens coloured by one unit, as the paper's figures draw them (needs matplotlib)."""
+    from lmtrain.evaluation.plots import pyplot
+
+    plt = pyplot()
+    values = values_of(inside, unit)[:positions]
+    tokens = inside.trace.tokens[:positions]
+    scale = _scale(unit.quantity, values)
+    cells = _layout(tokens, inside.level, columns)
+    rows = max((row for row, _, _ in cells), default=0) + 1
+    width = max(max((column + len(label) for _, column, label in cells), default=1), 60)
+    figure = plt.figure(figsize=(width * 0.08 + 0.4, rows * 0.22 + 0.7))  # a monospace character at 8 pt
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.set_xlim(-0.5, width + 0.5)
+    axes.set_ylim(rows + 1.2, -0.5)
+    axes.axis("off")
+    for (row, column, label), value in zip(cells, values):
+        axes.add_patch(plt.Rectangle((column, row), max(len(label), 1), 1, color=_colour(value, scale), lw=0))
+        axes.text(column + 0.05, row + 0.78, label, family="monospace", fontsize=8)
+    axes.text(0, rows + 0.9, f"layer {unit.layer}, {unit.quantity}, unit {unit.unit}: {inside.description}",
+              fontsize=8, color="#444")
+    try:
+        figure.savefig(path, dpi=150)
+    except OSError as error:
+        raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None
+    finally:
+        plt.close(figure)
+
+
+def _layout(tokens: list[str], level: str, columns: int) -> list[tuple[int, int, str]]:
+    """(row, column, label) for each token: lines break at `<eos>` and sentence starts, and at `columns`."""
+    cells, row, column = [], 0, 0
+    for token in tokens:
+        label = "↵" if token == "<eos>" else "▸" if token == START else token
+        width = len(label) + (level == "word")
+        if token == START and column:
+            row, column = row + 1, 0
+        if column + width > columns:
+            row, column = row + 1, 0
+        cells.append((row, column, label))
+        column += width
+        if token == "<eos>":
+            row, column = row + 1, 0
+    return cells
+
+
+def _scale(quantity: str, values: list[float]) -> tuple[float, float]:
+    """The colour range: [0, 1] for a gate, symmetric about 0 for a(t) and c(t)."""
+    if quantity not in ("a", "c"):
+        return 0.0, 1.0
+    largest = max((abs(v) for v in values), default=1.0) or 1.0
+    return -largest, largest
+
+
+def _colour(value: float, scale: tuple[float, float]) -> tuple[float, float, float]:
+    """White at the middle of the scale, blue below, red above (the paper's colours)."""
+    low, high = scale
+    t = 0.0 if math.isnan(value) else max(-1.0, min(1.0, (2 * (value - low) / (high - low)) - 1))
+    return (1.0, 1 - t * 0.75, 1 - t * 0.75) if t >= 0 else (1 + t * 0.75, 1 + t * 0.6, 1.0)
+
+
+def printable_token(token: str) -> str:
+    """A position's token on a line of its own (`--tokens`): whitespace named, control characters escaped."""
+    from lmtrain.evaluation.sampling import printable
+
+    return {" ": "<space>", "\t": "<tab>", "\u3000": "<ideographic space>"}.get(token, printable(token))
