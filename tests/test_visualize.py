@@ -230,6 +230,19 @@ def test_the_command_writes_the_page_json_and_tokens(tmp_path, config_factory, l
                                                            "rnn": []}[cell]
 
 
+def test_max_tokens_keeps_the_first_positions_and_markup_in_the_text_stays_text(tmp_path, config_factory):
+    path = checkpoint(tmp_path, config_factory, level="char", mode="stream")
+    text = tmp_path / "text.txt"
+    text.write_text("</script><!--<script>" + TEXT, encoding="utf-8")
+    every = invoke("--checkpoint", path, "--text", text, "--tokens").output.splitlines()
+    first = invoke("--checkpoint", path, "--text", text, "--tokens", "--max-tokens", 30).output.splitlines()
+    assert first == every[:30]
+    assert invoke("--checkpoint", path, "--text", text, "-o", tmp_path / "page.html").exit_code == 0
+    page = (tmp_path / "page.html").read_text(encoding="utf-8")
+    data = page.split('<script id="data" type="application/json">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in data and json.loads(data)["tokens"][:4] == ["<eos>", "<unk>", "<unk>", "s"]  # < / unseen
+
+
 def test_a_feature_file_is_correlated(tmp_path, config_factory):
     path = checkpoint(tmp_path, config_factory, level="word", mode="sentences", cell="lstm", num_layers=1)
     text = tmp_path / "text.txt"

@@ -71,6 +71,8 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
     if segment is not None:
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
     text = read_text(text_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
+    # A token is at most a few dozen characters: tokenize only the start of a long text.
+    text = text[: max_positions * 64]
     sequences = _first_positions(evaluation_sequences(tokenizer, text, config), max_positions)
     if not sequences:
         raise LmtrainError(f"{text_file} holds no tokens to read")
@@ -160,8 +162,8 @@ def page(inside: Inside, opened: Unit, *, title: str) -> str:
                        for gate in dict.fromkeys(s.gate for s in inside.saturation)],
     }
     template = resources.files("lmtrain.evaluation").joinpath("visualize.html").read_text(encoding="utf-8")
-    # "</" inside a script element would end it: JSON escapes the slash.
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # No "<" inside the script element, so no text (a "</script>" or "<!--" in a token) can end or bend it.
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     return template.replace("{{title}}", html.escape(title)).replace("{{data}}", payload)
 
 
