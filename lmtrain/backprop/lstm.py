@@ -22,15 +22,15 @@ from lmtrain.backprop.sequence import (
     summed_over_time,
     tanh_slopes,
 )
-from lmtrain.speed.gemm import PACK_FROM, FixedProduct
-from lmtrain.speed.route import Route, runs_on_its_route
+from lmtrain.speed.gemm import FixedProduct
+from lmtrain.speed.route import runs_on_its_route
 
 
 @runs_on_its_route
 class LSTMFunction(Function):
     """The LSTM over a whole sequence. Inputs: x, a(0), c(0), W_recurrent (4H, H), W_input (4H, E),
     b (4H,), gates (f, u, c, o). Outputs: a(1..T) (B, T, H), a(T) and c(T). The time loops are the
-    compiled ones where the route has them and `compiled_loops` says they run this sequence; the
+    compiled ones where the route has them and `Route.lstm_loops` says they run this sequence; the
     forward's choice is the backward's."""
 
     @staticmethod
@@ -41,7 +41,7 @@ class LSTMFunction(Function):
         gates = project_inputs(x, W_input, b, route)                       # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
         a_low = None                                                       # bfloat16 copies of a(t)
-        ctx.loops = compiled_loops(route, T, a0.size(1))
+        ctx.loops = route.lstm_loops(T, a0.size(1))
         if ctx.loops is not None:                                          # _lstm_forward_loop, compiled
             a_low = torch.empty_like(a, dtype=torch.bfloat16) if route.mixed else None
             ctx.loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous(), a_low)
@@ -112,15 +112,3 @@ def _lstm_backward_loop(gates: Tensor, c: Tensor, tanh_c: Tensor, dA: Tensor, dc
         dc = dc * forget[t - 1]                                            # ∂c(t)/∂c(t-1) = Γ_f
         da = recurrent_t(dz_[t - 1], dA_[t - 1])                           # ∂z(t)/∂a(t-1) = W_aᵀ (recurrent half)
     return dz, da, dc
-
-
-def compiled_loops(route: Route, T: int, H: int):
-    """The compiled LSTM loops, if the route has them and they run this sequence: T >= PACK_FROM steps
-    (they pack W first, which a single step, as when sampling, would not repay) and, with bfloat16
-    products, an even H on a CPU with AVX-512 BF16 (`lstm_forward`'s a_low). None: the Python loops."""
-    if T < PACK_FROM or route.loops is None:
-        return None
-    if route.mixed and not (route.product_dtype == torch.bfloat16 and H % 2 == 0
-                            and route.loops.bf16_products_supported()):
-        return None
-    return route.loops

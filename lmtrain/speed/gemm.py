@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from lmtrain.speed.route import Route, choose, runs_on_its_route
+from lmtrain.speed.route import PACK_FROM, Route, choose, runs_on_its_route
 from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 
 _ONEDNN = ONEDNN_LINEAR  # (linear, reorder_weight), or None: every product here is then torch's addmm
@@ -53,9 +53,6 @@ def use_onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
-# Packing W for oneDNN costs a few products' worth of time: for fewer uses than this, as when sampling
-# feeds one token at a time, W is used as it is.
-PACK_FROM = 4
 # Below this many weights (H = 128 for every cell), MKL's addmm is the faster of the two per step
 # (docs/benchmarks.md, "oneDNN or MKL").
 ONEDNN_FROM_WEIGHTS = 1 << 17

@@ -28,6 +28,10 @@ import torch
 from lmtrain.speed import kernels
 from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 
+# Packing W for oneDNN costs a few products' worth of time: for fewer uses than this, as when sampling
+# feeds one token at a time, W is used as it is.
+PACK_FROM = 4
+
 
 @dataclass(frozen=True)
 class Route:
@@ -41,6 +45,18 @@ class Route:
     def mixed(self) -> bool:
         """Whether the products round their factors to `product_dtype` (and return float32)."""
         return self.product_dtype is not None
+
+    def lstm_loops(self, steps: int, hidden_size: int) -> ModuleType | None:
+        """The compiled LSTM loops, if this route has them and they run a sequence of `steps`: at least
+        PACK_FROM (they pack W first, which a single step, as when sampling, would not repay) and, with
+        bfloat16 products, an even `hidden_size` on a CPU with AVX-512 BF16 (`lstm_forward`'s a_low).
+        None: the Python loops."""
+        if steps < PACK_FROM or self.loops is None:
+            return None
+        if self.mixed and not (self.product_dtype == torch.bfloat16 and hidden_size % 2 == 0
+                               and self.loops.bf16_products_supported()):
+            return None
+        return self.loops
 
     def lowered(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` as a factor of a product: rounded to the product dtype when mixed and float32."""
