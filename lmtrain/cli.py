@@ -250,7 +250,8 @@ def visualize(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
     png: Annotated[Optional[str], typer.Option(
-        metavar="FILE.png", help="Also draw the chosen unit over the first 600 positions (needs matplotlib).")] = None,
+        metavar="FILE.png", help="Draw the chosen unit over the first 600 positions into a PNG file (needs "
+                                 "matplotlib).")] = None,
     layer: Annotated[Optional[int], typer.Option(
         metavar="L", help="The layer shown first (and drawn by --png), from 1 (default: the top one). Without "
                           "--layer, --quantity and --unit: the unit that follows a feature most closely.")] = None,
@@ -283,35 +284,47 @@ def visualize(
             raise LmtrainError(f"--top must be >= 1; got {top}")
         if segment is not None and segment < 0:
             raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
+        if tokens and (output is not None or as_json or png is not None):
+            raise LmtrainError("--tokens prints the positions and nothing else: leave out -o, --json and --png")
+        if all_values and not as_json:
+            raise LmtrainError("--all-values goes with --json")
         labels = {}
         for given in feature or []:
             name, separator, path = given.partition("=")
             if not separator or not name or not path:
                 raise LmtrainError(f"--feature takes NAME=FILE; got {given!r}")
+            if name in labels:
+                raise LmtrainError(f"--feature {name} is given twice")
             labels[name] = path
+        page_path = output if output is not None else None if as_json or png or tokens else "visualize.html"
+        for option, path, suffix in (("-o", page_path, None), ("--png", png, ".png")):
+            if path is not None:
+                view.check_output(option, path, suffix=suffix)  # before the work, and before either is written
         _set_threads()
         inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
                                   top=top, device=_device(device))
+        for note in inside.notes:
+            typer.echo(note, err=True)
         if tokens:
             typer.echo("\n".join(view.printable_token(token) for token in inside.trace.tokens))
             return
         chosen = view.default_unit(inside) if layer is None and quantity is None and unit is None else view.Unit(
             layer if layer is not None else len(inside.trace.values), quantity or "a", unit or 0)
         view.check_unit(inside, chosen)
-        page_path = output or (None if as_json or png else "visualize.html")
+        if png is not None:
+            view.unit_png(inside, chosen, png)
         if page_path is not None:
             view.write_page(page_path, view.page(inside, chosen, title=f"Inside {Path(checkpoint).name} on "
                                                                       f"{Path(text).name}"))
-        if png is not None:
-            view.unit_png(inside, chosen, png)
         if as_json:
             listed = [view.Unit(m.layer + 1, m.quantity, m.unit) for ms in inside.matches.values() for m in ms]
             typer.echo(json.dumps(view.as_json(inside, [chosen, *listed], all_values=all_values)))
             return
-        typer.echo(f"{inside.description}: {len(inside.trace.tokens):,} positions")
+        count = len(inside.trace.tokens)
+        typer.echo(f"{inside.description}: {count:,} position{'s' * (count != 1)}")
         for name, matches in inside.matches.items():
             typer.echo(f"  {name}: " + (f"layer {matches[0].layer + 1} {matches[0].quantity} unit {matches[0].unit}, "
-                                        f"r = {matches[0].r:+.3f}" if matches else "does not vary on this text"))
+                                        f"r = {matches[0].r:+.3f}" if matches else view.NOT_VARYING))
         for written in (page_path, png):
             if written is not None:
                 typer.echo(f"wrote {written}")

@@ -219,8 +219,8 @@ def test_the_command_writes_the_page_json_and_tokens(tmp_path, config_factory, l
     page = (tmp_path / "page.html").read_text(encoding="utf-8")
     assert "<script" in page and not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page)  # nothing fetched
     listed = invoke("--checkpoint", path, "--text", text, "--tokens")
-    positions = listed.output.splitlines()
-    numbers = json.loads(invoke("--checkpoint", path, "--text", text, "--json", "--layer", 1, "--unit", 3).output)
+    positions = listed.stdout.splitlines()
+    numbers = json.loads(invoke("--checkpoint", path, "--text", text, "--json", "--layer", 1, "--unit", 3).stdout)
     assert numbers["positions"] == len(positions) == len(numbers["tokens"]) == len(numbers["guesses"])
     first = numbers["values"][0]
     assert (first["layer"], first["quantity"], first["unit"]) == (1, "a", 3) and len(first["values"]) == len(positions)
@@ -234,23 +234,46 @@ def test_max_tokens_keeps_the_first_positions_and_markup_in_the_text_stays_text(
     path = checkpoint(tmp_path, config_factory, level="char", mode="stream")
     text = tmp_path / "text.txt"
     text.write_text("</script><!--<script>" + TEXT, encoding="utf-8")
-    every = invoke("--checkpoint", path, "--text", text, "--tokens").output.splitlines()
-    first = invoke("--checkpoint", path, "--text", text, "--tokens", "--max-tokens", 30).output.splitlines()
+    every = invoke("--checkpoint", path, "--text", text, "--tokens").stdout.splitlines()
+    first = invoke("--checkpoint", path, "--text", text, "--tokens", "--max-tokens", 30).stdout.splitlines()
     assert first == every[:30]
     assert invoke("--checkpoint", path, "--text", text, "-o", tmp_path / "page.html").exit_code == 0
     page = (tmp_path / "page.html").read_text(encoding="utf-8")
     data = page.split('<script id="data" type="application/json">', 1)[1].split("</script>", 1)[0]
-    assert "<" not in data and json.loads(data)["tokens"][:4] == ["<eos>", "<unk>", "<unk>", "s"]  # < / unseen
+    assert "<" not in data and json.loads(data)["tokens"][:4] == ["<eos>", "<", "/", "s"]  # as written
+
+
+def test_unseen_tokens_are_shown_as_written_and_counted(tmp_path, config_factory):
+    path = checkpoint(tmp_path, config_factory, level="char", mode="stream")
+    text = tmp_path / "text.txt"
+    text.write_text("the cat «sat» [its]\n", encoding="utf-8")  # « » [ ] are not in the vocabulary
+    result = CliRunner().invoke(app, ["visualize", "--checkpoint", str(path), "--text", str(text), "--json"])
+    numbers = json.loads(result.stdout)
+    assert "".join(numbers["tokens"][1:]) == "the cat «sat» [its]"  # the last <eos> is only predicted
+    assert [token for token, unknown in zip(numbers["tokens"], numbers["unknown"]) if unknown] == list("«»[]")
+    assert numbers["came"][0][0] == "t" and all(0 <= p <= 1 for _, p in numbers["came"])
+    assert "warning: 4 of 20 positions (20.00%) read a token the model never saw" in result.stderr
+    assert numbers["features"]["bracket depth"]  # measured on the text as written, not on <unk>
+
+
+def test_three_labelled_positions_at_least(tmp_path, config_factory):
+    path = checkpoint(tmp_path, config_factory, level="char", mode="stream")
+    tokens = invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "--tokens").stdout.splitlines()
+    labels = tmp_path / "two.txt"
+    labels.write_text("1\n0\n" + "-\n" * (len(tokens) - 2), encoding="utf-8")
+    numbers = json.loads(invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "--json",
+                                "--feature", f"two={labels}").stdout)
+    assert numbers["features"]["two"] == []
 
 
 def test_a_feature_file_is_correlated(tmp_path, config_factory):
     path = checkpoint(tmp_path, config_factory, level="word", mode="sentences", cell="lstm", num_layers=1)
     text = tmp_path / "text.txt"
-    tokens = invoke("--checkpoint", path, "--text", text, "--tokens").output.splitlines()
+    tokens = invoke("--checkpoint", path, "--text", text, "--tokens").stdout.splitlines()
     labels = tmp_path / "plural.txt"
     labels.write_text("".join("1\n" if token.endswith("s") else "0\n" for token in tokens), encoding="utf-8")
     numbers = json.loads(invoke("--checkpoint", path, "--text", text, "--json", "--feature", f"plural={labels}",
-                                "--top", 3).output)
+                                "--top", 3).stdout)
     assert len(numbers["features"]["plural"]) == 3
 
 
@@ -262,6 +285,10 @@ def test_a_feature_file_is_correlated(tmp_path, config_factory):
     (["--feature", "x=MISSING"], r"cannot read the feature file .*missing\.txt: No such file"),
     (["--max-tokens", 0], r"--max-tokens must be >= 1; got 0"),
     (["-o", "NOFOLDER/page.html"], r"cannot write .*none/page\.html"),
+    (["--png", "picture"], r"--png must name a \.png file; got picture"),
+    (["--tokens", "--json"], r"--tokens prints the positions and nothing else"),
+    (["--all-values"], r"--all-values goes with --json"),
+    (["--feature", "x=a.txt", "--feature", "x=b.txt"], r"--feature x is given twice"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, config_factory, arguments, message):
     gru = "--cell-is-gru" in arguments
@@ -344,7 +371,7 @@ def test_the_page_in_a_headless_browser(tmp_path, config_factory):
     first, log = rendered(browser, page, "#layer=2&quantity=c&unit=0", tmp_path)
     assert 'data-ready="yes"' in first and 'data-shown="2/c/0"' in first
     assert not re.search(r"CONSOLE|Uncaught", log), log[-2000:]
-    positions = len(invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "--tokens").output.splitlines())
+    positions = len(invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "--tokens").stdout.splitlines())
     shown = colours(first)
     assert len(shown) == positions  # every position drawn, each with a colour
     assert "(sat)" in re.sub(r"<[^>]+>", "", first)  # the text itself

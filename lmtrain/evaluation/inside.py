@@ -53,6 +53,8 @@ class Trace:
     guesses: list[list[tuple[str, float]]]  # per position: the top next tokens and their probabilities
     target_ids: Tensor                      # per position: the token that came next in the text
     logits: Tensor = field(repr=False)      # (positions, V): the model's output at each position
+    came: list[tuple[str, float]] = field(default_factory=list)  # per position: the next token, its probability
+    unknown: list[bool] = field(default_factory=list)  # per position: the token was read as <unk>
 
 
 @torch.no_grad()
@@ -64,15 +66,15 @@ def trace(model: LanguageModel, tokenizer: Tokenizer, sequences: Sequence[tuple[
     model.eval()
     try:
         device = model.projection.weight.device
-        layers = [layer.cell for layer in model.rnn.layers]
+        cells = [layer.cell for layer in model.rnn.layers]
         tokens, starts, target_ids, per_sequence = [], [], [], []
         for inputs, targets in sequences:
             starts.append(len(tokens))
             tokens.extend(START if index == ZERO_INPUT else tokenizer.tokens[index] for index in inputs.tolist())
             target_ids.append(targets)
-            per_sequence.append(_run_cells(layers, model.embed(inputs.long().to(device))))
+            per_sequence.append(_run_cells(cells, model.embed(inputs.long().to(device))))
         values = [{name: torch.cat([sequence[layer][name] for sequence in per_sequence])
-                   for name in per_sequence[0][layer]} for layer in range(len(layers))]
+                   for name in per_sequence[0][layer]} for layer in range(len(cells))]
         logits = model.projection(values[-1]["a"]).float().cpu()
     finally:
         model.train(was_training)
@@ -80,8 +82,12 @@ def trace(model: LanguageModel, tokenizer: Tokenizer, sequences: Sequence[tuple[
     top = probabilities.topk(min(guesses, probabilities.size(1)), dim=-1)
     guess_lists = [[(tokenizer.tokens[index], round(float(p), 4)) for index, p in zip(row_ids, row_p)]
                    for row_ids, row_p in zip(top.indices.tolist(), top.values.tolist())]
+    targets = torch.cat(target_ids).long()
+    came = [(tokenizer.tokens[index], round(float(p), 4)) for index, p in
+            zip(targets.tolist(), probabilities.gather(1, targets.unsqueeze(1)).squeeze(1).tolist())]
+    unknown = [token == tokenizer.tokens[tokenizer.unk_id] for token in tokens]
     return Trace(tokens, starts, [{name: v.float().cpu() for name, v in layer.items()} for layer in values],
-                 guess_lists, torch.cat(target_ids).long(), logits)
+                 guess_lists, targets, logits, came, unknown)
 
 
 def _run_cells(cells: list[Cell], x: Tensor) -> list[dict[str, Tensor]]:
@@ -96,12 +102,12 @@ def _run_cells(cells: list[Cell], x: Tensor) -> list[dict[str, Tensor]]:
             a, state = cell(x_t, state)
             outputs.append(a)
             states.append(state)
-        a_prev, x_all = torch.cat(previous), x             # (T, H), (T, E)
+        a_prev = torch.cat(previous)                       # (T, H): a(t-1), the GRU's c(t-1)
         layer = {"a": torch.cat(outputs)}
         if isinstance(cell, LSTMCell):
             layer["c"] = torch.cat([s[1] for s in states])
         for gate in sigmoid_gates(cell):                   # Γ = σ(W_Γ [a(t-1), x(t)] + b_Γ)
-            layer[gate] = torch.sigmoid(linear(combine(a_prev, x_all), getattr(cell, f"W_{gate}"),
+            layer[gate] = torch.sigmoid(linear(combine(a_prev, x), getattr(cell, f"W_{gate}"),
                                                getattr(cell, f"b_{gate}")))
         layers.append(layer)
         x = layer["a"]
@@ -231,7 +237,7 @@ def strongest_units(trace: Trace, feature: Sequence[float], *, count: int = 5) -
     """The `count` units (over every layer and quantity) whose values follow `feature` most closely, by |r|;
     none for a feature that does not vary on the text."""
     labelled = [value for value in feature if not math.isnan(value)]
-    if len(set(labelled)) < 2:
+    if len(labelled) < 3 or len(set(labelled)) < 2:  # fewer than 3 points have no correlation to speak of
         return []
     found = []
     for layer, layer_values in enumerate(trace.values):

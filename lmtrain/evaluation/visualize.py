@@ -13,14 +13,14 @@ import html
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from lmtrain.checkpoint import load_model
-from lmtrain.data.tokenizer import read_text
+from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer, read_text
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluation.inside import (
     SATURATED,
@@ -39,7 +39,8 @@ from lmtrain.evaluation.perplexity import WHOLE_TEXT, evaluation_sequences
 from lmtrain.files import atomic_write
 
 MAX_POSITIONS = 10_000
-LAYER_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+# Dots of the saturation plots, by layer: not the text's red and blue, which mean high and low.
+LAYER_COLOURS = ("#333333", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Inside:
     saturation: list[Saturation]
     quantities: list[str]
     hidden_size: int
+    user_features: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings for the user: unknown tokens, a text cut short
 
 
 def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | None = None, segment: int | None = None,
@@ -70,16 +73,38 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
     model, tokenizer, config = load_model(checkpoint, device)
     if segment is not None:
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
+    if Path(text_file).is_dir():
+        raise LmtrainError(f"--text {text_file} is a directory, not a file")
     text = read_text(text_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
     # A token is at most a few dozen characters: tokenize only the start of a long text.
     text = text[: max_positions * 64]
-    sequences = _first_positions(evaluation_sequences(tokenizer, text, config), max_positions)
+    every = evaluation_sequences(tokenizer, text, config)
+    sequences = _first_positions(every, max_positions)
     if not sequences:
         raise LmtrainError(f"{text_file} holds no tokens to read")
     traced = trace(model, tokenizer, sequences)
+    # The same positions in a vocabulary of every token of the text, to show and measure the text as written
+    # (the model reads a token it never saw as <unk>).
+    written = Tokenizer.fit(text, level=config.data.level, eos=config.data.eos)
+    shown = _first_positions(evaluation_sequences(written, text, config), max_positions)
+    traced.tokens = [START if index == ZERO_INPUT else written.tokens[index]
+                     for inputs, _ in shown for index in inputs.tolist()]
+    traced.came = [(written.tokens[index], p) for (_, p), index in
+                   zip(traced.came, torch.cat([targets for _, targets in shown]).tolist(), strict=True)]
+    if len(traced.tokens) != len(traced.unknown):
+        raise RuntimeError("the text as written and as the model reads it gave different positions")
+    notes = []
+    if unknown := sum(traced.unknown):
+        share = 100 * unknown / len(traced.unknown)
+        notes.append(f"warning: {unknown} of {len(traced.unknown)} positions ({share:.2f}%) read a token the model "
+                     f"never saw, as <unk>; they are shown as written and marked")
+    if sum(inputs.numel() for inputs, _ in every) > max_positions:
+        notes.append(f"note: the text holds more than {max_positions:,} positions; read the first {max_positions:,} "
+                     f"(--max-tokens)")
     found = {}  # the user's features first: they are what the user came to ask about
     for name, path in (features or {}).items():
         found.update(read_labels(path, name, len(traced.tokens)))
+    user_features = list(found)
     found.update({name: values for name, values in text_features(traced.tokens, level=config.data.level).items()
                   if name not in found})
     cells = [layer.cell for layer in model.rnn.layers]
@@ -88,7 +113,7 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
                    + (" (its left-to-right LM)" if m.direction == "bi" else ""))
     return Inside(description, config.data.level, traced, found,
                   {name: strongest_units(traced, values, count=top) for name, values in found.items()},
-                  saturation(traced, cells), quantities(cells[0]), m.hidden_size)
+                  saturation(traced, cells), quantities(cells[0]), m.hidden_size, user_features, notes)
 
 
 def _first_positions(sequences: list, limit: int) -> list:
@@ -105,8 +130,8 @@ def check_unit(inside: Inside, unit: Unit) -> None:
     """Refuse, in one line, a layer, quantity or unit the model does not have."""
     layers = len(inside.trace.values)
     if not 1 <= unit.layer <= layers:
-        raise LmtrainError(f"--layer must be 1 to {layers} (the model has {layers} layer{'s' * (layers > 1)}); "
-                           f"got {unit.layer}")
+        allowed = "1 (the model has 1 layer)" if layers == 1 else f"1 to {layers} (the model has {layers} layers)"
+        raise LmtrainError(f"--layer must be {allowed}; got {unit.layer}")
     if unit.quantity not in inside.quantities:
         raise LmtrainError(f"--quantity must be one of {', '.join(inside.quantities)} for this cell; "
                            f"got {unit.quantity!r}")
@@ -115,9 +140,12 @@ def check_unit(inside: Inside, unit: Unit) -> None:
 
 
 def default_unit(inside: Inside) -> Unit:
-    """The unit the page opens on: the one that follows any feature most closely."""
-    best = max((match for matches in inside.matches.values() for match in matches), key=lambda m: abs(m.r),
-               default=Match(len(inside.trace.values) - 1, "a", 0, 0.0))
+    """The unit the page opens on: the one that follows the user's first feature most closely, else the
+    one that follows any feature most closely."""
+    asked = [matches for name in inside.user_features if (matches := inside.matches[name])]
+    best = asked[0][0] if asked else max(
+        (match for matches in inside.matches.values() for match in matches), key=lambda m: abs(m.r),
+        default=Match(len(inside.trace.values) - 1, "a", 0, 0.0))
     return Unit(best.layer + 1, best.quantity, best.unit)
 
 
@@ -136,6 +164,7 @@ def as_json(inside: Inside, units: list[Unit], *, all_values: bool = False) -> d
         "model": inside.description, "positions": len(inside.trace.tokens), "tokens": inside.trace.tokens,
         "sequence_starts": inside.trace.sequence_starts,
         "guesses": [[[token, p] for token, p in guesses] for guesses in inside.trace.guesses],
+        "came": [[token, p] for token, p in inside.trace.came], "unknown": inside.trace.unknown,
         "features": {name: [{**asdict(match), "layer": match.layer + 1} for match in matches]
                      for name, matches in inside.matches.items()},
         "saturation": [{"layer": s.layer + 1, "gate": s.gate, "left": [round(v, 4) for v in s.left],
@@ -153,7 +182,9 @@ def page(inside: Inside, opened: Unit, *, title: str) -> str:
         layers.append({name: _encoded(values) for name, values in layer_values.items()})
     data = {
         "title": title, "model": inside.description, "level": inside.level, "tokens": inside.trace.tokens,
-        "start": START, "guesses": inside.trace.guesses, "layers": layers, "quantities": inside.quantities,
+        "start": START, "guesses": inside.trace.guesses, "came": inside.trace.came,
+        "unknown": [int(flag) for flag in inside.trace.unknown], "layers": layers, "quantities": inside.quantities,
+        "layerColours": [LAYER_COLOURS[layer % len(LAYER_COLOURS)] for layer in range(len(inside.trace.values))],
         "hiddenSize": inside.hidden_size, "opened": asdict(opened),
         "features": [{"name": name, "units": [{**asdict(m), "layer": m.layer + 1} for m in matches]}
                      for name, matches in inside.matches.items()],
@@ -202,6 +233,23 @@ def _scatter(gates: list[Saturation], size: int = 220) -> str:
     return "".join(parts) + "</svg>"
 
 
+NOT_VARYING = "does not vary on the positions read (or labels fewer than 3)"
+
+
+def check_output(option: str, path: str, *, suffix: str | None = None) -> None:
+    """Refuse, before any work, an output path that cannot be written: empty, a folder, in a folder that
+    does not exist, or without `suffix`."""
+    target = Path(path)
+    if not path:
+        raise LmtrainError(f"{option} needs a file name")
+    if suffix is not None and target.suffix.lower() != suffix:
+        raise LmtrainError(f"{option} must name a {suffix} file; got {path}")
+    if target.is_dir():
+        raise LmtrainError(f"cannot write {path}: it is a directory")
+    if not target.parent.is_dir():
+        raise LmtrainError(f"cannot write {path}: the folder {target.parent} does not exist")
+
+
 def write_page(path: str, text: str) -> None:
     """Write the page whole or not at all, readable by others as a new file would be (umask)."""
     try:
@@ -234,8 +282,9 @@ def unit_png(inside: Inside, unit: Unit, path: str, *, positions: int = 600, col
     for (row, column, label), value in zip(cells, values):
         axes.add_patch(plt.Rectangle((column, row), max(len(label), 1), 1, color=_colour(value, scale), lw=0))
         axes.text(column + 0.05, row + 0.78, label, family="monospace", fontsize=8)
-    axes.text(0, rows + 0.9, f"layer {unit.layer}, {unit.quantity}, unit {unit.unit}: {inside.description}",
-              fontsize=8, color="#444")
+    middle = (scale[0] + scale[1]) / 2
+    axes.text(0, rows + 0.9, f"layer {unit.layer}, {unit.quantity}, unit {unit.unit}: {inside.description}; "
+              f"blue {scale[0]:.2f}, white {middle:.2f}, red {scale[1]:.2f}", fontsize=8, color="#444")
     try:
         figure.savefig(path, dpi=150)
     except OSError as error:
