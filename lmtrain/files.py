@@ -30,6 +30,7 @@ def replacing(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from its group and others
         with os.fdopen(descriptor, "wb") as handle:
             yield handle
             handle.flush()
@@ -39,6 +40,13 @@ def replacing(path: str | Path) -> Iterator[BinaryIO]:
         Path(temporary).unlink(missing_ok=True)
         raise
     sync(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: POSIX has no call that only reads it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

@@ -63,12 +63,15 @@ def main() -> None:
     parser.add_argument("--shakespeare", type=Path, required=True, help="Tiny Shakespeare's input.txt")
     parser.add_argument("--ptb", type=Path, required=True, help="the folder with ptb.{train,valid,test}.txt")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmtrain-compare-versions"))
+    parser.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (quickstart, race, ptb)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print("allocator:", " ".join(f"{key}={value}" for key, value in ALLOCATOR.items()), flush=True)
     sides = {"before": (args.before.resolve(), args.before_python), "after": (args.after.resolve(), args.after_python)}
     results = []
-    for index, (name, arguments) in enumerate(runs(args.shakespeare.resolve(), args.ptb.resolve()).items()):
+    chosen = {name: arguments for name, arguments in runs(args.shakespeare.resolve(), args.ptb.resolve()).items()
+              if not args.runs or any(word.lower() in name.lower() for word in args.runs)}
+    for index, (name, arguments) in enumerate(chosen.items()):
         order = ("before", "after") if index % 2 == 0 else ("after", "before")  # alternate who goes first
         for side in order:
             folder, python = sides[side]

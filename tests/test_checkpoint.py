@@ -114,6 +114,15 @@ def test_to_cpu_detaches():
 
 # --- atomic writes ---------------------------------------------------------------------------------
 
+def test_atomic_write_gives_the_mode_a_new_file_would_have(tmp_path: Path):
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "shared.txt", b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+
+
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path: Path):
     path = tmp_path / "file.bin"
     atomic_write(path, b"first")

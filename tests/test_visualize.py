@@ -146,6 +146,10 @@ def test_character_features_on_a_hand_made_string():
     assert [text[i] for i in starts] == ["s", "h", "a", "b", "o", "x"]
 
 
+def test_a_newline_ends_a_line_for_a_model_without_eos():
+    assert text_features(["a", "b", "\n", "c"], level="char")["position in line"] == [1, 2, 0, 1]
+
+
 def test_word_features_count_positions_in_the_sentence():
     tokens = [START, "the", "cats", "-lrb-", "sat", "-rrb-", START, "a", "dog"]
     features = text_features(tokens, level="word")

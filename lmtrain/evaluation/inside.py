@@ -122,11 +122,11 @@ PTB_BRACKETS = {"-lrb-": 1, "-lsb-": 1, "-lcb-": 1, "-rrb-": -1, "-rsb-": -1, "-
 
 def text_features(tokens: Sequence[str], *, level: str) -> dict[str, list[float]]:
     """Simple features of the text at each position (after reading its token), for finding the units
-    that follow them. `<eos>` and a sentence start (`START`) end a line. Character level: inside double
-    quotes; inside brackets ( [ { and their depth; position in the line; characters left to the line
-    end; start of a word. Word level: position in the sentence; words left to its end; inside quotes
-    and brackets."""
-    line_ends = [token in ("<eos>", START) for token in tokens]
+    that follow them. `<eos>`, a sentence start (`START`) and, for data.eos: none, "\\n" end a line.
+    Character level: inside double quotes; inside brackets ( [ { and their depth; position in the line;
+    characters left to the line end; start of a word. Word level: position in the sentence; words left
+    to its end; inside quotes and brackets."""
+    line_ends = [token in ("<eos>", START, "\n") for token in tokens]  # "\n": a model with data.eos: none
     position, left = _line_positions(line_ends)
     features: dict[str, list[float]] = {}
     quote = 0

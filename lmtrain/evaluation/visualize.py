@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -251,12 +250,9 @@ def check_output(option: str, path: str, *, suffix: str | None = None) -> None:
 
 
 def write_page(path: str, text: str) -> None:
-    """Write the page whole or not at all, readable by others as a new file would be (umask)."""
+    """Write the page whole or not at all."""
     try:
         atomic_write(Path(path), text.encode("utf-8"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
     except OSError as error:
         raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None
 
