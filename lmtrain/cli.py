@@ -19,7 +19,7 @@ import typer
 # torch warns at import when NumPy is absent; lmtrain does not use NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from lmtrain.errors import LmtrainError  # noqa: E402
+from lmtrain.errors import LmtrainError, error_line  # noqa: E402
 
 
 def _group(help: str, **options) -> typer.Typer:
@@ -96,10 +96,9 @@ def user_errors() -> Iterator[None]:
     except LmtrainError as error:
         if _options["debug"]:
             traceback.print_exc()
-        exit_code = getattr(error, "exit_code", None)  # set on an interrupted training: not an error
-        if not error.quiet:  # quiet: another process of a distributed training prints it
-            typer.echo(f"error: {error}" if exit_code is None else str(error), err=True)
-        raise typer.Exit(exit_code or 2) from None
+        if not error.quiet:  # quiet: a distributed training printed it already, or another process does
+            typer.echo(error_line(error), err=True)
+        raise typer.Exit(getattr(error, "exit_code", None) or 2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

@@ -11,6 +11,12 @@ class LmtrainError(Exception):
     quiet: bool = False
 
 
+def error_line(error: LmtrainError) -> str:
+    """The one line a user sees for `error`: "error: ..." (an interrupted training, which carries its exit
+    code, says what happened without the word)."""
+    return str(error) if getattr(error, "exit_code", None) is not None else f"error: {error}"
+
+
 def os_reason(error: OSError) -> str:
     """A short reason for a failed file operation, e.g. "the disk is full"."""
     if error.errno == errno.ENOSPC:

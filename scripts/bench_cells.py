@@ -1,12 +1,16 @@
 """Benchmark lmtrain's recurrent layers against torch.nn's, one training step at a time.
 
-    python scripts/bench_cells.py [--cells rnn gru lstm] [--repeats 9] [--device cpu] [--doc docs/benchmarks.md]
-        [--title TITLE]
+    python scripts/bench_cells.py [--cells rnn gru gru-lecture gru-simplified lstm] [--repeats 9] [--device cpu]
+        [--sizes JSON] [--doc docs/benchmarks.md] [--title TITLE]
 
 (`--doc` writes the table as the section "Layers against torch.nn" of that file, or "... on a GPU", or
-TITLE.) "lmtrain manual" is the hand-written backward as `lmtrain train` runs it (oneDNN's products, and for
-the LSTM the compiled loops of lmtrain.speed.kernels where they are built); "manual, ATen GEMM" the same with
-oneDNN off, "manual, Python loops" with the compiled loops off (the same as "manual" for RNN and GRU).
+TITLE.) "lmtrain manual" is the hand-written backward as `lmtrain train` runs it (oneDNN's products, and the
+compiled loops of lmtrain.speed.kernels where they are built); "manual, ATen GEMM" the same with oneDNN
+off, "manual, Python loops" with the compiled loops off.
+
+Cells: `rnn`, `lstm`; `gru` is PyTorch's form (`model.gru_reset: after`), the same function as `nn.GRU`;
+`gru-lecture` the lecture's full GRU (Γ_r before the product, lmtrain's default) and `gru-simplified` the
+lecture's GRU without Γ_r, both against `nn.GRU` as the nearest torch.nn layer.
 
 For each size (B, T, H) (input size = H) and cell: one training step = forward + backward of the sum of
 the outputs, with gradients for the input too, fp32 on the CPU. The variants run alternately in one
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings
+from comparison import allocator_settings, cpu_name
 from doc_sections import write_section
 from torch import nn
 
@@ -41,10 +44,13 @@ from lmtrain.speed.gemm import use_onednn
 
 SIZES = ((32, 64, 128), (64, 128, 256), (64, 128, 512), (1, 256, 512), (64, 128, 1024))
 VARIANTS = ("torch.nn", "lmtrain autograd", "lmtrain manual aten", "lmtrain manual python", "lmtrain manual")
-REFERENCE = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+REFERENCE = {"rnn": nn.RNN, "gru": nn.GRU, "gru-lecture": nn.GRU, "gru-simplified": nn.GRU, "lstm": nn.LSTM}
+OPTIONS = {"gru": {"gru_reset": "after"}, "gru-lecture": {"gru_reset": "before"},
+           "gru-simplified": {"gru_reset": "before", "relevance_gate": False}}
 FOOTNOTE = """Times in ms per training step (forward + backward, input gradients on), fp32; ratio = lmtrain /
-torch.nn (below 1: lmtrain is faster). The GRU rows use `model.gru_reset: after`, PyTorch's
-convention, so that both sides compute the same function. Peak RSS is that of a fresh process running
+torch.nn (below 1: lmtrain is faster). The `gru` rows use `model.gru_reset: after`, PyTorch's
+convention, so that both sides compute the same function; `gru-lecture` and `gru-simplified` are the
+lecture's GRU with and without Γ_r against the same `nn.GRU`. Peak RSS is that of a fresh process running
 three steps, minus one that only built the input (`/proc/self/status` VmHWM)."""
 
 
@@ -53,14 +59,13 @@ def build(variant: str, cell: str, hidden: int) -> nn.Module:
     if variant == "torch.nn":
         return REFERENCE[cell](hidden, hidden, batch_first=True)
     backward = variant.split()[1]  # "lmtrain manual aten": the manual backward with ATen's GEMMs
-    # The PyTorch-convention GRU is the like-for-like comparison with nn.GRU.
-    options = {"gru_reset": "after"} if cell == "gru" else {}
-    return RecurrentStack(cell, hidden, hidden, gradients=backward, **options)
+    # One layer, as the reference: RecurrentStack's default is the config's two.
+    return RecurrentStack(cell.split("-")[0], hidden, hidden, num_layers=1, gradients=backward, **OPTIONS.get(cell, {}))
 
 
 def step_function(module: nn.Module, x: torch.Tensor, *, onednn: bool = True, compiled: bool = True):
     """One training step; `onednn=False` runs lmtrain's products on ATen's GEMM (lmtrain.speed.gemm),
-    `compiled=False` the LSTM's Python loops instead of the compiled ones (lmtrain.speed.kernels)."""
+    `compiled=False` the Python loops instead of the compiled ones (lmtrain.speed.kernels)."""
     module.to(x.device)
 
     def step() -> None:
@@ -131,7 +136,7 @@ def main() -> None:
     sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
     allocator = allocator_settings()
     header = [f"`python scripts/bench_cells.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps"
               + (f"; {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
                  if args.device == "cuda" else ""), "",

@@ -58,10 +58,12 @@ def run_lmtrain(corpus: Path, seconds: float, threads: int | None, checkout: Pat
     environment = clean_environment(**({"PYTHONPATH": str(checkout)} if checkout != ROOT else {}))
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "lmtrain", "train", str(checkout / "configs" / "tinyshakespeare-char.yaml"),
-                   f"data.path={corpus}", f"train.max_seconds={seconds}", "train.eval_every=1000000",
+                   f"data.path={corpus.resolve()}", f"train.max_seconds={seconds}", "train.eval_every=1000000",
                    "train.checkpoint_every=1000000", "train.log_every=10", "train.final_samples=0",
                    f"train.out_dir={folder}/run", "--no-progress", *([f"train.threads={threads}"] if threads else [])]
-        subprocess.run(command, capture_output=True, text=True, env=environment, check=True, cwd=folder)
+        done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=folder)
+        if done.returncode:
+            raise SystemExit(f"lmtrain train stopped: {done.stderr.strip()}")
         progress = torch.load(Path(folder) / "run" / "last.pt", weights_only=True)["progress"]
         events = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
         used = sorted({event.get("threads", "?") for event in events if event["split"] == "train"}, key=str)

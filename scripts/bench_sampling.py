@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings
+from comparison import allocator_settings, cpu_name
 from doc_sections import write_section
 
 from lmtrain.data.tokenizer import Tokenizer
@@ -33,7 +32,8 @@ class NeverEnds(LanguageModel):
 
     def forward(self, tokens, state=None, *, right_to_left=False):
         logits, state = super().forward(tokens, state, right_to_left=right_to_left)
-        logits[..., 1] = float("-inf")  # EOS = 1
+        # EOS = 1; a finite floor, since sampling refuses non-finite logits as a damaged model's
+        logits[..., 1] = -1e9
         return logits, state
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         speeds.append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
     allocator = allocator_settings()
     lines = [f"`python scripts/bench_sampling.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
-             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+             f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads, allocator: {allocator}, device {args.device}: 2x512 LSTM, vocabulary {tokenizer.vocab_size}, "
              f"{args.num} samples x {args.tokens} tokens side by side: **median {statistics.median(speeds):,.0f} "
              f"tokens/s** (runs: {', '.join(f'{s:,.0f}' for s in speeds)}). The state is carried from token "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings
+from comparison import allocator_settings, cpu_name
 from doc_sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +62,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in speeds.items()}
     allocator = allocator_settings()
     lines = [f"`python scripts/compare_train_speed.py {' '.join(sys.argv[1:])}`",
-             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator}; "
+             f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator}; "
              f"{args.rounds} alternating rounds of {args.steps} steps each", "",
              "| trainer | tokens/s (median) | every round | lmtrain / reference |", "|---|---:|---|---:|"]
     for name, values in speeds.items():

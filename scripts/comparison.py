@@ -41,8 +41,20 @@ def baseline_note(checkout: Path) -> str:
     return f"The baseline is lmtrain at commit {commit}, run from its own checkout."
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else the architecture: ratios against torch.nn depend on
+    it (docs/benchmarks.md: the same code on an AMD and an Intel host)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_line() -> str:
-    return (f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch "
+    return (f"# {platform.node()}: {os.cpu_count()} CPUs, {cpu_name()}, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads; "
             + ", ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ALLOCATOR))
 

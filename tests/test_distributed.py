@@ -30,7 +30,7 @@ from lmtrain.config import load_config
 from lmtrain.data.dataset import IGNORE, shard_batch, shard_rows
 from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.errors import LmtrainError
-from lmtrain.training.distributed import World, check_batch_size, world_from_environment
+from lmtrain.training.distributed import World, check_batch_size, stop_everywhere, world_from_environment
 from lmtrain.training.trainer import train
 
 # Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
@@ -88,6 +88,26 @@ def test_world_comes_from_torchruns_variables():
         world_from_environment({"RANK": "2", "WORLD_SIZE": "2"})
     with pytest.raises(LmtrainError, match="WORLD_SIZE must be an integer; got 'two'"):
         world_from_environment({"WORLD_SIZE": "two"})
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_process_zero_prints_a_shared_error_before_any_process_can_exit(monkeypatch, capsys, rank):
+    """The launcher stops every process once one has exited, so the line must be out before the others
+    pass the barrier: process 0 prints, then all meet, then all raise it quietly."""
+    events = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: events.append(("barrier", capsys.readouterr().err)))
+    error = stop_everywhere(LmtrainError("the run folder holds a run"), World(rank=rank, size=2))
+    printed = "error: the run folder holds a run\n" if rank == 0 else ""
+    assert events == [("barrier", printed)] and error.quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_a_shared_error_before_the_process_group_is_printed_by_process_zero_alone(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert not stop_everywhere(LmtrainError("x"), World(rank=0, size=2)).quiet
+    assert stop_everywhere(LmtrainError("x"), World(rank=1, size=2)).quiet
+    assert not stop_everywhere(LmtrainError("x"), World()).quiet
 
 
 def test_batch_size_is_global_and_must_divide(tmp_path):

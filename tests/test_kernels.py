@@ -1,5 +1,6 @@
-"""lmtrain.speed.kernels: the LSTM's compiled time loops give the Python loops' values and gradients (float32,
-either GEMM, reversed, odd sizes, saturated gates), really run when they can, and stay out of float64;
+"""lmtrain.speed.kernels: every cell's compiled time loops (the LSTM, the GRU in both forms with and without
+the relevance gate, the RNN) give the Python loops' values and gradients (float32, either GEMM, reversed,
+odd sizes, saturated gates), really run when they can, and stay out of float64;
 without them lmtrain says why in one line and falls back, or stops when LMTRAIN_COMPILED=1 asks for them.
 (The compiled softmax cross-entropy has its tests in test_loss.py.)
 
@@ -19,12 +20,25 @@ import pytest
 import torch
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model.cells import LSTMCell
+from lmtrain.model.cells import GRUCell, LSTMCell, RNNCell
 from lmtrain.model.layers import RecurrentLayer
 from lmtrain.speed import kernels
 from lmtrain.speed.gemm import use_onednn
 from lmtrain.speed.route import choose
 from lmtrain.training.trainer import train
+
+CELLS = {  # every time loop that exists compiled
+    "lstm": LSTMCell,
+    "gru": GRUCell,                                                           # the lecture's: Γ_r before the product
+    "gru-simplified": lambda E, H: GRUCell(E, H, relevance_gate=False),
+    "gru-after": lambda E, H: GRUCell(E, H, reset="after"),                  # PyTorch's
+    "rnn": RNNCell,
+}
+LOOPS = {"lstm": "lstm", "gru": "gru", "gru-simplified": "gru", "gru-after": "gru_after", "rnn": "rnn"}
+
+
+def random_state(cell, B: int, scale: float = 1.0) -> tuple:
+    return tuple(scale * torch.randn(B, cell.hidden_size) for _ in cell.state_type._fields)
 
 
 def run_layer(layer: RecurrentLayer, x: torch.Tensor, state: tuple, *, compiled: bool):
@@ -32,10 +46,11 @@ def run_layer(layer: RecurrentLayer, x: torch.Tensor, state: tuple, *, compiled:
     x, state = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in state)
     layer.zero_grad()
     with kernels.switched(compiled):
-        outputs, (a, c) = layer(x, state)
+        outputs, final = layer(x, state)
     weights = torch.randn(outputs.shape, generator=torch.Generator().manual_seed(1))
-    ((outputs * weights).sum() + a.square().sum() + (2 * c).sum()).backward()
-    return [outputs, a, c, x.grad, *(s.grad for s in state), *(p.grad for p in layer.parameters())]
+    loss = (outputs * weights).sum() + final[0].square().sum() + sum((2 * s).sum() for s in final[1:])
+    loss.backward()
+    return [outputs, *final, x.grad, *(s.grad for s in state), *(p.grad for p in layer.parameters())]
 
 
 def assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor], tolerance: float = 2e-5) -> None:
@@ -45,23 +60,25 @@ def assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor], tolera
         torch.testing.assert_close(got, want, rtol=0, atol=tolerance * float(want.detach().abs().max().clamp(min=1)))
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("B, T, E, H", [(1, 4, 3, 5), (3, 7, 4, 13), (8, 33, 16, 128), (4, 9, 40, 300)])
-def test_same_values_and_gradients_as_the_python_loops(compiled, onednn, reverse, B, T, E, H):
-    layer = RecurrentLayer(LSTMCell(E, H), reverse=reverse, gradients="manual")
-    x, state = torch.randn(B, T, E), (torch.randn(B, H), torch.randn(B, H))
+def test_same_values_and_gradients_as_the_python_loops(compiled, cell, onednn, reverse, B, T, E, H):
+    layer = RecurrentLayer(CELLS[cell](E, H), reverse=reverse, gradients="manual")
+    x, state = torch.randn(B, T, E), random_state(layer.cell, B)
     with use_onednn(onednn):
         assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("H", [13, 40, 64, 300])
-def test_threads_share_the_units_and_give_the_same_result(compiled, threads, H):
+def test_threads_share_the_units_and_give_the_same_result(compiled, cell, threads, H):
     """Each thread owns blocks of 16 hidden units (the last cut at H): H = 40 splits as 16 + 24 on two
     threads and 16 + 16 + 8 on three, H = 13 runs on one; all give the Python loops' values."""
-    layer = RecurrentLayer(LSTMCell(7, H), gradients="manual")
-    x, state = torch.randn(5, 9, 7), (torch.randn(5, H), torch.randn(5, H))
+    layer = RecurrentLayer(CELLS[cell](7, H), gradients="manual")
+    x, state = torch.randn(5, 9, 7), random_state(layer.cell, 5)
     expected = run_layer(layer, x, state, compiled=False)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -72,18 +89,20 @@ def test_threads_share_the_units_and_give_the_same_result(compiled, threads, H):
     assert_same(expected, actual)
 
 
-def test_saturated_gates_match_and_stay_finite(compiled):
+@pytest.mark.parametrize("cell", CELLS)
+def test_saturated_gates_match_and_stay_finite(compiled, cell):
     """Pre-activations of ±100 and more: σ and tanh must saturate to 0, ±1 as torch's do, without
     overflow in the compiled exp."""
-    layer = RecurrentLayer(LSTMCell(4, 6), gradients="manual")
+    layer = RecurrentLayer(CELLS[cell](4, 6), gradients="manual")
     with torch.no_grad():
         for parameter in layer.parameters():
             parameter.mul_(300)
-    x, state = 10 * torch.randn(3, 5, 4), (torch.randn(3, 6), 50 * torch.randn(3, 6))
+    x, state = 10 * torch.randn(3, 5, 4), random_state(layer.cell, 3, scale=50)
     assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
 
 
-def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_compiled_loops_are_what_runs(compiled, monkeypatch, cell):
     """A float32 CPU layer calls them once forward and once backward; with LMTRAIN_COMPILED=0, for
     fewer than 4 steps (gemm.PACK_FROM), or in float64, it does not."""
     calls = []
@@ -94,14 +113,15 @@ def test_the_compiled_loops_are_what_runs(compiled, monkeypatch):
             return getattr(compiled, name)
 
     monkeypatch.setitem(kernels._built, "module", Counting())
-    layer = RecurrentLayer(LSTMCell(3, 4), gradients="manual")
+    layer = RecurrentLayer(CELLS[cell](3, 4), gradients="manual")
     layer(torch.randn(2, 5, 3))[0].sum().backward()
-    assert calls == ["lstm_forward", "lstm_backward"]
+    expected = [f"{LOOPS[cell]}_forward", f"{LOOPS[cell]}_backward"]
+    assert calls == expected
     with kernels.switched(False):
         layer(torch.randn(2, 5, 3))[0].sum().backward()
     layer(torch.randn(2, 3, 3))[0].sum().backward()  # 3 steps: fewer than packing W repays
     layer.double()(torch.randn(2, 5, 3, dtype=torch.float64))[0].sum().backward()
-    assert calls == ["lstm_forward", "lstm_backward"]
+    assert calls == expected
 
 
 def test_kernels_reject_what_they_cannot_read(compiled):
@@ -119,6 +139,26 @@ def test_kernels_reject_what_they_cannot_read(compiled):
         compiled.lstm_forward(gates, a, c, tanh_c, W.t())
     with pytest.raises(RuntimeError, match=r"W must be \(4H, H\)"):
         compiled.lstm_backward(gates, c, tanh_c, a, c[0], W[:, :3].contiguous())
+
+
+def test_gru_and_rnn_kernels_reject_what_they_cannot_read(compiled):
+    """Wrong widths or dtypes are errors in C++ that name the buffer, not reads past its end."""
+    T, B, H = 2, 3, 4
+    c = torch.zeros(T + 1, B, H)
+    with pytest.raises(RuntimeError, match=r"gates must be \(T, B, G H\) and W \(G H, H\), G = 2 or 3"):
+        compiled.gru_forward(torch.zeros(T, B, 4 * H), c, torch.zeros(4 * H, H))
+    with pytest.raises(RuntimeError, match="dA shaped like c"):
+        compiled.gru_backward(torch.zeros(T, B, 3 * H), c, c[1:].contiguous(), torch.zeros(3 * H, H))
+    with pytest.raises(RuntimeError, match=r"p \(T, B, H\)"):
+        compiled.gru_after_forward(torch.zeros(T, B, 3 * H), c, torch.zeros(T, B, 2 * H), torch.zeros(3 * H, H),
+                                   torch.zeros(H))
+    with pytest.raises(RuntimeError, match="b_cc must be a contiguous float32"):
+        compiled.gru_after_forward(torch.zeros(T, B, 3 * H), c, torch.zeros(T, B, H), torch.zeros(3 * H, H),
+                                   torch.zeros(H, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"W must be \(H, H\)"):
+        compiled.rnn_forward(torch.zeros(T, B, H), c, torch.zeros(H, H + 1))
+    with pytest.raises(RuntimeError, match="a must be a contiguous float32"):
+        compiled.rnn_backward(c.double(), c, torch.zeros(H, H))
 
 
 def fresh_build(monkeypatch, build_result=None):

@@ -30,7 +30,7 @@ from lmtrain.speed.route import runs_on_its_route
 class LSTMFunction(Function):
     """The LSTM over a whole sequence. Inputs: x, a(0), c(0), W_recurrent (4H, H), W_input (4H, E),
     b (4H,), gates (f, u, c, o). Outputs: a(1..T) (B, T, H), a(T) and c(T). The time loops are the
-    compiled ones where the route has them and `Route.lstm_loops` says they run this sequence; the
+    compiled ones where the route has them and `Route.time_loops` says they run this sequence; the
     forward's choice is the backward's."""
 
     @staticmethod
@@ -41,7 +41,7 @@ class LSTMFunction(Function):
         gates = project_inputs(x, W_input, b, route)                       # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
         a_low = None                                                       # bfloat16 copies of a(t)
-        ctx.loops = route.lstm_loops(T, a0.size(1))
+        ctx.loops = route.time_loops(T, a0.size(1), bfloat16_products=True)
         if ctx.loops is not None:                                          # _lstm_forward_loop, compiled
             a_low = torch.empty_like(a, dtype=torch.bfloat16) if route.mixed else None
             ctx.loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous(), a_low)

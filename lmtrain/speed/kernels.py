@@ -1,5 +1,5 @@
-"""lmtrain's compiled kernels (`lmtrain/speed/csrc/kernels.cpp`): the LSTM's time loops and the output
-layer's softmax cross-entropy.
+"""lmtrain's compiled kernels (`lmtrain/speed/csrc/kernels.cpp`): every cell's time loops (LSTM, GRU in both
+forms, RNN) and the output layer's softmax cross-entropy.
 
 - The Python loops of `lmtrain.backprop.lstm.LSTMFunction` make, per time step, one matrix product and about
   seven separate elementwise tensor operations forward and five backward (after six passes over every
@@ -8,7 +8,8 @@ layer's softmax cross-entropy.
   in one parallel region for the whole sequence: each thread owns a slice of the hidden units, keeps its
   slice of W_aa packed in its cache, and makes its columns of each step's recurrent product and the gate
   arithmetic of its units together, with one barrier per step. The products over all T steps at once
-  (W_ax x, the weight gradients) stay with `lmtrain.speed.gemm`.
+  (W_ax x, the weight gradients) stay with `lmtrain.speed.gemm`. The GRU's and RNN's loops
+  (`lmtrain.backprop.gru`, `lmtrain.backprop.rnn`) are compiled the same way, float32 only.
 - The softmax cross-entropy (`lmtrain.speed.loss`) makes the loss and its gradient with respect to the logits
   in one pass over each row, where torch's log_softmax, nll_loss and their backwards read or write a
   (rows, V) tensor six times.

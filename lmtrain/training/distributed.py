@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lmtrain.data.dataset import shard_rows
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, error_line
 
 T = TypeVar("T")
 
@@ -77,8 +78,9 @@ def world_from_environment(environment: Mapping[str, str] = os.environ) -> World
 
 def check_batch_size(batch_size: int, world: World) -> None:
     if batch_size % world.size:
-        raise _shared_error(f"train.batch_size {batch_size} is not divisible by the number of processes "
-                            f"({world.size}): it is the global batch, split evenly between them", world)
+        raise stop_everywhere(LmtrainError(f"train.batch_size {batch_size} is not divisible by the number of "
+                                           f"processes ({world.size}): it is the global batch, split evenly between "
+                                           f"them"), world)
 
 
 def process_device(device: torch.device, world: World) -> torch.device:
@@ -86,8 +88,8 @@ def process_device(device: torch.device, world: World) -> torch.device:
     if device.type != "cuda" or not world.distributed:
         return device
     if device.index is not None:
-        raise _shared_error(f"train.device is {device} but each of the {world.size} processes takes a GPU of its "
-                            f"own (cuda:LOCAL_RANK): use cuda or auto", world)
+        raise stop_everywhere(LmtrainError(f"train.device is {device} but each of the {world.size} processes takes "
+                                           f"a GPU of its own (cuda:LOCAL_RANK): use cuda or auto"), world)
     if world.local_rank >= torch.cuda.device_count():
         raise LmtrainError(f"process {world.rank} needs cuda:{world.local_rank} but this machine has "
                            f"{torch.cuda.device_count()} GPU(s): start at most that many processes on it")
@@ -139,14 +141,15 @@ def run_on_all(world: World, action: Callable[[], T]) -> T:
     try:
         result, message = action(), ""
     except LmtrainError as error:
-        if not world.distributed:
+        if not world.distributed or error.quiet:  # quiet: already shared by every process (`stop_everywhere`)
             raise
         result, message = None, str(error) or type(error).__name__
     if not world.distributed:
         return result
     for rank, text in enumerate(_all_gather_bytes(message.encode())):
         if text:
-            raise _shared_error(text.decode() if rank == 0 else f"process {rank}: {text.decode()}", world)
+            raise stop_everywhere(LmtrainError(text.decode() if rank == 0 else f"process {rank}: {text.decode()}"),
+                                  world)
     return result
 
 
@@ -164,14 +167,23 @@ def from_main(world: World, produce: Callable[[], T]) -> T:
             box = (None, str(error) or type(error).__name__)
     result, message = _from_bytes(_broadcast_bytes(_to_bytes(box) if world.is_main else b""))
     if message:
-        raise _shared_error(message, world)
+        raise stop_everywhere(LmtrainError(message), world)
     return result
 
 
-def _shared_error(message: str, world: World) -> LmtrainError:
-    """An error every process raises alike: process 0 alone prints it."""
-    error = LmtrainError(message)
-    error.quiet = not world.is_main
+def stop_everywhere(error: LmtrainError, world: World) -> LmtrainError:
+    """`error`, which every process raises alike, ready to raise. Process 0 prints its line here and the
+    others wait for that at a barrier: the launcher stops every process once one has exited, so a line
+    printed later, on process 0's way out, could be cut off. Returned quiet: nothing prints it again."""
+    if not world.distributed:
+        return error
+    if not dist.is_initialized():  # no process group yet: each process stops on its own, process 0 prints
+        error.quiet = not world.is_main
+        return error
+    if world.is_main:
+        print(error_line(error), file=sys.stderr, flush=True)
+    dist.barrier()
+    error.quiet = True
     return error
 
 

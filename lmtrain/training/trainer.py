@@ -46,6 +46,7 @@ from lmtrain.training.distributed import (
     process_group,
     resolve_device,
     run_on_all,
+    stop_everywhere,
     world_from_environment,
 )
 from lmtrain.training.metrics import (
@@ -361,8 +362,7 @@ class Trainer:
 
     def _everywhere(self, error: LmtrainError) -> LmtrainError:
         """An error that every process raises at the same step: process 0 alone prints it."""
-        error.quiet = not self.world.is_main
-        return error
+        return stop_everywhere(error, self.world)
 
 
     def _samples(self, count: int) -> list[str]:

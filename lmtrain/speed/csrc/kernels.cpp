@@ -1,19 +1,23 @@
 // lmtrain's compiled kernels (built and loaded by lmtrain/speed/kernels.py), one library in one
 // translation unit (torch's headers take most of the build time), its parts in headers by concern:
 //
-// - lstm_loops.h: the LSTM's two time loops, forward and backward through time: the equations of the
-//   Python loops in lmtrain/backprop/lstm.py (_lstm_forward_loop, _lstm_backward_loop), one step at a
-//   time, but with each step's recurrent product (recurrent_products.h) and gate arithmetic made
+// - lstm_loops.h, gru_loops.h, rnn_loops.h: each cell's two time loops, forward and backward through
+//   time: the equations of the Python loops in lmtrain/backprop/ (lstm.py's _lstm_forward_loop and
+//   _lstm_backward_loop, ...), one step at a time, but with each step's recurrent product (recurrent_products.h) and gate arithmetic made
 //   together, thread by thread, and no Python or library call between the steps (the products over all
 //   T steps at once stay with lmtrain/speed/gemm.py). Gates are laid out [Γ_f, Γ_u, c̃, Γ_o] along the
 //   last axis of a (T, B, 4H) buffer, rows are batch, and buffers are time-major, exactly as in the
-//   Python loops. Under train.precision: bfloat16 the recurrent products take bfloat16 factors
-//   (AVX-512 BF16).
+//   Python loops. The GRU's (both forms) and the RNN's follow the same plan with their own equations
+//   (lmtrain/backprop/gru.py, rnn.py). Under train.precision: bfloat16 the LSTM's recurrent products take
+//   bfloat16 factors (AVX-512 BF16); the GRU and RNN then run their Python loops.
 // - softmax_cross_entropy.h: the output layer's loss and its gradient with respect to the logits in
 //   one pass per row (lmtrain/speed/loss.py).
+// - recurrent_products.h: each step's recurrent product, a thread's columns of W packed once a sequence.
 // - common.h: e^x, σ and tanh without library calls, so that the loops vectorise.
 
+#include "gru_loops.h"
 #include "lstm_loops.h"
+#include "rnn_loops.h"
 #include "softmax_cross_entropy.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -22,6 +26,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lstm_backward", &lstm_backward, "The LSTM backward through time: returns (dz, da(0), dc(0))",
              py::arg("gates"), py::arg("c"), py::arg("tanh_c"), py::arg("dA"), py::arg("dc"), py::arg("W"),
              py::arg("dz_low") = py::none());
+  module.def("gru_forward", &gru_forward, "The lecture's GRU forward through time (in place)", py::arg("gates"),
+             py::arg("c"), py::arg("W"));
+  module.def("gru_backward", &gru_backward, "The lecture's GRU backward through time: returns (dz, dc(0))",
+             py::arg("gates"), py::arg("c"), py::arg("dA"), py::arg("W"));
+  module.def("gru_after_forward", &gru_after_forward, "PyTorch's GRU forward through time (in place)",
+             py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("W"), py::arg("b_cc"));
+  module.def("gru_after_backward", &gru_after_backward,
+             "PyTorch's GRU backward through time: returns (dr, dz_c, dc(0))", py::arg("gates"), py::arg("c"),
+             py::arg("p"), py::arg("dA"), py::arg("W"));
+  module.def("rnn_forward", &rnn_forward, "The tanh RNN forward through time (in place)", py::arg("z"),
+             py::arg("a"), py::arg("W"));
+  module.def("rnn_backward", &rnn_backward, "The tanh RNN backward through time: returns (dz, da(0))",
+             py::arg("a"), py::arg("dA"), py::arg("W"));
   module.def("bf16_products_supported", &bf16_products_supported,
              "Whether this CPU runs the bfloat16 products (AVX-512 BF16)");
   module.def("softmax_cross_entropy_", &softmax_cross_entropy_,

@@ -79,11 +79,6 @@ void backward_step(const float* gates, const float* c_prev, const float* tanh_c,
   }
 }
 
-void check(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor");
-}
-
 // A (T+1, B, H) or (T, B, 4H) bfloat16 buffer shaped like `like`, for the bfloat16 copies of a(t) or dz(t).
 bf16* low_buffer(const std::optional<at::Tensor>& low, const at::Tensor& like, const char* name) {
   if (!low) return nullptr;
@@ -110,15 +105,8 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
   float* const c_0 = c.data_ptr<float>();
   float* const tanh_c_0 = tanh_c.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
-  const int threads = threads_for(H);
-#pragma omp parallel num_threads(threads)
-  {
-    const Units u = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
-    // Column g u.padded + i of this thread's product: gate g of unit u.begin + i, row g H + u.begin + i of W.
-    const PackedWeights P(a_low_0 != nullptr, H, 4 * u.padded, [&](int64_t i, int64_t k) {
-      const int64_t gate = i / u.padded, unit = i % u.padded;
-      return unit < u.count() ? w[(gate * H + u.begin + unit) * H + k] : 0.0f;
-    });
+  on_unit_slices(H, [&](const Units u) {
+    const PackedWeights P = forward_columns(a_low_0 != nullptr, w, H, 0, 4, u);
     std::vector<float> recurrent(B * 4 * u.padded);
     if (a_low_0 != nullptr) {
       round_units(a_0, B, H, u.begin, u.count(), a_low_0);
@@ -131,7 +119,7 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
       if (a_low_0 != nullptr) round_units(a_0 + t * step, B, H, u.begin, u.count(), a_low_0 + t * step);
 #pragma omp barrier
     }
-  }
+  });
 }
 
 // t = T .. 1: backward_step, then W_aᵀ dz(t), the part of da(t-1) that comes through the recurrence.
@@ -157,14 +145,8 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
   float* const dz_0 = dz.data_ptr<float>();
   float* const dc_0 = dc.data_ptr<float>();
   float* const da_out = da_0.data_ptr<float>();
-  const int threads = threads_for(H);
-#pragma omp parallel num_threads(threads)
-  {
-    const Units u = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
-    // Column i of this thread's product: unit u.begin + i of da, Σ_k dz[.][k] W[k][u.begin + i].
-    const PackedWeights P(dz_low_0 != nullptr, 4 * H, u.padded, [&](int64_t i, int64_t k) {
-      return i < u.count() ? w[k * H + u.begin + i] : 0.0f;
-    });
+  on_unit_slices(H, [&](const Units u) {
+    const PackedWeights P = backward_columns(dz_low_0 != nullptr, w, H, 0, 4, u);
     std::vector<float> recurrent(B * u.padded, 0.0f);                      // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       float* const dz_t = dz_0 + (t - 1) * 4 * step;
@@ -179,7 +161,7 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
     for (int64_t row = 0; row < B; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
         da_out[row * H + u.begin + j] = recurrent[row * u.padded + j] + dA_0[row * H + u.begin + j];
-  }
+  });
   return {dz, da_0, dc};
 }
 

@@ -1,5 +1,6 @@
-// The recurrent product of every LSTM step, W_a a(t-1), made by the thread that owns each slice of the
-// hidden units: float32, or bfloat16 factors summed in float32 (train.precision: bfloat16).
+// The recurrent product of every step, W_a a(t-1) (or W_aᵀ dz(t) backward), made by the thread that owns
+// each slice of the hidden units: float32, or bfloat16 factors summed in float32 (train.precision:
+// bfloat16, the LSTM's loops only).
 #pragma once
 
 #include "common.h"
@@ -17,33 +18,58 @@ namespace {
 
 using vector16 = float __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
 constexpr int64_t COLUMNS = 16;                              // a packed block's width: one vector16
-constexpr int64_t ROWS = 4;   // rows per tile: 4 accumulators (8 of AVX2's 16 registers); of the tiles
-                              // tried in a side trial (4-8 rows, 16-64 columns) none was faster
 
-// C[r][0..16) = Σ_k A[r][k] P[k][0..16) for R rows of A (row stride lda) and a packed block P (K, 16).
-template <int R>
-inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P, int64_t K, float* __restrict C,
-                 int64_t ldc) noexcept {
-  vector16 sum[R];
-  for (int r = 0; r < R; ++r) sum[r] = vector16{};
+// C[r][0..16 BLOCKS) = Σ_k A[r][k] P[k][..] for R rows of A (row stride lda) and BLOCKS neighbouring packed
+// blocks (K, 16), `stride` floats apart. An FMA takes 4 cycles and two issue per cycle, so 8 independent
+// sums keep the FMA units busy: with AVX-512's 32 registers, 6 rows by 2 blocks (12 sums, 2 loads of W
+// and 6 of A for 12 FMAs per k); AVX2's 16 registers, each half a vector16, hold 4 rows by 1 block.
+template <int R, int BLOCKS>
+inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P, int64_t stride, int64_t K,
+                 float* __restrict C, int64_t ldc) noexcept {
+  vector16 sum[R][BLOCKS];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) sum[r][b] = vector16{};
   for (int64_t k = 0; k < K; ++k) {
-    vector16 w;
-    std::memcpy(&w, P + k * COLUMNS, sizeof w);
-    for (int r = 0; r < R; ++r) sum[r] += A[r * lda + k] * w;
+    vector16 w[BLOCKS];
+    for (int b = 0; b < BLOCKS; ++b) std::memcpy(&w[b], P + b * stride + k * COLUMNS, sizeof w[b]);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + k];
+      for (int b = 0; b < BLOCKS; ++b) sum[r][b] += a * w[b];
+    }
   }
-  for (int r = 0; r < R; ++r) std::memcpy(C + r * ldc, &sum[r], sizeof sum[r]);
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) std::memcpy(C + r * ldc + b * COLUMNS, &sum[r][b], sizeof sum[r][b]);
 }
 
-// C (B, N) = A (B, K) P, P packed as N / 16 blocks of (K, 16), N a multiple of 16. Block by block, so
-// that a block (K x 64 bytes) stays in the core's cache while every row passes over it.
-void packed_product(const float* A, int64_t B, int64_t K, const float* P, int64_t N, float* C) noexcept {
-  for (int64_t block = 0; block < N / COLUMNS; ++block) {
-    const float* P_block = P + block * K * COLUMNS;
-    float* C_block = C + block * COLUMNS;
-    int64_t row = 0;
-    for (; row + ROWS <= B; row += ROWS) tile<ROWS>(A + row * K, K, P_block, K, C_block + row * N, N);
-    for (; row < B; ++row) tile<1>(A + row * K, K, P_block, K, C_block + row * N, N);
-  }
+// LMTRAIN_SMALL_TILES builds AVX2's tile with AVX-512 too, for scripts/compare_tiles.py (docs/benchmarks.md).
+#if defined(__AVX512F__) && !defined(LMTRAIN_SMALL_TILES)
+constexpr int TILE_ROWS = 6, TILE_BLOCKS = 2;
+#else
+constexpr int TILE_ROWS = 4, TILE_BLOCKS = 1;
+#endif
+
+// All B rows against BLOCKS neighbouring blocks: tiles of TILE_ROWS rows, then 4, 2 and 1 for the rest.
+template <int BLOCKS>
+inline void tile_rows(const float* A, int64_t lda, int64_t B, int64_t K, const float* P, int64_t N,
+                      float* C) noexcept {
+  const int64_t stride = K * COLUMNS;
+  int64_t row = 0;
+  for (; row + TILE_ROWS <= B; row += TILE_ROWS)
+    tile<TILE_ROWS, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N);
+  if (TILE_ROWS > 4 && row + 4 <= B) tile<4, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N), row += 4;
+  if (row + 2 <= B) tile<2, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N), row += 2;
+  if (row < B) tile<1, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N);
+}
+
+// C (B, N) = A (B, K) P, A's rows `lda` floats apart, P packed as N / 16 blocks of (K, 16), N a multiple
+// of 16. TILE_BLOCKS blocks at a time, so that they stay in the core's cache while every row passes over them.
+void packed_product(const float* A, int64_t lda, int64_t B, int64_t K, const float* P, int64_t N,
+                    float* C) noexcept {
+  const int64_t blocks = N / COLUMNS;
+  int64_t block = 0;
+  for (; block + TILE_BLOCKS <= blocks; block += TILE_BLOCKS)
+    tile_rows<TILE_BLOCKS>(A, lda, B, K, P + block * K * COLUMNS, N, C + block * COLUMNS);
+  for (; block < blocks; ++block) tile_rows<1>(A, lda, B, K, P + block * K * COLUMNS, N, C + block * COLUMNS);
 }
 
 // The hidden units [begin, end) of one thread, and the width of its gate slices padded to whole blocks.
@@ -179,11 +205,47 @@ struct PackedWeights {
   // C (B, N) = A (B, K) W: A from `A_low` (bfloat16) when packed low, from `A` otherwise.
   void product(const float* A, const bf16* A_low, int64_t B, float* C) const noexcept {
     if (pairs.empty())
-      packed_product(A, B, K, single.data(), N, C);
+      packed_product(A, K, B, K, single.data(), N, C);
     else
       packed_product_bf16(A_low, B, K, pairs.data(), N, C);
   }
+
+  // C (B, N) = A (B, K) W for float32 A whose rows are `lda` floats apart (a gate slice of dz(t)).
+  void product(const float* A, int64_t lda, int64_t B, float* C) const noexcept {
+    packed_product(A, lda, B, K, single.data(), N, C);
+  }
 };
+
+// A thread's columns of a forward product W_a a(t-1), W (G H, H) holding `gates` gate blocks of H rows from
+// block `first`: column g u.padded + i is gate g of unit u.begin + i (zero past u.count()), so that the
+// thread's result lies gate by gate, u.padded wide each.
+PackedWeights forward_columns(bool low, const float* W, int64_t H, int64_t first, int64_t gates, Units u) {
+  return PackedWeights(low, H, gates * u.padded, [&](int64_t i, int64_t k) {
+    const int64_t gate = i / u.padded, unit = i % u.padded;
+    return unit < u.count() ? W[((first + gate) * H + u.begin + unit) * H + k] : 0.0f;
+  });
+}
+
+// A thread's columns of a backward product W_aᵀ dz(t) over the `gates` gate blocks of W from block `first`:
+// column i is unit u.begin + i of the result, Σ_k dz[k] W[first H + k][u.begin + i].
+PackedWeights backward_columns(bool low, const float* W, int64_t H, int64_t first, int64_t gates, Units u) {
+  return PackedWeights(low, gates * H, u.count(), [&](int64_t i, int64_t k) {
+    return W[(first * H + k) * H + u.begin + i];
+  });
+}
+
+// Runs body(units) on the threads of one parallel region, each with its own slice of the H hidden units.
+template <typename Body>
+void on_unit_slices(int64_t H, Body body) {
+#pragma omp parallel num_threads(threads_for(H))
+  body(units_of(omp_get_thread_num(), omp_get_num_threads(), H));
+}
+
+// Every buffer a time loop reads or writes is a contiguous float32 CPU tensor (lmtrain/backprop/ makes them so).
+void check(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
 
 // base + n, or null for a null base (a product without bfloat16 copies).
 inline bf16* offset(bf16* base, int64_t n) noexcept { return base == nullptr ? nullptr : base + n; }

@@ -1,0 +1,112 @@
+"""Where one layer's training step spends its time, lmtrain's against torch.nn's, by torch.profiler.
+
+    python scripts/profile_layer.py [--cells lstm gru gru-lecture rnn] [--sizes "[[64, 128, 512]]"] [--steps 5]
+        [--doc docs/benchmarks.md]
+
+For each cell and size (B, T, H; input size H, one layer, input gradients on, float32, the step of
+scripts/bench_cells.py), lmtrain's step is split into what its parts cost per step, with the arithmetic
+each part does and the rate it runs at:
+- "products over all steps": the input half W_x x of every gate and the gradients reaching x (oneDNN's
+  linear), and the weight gradients (torch.mm): four products of T*B rows;
+- "time loops": the Function's forward and backward themselves, in which the compiled loops make every
+  step's recurrent product and gate arithmetic;
+- "the rest": copies into time-major buffers, bias sums, autograd.
+torch.nn's step is split by operator. Rates are GFLOP/s of the parts' multiply-adds (2 flops each);
+the machine's GEMM runs at about 370-410 GFLOP/s on two cores (docs/benchmarks.md), which bounds the
+first two parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from bench_cells import build, step_function
+from comparison import allocator_settings, cpu_name
+from doc_sections import write_section
+from torch.profiler import ProfilerActivity, profile
+
+GATES = {"rnn": 1, "gru": 3, "gru-lecture": 3, "gru-simplified": 2, "lstm": 4}
+
+
+def products_flops(cell: str, B: int, T: int, H: int) -> tuple[float, float]:
+    """Flops of (the four products over all steps, the recurrent products inside the loops) per step."""
+    G = GATES[cell]
+    per_product = 2 * T * B * H * G * H                                    # (T*B, H) by (H, G*H)
+    return 4 * per_product, 2 * per_product                                # forward and backward through time
+
+
+def self_times(step, steps: int) -> dict[str, float]:
+    """Self CPU ms per step of every operator, over `steps` profiled steps."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    return {event.key: event.self_cpu_time_total / 1e3 / steps for event in profiler.key_averages()}
+
+
+def lmtrain_parts(times: dict[str, float]) -> dict[str, float]:
+    parts: dict[str, float] = defaultdict(float)
+    for name, ms in times.items():
+        if name in ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"):
+            parts["products over all steps"] += ms
+        elif name.endswith("Function") or name.endswith("FunctionBackward"):
+            parts["time loops"] += ms
+        else:
+            parts["the rest"] += ms
+    return parts
+
+
+def torch_parts(times: dict[str, float]) -> dict[str, float]:
+    parts: dict[str, float] = defaultdict(float)
+    for name, ms in times.items():
+        key = name if name in ("aten::mm", "aten::addmm", "aten::mkldnn_rnn_layer",
+                               "aten::mkldnn_rnn_layer_backward") else "the rest"
+        parts[key] += ms
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "gru-lecture", "rnn"], choices=sorted(GATES))
+    parser.add_argument("--sizes", type=json.loads, default=[[64, 128, 512]])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="write the table as the section 'Where a layer's step goes'")
+    args = parser.parse_args()
+    lines = [f"`python scripts/profile_layer.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+             f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"allocator: {allocator_settings()}; "
+             f"self CPU ms per step, mean of {args.steps} profiled steps after 3 unprofiled", "",
+             "| cell | B, T, H | side | part | ms | GFLOP | GFLOP/s |", "|---|---|---|---|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    for cell in args.cells:
+        for B, T, H in args.sizes:
+            x = torch.randn(B, T, H, requires_grad=True)
+            steps = {variant: step_function(build(variant, cell, H), x) for variant in ("lmtrain manual", "torch.nn")}
+            for step in steps.values():
+                for _ in range(3):
+                    step()
+            over_all, in_loops = products_flops(cell, B, T, H)
+            flops = {"products over all steps": over_all, "time loops": in_loops}
+            rows = []
+            for side, split in (("lmtrain", lmtrain_parts), ("torch.nn", torch_parts)):
+                parts = split(self_times(steps["lmtrain manual" if side == "lmtrain" else "torch.nn"], args.steps))
+                parts["whole step"] = sum(parts.values())
+                for part, ms in sorted(parts.items(), key=lambda item: (item[0] == "whole step", -item[1])):
+                    work = flops.get(part) if side == "lmtrain" else None
+                    if part == "whole step":
+                        work = over_all + in_loops
+                    work_text, rate = (f"{work / 1e9:.1f}", f"{work / ms / 1e6:.0f}") if work else ("", "")
+                    rows.append(f"| {cell} | {B}, {T}, {H} | {side} | {part} | {ms:.1f} | {work_text} | {rate} |")
+            print("\n".join(rows), flush=True)
+            lines += rows
+    if args.doc:
+        write_section(args.doc, "Where a layer's step goes", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

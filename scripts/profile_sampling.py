@@ -1,0 +1,105 @@
+"""What a sampling step costs, and how much of it is arithmetic: `generate` on the 2x512 LSTM of
+scripts/bench_sampling.py against a bare loop that runs the same LSTM equations with its weights packed
+for oneDNN once per call and no autograd Function around them.
+
+    python scripts/profile_sampling.py [--num 16 1] [--tokens 200] [--repeats 5]
+
+Prints, for each number of rows: tokens/s of `generate` and of the bare loop (medians, alternating), and
+the time of one recurrent product, (rows, 512) by (512, 2,048), as oneDNN's linear with the weight as it
+is (what a single step gets) and packed for that many rows (what a sequence gets). The bare loop is a
+measuring stick, not a sampler lmtrain offers: it shows the floor that Python and torch's per-call cost
+leave at one token a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_sampling import NeverEnds
+from comparison import allocator_settings, cpu_name
+
+from lmtrain.data.tokenizer import Tokenizer
+from lmtrain.evaluation.sampling import generate, sample_next
+from lmtrain.speed.torch_internals import ONEDNN_LINEAR
+
+H, E = 512, 64
+
+
+@torch.no_grad()
+def bare_loop(model: NeverEnds, num: int, tokens: int, eos_id: int, generator: torch.Generator) -> None:
+    """The LSTM equations a token at a time, each layer's weights packed once for `num` rows."""
+    linear, pack = ONEDNN_LINEAR
+    layers = []
+    for layer in model.rnn.layers:
+        W_recurrent, W_input, b = layer.cell.stacked_weights()
+        layers.append((pack(W_input, num), pack(W_recurrent, num), b))
+    state = [(torch.zeros(num, H), torch.zeros(num, H)) for _ in layers]
+    token = torch.full((num,), eos_id)
+    for _ in range(tokens):
+        x = model.embed(token)
+        for i, (W_input, W_recurrent, b) in enumerate(layers):
+            a_prev, c_prev = state[i]
+            z = linear.binary(a_prev, linear(x, W_input, b, "none", [], ""), W_recurrent, None, "add")
+            z_f, z_u, z_c, z_o = z.chunk(4, dim=1)
+            c = torch.sigmoid(z_f) * c_prev + torch.sigmoid(z_u) * torch.tanh(z_c)
+            x = torch.sigmoid(z_o) * torch.tanh(c)
+            state[i] = (x, c)
+        logits = model.projection(x)
+        logits[:, eos_id] = -1e9
+        token = sample_next(logits, generator=generator)
+
+
+def product_us(rows: int, repeats: int = 200) -> tuple[float, float]:
+    """Microseconds of (rows, H) by (H, 4H) through oneDNN's linear: weight as it is, and packed."""
+    linear, pack = ONEDNN_LINEAR
+    x, W = torch.randn(rows, H), torch.randn(4 * H, H)
+    results = []
+    for weight in (W, pack(W, rows)):
+        for _ in range(20):
+            linear(x, weight, None, "none", [], "")
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            linear(x, weight, None, "none", [], "")
+        results.append((time.perf_counter() - begin) / repeats * 1e6)
+    return results[0], results[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, nargs="+", default=[16, 1])
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if ONEDNN_LINEAR is None:
+        raise SystemExit("this torch has no oneDNN linear to measure")
+    tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
+    torch.manual_seed(0)
+    model = NeverEnds(tokenizer.vocab_size, cell="lstm", embed_size=E, hidden_size=H, num_layers=2,
+                      gradients="manual").eval()
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
+          f"{allocator_settings()}; 2x{H} LSTM, {args.tokens} tokens a row, medians of {args.repeats}\n")
+    print("| rows | generate tokens/s | bare loop tokens/s | product, weight as it is (us) | product, packed (us) |")
+    print("|---:|---:|---:|---:|---:|")
+    for num in args.num:
+        generator = torch.Generator().manual_seed(0)
+        runs = {"generate": lambda: generate(model, tokenizer, num=num, max_tokens=args.tokens,
+                                             sentence_start=False, generator=generator),
+                "bare": lambda: bare_loop(model, num, args.tokens, tokenizer.eos_id, generator)}
+        speeds: dict[str, list[float]] = {name: [] for name in runs}
+        for run in runs.values():
+            run()
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                begin = time.perf_counter()
+                run()
+                speeds[name].append(num * args.tokens / (time.perf_counter() - begin))
+        plain, packed = product_us(num)
+        print(f"| {num} | {statistics.median(speeds['generate']):,.0f} | {statistics.median(speeds['bare']):,.0f} | "
+              f"{plain:.0f} | {packed:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
