@@ -1,6 +1,7 @@
 """One of the processes of tests/test_distributed.py, started with the variables torchrun would set
 (RANK, WORLD_SIZE, MASTER_ADDR, ...): trains each config given, in turn, through lmtrain's Python API,
-and saves the weights this process ends with, so the test can compare the processes.
+and saves the weights this process ends with, so the test can compare the processes, with the names of
+the threads the process still runs once a training has returned.
 
     MASTER_PORTS=PORT,PORT,... python distributed_worker.py OUT_DIR CONFIG.yaml [CONFIG.yaml ...]
 
@@ -29,6 +30,9 @@ def main(out_dir: Path, configs: list[str]) -> None:
         os.environ["MASTER_PORT"] = port
         result = train(load_config(config), progress_bar=False)
         torch.save(result.model.state_dict(), out_dir / f"{Path(config).stem}-rank{os.environ['RANK']}.pt")
+        threads = sorted(Path(f"/proc/self/task/{task}/comm").read_text().strip()
+                         for task in os.listdir("/proc/self/task"))
+        (out_dir / f"{Path(config).stem}-rank{os.environ['RANK']}.threads").write_text("\n".join(threads))
 
 
 if __name__ == "__main__":

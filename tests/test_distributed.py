@@ -233,6 +233,19 @@ def lmtrain(*args: object) -> subprocess.CompletedProcess:
 
 
 @needs_gloo
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="thread names are read from /proc")
+@pytest.mark.skipif(torch.__version__ < "2.8", reason="before torch 2.8 the group is left to the shutdown")
+def test_no_thread_of_the_process_group_outlives_a_training(runs):
+    """A gloo thread still alive when the interpreter shuts down can abort the process as it frees a
+    collective's tensor (lmtrain.training.distributed.process_group): the group and its threads end
+    with `train()`, DDP model and all."""
+    for name in CONFIGS:
+        for rank in (0, 1):
+            threads = (runs / f"{name}-rank{rank}.threads").read_text().split()
+            assert threads and not [thread for thread in threads if "gloo" in thread], (name, rank, threads)
+
+
+@needs_gloo
 def test_stop_and_resume_under_nproc_equals_straight_through(runs):
     out_dir = runs / "stream-resumed"  # two processes trained it for STEPS // 2 steps
     second = lmtrain(runs / "stream.yaml", f"train.out_dir={out_dir}", "--resume", "--nproc", "2")

@@ -17,11 +17,14 @@ and an error in one process is handed to all (`run_on_all`, `from_main`) before 
 
 from __future__ import annotations
 
+import gc
+import importlib
 import io
 import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,13 +101,26 @@ def process_device(device: torch.device, world: World) -> torch.device:
 
 @contextmanager
 def process_group(world: World, device: torch.device) -> Iterator[None]:
-    """Join the other processes for the duration (nothing to do for one process alone)."""
+    """Join the other processes for the duration (nothing to do for one process alone). With torch 2.8
+    or later the group ends with the block, its threads with it, once nothing made inside (a DDP model)
+    holds it.
+
+    Why its threads must end here: a gloo worker thread frees a finished collective's tensors after the
+    collective has returned, and a tensor Python made needs the GIL to be freed. If the interpreter is
+    already shutting down by then, the thread cannot have the GIL and the process aborts ("terminate called
+    without an active exception"); a busy machine makes that wait long enough to happen. Before torch 2.8,
+    freeing a group held the GIL while it joined the threads, which deadlocks on the same thread
+    (pytorch/pytorch#56297, fixed by #154976): there the group is left to the interpreter's shutdown."""
     if not world.distributed:
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL works on the current device
+    # DDP imports torch.distributed.nn, whose functions take the default group of the moment of that first
+    # import as a default argument: imported after the group exists, they would keep it alive for good.
+    if torch.__version__ >= "2.8":
+        importlib.import_module("torch.distributed.nn")
     try:
         dist.init_process_group(backend, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as error:
@@ -114,12 +130,13 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
                            f"{os.environ.get('MASTER_PORT')}): {reason}") from None
     try:
         yield
-        # Before torch 2.8 the group's destructor held the GIL while it joined gloo's threads, and a thread
-        # still releasing an earlier collective's tensors needed it: a deadlock (pytorch/pytorch#56297,
-        # fixed by #154976). After a barrier, whose tensor is C++'s own, no thread holds one.
-        dist.barrier()
+        dist.barrier()  # every process is done with the group before any leaves it
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the frames of a failed run would keep its DDP model
+        raise
     finally:
         dist.destroy_process_group()
+        gc.collect()  # the model's reference cycles go now, and the group with them: its threads are joined
 
 
 def data_parallel(model: nn.Module, world: World, device: torch.device) -> nn.Module:

@@ -103,7 +103,10 @@ def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] =
         trainer = run_on_all(world, lambda: Trainer(config, resume=resume, echo=echo, warn=warn,
                                                     progress_bar=progress_bar, world=world, device=device,
                                                     allow_changed_data=allow_changed_data))
-        return trainer.run(on_start=on_start if world.is_main else None)
+        try:
+            return trainer.run(on_start=on_start if world.is_main else None)
+        finally:
+            del trainer  # its DDP model holds the process group, which ends with the block
 
 
 def _silent(line: str) -> None:
