@@ -30,7 +30,13 @@ from lmtrain.config import load_config
 from lmtrain.data.dataset import IGNORE, shard_batch, shard_rows
 from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.errors import LmtrainError
-from lmtrain.training.distributed import World, check_batch_size, stop_everywhere, world_from_environment
+from lmtrain.training.distributed import (
+    GROUP_ENDS_WITH_TRAINING,
+    World,
+    check_batch_size,
+    stop_everywhere,
+    world_from_environment,
+)
 from lmtrain.training.trainer import train
 
 # Real processes, builds or whole training runs: `pytest -m "not slow"` leaves this file out.
@@ -234,7 +240,7 @@ def lmtrain(*args: object) -> subprocess.CompletedProcess:
 
 @needs_gloo
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="thread names are read from /proc")
-@pytest.mark.skipif(torch.__version__ < "2.8", reason="before torch 2.8 the group is left to the shutdown")
+@pytest.mark.skipif(not GROUP_ENDS_WITH_TRAINING, reason="before torch 2.8 the group is left to the shutdown")
 def test_no_thread_of_the_process_group_outlives_a_training(runs):
     """A gloo thread still alive when the interpreter shuts down can abort the process as it frees a
     collective's tensor (lmtrain.training.distributed.process_group): the group and its threads end

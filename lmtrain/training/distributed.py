@@ -44,6 +44,10 @@ T = TypeVar("T")
 # short in a healthy run (evaluation is split between the processes; process 0 alone only writes).
 TIMEOUT = timedelta(minutes=15)
 
+# Whether a process group can be freed while a gloo thread waits for the GIL: torch 2.8 frees it without
+# holding the GIL (pytorch/pytorch#154976); before, that deadlocks (pytorch/pytorch#56297). See `process_group`.
+GROUP_ENDS_WITH_TRAINING = torch.__version__ >= "2.8"
+
 
 @dataclass(frozen=True)
 class World:
@@ -101,9 +105,9 @@ def process_device(device: torch.device, world: World) -> torch.device:
 
 @contextmanager
 def process_group(world: World, device: torch.device) -> Iterator[None]:
-    """Join the other processes for the duration (nothing to do for one process alone). With torch 2.8
-    or later the group ends with the block, its threads with it, once nothing made inside (a DDP model)
-    holds it.
+    """Join the other processes for the duration (nothing to do for one process alone). Where
+    `GROUP_ENDS_WITH_TRAINING` (torch 2.8 or later) the group ends with the block, its threads with it,
+    once nothing made inside (a DDP model) holds it.
 
     Why its threads must end here: a gloo worker thread frees a finished collective's tensors after the
     collective has returned, and a tensor Python made needs the GIL to be freed. If the interpreter is
@@ -119,7 +123,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         torch.cuda.set_device(device)  # NCCL works on the current device
     # DDP imports torch.distributed.nn, whose functions take the default group of the moment of that first
     # import as a default argument: imported after the group exists, they would keep it alive for good.
-    if torch.__version__ >= "2.8":
+    if GROUP_ENDS_WITH_TRAINING:
         importlib.import_module("torch.distributed.nn")
     try:
         dist.init_process_group(backend, timeout=TIMEOUT)
@@ -136,7 +140,8 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         raise
     finally:
         dist.destroy_process_group()
-        gc.collect()  # the model's reference cycles go now, and the group with them: its threads are joined
+        if GROUP_ENDS_WITH_TRAINING:
+            gc.collect()  # the model's reference cycles go now, and the group with them: its threads are joined
 
 
 def data_parallel(model: nn.Module, world: World, device: torch.device) -> nn.Module:
