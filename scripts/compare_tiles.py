@@ -1,20 +1,22 @@
 """The compiled time loops with the per-step product's two register tiles, alternating in one job.
 
-    python scripts/compare_tiles.py [--repeats 7] [--doc docs/benchmarks.md]
+    python scripts/compare_tiles.py [--repeats 7] [--revision REV] [--doc docs/benchmarks.md]
 
-Builds lmtrain/speed/csrc/kernels.cpp twice with this CPU's flags (`lmtrain.speed.kernels.spec()`): as
-lmtrain builds it (with AVX-512: tiles of 6 rows by 32 columns, 12 sums) and with `-DLMTRAIN_SMALL_TILES`
-(4 rows by 16 columns, 4 sums: the AVX2 tile, and AVX-512's before), into folders of their own under the
-system's temporary folder. Then times the RNN's and the LSTM's forward and backward loops alone (the
-recurrent products and gate arithmetic of every step; no products over all steps, no Python), the two
-builds alternating, and prints medians, the ratio and the loops' rate in GFLOP/s of their recurrent
-products (2 flops a multiply-add).
+Builds lmtrain/speed/csrc/kernels.cpp with this CPU's flags (`lmtrain.speed.kernels.spec()`): as lmtrain
+builds it (tiles of 6 rows by 32 columns with AVX-512, 12 sums; 4 rows by 16 columns with AVX2) and,
+with AVX-512, with `-DLMTRAIN_SMALL_TILES` (AVX2's 4 by 16), and with `--revision` also the kernels of that git
+revision (`git show REV:lmtrain/speed/csrc/...`), each into a folder of its own under the system's
+temporary folder. Then times the RNN's and the LSTM's forward and backward loops alone (the recurrent
+products and gate arithmetic of every step; no products over all steps, no Python), the builds
+alternating, and prints medians, each build's time against lmtrain's, and the loops' rate in GFLOP/s of
+their recurrent products (2 flops a multiply-add).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,15 +30,27 @@ from torch.utils.cpp_extension import load
 from lmtrain.speed import kernels
 
 SIZES = ((32, 64, 128), (20, 35, 200), (64, 128, 256), (64, 128, 512), (1, 256, 512))
-BUILDS = {"6x32": [], "4x16": ["-DLMTRAIN_SMALL_TILES"]}
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(name: str, defines: list[str]):
+def build(name: str, source: Path, defines: list[str]):
     spec = kernels.spec()
     folder = Path(tempfile.gettempdir()) / f"lmtrain-compare-tiles-{name}"
     folder.mkdir(exist_ok=True)
-    return load(name=f"lmtrain_tiles_{name.replace('x', '_')}", sources=[str(kernels.SOURCE)],
+    return load(name=f"lmtrain_tiles_{name.replace('x', '_')}", sources=[str(source)],
                 extra_cflags=[*spec.cflags, *defines], extra_ldflags=list(spec.ldflags), build_directory=str(folder))
+
+
+def sources_at(revision: str) -> Path:
+    """The kernels' sources as they were at git `revision`, written to a temporary folder; their kernels.cpp."""
+    folder = Path(tempfile.mkdtemp(prefix=f"lmtrain-kernels-{revision}-"))
+    csrc = kernels.SOURCE.parent.relative_to(ROOT).as_posix()
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{revision}:{csrc}"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        (folder / name).write_bytes(subprocess.run(["git", "show", f"{revision}:{csrc}/{name}"], cwd=ROOT,
+                                                   check=True, capture_output=True).stdout)
+    return folder / kernels.SOURCE.name
 
 
 def loops(cell: str, B: int, T: int, H: int):
@@ -59,16 +73,25 @@ def loops(cell: str, B: int, T: int, H: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--doc", type=Path, default=None,
-                        help="write the table as the section 'The product's register tile'")
+    parser.add_argument("--revision", default=None, help="also time the kernels of this git revision")
+    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file too")
+    parser.add_argument("--title", default="The product's register tile", help="the section of --doc to write")
     args = parser.parse_args()
-    modules = {name: build(name, defines) for name, defines in BUILDS.items()}
+    native = "6x32" if kernels.spec().module.startswith("lmtrain_kernels_avx512") else "4x16"
+    modules = {native: build(native, kernels.SOURCE, [])}
+    if native != "4x16":
+        modules["4x16"] = build("4x16", kernels.SOURCE, ["-DLMTRAIN_SMALL_TILES"])
+    if args.revision:
+        modules[args.revision] = build(args.revision, sources_at(args.revision), [])
+    others = list(modules)[1:]
     lines = [f"`python scripts/compare_tiles.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"build {kernels.spec().module}, "
              f"allocator: {allocator_settings()}; medians of {args.repeats} alternating runs", "",
-             "| cell | B, T, H | 6x32 ms | 4x16 ms | ratio | 6x32 GFLOP/s | 4x16 GFLOP/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| cell | B, T, H | " + " | ".join(f"{name} ms" for name in modules) + " | "
+             + " | ".join(f"{native} / {name}" for name in others) + " | "
+             + " | ".join(f"{name} GFLOP/s" for name in modules) + " |",
+             "|---|---|" + "---:|" * (2 * len(modules) + len(others))]
     print("\n".join(lines), flush=True)
     for cell in ("rnn", "lstm"):
         for B, T, H in SIZES:
@@ -83,13 +106,13 @@ def main() -> None:
                     times[name].append(time.perf_counter() - begin)
             median = {name: statistics.median(values) for name, values in times.items()}
             flops = 2 * 2 * T * B * H * H * (4 if cell == "lstm" else 1)  # forward and backward products
-            big, small = median["6x32"], median["4x16"]
-            row = (f"| {cell} | {B}, {T}, {H} | {1e3 * big:.2f} | {1e3 * small:.2f} | {big / small:.2f}x | "
-                   f"{flops / big / 1e9:.0f} | {flops / small / 1e9:.0f} |")
+            row = (f"| {cell} | {B}, {T}, {H} | " + " | ".join(f"{1e3 * median[name]:.2f}" for name in modules)
+                   + " | " + " | ".join(f"{median[native] / median[name]:.2f}x" for name in others) + " | "
+                   + " | ".join(f"{flops / median[name] / 1e9:.0f}" for name in modules) + " |")
             print(row, flush=True)
             lines.append(row)
     if args.doc:
-        write_section(args.doc, "The product's register tile", "\n".join(lines))
+        write_section(args.doc, args.title, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ cannot run (no compiler, no ninja) the tests that need it are skipped, unless LM
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -92,13 +93,22 @@ def test_threads_share_the_units_and_give_the_same_result(compiled, cell, thread
 @pytest.mark.parametrize("cell", CELLS)
 def test_saturated_gates_match_and_stay_finite(compiled, cell):
     """Pre-activations of ±100 and more: σ and tanh must saturate to 0, ±1 as torch's do, without
-    overflow in the compiled exp."""
+    overflow in the compiled exp. A gradient through a saturated gate is ill-conditioned in float32
+    (1 - tanh² of a tanh rounded near 1), so each loop is held to the float64 truth: the compiled one
+    may be off by twice what the Python loops are off, not by more (and never non-finite)."""
     layer = RecurrentLayer(CELLS[cell](4, 6), gradients="manual")
     with torch.no_grad():
         for parameter in layer.parameters():
             parameter.mul_(300)
     x, state = 10 * torch.randn(3, 5, 4), random_state(layer.cell, 3, scale=50)
-    assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
+    python_loops, compiled_loops = (run_layer(layer, x, state, compiled=choice) for choice in (False, True))
+    truth = run_layer(copy.deepcopy(layer).double(), x.double(), tuple(s.double() for s in state), compiled=False)
+    for exact, want, got in zip(truth, python_loops, compiled_loops, strict=True):
+        exact, want, got = exact.detach(), want.detach(), got.detach()
+        assert torch.isfinite(got).all()
+        python_error = float((want.double() - exact).abs().max())
+        scale = float(exact.abs().max().clamp(min=1))
+        assert float((got.double() - exact).abs().max()) <= 2 * python_error + 2e-5 * scale
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -16,32 +16,51 @@ namespace {
 // columns of every step's product and the gate arithmetic of its units together, and meets the other
 // threads at one barrier per step (the next product needs all of a(t), or all of dz(t)).
 
-using vector16 = float __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
-constexpr int64_t COLUMNS = 16;                              // a packed block's width: one vector16
+// A packed block is 16 columns wide; the tile holds it in vectors of the CPU's own width (VECTOR_LANES
+// floats: 16 with AVX-512, 8 with AVX2, 4 elsewhere). A 64-byte vector type on a CPU without 64-byte registers
+// is not split into registers by GCC: it kept the sums in memory and made the AVX2 loops ~5x slower
+// than torch's own product (docs/benchmarks.md, "The tile on an AVX2 CPU").
+#if defined(__AVX512F__)
+constexpr int VECTOR_LANES = 16;
+#elif defined(__AVX__)
+constexpr int VECTOR_LANES = 8;
+#else
+constexpr int VECTOR_LANES = 4;
+#endif
+using native_vector = float __attribute__((vector_size(4 * VECTOR_LANES)));
+constexpr int64_t COLUMNS = 16;                              // a packed block's width
+constexpr int PARTS = COLUMNS / VECTOR_LANES;                // vectors per block
 
 // C[r][0..16 BLOCKS) = Σ_k A[r][k] P[k][..] for R rows of A (row stride lda) and BLOCKS neighbouring packed
 // blocks (K, 16), `stride` floats apart. An FMA takes 4 cycles and two issue per cycle, so 8 independent
-// sums keep the FMA units busy: with AVX-512's 32 registers, 6 rows by 2 blocks (12 sums, 2 loads of W
-// and 6 of A for 12 FMAs per k); AVX2's 16 registers, each half a vector16, hold 4 rows by 1 block.
+// sums keep the FMA units busy: AVX-512's 32 registers hold 6 rows by 2 blocks (12 sums, 2 loads of W
+// and 6 of A for 12 FMAs per k); with AVX2 a block is two 8-float vectors, 4 rows by 1 block 8 sums.
 template <int R, int BLOCKS>
 inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P, int64_t stride, int64_t K,
                  float* __restrict C, int64_t ldc) noexcept {
-  vector16 sum[R][BLOCKS];
+  native_vector sum[R][BLOCKS][PARTS];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < BLOCKS; ++b) sum[r][b] = vector16{};
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int p = 0; p < PARTS; ++p) sum[r][b][p] = native_vector{};
   for (int64_t k = 0; k < K; ++k) {
-    vector16 w[BLOCKS];
-    for (int b = 0; b < BLOCKS; ++b) std::memcpy(&w[b], P + b * stride + k * COLUMNS, sizeof w[b]);
+    native_vector w[BLOCKS][PARTS];
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int p = 0; p < PARTS; ++p)
+        std::memcpy(&w[b][p], P + b * stride + k * COLUMNS + p * VECTOR_LANES, sizeof w[b][p]);
     for (int r = 0; r < R; ++r) {
       const float a = A[r * lda + k];
-      for (int b = 0; b < BLOCKS; ++b) sum[r][b] += a * w[b];
+      for (int b = 0; b < BLOCKS; ++b)
+        for (int p = 0; p < PARTS; ++p) sum[r][b][p] += a * w[b][p];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < BLOCKS; ++b) std::memcpy(C + r * ldc + b * COLUMNS, &sum[r][b], sizeof sum[r][b]);
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int p = 0; p < PARTS; ++p)
+        std::memcpy(C + r * ldc + b * COLUMNS + p * VECTOR_LANES, &sum[r][b][p], sizeof sum[r][b][p]);
 }
 
 // LMTRAIN_SMALL_TILES builds AVX2's tile with AVX-512 too, for scripts/compare_tiles.py (docs/benchmarks.md).
+// On AVX2 a tile of 6 rows was no faster than this one (0.95-1.13x the time, docs/benchmarks.md).
 #if defined(__AVX512F__) && !defined(LMTRAIN_SMALL_TILES)
 constexpr int TILE_ROWS = 6, TILE_BLOCKS = 2;
 #else
