@@ -4,7 +4,7 @@ token to token (the prefix is never run again), as `lmtrain sample` does.
     python scripts/bench_sampling.py [--num 16] [--tokens 200] [--repeats 5] [--device cpu] [--doc FILE]
 
 The model is untrained (random weights, vocabulary 65 like Tiny Shakespeare's characters) and
-`<eos>` is never drawn (its logit is masked), so every sample runs the full `--tokens`: the time
+`<eos>` is never drawn (its output bias is -1e9), so every sample runs the full `--tokens`: the time
 per token does not depend on the weights. Prints the median tokens/s over `--repeats` runs (and with
 `--doc` writes them as the section "Sampling" of that file).
 """
@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,16 +26,20 @@ from doc_sections import write_section
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.evaluation.sampling import generate
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.speed import kernels
+
+FORWARD = "model's forward"
 
 
-class NeverEnds(LanguageModel):
-    """The model with `<eos>` made impossible, so that every sample has the same length."""
-
-    def forward(self, tokens, state=None, *, right_to_left=False):
-        logits, state = super().forward(tokens, state, right_to_left=right_to_left)
-        # EOS = 1; a finite floor, since sampling refuses non-finite logits as a damaged model's
-        logits[..., 1] = -1e9
-        return logits, state
+def never_ending_model(tokenizer: Tokenizer, device: str = "cpu") -> LanguageModel:
+    """The untrained 2x512 LSTM (seed 0) whose <eos> is never drawn: its output bias is -1e9, a finite
+    floor (sampling refuses non-finite logits as a damaged model's)."""
+    torch.manual_seed(0)
+    model = LanguageModel(tokenizer.vocab_size, cell="lstm", embed_size=64, hidden_size=512, num_layers=2,
+                          gradients="manual").to(device)
+    with torch.no_grad():
+        model.projection.bias[tokenizer.eos_id] = -1e9
+    return model
 
 
 def main() -> None:
@@ -46,28 +51,35 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args()
     tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
-    torch.manual_seed(0)
-    model = NeverEnds(tokenizer.vocab_size, cell="lstm", embed_size=64, hidden_size=512, num_layers=2,
-                      gradients="manual").to(args.device)
+    model = never_ending_model(tokenizer, args.device)
     generator = torch.Generator(device=args.device).manual_seed(0)
     run = lambda: generate(model, tokenizer, num=args.num, max_tokens=args.tokens,  # noqa: E731
                            sentence_start=False, generator=generator)
-    run()  # warm-up
-    speeds = []
-    for _ in range(args.repeats):
-        begin = time.perf_counter()
-        samples = run()
-        speeds.append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
-    allocator = allocator_settings()
+    # The compiled step (where the kernels run) against the model's own forward, alternating.
+    ways = {"compiled step": nullcontext, FORWARD: lambda: kernels.switched(False)}
+    speeds: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(args.repeats + 1):  # the first round warms up
+        for way, context in ways.items():
+            with context():
+                begin = time.perf_counter()
+                samples = run()
+                speeds[way].append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
+    speeds = {way: values[1:] for way, values in speeds.items()}
+    median = {way: statistics.median(values) for way, values in speeds.items()}
+    step = "compiled step" if model.token_step() is not None else "model's forward (the kernels do not run here)"
     lines = [f"`python scripts/bench_sampling.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
-             f"threads, allocator: {allocator}, device {args.device}: 2x512 LSTM, vocabulary {tokenizer.vocab_size}, "
-             f"{args.num} samples x {args.tokens} tokens side by side: **median {statistics.median(speeds):,.0f} "
-             f"tokens/s** (runs: {', '.join(f'{s:,.0f}' for s in speeds)}). The state is carried from token "
-             f"to token (`lmtrain.evaluation.sampling.generate`); the prefix never runs again."]
+             f"threads, allocator: {allocator_settings()}, device {args.device}: 2x512 LSTM, vocabulary "
+             f"{tokenizer.vocab_size}, {args.num} samples x {args.tokens} tokens side by side, the state carried "
+             f"from token to token (`lmtrain.evaluation.sampling.generate`): **median "
+             f"{median['compiled step']:,.0f} tokens/s** with the {step} (runs: "
+             f"{', '.join(f'{s:,.0f}' for s in speeds['compiled step'])}); each token through the model's own "
+             f"forward, alternating: {median[FORWARD]:,.0f} (runs: "
+             f"{', '.join(f'{s:,.0f}' for s in speeds[FORWARD])})."]
     print("\n".join(lines))
     if args.doc:
         write_section(args.doc, "Sampling" + (" on a GPU" if args.device == "cuda" else ""), "\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

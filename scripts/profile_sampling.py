@@ -1,6 +1,6 @@
 """What a sampling step costs, and how much of it is arithmetic: `generate` on the 2x512 LSTM of
-scripts/bench_sampling.py against a bare loop that runs the same LSTM equations with its weights packed
-for oneDNN once per call and no autograd Function around them.
+scripts/bench_sampling.py (its compiled step where the kernels run) against a bare loop that runs the same
+LSTM equations in torch with its weights packed for oneDNN once per call and no autograd Function around them.
 
     python scripts/profile_sampling.py [--num 16 1] [--tokens 200] [--repeats 5]
 
@@ -18,18 +18,19 @@ import statistics
 import time
 
 import torch
-from bench_sampling import NeverEnds
+from bench_sampling import never_ending_model
 from comparison import allocator_settings, cpu_name
 
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.evaluation.sampling import generate, sample_next
+from lmtrain.model.language_model import LanguageModel
 from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 
 H, E = 512, 64
 
 
 @torch.no_grad()
-def bare_loop(model: NeverEnds, num: int, tokens: int, eos_id: int, generator: torch.Generator) -> None:
+def bare_loop(model: LanguageModel, num: int, tokens: int, eos_id: int, generator: torch.Generator) -> None:
     """The LSTM equations a token at a time, each layer's weights packed once for `num` rows."""
     linear, pack = ONEDNN_LINEAR
     layers = []
@@ -48,7 +49,6 @@ def bare_loop(model: NeverEnds, num: int, tokens: int, eos_id: int, generator: t
             x = torch.sigmoid(z_o) * torch.tanh(c)
             state[i] = (x, c)
         logits = model.projection(x)
-        logits[:, eos_id] = -1e9
         token = sample_next(logits, generator=generator)
 
 
@@ -76,9 +76,7 @@ def main() -> None:
     if ONEDNN_LINEAR is None:
         raise SystemExit("this torch has no oneDNN linear to measure")
     tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
-    torch.manual_seed(0)
-    model = NeverEnds(tokenizer.vocab_size, cell="lstm", embed_size=E, hidden_size=H, num_layers=2,
-                      gradients="manual").eval()
+    model = never_ending_model(tokenizer).eval()
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
           f"{allocator_settings()}; 2x{H} LSTM, {args.tokens} tokens a row, medians of {args.repeats}\n")
     print("| rows | generate tokens/s | bare loop tokens/s | product, weight as it is (us) | product, packed (us) |")

@@ -15,7 +15,7 @@ from lmtrain.backprop.lstm import _lstm_backward_loop, _lstm_forward_loop
 from lmtrain.config import ConfigError, build_config
 from lmtrain.model.cells import GRUCell, LSTMCell, RNNCell
 from lmtrain.model.layers import manual_layer
-from lmtrain.speed import gemm, kernels
+from lmtrain.speed import gemm, kernels, route
 from lmtrain.speed.route import Route, choose
 from lmtrain.training.trainer import train
 
@@ -36,6 +36,20 @@ def test_the_route_takes_its_product_dtype_from_autocast():
         with torch.autocast("cpu", enabled=False):
             assert choose(x).product_dtype is None
     assert choose(x).product_dtype is None
+
+
+@pytest.mark.parametrize("has_bfloat16", [True, False], ids=["onednn-bfloat16", "no-onednn-bfloat16"])
+def test_onednn_makes_bfloat16_products_only_where_it_has_them(monkeypatch, has_bfloat16):
+    """On an AVX2 CPU oneDNN has no bfloat16 linear (it raises): torch's addmm makes those products."""
+    if route.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(route, "ONEDNN_BFLOAT16", has_bfloat16)
+    x = torch.zeros(2, 3)
+    with gemm.use_onednn(True):
+        assert choose(x).onednn
+        with torch.autocast("cpu", dtype=BF16):
+            assert choose(x).onednn is has_bfloat16
+        assert choose(x.to(BF16)).onednn is has_bfloat16
 
 
 def test_mm_and_linear_are_torchs_bfloat16_products_returned_as_float32():

@@ -9,6 +9,7 @@ from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.sampling import check_options, generate, prime_ids, sample_next
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.speed import kernels
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -82,6 +83,14 @@ def test_temperature_sharpens_and_flattens():
     hot = sample_next(logits, temperature=100.0, generator=generator())
     share = torch.bincount(hot, minlength=3).double() / hot.numel()
     torch.testing.assert_close(share, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=0, atol=0.04)
+
+
+def test_draws_follow_the_softmax():
+    """Each token as often as its probability (the exponential race is a draw from the softmax)."""
+    logits = torch.tensor([[1.5, 0.0, -1.0, 0.5, -30.0]]).repeat(20000, 1)
+    share = torch.bincount(sample_next(logits, generator=generator()), minlength=5).double() / 20000
+    torch.testing.assert_close(share, logits[0].double().softmax(-1), rtol=0, atol=0.01)
+    assert share[4] == 0
 
 
 def test_same_seed_same_draws():
@@ -172,13 +181,22 @@ def test_generate_respects_max_tokens(chain):
     assert generate(model, tokenizer, temperature=0, prime="a", max_tokens=1) == ["ab"]
 
 
-def test_generate_stops_calling_the_model_once_every_sample_ended(chain):
+@pytest.mark.parametrize("compiled_step", [True, False], ids=["compiled-step", "forward"])
+def test_generate_stops_calling_the_model_once_every_sample_ended(chain, monkeypatch, compiled_step):
+    """Each token after the first goes through the compiled step where the kernels run (the model's
+    forward otherwise); either way no call after every sample has ended."""
     model, tokenizer = chain
     calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    model.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    step = model.token_step()
+    if step is None and compiled_step:
+        pytest.skip(f"compiled kernels unavailable: {kernels.unavailable_reason()}")
+    counted = lambda tokens, state: (calls.append(tuple(tokens.shape)), step(tokens, state))[1]  # noqa: E731
+    monkeypatch.setattr(model, "token_step", lambda: counted if compiled_step else None)
     generate(model, tokenizer, num=2, temperature=0, max_tokens=50)
-    # The start token, then "a", "b", "c" fed back; <eos> ends it without another call.
-    assert calls == [(2, 1), (2, 1), (2, 1), (2, 1)]
+    # The start token, then "a", "b", "c" fed back (a (B,) token a row through the step, (B, 1) through
+    # the forward); <eos> ends it without another call.
+    assert calls == [(2, 1), *[(2,) if compiled_step else (2, 1)] * 3]
 
 
 def small_model(tokenizer: Tokenizer) -> LanguageModel:
@@ -303,11 +321,14 @@ def test_a_vanishing_temperature_is_greedy_not_nan():
     assert torch.equal(sample_next(logits, temperature=1e-300, top_p=0.5, generator=generator()), logits.argmax(-1))
 
 
-def test_non_finite_outputs_are_named_as_damaged_weights():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_outputs_are_named_as_damaged_weights(value):
     logits = torch.randn(2, 5)
-    logits[1, 3] = float("nan")
+    logits[1, 3] = value
     with pytest.raises(LmtrainError, match="not finite numbers .* weights are damaged or diverged"):
         sample_next(logits, generator=generator())
+    big = torch.full((2, 5), 3e38)  # finite, though their float32 sum would overflow
+    assert sample_next(big, generator=generator()).shape == (2,)
 
 
 def test_seed_and_num_out_of_range_are_refused(tmp_path, config_factory):

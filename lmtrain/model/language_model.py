@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor, nn
 
 from lmtrain.config import ConfigError, ModelConfig, choices, initialisation
 from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.model import regularization
+from lmtrain.model.cells import Cell, GRUCell, LSTMCell
 from lmtrain.model.layers import RecurrentStack
 from lmtrain.model.regularization import SequenceDropout
 from lmtrain.speed import gemm, loss
+from lmtrain.speed.route import choose
+from lmtrain.speed.token_step import LayerWeights, TokenStep
 
 DEFAULTS = ModelConfig()  # the constructor's defaults are the config's
 
@@ -164,3 +168,27 @@ class LanguageModel(nn.Module):
         else:
             output = self.projection.summed_nll(a_dropped, targets, ignore_index)
         return (output, state, (a, a_dropped)) if hidden else (output, state)
+
+    def token_step(self) -> TokenStep | None:
+        """The left-to-right model's step for one token a row with its weights packed once, for as long
+        as they do not change (sampling, `lmtrain.evaluation.sampling`): `(tokens (B,), state) -> (logits
+        (B, V), state)`, the numbers of `self(tokens[:, None], state)`'s last position up to float32
+        rounding (tests/test_token_step.py). None where the compiled kernels do not run (`route.choose`:
+        CUDA, float64, no compiler, LMTRAIN_COMPILED=0), or for a subclass with a forward of its own; then
+        the model's forward takes each token."""
+        route = choose(self.embedding.weight)
+        if route.loops is None or route.mixed or type(self).forward is not LanguageModel.forward:
+            return None
+        with torch.no_grad():
+            return TokenStep(route.loops, [_layer_weights(layer.cell) for layer in self.rnn.layers],
+                             self.embedding.weight.detach(), self.projection.weight.detach(),
+                             self.projection.bias.detach())
+
+
+def _layer_weights(cell: Cell) -> LayerWeights:
+    """A cell's W_a = [W_aa, W_ax] of every gate in its gate order, and its biases."""
+    W_a = tuple(getattr(cell, f"W_{gate}").detach() for gate in cell.gates)
+    b = torch.cat([getattr(cell, f"b_{gate}") for gate in cell.gates]).detach()
+    name = "lstm" if isinstance(cell, LSTMCell) else "gru" if isinstance(cell, GRUCell) else "rnn"
+    b_cc = cell.b_cc.detach() if isinstance(cell, GRUCell) and cell.reset == "after" else None
+    return LayerWeights(name, W_a, b, b_cc)

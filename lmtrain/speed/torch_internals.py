@@ -41,6 +41,18 @@ def _onednn_linear() -> tuple[Callable, Callable] | None:
 ONEDNN_LINEAR = _onednn_linear()
 
 
+def _onednn_bfloat16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Whether oneDNN makes bfloat16 products on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+# on an AVX2 CPU its bfloat16 linear fails ("bf16 path needs the cpu support ...").
+ONEDNN_BFLOAT16 = ONEDNN_LINEAR is not None and _onednn_bfloat16()
+
+
 def _version_counters() -> Callable[[Iterable[torch.Tensor]], None] | None:
     try:
         from torch.autograd.graph import increment_version

@@ -10,6 +10,7 @@
 //   Python loops. The GRU's (both forms) and the RNN's follow the same plan with their own equations
 //   (lmtrain/backprop/gru.py, rnn.py). Under train.precision: bfloat16 the LSTM's recurrent products take
 //   bfloat16 factors (AVX-512 BF16); the GRU and RNN then run their Python loops.
+// - token_steps.h: one step of each cell for a few rows (sampling), from W_a = [W_aa, W_ax] packed once.
 // - softmax_cross_entropy.h: the output layer's loss and its gradient with respect to the logits in
 //   one pass per row (lmtrain/speed/loss.py).
 // - recurrent_products.h: each step's recurrent product, a thread's columns of W packed once a sequence.
@@ -19,6 +20,7 @@
 #include "lstm_loops.h"
 #include "rnn_loops.h"
 #include "softmax_cross_entropy.h"
+#include "token_steps.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lstm_forward", &lstm_forward, "The LSTM forward through time (in place)", py::arg("gates"),
@@ -39,6 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("a"), py::arg("W"));
   module.def("rnn_backward", &rnn_backward, "The tanh RNN backward through time: returns (dz, da(0))",
              py::arg("a"), py::arg("dA"), py::arg("W"));
+  module.def("lstm_token_step", &lstm_token_step, "One LSTM step from packed W_a: returns (a, c)",
+             py::arg("packed"), py::arg("b"), py::arg("a_prev"), py::arg("x"), py::arg("c_prev"));
+  module.def("gru_token_step", &gru_token_step, "One GRU step from packed W_a: returns c", py::arg("packed"),
+             py::arg("b"), py::arg("c_prev"), py::arg("x"), py::arg("b_cc") = py::none());
+  module.def("rnn_token_step", &rnn_token_step, "One tanh RNN step from packed W_a: returns a", py::arg("packed"),
+             py::arg("b"), py::arg("a_prev"), py::arg("x"));
   module.def("bf16_products_supported", &bf16_products_supported,
              "Whether this CPU runs the bfloat16 products (AVX-512 BF16)");
   module.def("softmax_cross_entropy_", &softmax_cross_entropy_,
