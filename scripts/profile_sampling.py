@@ -6,7 +6,9 @@ LSTM equations in torch with its weights packed for oneDNN once per call and no 
 
 Prints, for each number of rows: tokens/s of `generate` and of the bare loop (medians, alternating), and
 the time of one recurrent product, (rows, 512) by (512, 2,048), as oneDNN's linear with the weight as it
-is (what a single step gets) and packed for that many rows (what a sequence gets). The bare loop is a
+is (what a single step gets) and packed for that many rows (what a sequence gets). Then the compiled
+step's parts (`LanguageModel.token_step`): packing the weights, the whole step, each layer's call with
+its GFLOP/s and GB/s of weights read, and the draw (`sample_next`), in microseconds (medians). The bare loop is a
 measuring stick, not a sampler lmtrain offers: it shows the floor that Python and torch's per-call cost
 leave at one token a step.
 """
@@ -97,6 +99,44 @@ def main() -> None:
         plain, packed = product_us(num)
         print(f"| {num} | {statistics.median(speeds['generate']):,.0f} | {statistics.median(speeds['bare']):,.0f} | "
               f"{plain:.0f} | {packed:.0f} |", flush=True)
+    print("\n| rows | packing (ms) | compiled step (us) | layer 1 call (us) | layer 2 call (us) | draw (us) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for num in args.num:
+        print(step_parts(model, num), flush=True)
+
+
+def median_us(function, repeats: int = 300) -> float:
+    for _ in range(20):
+        function()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e6
+
+
+@torch.no_grad()
+def step_parts(model: LanguageModel, rows: int) -> str:
+    """A markdown row: the compiled step's parts at `rows` rows."""
+    begin = time.perf_counter()
+    step = model.token_step()
+    pack_ms = (time.perf_counter() - begin) * 1e3
+    if step is None:
+        return f"| {rows} | the compiled kernels do not run here | | | | |"
+    state = [tuple(torch.zeros(rows, H) for _ in layer) for layer in model.initial_state(rows)]
+    tokens = torch.randint(0, model.embedding.num_embeddings, (rows,))
+    whole = median_us(lambda: step(tokens, state))
+    layers = []
+    for index, (_, packed, b, _) in enumerate(step.layers):
+        x = torch.randn(rows, E if index == 0 else H)
+        a, c = torch.randn(rows, H), torch.randn(rows, H)
+        us = median_us(lambda: step.loops.lstm_token_step(packed, b, a, x, c))
+        flops, weight_bytes = 2 * rows * packed.numel(), 4 * packed.numel()
+        layers.append(f"{us:.0f} ({flops / us / 1e3:.0f} GFLOP/s, {weight_bytes / us / 1e3:.0f} GB/s)")
+    logits, generator = torch.randn(rows, model.embedding.num_embeddings), torch.Generator().manual_seed(0)
+    draw = median_us(lambda: sample_next(logits, generator=generator))
+    return f"| {rows} | {pack_ms:.1f} | {whole:.0f} | {' | '.join(layers)} | {draw:.0f} |"
 
 
 if __name__ == "__main__":
