@@ -170,10 +170,10 @@ class LanguageModel(nn.Module):
         return (output, state, (a, a_dropped)) if hidden else (output, state)
 
     def token_step(self) -> TokenStep | None:
-        """The left-to-right model's step for one token a row with its weights packed once, for as long
-        as they do not change (sampling, `lmtrain.evaluation.sampling`): `(tokens (B,), state) -> (logits
-        (B, V), state)`, the numbers of `self(tokens[:, None], state)`'s last position up to float32
-        rounding (tests/test_token_step.py). None where the compiled kernels do not run (`route.choose`:
+        """The left-to-right model's step for one token a row (sampling, `lmtrain.evaluation.sampling`),
+        with a copy of its weights packed now (a later change to them needs a new step): `(tokens (B,),
+        state) -> (logits (B, V), state)`, the numbers of `self(tokens[:, None], state)`'s last position
+        up to float32 rounding (tests/test_token_step.py). None where the compiled kernels do not run (`route.choose`:
         CUDA, float64, no compiler, LMTRAIN_COMPILED=0), or for a subclass with a forward of its own; then
         the model's forward takes each token."""
         route = choose(self.embedding.weight)
