@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lmtrain.config import ConfigError, ModelConfig, choices, initialisation
 from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.model import regularization
-from lmtrain.model.cells import Cell, GRUCell, LSTMCell
+from lmtrain.model.cells import CELLS, Cell, GRUCell
 from lmtrain.model.layers import RecurrentStack
 from lmtrain.model.regularization import SequenceDropout
 from lmtrain.speed import gemm, loss
@@ -189,6 +189,6 @@ def _layer_weights(cell: Cell) -> LayerWeights:
     """A cell's W_a = [W_aa, W_ax] of every gate in its gate order, and its biases."""
     W_a = tuple(getattr(cell, f"W_{gate}").detach() for gate in cell.gates)
     b = torch.cat([getattr(cell, f"b_{gate}") for gate in cell.gates]).detach()
-    name = "lstm" if isinstance(cell, LSTMCell) else "gru" if isinstance(cell, GRUCell) else "rnn"
+    name = next(name for name, kind in CELLS.items() if isinstance(cell, kind))
     b_cc = cell.b_cc.detach() if isinstance(cell, GRUCell) and cell.reset == "after" else None
     return LayerWeights(name, W_a, b, b_cc)

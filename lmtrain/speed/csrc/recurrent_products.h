@@ -18,8 +18,8 @@ namespace {
 
 // A packed block is 16 columns wide; the tile holds it in vectors of the CPU's own width (VECTOR_LANES
 // floats: 16 with AVX-512, 8 with AVX2, 4 elsewhere). A 64-byte vector type on a CPU without 64-byte registers
-// is not split into registers by GCC: it kept the sums in memory and made the AVX2 loops ~5x slower
-// than torch's own product (docs/benchmarks.md, "The tile on an AVX2 CPU").
+// is not split into registers by GCC: it kept the sums in memory and made the AVX2 loops 5-9x slower
+// (docs/benchmarks.md, "The tile on an AVX2 CPU").
 #if defined(__AVX512F__)
 constexpr int VECTOR_LANES = 16;
 #elif defined(__AVX__)
@@ -60,7 +60,7 @@ inline void tile(const float* __restrict A, int64_t lda, const float* __restrict
 }
 
 // LMTRAIN_SMALL_TILES builds AVX2's tile with AVX-512 too, for scripts/compare_tiles.py (docs/benchmarks.md).
-// On AVX2 a tile of 6 rows was no faster than this one (0.95-1.13x the time, docs/benchmarks.md).
+// On AVX2 a tile of 6 rows was no faster than this one (docs/benchmarks.md, "The tile on an AVX2 CPU").
 #if defined(__AVX512F__) && !defined(LMTRAIN_SMALL_TILES)
 constexpr int TILE_ROWS = 6, TILE_BLOCKS = 2;
 #else
