@@ -1,7 +1,7 @@
 """Where one layer's training step spends its time, lmtrain's against torch.nn's, by torch.profiler.
 
     python scripts/profile_layer.py [--cells lstm gru gru-lecture rnn] [--sizes "[[64, 128, 512]]"] [--steps 5]
-        [--doc docs/benchmarks.md]
+        [--doc docs/benchmarks.md] [--title TITLE]
 
 For each cell and size (B, T, H; input size H, one layer, input gradients on, float32, the step of
 scripts/bench_cells.py), lmtrain's step is split into what its parts cost per step, with the arithmetic
@@ -11,9 +11,10 @@ each part does and the rate it runs at:
 - "time loops": the Function's forward and backward themselves, in which the compiled loops make every
   step's recurrent product and gate arithmetic;
 - "the rest": copies into time-major buffers, bias sums, autograd.
-torch.nn's step is split by operator. Rates are GFLOP/s of the parts' multiply-adds (2 flops each);
-the machine's GEMM runs at about 370-410 GFLOP/s on two cores (docs/benchmarks.md), which bounds the
-first two parts.
+torch.nn's step is split by operator. Rates are GFLOP/s of the parts' multiply-adds (2 flops each).
+The last row of each size is the bound the machine sets: the step's arithmetic at the best rate its GEMMs
+reach in this job (torch.mm and oneDNN's linear, one (2048, 2048) by (2048, 2048) product, best of 5), the
+time no step doing these products can beat with these libraries.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from bench_cells import build, step_function
 from comparison import allocator_settings, cpu_name
 from doc_sections import write_section
 from torch.profiler import ProfilerActivity, profile
+
+from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 
 GATES = {"rnn": 1, "gru": 3, "gru-lecture": 3, "gru-simplified": 2, "lstm": 4}
 
@@ -46,6 +50,22 @@ def self_times(step, steps: int) -> dict[str, float]:
         for _ in range(steps):
             step()
     return {event.key: event.self_cpu_time_total / 1e3 / steps for event in profiler.key_averages()}
+
+
+def best_gemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the faster of torch.mm and oneDNN's linear on one (size, size) product, best of `repeats`."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    products = [lambda: torch.mm(a, b)]
+    if ONEDNN_LINEAR is not None:
+        products.append(lambda: ONEDNN_LINEAR[0](a, b, None, "none", [], ""))
+    best = float("inf")
+    for product in products:
+        product()
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - begin)
+    return 2 * size**3 / best / 1e9
 
 
 def lmtrain_parts(times: dict[str, float]) -> dict[str, float]:
@@ -75,7 +95,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=json.loads, default=[[64, 128, 512]])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--doc", type=Path, default=None,
-                        help="write the table as the section 'Where a layer's step goes'")
+                        help="write the table as the section 'Where a layer's step goes' (or --title)")
+    parser.add_argument("--title", default="Where a layer's step goes", help="the section of --doc to write")
     args = parser.parse_args()
     lines = [f"`python scripts/profile_layer.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -83,6 +104,7 @@ def main() -> None:
              f"self CPU ms per step, mean of {args.steps} profiled steps after 3 unprofiled", "",
              "| cell | B, T, H | side | part | ms | GFLOP | GFLOP/s |", "|---|---|---|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
+    gemm_rate = best_gemm_rate()
     for cell in args.cells:
         for B, T, H in args.sizes:
             x = torch.randn(B, T, H, requires_grad=True)
@@ -102,10 +124,13 @@ def main() -> None:
                         work = over_all + in_loops
                     work_text, rate = (f"{work / 1e9:.1f}", f"{work / ms / 1e6:.0f}") if work else ("", "")
                     rows.append(f"| {cell} | {B}, {T}, {H} | {side} | {part} | {ms:.1f} | {work_text} | {rate} |")
+            work = over_all + in_loops
+            rows.append(f"| {cell} | {B}, {T}, {H} | bound | the products alone at the machine's best GEMM rate "
+                        f"| {work / gemm_rate / 1e6:.1f} | {work / 1e9:.1f} | {gemm_rate:.0f} |")
             print("\n".join(rows), flush=True)
             lines += rows
     if args.doc:
-        write_section(args.doc, "Where a layer's step goes", "\n".join(lines))
+        write_section(args.doc, args.title, "\n".join(lines))
 
 
 if __name__ == "__main__":

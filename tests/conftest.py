@@ -55,6 +55,15 @@ def compiled():
     return module
 
 
+@pytest.fixture
+def onednn_everywhere(monkeypatch) -> None:
+    """oneDNN makes float32 products on this CPU too (lmtrain leaves them to MKL on AVX2 CPUs, where MKL is
+    faster), so that its paths are tested on every host."""
+    from lmtrain.speed import route
+
+    monkeypatch.setattr(route, "ONEDNN_FLOAT32", True)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test starts from the same torch RNG state, so it is deterministic on its own."""

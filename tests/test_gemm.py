@@ -10,9 +10,11 @@ import torch
 from test_backprop import CELL_CASES, gradients, make_cell, random_inputs
 
 from lmtrain.model.layers import RecurrentLayer
-from lmtrain.speed import gemm
+from lmtrain.speed import gemm, route
 from lmtrain.speed.gemm import FixedProduct, linear, use_onednn
 from lmtrain.speed.route import choose
+
+pytestmark = pytest.mark.usefixtures("onednn_everywhere")
 
 
 def onednn_runs(tensor: torch.Tensor) -> bool:
@@ -20,7 +22,7 @@ def onednn_runs(tensor: torch.Tensor) -> bool:
     return choose(tensor, compiled=False).onednn
 
 
-needs_onednn = pytest.mark.skipif(not onednn_runs(torch.zeros(1)), reason="this torch has no oneDNN")
+needs_onednn = pytest.mark.skipif(route.ONEDNN_LINEAR is None, reason="this torch has no oneDNN")
 FLOAT32 = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -59,6 +61,21 @@ def test_float64_and_switched_off_stay_with_aten():
             == onednn_runs(torch.zeros(1)))
     with use_onednn(False):
         assert not onednn_runs(torch.zeros(1))
+
+
+@needs_onednn
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_onednn_makes_float32_products_only_on_avx512_cpus(monkeypatch, capability):
+    """MKL's addmm is the faster on an AVX2 CPU; bfloat16 products follow oneDNN's own capability."""
+    monkeypatch.setattr(route, "ONEDNN_FLOAT32", capability == "AVX512")
+    x = torch.zeros(2, 3)
+    with use_onednn(True):
+        assert choose(x).onednn is (capability == "AVX512")
+        assert choose(x.double()).onednn is False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert choose(x).onednn is route.ONEDNN_BFLOAT16
+    with use_onednn(False):
+        assert choose(x).onednn is False
 
 
 @needs_onednn

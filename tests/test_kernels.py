@@ -61,6 +61,7 @@ def assert_same(expected: list[torch.Tensor], actual: list[torch.Tensor], tolera
         torch.testing.assert_close(got, want, rtol=0, atol=tolerance * float(want.detach().abs().max().clamp(min=1)))
 
 
+@pytest.mark.usefixtures("onednn_everywhere")
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])

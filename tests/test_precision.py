@@ -38,6 +38,7 @@ def test_the_route_takes_its_product_dtype_from_autocast():
     assert choose(x).product_dtype is None
 
 
+@pytest.mark.usefixtures("onednn_everywhere")
 @pytest.mark.parametrize("has_bfloat16", [True, False], ids=["onednn-bfloat16", "no-onednn-bfloat16"])
 def test_onednn_makes_bfloat16_products_only_where_it_has_them(monkeypatch, has_bfloat16):
     """On an AVX2 CPU oneDNN has no bfloat16 linear (it raises): torch's addmm makes those products."""
@@ -234,6 +235,7 @@ def test_a_bfloat16_run_may_go_on_in_float32(tmp_path):
 
 
 
+@pytest.mark.usefixtures("onednn_everywhere")
 @pytest.mark.parametrize("dtype", [None, BF16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("make_cell", [LSTMCell, GRUCell, RNNCell], ids=["lstm", "gru", "rnn"])
 def test_a_backward_runs_on_its_forwards_route_whatever_changes_between(make_cell, dtype, monkeypatch):

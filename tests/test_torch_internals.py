@@ -36,6 +36,7 @@ def layer_results(layer: RecurrentLayer, x: torch.Tensor) -> list[torch.Tensor]:
     return [outputs, a, c, x.grad, *(p.grad for p in layer.parameters())]
 
 
+@pytest.mark.usefixtures("onednn_everywhere")
 @pytest.mark.parametrize("compiled", [False, True], ids=["python-loops", "compiled-loops"])
 def test_without_the_onednn_ops_the_products_are_addmm_with_the_same_values(monkeypatch, compiled):
     layer = RecurrentLayer(LSTMCell(16, 384), gradients="manual")  # above ONEDNN_FROM_WEIGHTS: oneDNN's route

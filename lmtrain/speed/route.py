@@ -11,8 +11,10 @@ The inputs to the decision are the user's, read where they live, never a switch 
   bfloat16 factors summed in float32 (`train.precision: bfloat16` opens that block around the forward).
   torch.amp's `custom_fwd`/`custom_bwd` do not fit: with `cast_inputs` they forget that the forward ran
   under autocast, and without it the forward's own elementwise arithmetic would be autocast too;
-- oneDNN follows torch's own switch, `torch.backends.mkldnn.enabled`, and makes bfloat16 products only on
-  a CPU where it has them (`torch_internals.ONEDNN_BFLOAT16`; torch's addmm makes them elsewhere);
+- oneDNN follows torch's own switch, `torch.backends.mkldnn.enabled`; it makes float32 products on a CPU
+  with AVX-512, where it is as fast as MKL's addmm or faster, and leaves them to MKL on an AVX2 CPU, where
+  MKL is the faster (`ONEDNN_FLOAT32`); it makes bfloat16 products only on a CPU where it has them
+  (`torch_internals.ONEDNN_BFLOAT16`; torch's addmm makes them elsewhere);
 - the compiled kernels run unless `LMTRAIN_COMPILED=0` (or they cannot be built: `kernels.load`).
 """
 
@@ -27,11 +29,16 @@ from types import ModuleType
 import torch
 
 from lmtrain.speed import kernels
-from lmtrain.speed.torch_internals import ONEDNN_BFLOAT16, ONEDNN_LINEAR
+from lmtrain.speed.torch_internals import ONEDNN_BFLOAT16, ONEDNN_LINEAR, cpu_capability
 
 # Packing W for oneDNN costs a few products' worth of time: for fewer uses than this, as when sampling
 # feeds one token at a time, W is used as it is.
 PACK_FROM = 4
+
+# Whether oneDNN makes the float32 products: with AVX-512 its kernels match MKL's (Intel Xeon) or beat them
+# (AMD Zen 5: MKL runs its AVX2 code on AMD CPUs); on an AVX2 CPU MKL's addmm is the faster, a layer's
+# training step 0.91-0.98x the time with it (docs/benchmarks.md, "oneDNN or MKL").
+ONEDNN_FLOAT32 = cpu_capability() == "AVX512"
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ def choose(tensor: torch.Tensor, *, compiled: bool = True) -> Route:
         product_dtype = torch.get_autocast_dtype(device)
     bfloat16 = torch.bfloat16 in (tensor.dtype, product_dtype)
     onednn = (ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled and device == "cpu"
-              and tensor.dtype in (torch.float32, torch.bfloat16) and (ONEDNN_BFLOAT16 or not bfloat16))
+              and tensor.dtype in (torch.float32, torch.bfloat16)
+              and (ONEDNN_BFLOAT16 if bfloat16 else ONEDNN_FLOAT32))
     loops = None
     if compiled and device == "cpu" and tensor.dtype == torch.float32 and os.environ.get(kernels.SWITCH) != "0":
         loops = kernels.load()
