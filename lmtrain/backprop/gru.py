@@ -58,6 +58,7 @@ class GRUFunction(Function):
             dz, dc = ctx.loops.gru_backward(gates, c, dA, W_recurrent.detach().contiguous())
         else:
             dz, dc = _gru_backward_loop(gates, c, dA, W_recurrent, relevance_gate, ctx.route)
+        del dA  # freed before the products over all steps, where the backward's memory peaks
         c_prev = c[:-1]
         dW_recurrent = None
         if needs[2]:  # the gates read c(t-1), the candidate reads Γ_r * c(t-1)
@@ -165,10 +166,12 @@ class GRUAfterFunction(Function):
         else:
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), c.size(1), gates.size(0), ctx.route)
             dr, dz_c, dc = _gru_after_backward_loop(gates, c, p, dA, recurrent_t)
+        del dA  # freed before the products over all steps, where the backward's memory peaks
         H, c_prev, needs = c.size(-1), c[:-1], ctx.needs_input_grad[1:]
         dW_recurrent = summed_over_time(dr, c_prev, ctx.route) if needs[2] else None  # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
         db_cc = dr[..., 2 * H:].sum((0, 1)) if needs[5] else None          # Σ_t Σ_batch dp
         dr[..., 2 * H:] = dz_c                                             # the input side's dZ: [dz_u, dz_r, dz_c]
+        del dz_c
         dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dr, x, W_input, ctx.route)
         return dx, dc, dW_recurrent, dW_input, db, db_cc
 

@@ -63,6 +63,7 @@ class LSTMFunction(Function):
             dz_low = None                                                  # the products lower dz themselves
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), dc.size(0), T, ctx.route)  # dz W_a: transposed
             dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA, dc, recurrent_t)
+        del dA  # freed before the products over all steps, where the backward's memory peaks
         needs = ctx.needs_input_grad[1:]
         # With bfloat16 products the compiled loops made bfloat16 copies of a(t) and dz(t): the products read those.
         dz_factor, a_factor = (dz, a) if dz_low is None else (dz_low, a_low)

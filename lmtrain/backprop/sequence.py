@@ -83,7 +83,8 @@ def input_gradients(needs: tuple[bool, ...], dz: Tensor, x: Tensor, W_input: Ten
     products' factor (a bfloat16 copy already made), is dz itself if not given."""
     dz_rows = dz.flatten(0, 1)                                             # (T*B, G*H)
     factor_rows = dz_rows if dz_factor is None else dz_factor.flatten(0, 1)
-    dx = linear(factor_rows, W_input.t(), None, route).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
+    # dW first: its time-major copy of x is freed before dx is made, one (T, B, E) buffer less at the peak.
     dW_input = mm(factor_rows.t(), time_major_rows(x), route) if needs[1] else None
+    dx = linear(factor_rows, W_input.t(), None, route).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
     db = dz_rows.sum(0) if needs[2] else None
     return dx, dW_input, db
