@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def main() -> None:
             lines.append(f"| {title} {bucket} | " + " | ".join(cell_text(reports[c][key][bucket]) for c in CELLS)
                          + f" | {count} |")
     lines.append("| valid loss (nats/word) | " + " | ".join(f"{losses[c]:.4f}" for c in CELLS) + " | |")
-    command = " ".join(["python scripts/agreement_table.py", *sys.argv[1:]])
+    command = shlex.join(["python", "scripts/agreement_table.py", *sys.argv[1:]])
     header = [f"`{command}` ({platform.machine()}, torch {torch.__version__}): "
               f"configs/agreement-CELL.yaml for each cell ({config.train.max_steps} steps, model.gradients "
               f"{config.model.gradients}), then `lmtrain eval agreement --checkpoint {args.out_dir}/CELL/best.pt`. "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
     allocator = allocator_settings()
-    header = [f"`python scripts/bench_cells.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+    header = [f"`python scripts/bench_cells.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),
               f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, allocator: {allocator}; medians of {args.repeats} alternating steps"
               + (f"; {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"

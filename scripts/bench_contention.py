@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def main() -> None:
                     competitor.wait()
     median = {key: statistics.median(values) for key, values in speeds.items()}
     header = " | ".join(f"{load} competing" for load in LOADS)
-    lines = [f"`python scripts/bench_contention.py {' '.join(sys.argv[1:])}` ({provenance()})",
+    lines = [f"`python scripts/bench_contention.py {shlex.join(sys.argv[1:])}` ({provenance()})",
              f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: "
              f"{allocator_settings()}; tokens/s, medians of {args.rounds} alternating rounds of {args.seconds:g} s of "
              f"training each (every round in parentheses)", "",

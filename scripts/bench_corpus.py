@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown section into this file")
     args = parser.parse_args()
     allocator = " ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR if name in os.environ)
-    command = f"{allocator} python scripts/bench_corpus.py {' '.join(sys.argv[1:])}".strip()
+    command = f"{allocator} python scripts/bench_corpus.py {shlex.join(sys.argv[1:])}".strip()
     print(f"allocator: {allocator or 'glibc defaults'}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="lmtrain-bench-corpus-"))
     try:

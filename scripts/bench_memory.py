@@ -20,6 +20,7 @@ import argparse
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,7 @@ def main() -> None:
     floor = peak_mb([sys.executable, "-c", FLOOR], cwd=ROOT)
     header = "| vocabulary (words seen) | model | train MB | eval MB | sample MB |" + (
         " baseline train / eval / sample MB |" if args.baseline else "")
-    lines = [f"`python scripts/bench_memory.py {' '.join(sys.argv[1:])}` ({provenance()})",
+    lines = [f"`python scripts/bench_memory.py {shlex.join(sys.argv[1:])}` ({provenance()})",
              f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator()}; "
              f"peak resident set size of each command's process", "",
              header, "|---:|---|---:|---:|---:|" + ("---|" if args.baseline else ""),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -67,7 +68,7 @@ def main() -> None:
     speeds = {way: values[1:] for way, values in speeds.items()}
     median = {way: statistics.median(values) for way, values in speeds.items()}
     step = "compiled step" if model.token_step() is not None else "model's forward (the kernels do not run here)"
-    lines = [f"`python scripts/bench_sampling.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+    lines = [f"`python scripts/bench_sampling.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads, allocator: {allocator_settings()}, device {args.device}: 2x512 LSTM, vocabulary "
              f"{tokenizer.vocab_size}, {args.num} samples x {args.tokens} tokens side by side, the state carried "

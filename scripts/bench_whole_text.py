@@ -11,6 +11,7 @@ autograd, as `--segment 0` scores a text. Medians of `--repeats` runs after one 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -49,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     tokens = torch.randint(2, 65, (1, args.tokens))
-    lines = [f"`python scripts/bench_whole_text.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+    lines = [f"`python scripts/bench_whole_text.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
              f"{allocator_settings()}; 2x256 models, {args.tokens:,} tokens as one sequence, batch 1, "
              f"medians of {args.repeats}", "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def main() -> None:
         rows.append(f"| {backward} | {result.progress.best_valid_loss:.4f} | {test['perplexity']:.3f} | "
                     f"{seconds:.0f} s | {result.progress.tokens / seconds:,.0f} |")
     allocator = allocator_settings()
-    print(f"\n`python scripts/compare_backward.py {' '.join(sys.argv[1:])}` on {platform.machine()}, torch "
+    print(f"\n`python scripts/compare_backward.py {shlex.join(sys.argv[1:])}` on {platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator}\n")
     print("| model.gradients | best valid loss | test (else valid) perplexity | training time | tokens/s |")
     print("|---|---:|---:|---:|---:|")

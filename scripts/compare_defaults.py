@@ -16,6 +16,7 @@ it), one process at a time, and scored once at the end on the whole validation s
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -66,7 +67,7 @@ def main() -> None:
             tuned = results[variants[-1][0]]["valid_loss"]
             rows += [(corpus, steps, label, result["valid_loss"], result["valid_loss"] / tuned)
                      for label, result in results.items()]
-    lines = [f"`python scripts/compare_defaults.py {' '.join(sys.argv[1:])}` ({provenance()})", "",
+    lines = [f"`python scripts/compare_defaults.py {shlex.join(sys.argv[1:])}` ({provenance()})", "",
              "| corpus | steps | config | valid loss (nats/token) | / the gallery config's |",
              "|---|---:|---|---:|---:|"]
     lines += [f"| {corpus} | {steps:,} | {label} | {loss:.4f} | {ratio:.3f} |"

@@ -15,6 +15,7 @@ their recurrent products (2 flops a multiply-add).
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def main() -> None:
     if args.revision:
         modules[args.revision] = build(args.revision, sources_at(args.revision), [])
     others = list(modules)[1:]
-    lines = [f"`python scripts/compare_tiles.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+    lines = [f"`python scripts/compare_tiles.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"build {kernels.spec().module}, "
              f"allocator: {allocator_settings()}; medians of {args.repeats} alternating runs", "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def main() -> None:
         print({name: round(values[-1]) for name, values in speeds.items()}, flush=True)
     median = {name: statistics.median(values) for name, values in speeds.items()}
     allocator = allocator_settings()
-    lines = [f"`python scripts/compare_train_speed.py {' '.join(sys.argv[1:])}`",
+    lines = [f"`python scripts/compare_train_speed.py {shlex.join(sys.argv[1:])}`",
              f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: {allocator}; "
              f"{args.rounds} alternating rounds of {args.steps} steps each", "",
              "| trainer | tokens/s (median) | every round | lmtrain / reference |", "|---|---:|---|---:|"]

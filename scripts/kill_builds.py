@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def main() -> None:
             row = one_run(folder, number, round(rng.uniform(1.0, args.longest_delay), 1))
         rows.append(row)
         print(row, flush=True)
-    lines = [f"`python scripts/kill_builds.py {' '.join(sys.argv[1:])}` ({provenance()})",
+    lines = [f"`python scripts/kill_builds.py {shlex.join(sys.argv[1:])}` ({provenance()})",
              f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; each run from an empty "
              "kernel cache", "",
              "| run | signal | after s | the cache then | next run trained | it waited | next run s |",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -98,7 +99,7 @@ def main() -> None:
                         help="write the table as the section 'Where a layer's step goes' (or --title)")
     parser.add_argument("--title", default="Where a layer's step goes", help="the section of --doc to write")
     args = parser.parse_args()
-    lines = [f"`python scripts/profile_layer.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+    lines = [f"`python scripts/profile_layer.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"allocator: {allocator_settings()}; "
              f"self CPU ms per step, mean of {args.steps} profiled steps after 3 unprofiled", "",
