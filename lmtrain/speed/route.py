@@ -37,7 +37,7 @@ PACK_FROM = 4
 
 # Whether oneDNN makes the float32 products: with AVX-512 its kernels match MKL's (Intel Xeon) or beat them
 # (AMD Zen 5: MKL runs its AVX2 code on AMD CPUs); on an AVX2 CPU MKL's addmm is the faster, a layer's
-# training step 0.91-0.98x the time with it (docs/benchmarks.md, "oneDNN or MKL").
+# training step 0.92-0.99x the time with it (docs/benchmarks.md, "oneDNN or MKL on this CPU").
 ONEDNN_FLOAT32 = cpu_capability() == "AVX512"
 
 
