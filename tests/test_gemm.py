@@ -63,11 +63,19 @@ def test_float64_and_switched_off_stay_with_aten():
         assert not onednn_runs(torch.zeros(1))
 
 
+def test_onednn_makes_float32_products_except_on_avx2_cpus():
+    """MKL's addmm is the faster on an x86 CPU with AVX2 and no AVX-512; elsewhere oneDNN stays."""
+    assert route.onednn_for_float32("AVX512")
+    assert not route.onednn_for_float32("AVX2")
+    assert route.onednn_for_float32("DEFAULT")  # not measured: as before
+
+
 @needs_onednn
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
-def test_onednn_makes_float32_products_only_on_avx512_cpus(monkeypatch, capability):
-    """MKL's addmm is the faster on an AVX2 CPU; bfloat16 products follow oneDNN's own capability."""
-    monkeypatch.setattr(route, "ONEDNN_FLOAT32", capability == "AVX512")
+def test_the_route_follows_the_cpus_float32_choice(monkeypatch, capability):
+    """The route asks oneDNN for float32 products as `ONEDNN_FLOAT32` says; bfloat16 products follow
+    oneDNN's own capability, float64 and the switched-off case never use it."""
+    monkeypatch.setattr(route, "ONEDNN_FLOAT32", route.onednn_for_float32(capability))
     x = torch.zeros(2, 3)
     with use_onednn(True):
         assert choose(x).onednn is (capability == "AVX512")

@@ -1,6 +1,6 @@
 """The matrix products of the recurrences, run by the fastest GEMM at hand: oneDNN's where the route
-says so (a CPU with AVX-512 for float32, one with oneDNN's bfloat16 products for bfloat16;
-lmtrain/speed/route.py), ATen's `addmm` (MKL, OpenBLAS, cuBLAS) otherwise.
+says so (float32 except on an x86 CPU with AVX2 and no AVX-512; bfloat16 where oneDNN has bfloat16
+products; lmtrain/speed/route.py), ATen's `addmm` (MKL, OpenBLAS, cuBLAS) otherwise.
 
 Why not always `torch.addmm`: on CPU it calls MKL, which runs a recurrence's small per-step products,
 (B, H) @ (H, 4H) with B = 32, well below what oneDNN reaches with its weight packed once for the

@@ -11,9 +11,9 @@ The inputs to the decision are the user's, read where they live, never a switch 
   bfloat16 factors summed in float32 (`train.precision: bfloat16` opens that block around the forward).
   torch.amp's `custom_fwd`/`custom_bwd` do not fit: with `cast_inputs` they forget that the forward ran
   under autocast, and without it the forward's own elementwise arithmetic would be autocast too;
-- oneDNN follows torch's own switch, `torch.backends.mkldnn.enabled`; it makes float32 products on a CPU
-  with AVX-512, where it is as fast as MKL's addmm or faster, and leaves them to MKL on an AVX2 CPU, where
-  MKL is the faster (`ONEDNN_FLOAT32`); it makes bfloat16 products only on a CPU where it has them
+- oneDNN follows torch's own switch, `torch.backends.mkldnn.enabled`; it makes the float32 products
+  except on an x86 CPU with AVX2 and no AVX-512, where MKL's addmm is the faster (`ONEDNN_FLOAT32`);
+  it makes bfloat16 products only on a CPU where it has them
   (`torch_internals.ONEDNN_BFLOAT16`; torch's addmm makes them elsewhere);
 - the compiled kernels run unless `LMTRAIN_COMPILED=0` (or they cannot be built: `kernels.load`).
 """
@@ -35,10 +35,16 @@ from lmtrain.speed.torch_internals import ONEDNN_BFLOAT16, ONEDNN_LINEAR, cpu_ca
 # feeds one token at a time, W is used as it is.
 PACK_FROM = 4
 
-# Whether oneDNN makes the float32 products: with AVX-512 its kernels match MKL's (Intel Xeon) or beat them
-# (AMD Zen 5: MKL runs its AVX2 code on AMD CPUs); on an AVX2 CPU MKL's addmm is the faster, a layer's
-# training step 0.92-0.99x the time with it (docs/benchmarks.md, "oneDNN or MKL on this CPU").
-ONEDNN_FLOAT32 = cpu_capability() == "AVX512"
+
+def onednn_for_float32(capability: str) -> bool:
+    """Whether oneDNN makes the float32 products on a CPU of torch's `capability`. On an x86 CPU with AVX2
+    and no AVX-512 MKL's addmm is the faster, a layer's training step 0.92-0.99x the time with it; with
+    AVX-512 oneDNN matches MKL (Intel Xeon) or beats it (AMD Zen 5, where MKL runs its AVX2 code)
+    (docs/benchmarks.md, "oneDNN or MKL on this CPU"). Other CPUs keep oneDNN: not measured."""
+    return capability != "AVX2"
+
+
+ONEDNN_FLOAT32 = onednn_for_float32(cpu_capability())  # this CPU's, decided once as lmtrain loads
 
 
 @dataclass(frozen=True)
