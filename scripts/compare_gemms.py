@@ -1,5 +1,5 @@
 """oneDNN's products or MKL's for lmtrain's float32 training on this CPU, alternating in one job: what
-`lmtrain.speed.route.ONEDNN_FLOAT32` (oneDNN only on CPUs with AVX-512) rests on.
+`lmtrain.speed.route.onednn_for_float32` (MKL's on x86 CPUs with AVX2 and no AVX-512) rests on.
 
     python scripts/compare_gemms.py [--cells lstm gru rnn] [--sizes JSON] [--repeats 7]
         [--corpus PATH/TO/tinyshakespeare/input.txt] [--steps 150] [--rounds 3] [--doc docs/benchmarks.md]
@@ -18,15 +18,14 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from bench_cells import build, step_function
-from comparison import ROOT, allocator_settings, cpu_name
+from compare_train_speed import lmtrain_tokens_per_s
+from comparison import allocator_settings, cpu_name
 from doc_sections import write_section
 
 from lmtrain.speed import route
@@ -55,14 +54,7 @@ def run_tokens_per_s(corpus: Path, steps: int, onednn: bool) -> float:
     """Training tokens/s of one `lmtrain train` run in its own process, with `ONEDNN_FLOAT32` set as given."""
     code = (f"import sys; from lmtrain.speed import route; route.ONEDNN_FLOAT32 = {onednn}; "
             "from lmtrain.cli import app; sys.argv = ['lmtrain', *sys.argv[1:]]; app()")
-    with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, "-c", code, "train", str(ROOT / "configs" / "tinyshakespeare-char.yaml"),
-                        f"data.path={corpus}", "data.corpus=null", f"train.max_steps={steps}",
-                        "train.max_seconds=null", f"train.eval_every={10 * steps}",
-                        f"train.checkpoint_every={10 * steps}", "train.final_samples=0",
-                        f"train.out_dir={folder}/run"], capture_output=True, text=True, check=True)
-        progress = torch.load(Path(folder) / "run" / "last.pt", weights_only=True)["progress"]
-        return progress["tokens"] / progress["train_seconds"]
+    return lmtrain_tokens_per_s(corpus, steps, [], launcher=(sys.executable, "-c", code))
 
 
 def main() -> None:

@@ -35,9 +35,12 @@ def reference_tokens_per_s(corpus: Path, steps: int) -> float:
     return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def lmtrain_tokens_per_s(corpus: Path, steps: int, overrides: list[str]) -> float:
+def lmtrain_tokens_per_s(corpus: Path, steps: int, overrides: list[str],
+                         launcher: tuple[str, ...] = (sys.executable, "-m", "lmtrain")) -> float:
+    """Training tokens/s of one `lmtrain train` run in its own process; `launcher` is the command that
+    stands for `lmtrain` (scripts/compare_gemms.py sets a switch of the route's first)."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "lmtrain", "train", str(ROOT / "configs" / "tinyshakespeare-char.yaml"),
+        command = [*launcher, "train", str(ROOT / "configs" / "tinyshakespeare-char.yaml"),
                    f"data.path={corpus}", "data.corpus=null", f"train.max_steps={steps}", "train.max_seconds=null",
                    f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.final_samples=0",
                    f"train.out_dir={folder}/run", *overrides]

@@ -171,7 +171,7 @@ class GRUAfterFunction(Function):
         dW_recurrent = summed_over_time(dr, c_prev, ctx.route) if needs[2] else None  # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
         db_cc = dr[..., 2 * H:].sum((0, 1)) if needs[5] else None          # Σ_t Σ_batch dp
         dr[..., 2 * H:] = dz_c                                             # the input side's dZ: [dz_u, dz_r, dz_c]
-        del dz_c
+        del dz_c  # now in dr: freed too
         dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dr, x, W_input, ctx.route)
         return dx, dc, dW_recurrent, dW_input, db, db_cc
 
