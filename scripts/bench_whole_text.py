@@ -1,7 +1,7 @@
 """Whole-text evaluation speed (`lmtrain eval perplexity --segment 0`): one long sequence, batch 1, the state
 carried through it, with the compiled time loops and with the Python loops, alternating.
 
-    python scripts/bench_whole_text.py [--tokens 20000] [--repeats 4] [--doc docs/benchmarks.md]
+    python scripts/bench_whole_text.py [--tokens 20000] [--repeats 4] [--doc docs/benchmarks.md] [--title TITLE]
 
 For each cell (the lecture's GRU, PyTorch's GRU, the RNN, the LSTM), a 2x256 character model with random
 weights (vocabulary 65) runs the forward pass over `--tokens` random tokens as one sequence without
@@ -46,7 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--doc", type=Path, default=None, help="write the table as the section 'Whole texts'")
+    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file too")
+    parser.add_argument("--title", default="Whole texts", help="the section of --doc to write")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokens = torch.randint(2, 65, (1, args.tokens))
@@ -63,7 +64,7 @@ def main() -> None:
         print(row, flush=True)
         lines.append(row)
     if args.doc:
-        write_section(args.doc, "Whole texts", "\n".join(lines))
+        write_section(args.doc, args.title, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 """The compiled time loops with the per-step product's two register tiles, alternating in one job.
 
-    python scripts/compare_tiles.py [--repeats 7] [--revision REV] [--doc docs/benchmarks.md]
+    python scripts/compare_tiles.py [--repeats 7] [--revision REV] [--sizes JSON] [--doc docs/benchmarks.md]
 
 Builds lmtrain/speed/csrc/kernels.cpp with this CPU's flags (`lmtrain.speed.kernels.spec()`): as lmtrain
 builds it (tiles of 6 rows by 32 columns with AVX-512, 12 sums; 4 rows by 16 columns with AVX2) and,
 with AVX-512, with `-DLMTRAIN_SMALL_TILES` (AVX2's 4 by 16), and with `--revision` also the kernels of that git
 revision (`git show REV:lmtrain/speed/csrc/...`), each into a folder of its own under the system's
 temporary folder. Then times the RNN's and the LSTM's forward and backward loops alone (the recurrent
-products and gate arithmetic of every step; no products over all steps, no Python), the builds
-alternating, and prints medians, each build's time against lmtrain's, and the loops' rate in GFLOP/s of
-their recurrent products (2 flops a multiply-add).
+products and gate arithmetic of every step; no products over all steps, no Python) at each size
+(B, T, H) of `--sizes` (default SIZES), the builds alternating, and prints medians, each build's time
+against lmtrain's, and the loops' rate in GFLOP/s of their recurrent products (2 flops a multiply-add).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import subprocess
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--revision", default=None, help="also time the kernels of this git revision")
+    parser.add_argument("--sizes", type=json.loads, default=SIZES, help='(B, T, H) each, e.g. "[[1, 256, 512]]"')
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this file too")
     parser.add_argument("--title", default="The product's register tile", help="the section of --doc to write")
     args = parser.parse_args()
@@ -95,7 +97,7 @@ def main() -> None:
              "|---|---|" + "---:|" * (2 * len(modules) + len(others))]
     print("\n".join(lines), flush=True)
     for cell in ("rnn", "lstm"):
-        for B, T, H in SIZES:
+        for B, T, H in args.sizes:
             run = loops(cell, B, T, H)
             times: dict[str, list[float]] = {name: [] for name in modules}
             for module in modules.values():

@@ -35,14 +35,20 @@ constexpr int PARTS = COLUMNS / VECTOR_LANES;                // vectors per bloc
 // blocks (K, 16), `stride` floats apart. An FMA takes 4 cycles and two issue per cycle, so 8 independent
 // sums keep the FMA units busy: AVX-512's 32 registers hold 6 rows by 2 blocks (12 sums, 2 loads of W
 // and 6 of A for 12 FMAs per k); with AVX2 a block is two 8-float vectors, 4 rows by 1 block 8 sums.
+// A tile of fewer rows (the last rows of a batch; batch 1, sampling one sample) keeps SPLIT sets of its
+// sums, set s taking the k with k % SPLIT == s, added together at the end, so that it too has 8: with one
+// set, one row by one block on AVX2 was 2 chains of dependent FMAs, a quarter of what the units can do.
 template <int R, int BLOCKS>
 inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P, int64_t stride, int64_t K,
                  float* __restrict C, int64_t ldc) noexcept {
-  native_vector sum[R][BLOCKS][PARTS];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < BLOCKS; ++b)
-      for (int p = 0; p < PARTS; ++p) sum[r][b][p] = native_vector{};
-  for (int64_t k = 0; k < K; ++k) {
+  constexpr int SUMS = R * BLOCKS * PARTS, SPLIT = SUMS >= 8 ? 1 : 8 / SUMS;
+  native_vector sum[SPLIT][R][BLOCKS][PARTS];
+  for (int s = 0; s < SPLIT; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < BLOCKS; ++b)
+        for (int p = 0; p < PARTS; ++p) sum[s][r][b][p] = native_vector{};
+  // Input k's products, into the sums of set s.
+  const auto accumulate = [&](int s, int64_t k) {
     native_vector w[BLOCKS][PARTS];
     for (int b = 0; b < BLOCKS; ++b)
       for (int p = 0; p < PARTS; ++p)
@@ -50,13 +56,21 @@ inline void tile(const float* __restrict A, int64_t lda, const float* __restrict
     for (int r = 0; r < R; ++r) {
       const float a = A[r * lda + k];
       for (int b = 0; b < BLOCKS; ++b)
-        for (int p = 0; p < PARTS; ++p) sum[r][b][p] += a * w[b][p];
+        for (int p = 0; p < PARTS; ++p) sum[s][r][b][p] += a * w[b][p];
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + SPLIT <= K; k += SPLIT)
+    for (int s = 0; s < SPLIT; ++s) accumulate(s, k + s);
+  for (int s = 0; k < K; ++k, ++s) accumulate(s, k);
+  for (int s = 1; s < SPLIT; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < BLOCKS; ++b)
+        for (int p = 0; p < PARTS; ++p) sum[0][r][b][p] += sum[s][r][b][p];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BLOCKS; ++b)
       for (int p = 0; p < PARTS; ++p)
-        std::memcpy(C + r * ldc + b * COLUMNS + p * VECTOR_LANES, &sum[r][b][p], sizeof sum[r][b][p]);
+        std::memcpy(C + r * ldc + b * COLUMNS + p * VECTOR_LANES, &sum[0][r][b][p], sizeof sum[0][r][b][p]);
 }
 
 // LMTRAIN_SMALL_TILES builds AVX2's tile with AVX-512 too, for scripts/compare_tiles.py (docs/benchmarks.md).
@@ -67,7 +81,20 @@ constexpr int TILE_ROWS = 6, TILE_BLOCKS = 2;
 constexpr int TILE_ROWS = 4, TILE_BLOCKS = 1;
 #endif
 
-// All B rows against BLOCKS neighbouring blocks: tiles of TILE_ROWS rows, then 4, 2 and 1 for the rest.
+// The last `rest` < TILE_ROWS rows of a batch as one tile, which reads the blocks once: as tiles of 2
+// and 1 rows, 3 rows read them twice.
+template <int BLOCKS, int R = TILE_ROWS - 1>
+inline void rest_rows(int64_t rest, const float* A, int64_t lda, const float* P, int64_t stride, int64_t K,
+                      float* C, int64_t ldc) noexcept {
+  if constexpr (R > 0) {
+    if (rest == R)
+      tile<R, BLOCKS>(A, lda, P, stride, K, C, ldc);
+    else
+      rest_rows<BLOCKS, R - 1>(rest, A, lda, P, stride, K, C, ldc);
+  }
+}
+
+// All B rows against BLOCKS neighbouring blocks: tiles of TILE_ROWS rows, then one tile for the rest.
 template <int BLOCKS>
 inline void tile_rows(const float* A, int64_t lda, int64_t B, int64_t K, const float* P, int64_t N,
                       float* C) noexcept {
@@ -75,9 +102,7 @@ inline void tile_rows(const float* A, int64_t lda, int64_t B, int64_t K, const f
   int64_t row = 0;
   for (; row + TILE_ROWS <= B; row += TILE_ROWS)
     tile<TILE_ROWS, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N);
-  if (TILE_ROWS > 4 && row + 4 <= B) tile<4, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N), row += 4;
-  if (row + 2 <= B) tile<2, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N), row += 2;
-  if (row < B) tile<1, BLOCKS>(A + row * lda, lda, P, stride, K, C + row * N, N);
+  rest_rows<BLOCKS>(B - row, A + row * lda, lda, P, stride, K, C + row * N, N);
 }
 
 // C (B, N) = A (B, K) P, A's rows `lda` floats apart, P packed as N / 16 blocks of (K, 16), N a multiple
