@@ -92,6 +92,17 @@ def test_threads_share_the_units_and_give_the_same_result(compiled, cell, thread
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_every_batch_size_a_tile_can_leave_gives_the_python_loops_values(compiled, cell):
+    """The per-step product takes the rows in tiles of 4 (6 with AVX-512) and the rest in one smaller tile
+    whose sums are split among the inputs k: batches 1 to 13 leave every rest, and 37 hidden units make
+    inputs (37 forward, 37 G backward) that are not a multiple of the split."""
+    for B in range(1, 14):
+        layer = RecurrentLayer(CELLS[cell](3, 37), gradients="manual")
+        x, state = torch.randn(B, 6, 3), random_state(layer.cell, B)
+        assert_same(run_layer(layer, x, state, compiled=False), run_layer(layer, x, state, compiled=True))
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_saturated_gates_match_and_stay_finite(compiled, cell):
     """Pre-activations of ±100 and more: σ and tanh must saturate to 0, ±1 as torch's do, without
     overflow in the compiled exp. A gradient through a saturated gate is ill-conditioned in float32

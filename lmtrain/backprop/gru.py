@@ -63,8 +63,10 @@ class GRUFunction(Function):
         dW_recurrent = None
         if needs[2]:  # the gates read c(t-1), the candidate reads Γ_r * c(t-1)
             c_in = gates[..., H:2 * H] * c_prev if relevance_gate else c_prev
-            dW_recurrent = torch.cat([summed_over_time(dz[..., :-H], c_prev, ctx.route),
-                                      summed_over_time(dz[..., -H:], c_in, ctx.route)])
+            # Each product straight into its rows: no pieces to concatenate, one W-sized buffer less.
+            dW_recurrent = W_recurrent.new_empty(W_recurrent.shape)
+            summed_over_time(dz[..., :-H], c_prev, ctx.route, out=dW_recurrent[:-H])
+            summed_over_time(dz[..., -H:], c_in, ctx.route, out=dW_recurrent[-H:])
         dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dz, x, W_input, ctx.route)
         return dx, dc, dW_recurrent, dW_input, db, None
 

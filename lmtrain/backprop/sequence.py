@@ -71,9 +71,9 @@ def tanh_slopes(activations: Tensor) -> Tensor:
     return torch.addcmul(activations.new_ones(()), activations, activations, value=-1)
 
 
-def summed_over_time(dz: Tensor, inputs: Tensor, route: Route) -> Tensor:
-    """Σ_t Σ_batch dz(t) input(t)ᵀ as one product: (T, B, K), (T, B, H) -> (K, H)."""
-    return mm(dz.flatten(0, 1).t(), inputs.flatten(0, 1), route)
+def summed_over_time(dz: Tensor, inputs: Tensor, route: Route, out: Tensor | None = None) -> Tensor:
+    """Σ_t Σ_batch dz(t) input(t)ᵀ as one product: (T, B, K), (T, B, H) -> (K, H), into `out` if given."""
+    return mm(dz.flatten(0, 1).t(), inputs.flatten(0, 1), route, out)
 
 
 def input_gradients(needs: tuple[bool, ...], dz: Tensor, x: Tensor, W_input: Tensor, route: Route,

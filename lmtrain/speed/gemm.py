@@ -33,13 +33,14 @@ from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 _ONEDNN = ONEDNN_LINEAR  # (linear, reorder_weight), or None: every product here is then torch's addmm
 
 
-def mm(a: Tensor, b: Tensor, route: Route) -> Tensor:
+def mm(a: Tensor, b: Tensor, route: Route, out: Tensor | None = None) -> Tensor:
     """a @ b, of factors in the route's product dtype (float32 result: mixed precision is for float32
     models) or in their own: the weight gradients dZᵀ X, by torch.mm (oneDNN's linear would need both
-    factors transposed into copies there)."""
+    factors transposed into copies there). Written into `out` (contiguous) if given."""
     if route.mixed:
-        return torch.mm(route.lowered(a), route.lowered(b)).to(torch.float32)
-    return torch.mm(a, b)
+        low = torch.mm(route.lowered(a), route.lowered(b))
+        return low.to(torch.float32) if out is None else out.copy_(low)
+    return torch.mm(a, b, out=out)
 
 
 @contextmanager
