@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from lmtrain.backprop.stacking import stack_gates
 from lmtrain.model.cells import GRUCell, LSTMCell, RNNCell
 from lmtrain.model.layers import RecurrentLayer, RecurrentStack, function_for, manual_layer
 from lmtrain.speed.route import choose
@@ -189,3 +190,25 @@ def test_empty_sequence_passes_the_state_through(name: str):
     for initial, last in zip(state, final, strict=True):
         torch.testing.assert_close(last, initial, rtol=0, atol=0)
         assert initial.grad is not None and x.grad.shape == x.shape
+
+
+def test_stacked_gates_give_each_gate_the_gradient_autograds_slicing_gives():
+    """`stack_gates` makes each gate's gradient in one piece; the values are autograd's, to the bit,
+    whichever of the stacked tensors the loss reads (the others' gradients are zeros)."""
+    torch.manual_seed(0)
+    H, E, G = 5, 3, 4
+    W = [torch.randn(H, H + E, requires_grad=True) for _ in range(G)]
+    b = [torch.randn(H, requires_grad=True) for _ in range(G)]
+    stacked = stack_gates(W, b, H)
+    by_slicing = (torch.cat([W_gate[:, :H] for W_gate in W]), torch.cat([W_gate[:, H:] for W_gate in W]),
+                  torch.cat(b))
+    for mine, theirs in zip(stacked, by_slicing, strict=True):
+        assert torch.equal(mine, theirs) and mine.is_contiguous()
+    upstream = [torch.randn_like(tensor) for tensor in stacked]
+    for used in ([0, 1, 2], [0], [1]):
+        mine = torch.autograd.grad([stacked[i] for i in used], W + b, [upstream[i] for i in used],
+                                   retain_graph=True, allow_unused=True)
+        theirs = torch.autograd.grad([by_slicing[i] for i in used], W + b, [upstream[i] for i in used],
+                                     retain_graph=True, allow_unused=True)
+        for m, t in zip(mine, theirs, strict=True):
+            assert torch.equal(m, t if t is not None else torch.zeros_like(m))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import linear
 
+from lmtrain.backprop.stacking import stack_gates
 from lmtrain.speed.torch_internals import version_key
 
 sigmoid, tanh = torch.sigmoid, torch.tanh
@@ -84,10 +85,8 @@ class Cell(nn.Module):
         return self._stacked
 
     def _stack(self) -> tuple[Tensor, Tensor, Tensor]:
-        W = [getattr(self, f"W_{gate}") for gate in self.gates]
-        H = self.hidden_size
-        return (torch.cat([W_gate[:, :H] for W_gate in W]), torch.cat([W_gate[:, H:] for W_gate in W]),
-                torch.cat([getattr(self, f"b_{gate}") for gate in self.gates]))
+        return stack_gates([getattr(self, f"W_{gate}") for gate in self.gates],
+                           [getattr(self, f"b_{gate}") for gate in self.gates], self.hidden_size)
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}"
