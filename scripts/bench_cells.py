@@ -25,7 +25,6 @@ memory column is the peak of `torch.cuda.max_memory_allocated` during three step
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 from torch import nn
 
@@ -128,13 +127,13 @@ def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int]) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(REFERENCE))
-    parser.add_argument("--sizes", type=json.loads, default=None, help='e.g. "[[32, 64, 128]]"')
+    parser.add_argument("--sizes", type=layer_sizes, default=None, help='e.g. "[[32, 64, 128]]"')
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
     parser.add_argument("--title", default=None, help="the section of --doc to write")
     args = parser.parse_args()
-    sizes = [tuple(size) for size in args.sizes] if args.sizes else SIZES
+    sizes = args.sizes or SIZES
     allocator = allocator_settings()
     header = [f"`python scripts/bench_cells.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),
               f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -15,7 +15,6 @@ alternating, their tokens/s over the training steps alone. The ratio is MKL's ti
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from bench_cells import build, step_function
 from compare_train_speed import lmtrain_tokens_per_s
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 
 from lmtrain.speed import route
@@ -61,8 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"],
                         choices=["lstm", "gru", "gru-lecture", "gru-simplified", "rnn"])
-    parser.add_argument("--sizes", type=json.loads, default=[[32, 64, 128], [64, 128, 256], [64, 128, 512],
-                                                             [1, 256, 512]])
+    parser.add_argument("--sizes", type=layer_sizes, default=[(32, 64, 128), (64, 128, 256), (64, 128, 512),
+                                                               (1, 256, 512)])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--corpus", type=Path, default=None, help="also compare whole training runs on it")
     parser.add_argument("--steps", type=int, default=150)

@@ -15,7 +15,6 @@ against lmtrain's, and the loops' rate in GFLOP/s of their recurrent products (2
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 from torch.utils.cpp_extension import load
 
@@ -76,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--revision", default=None, help="also time the kernels of this git revision")
-    parser.add_argument("--sizes", type=json.loads, default=SIZES, help='(B, T, H) each, e.g. "[[1, 256, 512]]"')
+    parser.add_argument("--sizes", type=layer_sizes, default=SIZES, help='(B, T, H) each, e.g. "[[1, 256, 512]]"')
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this file too")
     parser.add_argument("--title", default="The product's register tile", help="the section of --doc to write")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ allocator settings it ran with."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,21 @@ from lmtrain.evaluation.perplexity import WHOLE_TEXT  # as train.eval_segment: o
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def layer_sizes(text: str) -> list[tuple[int, int, int]]:
+    """The `--sizes` argument of the layer benchmarks: a JSON list of [B, T, H], each a positive integer.
+    A malformed one is argparse's one-line error, not a traceback."""
+    try:
+        sizes = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}); write e.g. \"[[32, 64, 128], [1, 256, 512]]\"") from None
+    if not (isinstance(sizes, list) and sizes and all(
+            isinstance(size, list) and len(size) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size) for size in sizes)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of [B, T, H] with positive integers; write e.g. "
+                                         f"\"[[32, 64, 128], [1, 256, 512]]\"")
+    return [tuple(size) for size in sizes]
 
 
 def allocator_settings() -> str:

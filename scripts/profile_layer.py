@@ -20,7 +20,6 @@ time no step doing these products can beat with these libraries.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 from bench_cells import build, step_function
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 from torch.profiler import ProfilerActivity, profile
 
@@ -93,7 +92,7 @@ def torch_parts(times: dict[str, float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "gru-lecture", "rnn"], choices=sorted(GATES))
-    parser.add_argument("--sizes", type=json.loads, default=[[64, 128, 512]])
+    parser.add_argument("--sizes", type=layer_sizes, default=[(64, 128, 512)])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--doc", type=Path, default=None,
                         help="write the table as the section 'Where a layer's step goes' (or --title)")
