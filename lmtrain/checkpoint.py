@@ -3,7 +3,8 @@ position and RNG states, all as CPU tensors and plain Python values.
 
 Written atomically (a temporary file in the same folder, flushed and fsynced, then renamed over the
 old one), so a crash mid-write leaves the previous checkpoint intact. Read only with
-`torch.load(..., weights_only=True)`: a checkpoint cannot run code when loaded.
+`torch.load(..., weights_only=True)`: a checkpoint cannot run code when loaded. Reading one checks the
+CRC-32 of each of its parts and that its weights are finite, so damage is refused by name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise LmtrainError(f"could not write checkpoint {path}: {error.strerror or error}") from None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents on the CPU; a clear error for anything that is not one of ours."""
+def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, Any]:
+    """The checkpoint's contents on the CPU; a clear error for anything that is not one of ours, or whose
+    weights are not finite. `training`: it is to be resumed, so its training state is checked too."""
     path = Path(path)
     try:
         path.stat()
@@ -76,6 +79,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LmtrainError(f"checkpoint not found: {path}") from None
     if path.is_dir():
         raise LmtrainError(f"checkpoint path is a directory: {path} (give the .pt file, e.g. {path}/best.pt)")
+    # torch.load does not check the archive's CRC-32s, so a flipped bit in the weights would load as other
+    # weights; reading the file once more to check them costs about a millisecond per 2 MB.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError):
+        failed = None  # not a zip archive, or a broken one: torch.load below says which
+    if failed is not None:
+        raise LmtrainError(f"{path}: damaged: its part {failed} fails its checksum (the file changed after it was "
+                           f"written); use another checkpoint (best.pt, an earlier step-*.pt)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
@@ -112,7 +125,50 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key in PROGRESS and not _plain_number(value, whole=key in WHOLE_PROGRESS, optional=key == "best_valid_loss"):
             raise LmtrainError(f"{path}: not an lmtrain checkpoint (its progress.{key} is {shown(value)}, not a "
                                f"{'whole ' if key in WHOLE_PROGRESS else ''}number)")
+    # Training never writes non-finite weights (it stops first), so these are damage, refused by name
+    # rather than sampled into garbage or scored as a perplexity of NaN.
+    damaged = next((name for name, value in payload["model"].items() if isinstance(value, torch.Tensor)
+                    and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if damaged is not None:
+        raise LmtrainError(f"{path}: damaged: its weights are not finite (NaN or infinity in {damaged}); use another "
+                           f"checkpoint (best.pt, an earlier step-*.pt)")
+    if training:
+        _check_training_state(payload, path)
     return migrated(payload)
+
+
+def _check_training_state(payload: dict[str, Any], path: Path) -> None:
+    """What `--resume` reads besides the weights, in the shapes `training.resume.checkpoint_payload`
+    writes: a damaged one is refused here, so that the run goes back to an older checkpoint."""
+    def rng_state(value: Any) -> bool:
+        return (isinstance(value, dict) and isinstance(value.get("torch"), torch.Tensor)
+                and value["torch"].dtype == torch.uint8 and isinstance(value.get("cuda", []), list)
+                and all(isinstance(state, torch.Tensor) for state in value.get("cuda", [])))
+
+    def fingerprint(value: Any) -> bool:
+        return (isinstance(value, dict) and isinstance(value.get("path"), str) and isinstance(value.get("sha256"), str)
+                and _plain_number(value.get("size"), whole=True, optional=False))
+
+    def stream_state(value: Any) -> bool:  # one LM's carried state: none, or each layer's tensors
+        return value is None or isinstance(value, list) and all(
+            isinstance(layer, (list, tuple)) and all(isinstance(part, torch.Tensor) for part in layer)
+            for layer in value)
+
+    checks = {
+        "optimizer": lambda value: isinstance(value, dict) and isinstance(value.get("state"), dict)
+        and isinstance(value.get("param_groups"), list),
+        "rng": rng_state,
+        "rng_by_rank": lambda value: isinstance(value, list) and all(map(rng_state, value)),
+        "data_files": lambda value: isinstance(value, dict) and all(map(fingerprint, value.values())),
+        "stream_states": lambda value: isinstance(value, list) and all(map(stream_state, value)),
+    }
+    for key, intact in checks.items():
+        if key in payload and not intact(payload[key]):
+            raise LmtrainError(f"{path}: damaged: its {key} is not what lmtrain writes there, so training cannot "
+                               f"resume from it")
+    missing = [key for key in ("progress", "optimizer", "rng", "stream_states") if key not in payload]
+    if missing:
+        raise LmtrainError(f"{path}: holds no {', '.join(missing)}, so training cannot resume from it")
 
 
 def migrated(payload: dict[str, Any]) -> dict[str, Any]:

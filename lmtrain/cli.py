@@ -19,6 +19,7 @@ import typer
 # torch warns at import when NumPy is absent; lmtrain does not use NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
+from lmtrain.config import INT64  # noqa: E402
 from lmtrain.errors import LmtrainError, error_line  # noqa: E402
 
 
@@ -34,6 +35,14 @@ eval_app = _group("Evaluate a checkpoint: perplexity, agreement.")
 app.add_typer(eval_app, name="eval")
 diagnose_app = _group("Look inside a model: the lecture's points, measured.")
 app.add_typer(diagnose_app, name="diagnose")
+
+def _whole(value: int | None) -> int | None:
+    """An integer option, refused past 64 bits, as the config's integers are: torch and the checkpoints hold
+    no larger (a larger one was an internal error deep inside). A callback, so --help shows no range."""
+    if value is not None and not INT64[0] <= value <= INT64[1]:
+        raise typer.BadParameter(f"{value} is past the range of a 64-bit integer (±9.2e18)")
+    return value
+
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 _options = {"debug": False}
@@ -72,8 +81,13 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full trac
          version: Annotated[bool, typer.Option("--version", help="Show lmtrain's and torch's versions and whether the "
                                                "compiled kernels are in use, and exit.", is_eager=True,
                                                callback=_version)] = False) -> None:
+    from lmtrain.speed.kernels import SWITCH
     from lmtrain.speed.threads import Load
 
+    if os.environ.get(SWITCH, "") not in ("", "0", "1"):  # a typo must not silently mean "unset"
+        typer.echo(f"error: {SWITCH} must be 0 (the Python code) or 1 (the compiled kernels, or stop); got "
+                   f"{os.environ[SWITCH]!r}", err=True)
+        raise typer.Exit(2)
     _options["debug"] = debug
     warnings.showwarning = _warning_line
     _options["load"] = Load()  # the other processes' load, measured from now until a command picks its threads
@@ -109,6 +123,14 @@ def user_errors() -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if _options["debug"]:
             traceback.print_exc()
+        if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+            # A size past what this process may allocate (ulimit -v, a container's limit) got through the
+            # checks of physical memory: name the resource, not an internal error.
+            tried = re.search(r"allocate (\d+) bytes", str(error))
+            amount = f" (it asked for {int(tried.group(1)) / 1e9:,.1f} GB)" if tried else ""
+            typer.echo(f"error: out of memory{amount}: make the model, the batch or the number of samples smaller, "
+                       f"or give the process more memory", err=True)
+            raise typer.Exit(2) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         typer.echo(f"error: internal error {type(error).__name__}: {first_line} (rerun with lmtrain --debug ... "
                    f"for the traceback)", err=True)
@@ -127,8 +149,8 @@ def train(
                                                      "the corpus files changed since the checkpoint.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, a plain line every "
                                                 "train.log_every steps into a file or pipe.")] = True,
-    nproc: Annotated[int, typer.Option(metavar="N", help="Processes on this machine, training one model with DDP (via "
-                                            "torchrun); train.batch_size is their global batch.")] = 1,
+    nproc: Annotated[int, typer.Option(callback=_whole, metavar="N", help="Processes on this machine, training one "
+                                       "model with DDP (via torchrun); train.batch_size is their global batch.")] = 1,
 ) -> None:
     """Train a model; prints the resolved config, progress, validation loss and a few samples."""
     from lmtrain.config import load_config, to_yaml
@@ -171,13 +193,15 @@ def train(
 @app.command(short_help="Sample sentences from a checkpoint.")
 def sample(
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
-    num: Annotated[int, typer.Option(metavar="N", help="Number of samples, one a line.")] = 1,
+    num: Annotated[int, typer.Option(callback=_whole, metavar="N", help="Number of samples, one a line.")] = 1,
     prime: Annotated[str, typer.Option(metavar="TEXT", help="Text to start every sample with.")] = "",
     temperature: Annotated[float, typer.Option(metavar="T", help="Softmax temperature; 0 is greedy.")] = 1.0,
-    top_k: Annotated[Optional[int], typer.Option(metavar="K", help="Sample from the k most likely tokens.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(callback=_whole,
+        metavar="K", help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(
         metavar="P", help="Nucleus sampling: the smallest set reaching p.")] = None,
-    max_tokens: Annotated[int, typer.Option(metavar="M", help="Stop a sample after this many new tokens.")] = 200,
+    max_tokens: Annotated[int, typer.Option(callback=_whole,
+        metavar="M", help="Stop a sample after this many new tokens.")] = 200,
     seed: Annotated[Optional[int], typer.Option(
         metavar="S", help="Random seed: the same seed gives the same samples.")] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
@@ -251,22 +275,24 @@ def visualize(
     png: Annotated[Optional[str], typer.Option(
         metavar="FILE.png", help="Draw the chosen unit over the first 600 positions into a PNG file (needs "
                                  "matplotlib).")] = None,
-    layer: Annotated[Optional[int], typer.Option(
+    layer: Annotated[Optional[int], typer.Option(callback=_whole,
         metavar="L", help="The layer shown first (and drawn by --png), from 1 (default: the top one). Without "
                           "--layer, --quantity and --unit: the unit that follows a feature most closely.")] = None,
     quantity: Annotated[Optional[str], typer.Option(
         metavar="a|c|f|u|o|r", help="a(t), the LSTM's c(t), or a gate (default: a).")] = None,
-    unit: Annotated[Optional[int], typer.Option(metavar="U", help="The unit, from 0 (default: 0).")] = None,
+    unit: Annotated[Optional[int], typer.Option(callback=_whole,
+        metavar="U", help="The unit, from 0 (default: 0).")] = None,
     feature: Annotated[Optional[list[str]], typer.Option(
         metavar="NAME=FILE", help="A feature of your own: one label a line for each position (see --tokens); "
                                   "repeatable.")] = None,
     tokens: Annotated[bool, typer.Option(
         "--tokens", help="Print the positions, one token a line, to label them for --feature.")] = False,
-    segment: Annotated[Optional[int], typer.Option(
+    segment: Annotated[Optional[int], typer.Option(callback=_whole,
         metavar="N", help="As for eval perplexity: stream mode reads segments of N tokens from a zero state "
                           "(default: the run's train.eval_segment); 0: the whole text, the state carried.")] = None,
-    max_tokens: Annotated[int, typer.Option(metavar="N", help="Read at most this many positions.")] = 10_000,
-    top: Annotated[int, typer.Option(metavar="N", help="Units listed per feature.")] = 5,
+    max_tokens: Annotated[int, typer.Option(callback=_whole,
+        metavar="N", help="Read at most this many positions.")] = 10_000,
+    top: Annotated[int, typer.Option(callback=_whole, metavar="N", help="Units listed per feature.")] = 5,
     all_values: Annotated[bool, typer.Option("--all-values", help="With --json: every unit's values, not only "
                                              "the chosen unit's and the listed ones'.")] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
@@ -336,9 +362,9 @@ def perplexity(
         metavar="FILE", help="Text file to score (default: a split of the training corpus).")] = None,
     split: Annotated[str, typer.Option(
         metavar="valid|test", help="valid or test split of the checkpoint's corpus.")] = "valid",
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[Optional[int], typer.Option(callback=_whole,
         metavar="N", help="Sequences scored at once (the result does not depend on it).")] = None,
-    segment: Annotated[Optional[int], typer.Option(
+    segment: Annotated[Optional[int], typer.Option(callback=_whole,
         metavar="N", help="Stream mode: score in segments of this many tokens, each from a zero state (default: "
                           "the run's train.eval_segment); 0: the whole text as one stream, the state carried "
                           "throughout.")] = None,
@@ -372,9 +398,10 @@ def gradients(
         help="KEY=VALUE overrides for --config.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option(
         metavar="FILE", help="Text to draw windows from (default: the validation split).")] = None,
-    length: Annotated[int, typer.Option(metavar="T", help="Window length T.")] = 64,
-    count: Annotated[int, typer.Option(metavar="N", help="Number of windows averaged.")] = 32,
-    seed: Annotated[int, typer.Option(metavar="S", help="Seed for choosing the windows.")] = 0,
+    length: Annotated[int, typer.Option(callback=_whole, metavar="T", help="Window length T.")] = 64,
+    count: Annotated[int, typer.Option(callback=_whole, metavar="N", help="Number of windows averaged.")] = 32,
+    seed: Annotated[int, typer.Option(callback=_whole,
+        metavar="S", help="Seed for choosing the windows.")] = 0,
     plot: Annotated[Optional[str], typer.Option(
         metavar="FILE.png", help="Also save a plot (PNG; needs matplotlib).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -324,7 +324,10 @@ class _StrictLoader(yaml.SafeLoader):
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in lines:
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # `? [a, b]`: no config key
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a name, not "
+                                  f"{shown(key)}")
+            if key in lines:
                 raise ConfigError(f"key {shown(key)} appears twice, on lines {lines[key]} and "
                                   f"{key_node.start_mark.line + 1}: one would silently replace the other")
             lines[key] = key_node.start_mark.line + 1
@@ -544,6 +547,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def _coerce(key: str, value: Any, expected: Any) -> Any:
     """Check `value` against the field's type; widen int -> float and read '3e-3' as a float (YAML 1.1
     reads `3e-3` as a string)."""
@@ -563,6 +569,8 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
+            if not INT64[0] <= value <= INT64[1]:  # torch, the RNG seeds and the checkpoints hold 64-bit integers
+                raise ConfigError(f"{key} is {value}, past the range of a 64-bit integer (±9.2e18)")
             return value
         if option is float and not isinstance(value, bool):
             if isinstance(value, (int, float)):

@@ -5,6 +5,7 @@ whole new one, never a mixture."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -53,3 +54,22 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader sees either the old file or the whole new one."""
     with replacing(path) as handle:
         handle.write(data)
+
+
+def json_lines(data: bytes) -> tuple[list[tuple[bytes, dict]], int]:
+    """The lines of a JSON-lines file that hold a JSON object, each as (its bytes ending in a newline, the
+    object), and how many other lines there were (not UTF-8, not JSON, not an object), so that a damaged
+    line costs only itself. A last line without its newline that does not parse is not counted: a crash
+    while it was being written leaves exactly that."""
+    records, damaged = [], 0
+    lines = data.splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        try:
+            values = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            values = None
+        if isinstance(values, dict):
+            records.append((line if line.endswith(b"\n") else line + b"\n", values))
+        elif line.strip() and not (number == len(lines) and not line.endswith(b"\n") and values is None):
+            damaged += 1
+    return records, damaged

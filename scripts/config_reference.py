@@ -53,7 +53,9 @@ def page() -> str:
              "command line (`model.hidden_size=512`). Relative `data.*` paths in a file are relative to the file's",
              "folder. Written by `python scripts/config_reference.py` from the typed fields of `lmtrain/config.py`,",
              "which also give the choices, defaults and error messages `lmtrain` uses, and the defaults of the",
-             "Python constructors.", ""]
+             "Python constructors. An integer is a 64-bit one (up to about 9.2e18, the range torch and the",
+             "checkpoints hold); a key given twice in a file, or one that is not a name, is an error. A key given",
+             "twice on the command line takes its last value.", ""]
     for section, cls in config.SECTIONS.items():
         docs = field_docstrings(cls)
         lines += [f"## `{section}`", "", " ".join(inspect.getdoc(cls).split()), "",

@@ -68,7 +68,8 @@ the exit code stays the same.
 - **Long lines.** A corpus may be one line with no newline at all: at character level in stream mode
   a 50 MB line trains in bounded memory (the test's bound: {bound} MB of peak RSS){long_line}.
 - **Checkpoints** are read with `torch.load(weights_only=True)` only: a file holding Python objects
-  (a pickle that would run code) is refused, and its code never runs.
+  (a pickle that would run code) is refused, and its code never runs; a file whose parts fail their
+  CRC-32, or whose weights are not finite, is refused as damaged.
 
 ## Cases
 

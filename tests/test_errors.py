@@ -94,7 +94,7 @@ class Case:
 
     @property
     def needs_shared(self) -> bool:
-        return any(isinstance(spec, Shared) for spec in self.files.values())
+        return any(isinstance(spec, Shared) or getattr(spec, "reads_shared", False) for spec in self.files.values())
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -206,6 +206,13 @@ def existing_run_unchanged(folder: Path, result: Result) -> None:
         assert (folder / "run" / name).read_bytes() == before, f"{name} changed"
 
 
+def reads_shared(make: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Marks a file-writing callable that starts from the shared trained runs: its case waits for them."""
+    make.reads_shared = True
+    return make
+
+
+@reads_shared
 def nan_checkpoint(target: Path) -> None:
     """The shared char run's best.pt with every weight NaN."""
     import torch
@@ -215,6 +222,22 @@ def nan_checkpoint(target: Path) -> None:
     torch.save(payload, target)
 
 
+@reads_shared
+def bit_rot_checkpoint(target: Path) -> None:
+    """The shared char run's best.pt with the last byte of its largest tensor flipped: the zip archive still
+    reads, torch.load reads other weights, and only the part's CRC-32 tells."""
+    import struct
+
+    source = target.parent.parent / "_shared" / "char" / "run" / "best.pt"
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+    part = max(tensors, key=lambda info: info.compress_size)
+    name_length, extra_length = struct.unpack("<HH", data[part.header_offset + 26:part.header_offset + 30])
+    data[part.header_offset + 30 + name_length + extra_length + part.compress_size - 1] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
 def forged_checkpoint(**replaced) -> Callable[[Path], None]:
     """The shared char run's best.pt with some of its entries replaced."""
     def make(target: Path) -> None:
@@ -222,7 +245,7 @@ def forged_checkpoint(**replaced) -> Callable[[Path], None]:
 
         payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
         torch.save({**payload, **replaced}, target)
-    return make
+    return reads_shared(make)
 
 
 def symlink_loop(target: Path) -> None:
@@ -248,7 +271,18 @@ def run_trained_on(corpus_text: str) -> Callable[[Path], None]:
             payload["data_files"] = {"path": {"path": str(corpus), "size": len(corpus_text.encode()),
                                               "sha256": hashlib.sha256(corpus_text.encode()).hexdigest()}}
             torch.save(payload, checkpoint)
-    return make
+    return reads_shared(make)
+
+
+def run_with_damaged_last(**replaced) -> Callable[[Path], None]:
+    """`run_trained_on` this case's corpus, with some entries of its last.pt replaced (best.pt intact)."""
+    def make(target: Path) -> None:
+        import torch
+
+        run_trained_on(CORPUS)(target)
+        payload = torch.load(target / "last.pt", weights_only=True)
+        torch.save({**payload, **replaced}, target / "last.pt")
+    return reads_shared(make)
 
 
 def payload_did_not_run(folder: Path, result: Result) -> None:
@@ -266,6 +300,10 @@ def fifty_unseen_tokens(folder: Path, result: Result) -> None:
 
 def trained(folder: Path, result: Result) -> None:
     assert "done:" in result.stdout and (folder / "run" / "last.pt").is_file(), result.stdout
+
+
+def not_trained(folder: Path, result: Result) -> None:
+    assert not (folder / "run" / "last.pt").exists(), "a checkpoint was written"
 
 
 def big_line_trained(folder: Path, result: Result) -> None:
@@ -414,6 +452,17 @@ CASES: list[Case] = [
     Case("corpus-shorter-than-batch-x-bptt", "corpus shorter than batch_size x bptt (but 2+ tokens a stream)",
          (*TRAIN, "tiny.yaml", "train.batch_size=8", "train.bptt=64"), tiny_with(**{"corpus.txt": CORPUS[:300]}),
          outcome="ok", exit_code=0, check=trained),
+    Case("config-seed-past-int64", "`train.seed=99999999999999999999`",
+         (*TRAIN, "tiny.yaml", "train.seed=99999999999999999999"), tiny_with(),
+         expect=("train.seed", "64-bit integer")),
+    Case("config-key-a-list", "a YAML key that is a list (`? [a, b]`)", (*TRAIN, "key.yaml"),
+         tiny_with(**{"key.yaml": TINY + "? [a, b]\n: 1\n"}), expect=("key.yaml", "a key must be a name")),
+    Case("config-final-samples-too-many", "`train.final_samples=100000000` (drawn side by side at the end)",
+         (*TRAIN, "tiny.yaml", "train.final_samples=100000000"), tiny_with(),
+         expect=("train.final_samples", "side by side", "GB"), check=not_trained,
+         note="refused before any step"),
+    Case("compiled-switch-unknown", "`LMTRAIN_COMPILED=yes` (neither 0 nor 1)", (*TRAIN, "tiny.yaml"), tiny_with(),
+         env={"LMTRAIN_COMPILED": "yes"}, expect=("LMTRAIN_COMPILED", "0", "1", "'yes'")),
     Case("config-threads-zero", "`train.threads=0`", (*TRAIN, "tiny.yaml", "train.threads=0"), tiny_with(),
          expect=("train.threads", "auto or a number of threads from 1 to 1024", "0")),
     Case("kernels-build-without-compiler", "`lmtrain kernels build` where there is no C++ compiler",
@@ -476,6 +525,22 @@ CASES: list[Case] = [
          expect=("--num", "side by side", "GB")),
     Case("sample-nan-weights", "a checkpoint whose weights are NaN", SAMPLE, {"model.pt": nan_checkpoint},
          expect=("not finite", "weights")),
+    Case("sample-bit-rot", "a checkpoint with one flipped byte inside a weight tensor (bit rot)", SAMPLE,
+         {"model.pt": bit_rot_checkpoint}, expect=("model.pt", "damaged", "fails its checksum")),
+    Case("eval-nan-weights", "`eval perplexity` of a checkpoint whose weights are NaN", EVAL,
+         {"model.pt": nan_checkpoint}, expect=("damaged", "not finite", "weights")),
+    Case("eval-segment-past-int64", "`--segment 99999999999999999999`", (*EVAL, "--segment", "99999999999999999999"),
+         {"model.pt": CHAR_PT}, expect=("--segment", "64-bit integer")),
+    Case("resume-damaged-rng", "`--resume` when last.pt's RNG state is a string (forged or damaged)",
+         (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(run=run_with_damaged_last(rng="a string")), outcome="ok", exit_code=0,
+         expect=("last.pt", "damaged", "rng", "older checkpoint"), check=trained,
+         note="resumed from best.pt and trained"),
+    Case("resume-damaged-data-files", "`--resume` when last.pt's record of the corpus files is a string",
+         (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(run=run_with_damaged_last(data_files="a string")), outcome="ok", exit_code=0,
+         expect=("last.pt", "damaged", "data_files", "older checkpoint"), check=trained,
+         note="resumed from best.pt and trained"),
     Case("checkpoint-config-a-string", "a forged checkpoint whose config is a string", ("info", "model.pt"),
          {"model.pt": forged_checkpoint(config="a string")}, expect=("not an lmtrain checkpoint", "config", "str")),
     Case("checkpoint-progress-a-string", "a forged checkpoint whose progress is a string", ("info", "model.pt"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus_helpers import train_and_valid
 
 import lmtrain.files as files_module
 import lmtrain.speed.loss as loss_module
@@ -22,16 +22,10 @@ from lmtrain.errors import LmtrainError
 from lmtrain.training.rundir import RunDirectory
 from lmtrain.training.trainer import train
 
-WORDS = "the a cat dog sat ran on under mat rug big small".split()
-
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> dict[str, Path]:
-    rng = random.Random(5)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(60)]
-    (tmp_path / "train.txt").write_text("\n".join(lines[:50]) + "\n")
-    (tmp_path / "valid.txt").write_text("\n".join(lines[50:]) + "\n")
-    return {"train": tmp_path / "train.txt", "valid": tmp_path / "valid.txt"}
+    return train_and_valid(tmp_path)
 
 
 def config(corpus, out_dir: Path, **values):

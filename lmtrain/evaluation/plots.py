@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, os_reason
+from lmtrain.files import json_lines
 
 
 def pyplot() -> Any:
@@ -24,17 +26,27 @@ def pyplot() -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The events of a run folder's metrics.jsonl (a line cut short by a crash is skipped)."""
+    """The events of a run folder's metrics.jsonl. A line that is not one (not UTF-8, not a JSON object) is
+    skipped, and one warning names the file and the count; a last line cut short by a crash, silently."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise LmtrainError(f"no metrics.jsonl in {run_dir} (is it a train.out_dir?)")
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise LmtrainError(f"cannot read {path}: {os_reason(error)}") from None
+    records, skipped = json_lines(data)
+    events = [values for _, values in records]
+    if skipped:  # a warning, not a print: the CLI shows it as one `warning:` line, a script can filter it
+        warnings.warn(f"{path}: {skipped} damaged line{'s' if skipped > 1 else ''} (not UTF-8 or not a "
+                      f"JSON event) skipped", stacklevel=2)
     return events
+
+
+def _number(value: Any) -> float:
+    """A field to plot: a missing or null one (a loss that diverged, a window of skipped steps) is NaN,
+    which matplotlib leaves as a gap in the line."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def plot_runs(run_dirs: list[str], output: str) -> None:
@@ -48,11 +60,12 @@ def plot_runs(run_dirs: list[str], output: str) -> None:
             chosen = [event for event in events if event.get("split") == split]
             if not chosen:
                 continue
-            losses = [event["loss"] for event in chosen]
+            losses = [_number(event.get("loss")) for event in chosen]
             label = f"{name} {split}"
-            by_step.plot([event["step"] for event in chosen], losses, style, color=colour, label=label, markersize=3)
-            by_time.plot([event["elapsed_s"] for event in chosen], losses, style, color=colour, label=label,
+            by_step.plot([_number(event.get("step")) for event in chosen], losses, style, color=colour, label=label,
                          markersize=3)
+            by_time.plot([_number(event.get("elapsed_s")) for event in chosen], losses, style, color=colour,
+                         label=label, markersize=3)
     by_step.set(xlabel="step", ylabel="loss (nats/token)")
     by_time.set(xlabel="wall-clock seconds")
     by_step.legend(fontsize="small")

@@ -145,6 +145,14 @@ SEEDS = (-(1 << 63), (1 << 64) - 1)
 SIDE_BY_SIDE_BYTES = 1 << 32
 
 
+def check_side_by_side(num: int, vocab_size: int, option: str) -> None:
+    """Refuse, naming `option`, more samples than fit side by side: three (num, V) float32 buffers."""
+    if num * vocab_size * 4 * 3 > SIDE_BY_SIDE_BYTES:
+        raise LmtrainError(f"{option} {num}: the samples are drawn side by side, and {num:,} of them over "
+                           f"{vocab_size:,} tokens would need about {num * vocab_size * 12 / 1e9:,.1f} GB; "
+                           f"ask for fewer at a time")
+
+
 def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None, max_tokens: int = 200,
                       seed: int | None = None, device: str = "cpu") -> tuple[list[str], list[str]]:
@@ -155,10 +163,7 @@ def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: 
     if num < 1 or max_tokens < 1:
         raise LmtrainError(f"--num and --max-tokens must be >= 1; got {num} and {max_tokens}")
     model, tokenizer, config = load_model(path, device)
-    if num * tokenizer.vocab_size * 4 * 3 > SIDE_BY_SIDE_BYTES:
-        raise LmtrainError(f"--num {num}: the samples are drawn side by side, and {num:,} of them over "
-                           f"{tokenizer.vocab_size:,} tokens would need about "
-                           f"{num * tokenizer.vocab_size * 12 / 1e9:,.1f} GB; ask for fewer at a time")
+    check_side_by_side(num, tokenizer.vocab_size, "--num")
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # a fresh random seed: different samples each run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,16 @@ from lmtrain.training.rundir import RunDirectory
 TENSORBOARD = ("loss", "ppl", "lr", "tokens_per_s")  # the event fields also sent to TensorBoard
 
 
-def event(*, step: int, split: str, loss: float, lr: float, tokens_per_s: float, elapsed_seconds: float,
-          threads: int | None) -> dict[str, Any]:
+def event(*, step: int, split: str, loss: float | None, lr: float, tokens_per_s: float, elapsed_seconds: float,
+          threads: int | None, skipped: int = 0) -> dict[str, Any]:
     """One line of metrics.jsonl. Strict JSON: a non-finite number (a diverged loss) is null, not NaN or
-    Infinity, which JSON lacks."""
-    values = {"step": step, "split": split, "loss": round(loss, 6), "ppl": round(perplexity(loss), 4), "lr": lr,
+    Infinity, which JSON lacks. `skipped`: the steps of the window that were skipped as non-finite (then a
+    `skipped` field); `loss` is the mean over the others, None (null) when there were none."""
+    values = {"step": step, "split": split, "loss": None if loss is None else round(loss, 6),
+              "ppl": None if loss is None else round(perplexity(loss), 4), "lr": lr,
               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_seconds, 3), "threads": threads}
+    if skipped:
+        values["skipped"] = skipped
     return {name: None if isinstance(value, float) and not math.isfinite(value) else value
             for name, value in values.items()}
 
@@ -34,8 +39,9 @@ class Metrics:
     """metrics.jsonl of a run folder, opened for this run (`resumed_at`: the events after that step, from a
     run that died before its next checkpoint, are dropped), and TensorBoard's log beside it if asked for."""
 
-    def __init__(self, run_dir: RunDirectory, *, resumed_at: int | None, tensorboard: bool) -> None:
-        self.file = run_dir.open_metrics(resumed_at=resumed_at)
+    def __init__(self, run_dir: RunDirectory, *, resumed_at: int | None, tensorboard: bool,
+                 warn: Callable[[str], None] = lambda line: None) -> None:
+        self.file = run_dir.open_metrics(resumed_at=resumed_at, warn=warn)
         self.summary = summary_writer_class()(log_dir=str(Path(run_dir.path) / "tensorboard")) if tensorboard else None
 
     def write(self, values: dict[str, Any]) -> None:
@@ -86,11 +92,13 @@ def duration(seconds: float) -> str:
 @dataclass
 class Window:
     """The good training steps since the last progress line: their summed NLL (kept as a tensor on the
-    model's device, read once a line rather than once a step), tokens, seconds and count."""
+    model's device, read once a line rather than once a step), tokens, seconds and count; and the count of
+    the steps skipped as non-finite, which add only their seconds."""
     loss: Tensor | float = 0.0
     tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
+    skipped: int = 0
 
     @property
     def mean_loss(self) -> float:
@@ -101,10 +109,13 @@ class Window:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def progress_line(*, step: int, total_steps: int | None, loss: float, lr: float, tokens_per_s: float,
-                  elapsed_seconds: float, left: float | None) -> str:
-    """The line printed every `train.log_every` steps where no progress bar is drawn."""
-    return (f"step {step:,}{f'/{total_steps:,}' if total_steps else ''}: loss {loss:.3f}, lr {lr:.2e}, "
+def progress_line(*, step: int, total_steps: int | None, loss: float | None, lr: float, tokens_per_s: float,
+                  elapsed_seconds: float, left: float | None, skipped: int = 0) -> str:
+    """The line printed every `train.log_every` steps where no progress bar is drawn; `loss` is None when
+    all the steps since the last line were skipped."""
+    return (f"step {step:,}{f'/{total_steps:,}' if total_steps else ''}: "
+            + (f"loss {loss:.3f}" if loss is not None else "no loss")
+            + (f" ({skipped} step{'s' if skipped > 1 else ''} skipped)" if skipped else "") + f", lr {lr:.2e}, "
             f"{tokens_per_s:,.0f} tokens/s, {duration(elapsed_seconds)} elapsed"
             + (f", {duration(left)} left" if left is not None else ""))
 

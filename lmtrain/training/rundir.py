@@ -15,15 +15,15 @@ step files newest first, else best.pt.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmtrain.checkpoint import checkpoint_bytes, load_checkpoint
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import atomic_write
+from lmtrain.files import atomic_write, json_lines
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
@@ -119,7 +119,7 @@ class RunDirectory:
             if not path.exists():
                 continue
             try:
-                return path, load_checkpoint(path), notes
+                return path, load_checkpoint(path, training=True), notes
             except LmtrainError as error:
                 notes.append(f"warning: {error}; trying an older checkpoint")
         if notes:
@@ -128,26 +128,28 @@ class RunDirectory:
 
     # -- metrics -------------------------------------------------------------------------------------
 
-    def open_metrics(self, *, resumed_at: int | None):
+    def open_metrics(self, *, resumed_at: int | None, warn: Callable[[str], None] = lambda line: None):
         """metrics.jsonl for appending. On resume, events logged after the checkpoint's step (by a
-        run that died before its next checkpoint) are dropped, since they are about to be redone."""
+        run that died before its next checkpoint) are dropped, since they are about to be redone, and so
+        are damaged lines (not UTF-8, not an event), with one warning: the events around them are kept."""
         try:
             if resumed_at is None:
                 return open(self.metrics, "w", encoding="utf-8")
             if self.metrics.exists():
-                kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
-                        if _event_step(line) <= resumed_at]
-                atomic_write(self.metrics, "".join(kept).encode())
+                records, damaged = json_lines(self.metrics.read_bytes())
+                events = [(line, step) for line, values in records if _is_number(step := values.get("step"))]
+                damaged += len(records) - len(events)
+                atomic_write(self.metrics, b"".join(line for line, step in events if step <= resumed_at))
+                if damaged:
+                    warn(f"warning: {self.metrics}: {damaged} damaged line{'s' * (damaged > 1)} (not UTF-8 or not "
+                         f"a JSON event) removed, the events around {'them' if damaged > 1 else 'it'} kept")
             return open(self.metrics, "a", encoding="utf-8")
         except OSError as error:
             raise LmtrainError(f"cannot write {self.metrics}: {os_reason(error)}") from None
 
 
-def _event_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a line cut short by a crash
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -30,7 +30,7 @@ from lmtrain.data.cache import data_fingerprints, load_corpus
 from lmtrain.data.dataset import IGNORE, TrainingBatches, check_data_files, shard_batch
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluation.sampling import generate, printable
+from lmtrain.evaluation.sampling import check_side_by_side, generate, printable
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.model.objective import Objective
 from lmtrain.speed import kernels
@@ -135,6 +135,7 @@ class Trainer:
         for line in self.corpus.unknown_warnings():
             warn(line)
         check_fits(config, self.tokenizer.vocab_size, device=self.device, warn=warn)
+        check_side_by_side(config.train.final_samples, self.tokenizer.vocab_size, "train.final_samples")
         torch.manual_seed(config.train.seed)
         self.model = LanguageModel.from_config(config.model, self.tokenizer.vocab_size).to(self.device)
         if world.distributed:  # dropout masks of their own in each process, as for different rows in one
@@ -189,7 +190,8 @@ class Trainer:
     def _open_run_files(self) -> None:
         """Take the folder's lock, write config.yaml, open metrics.jsonl."""
         self.run_dir.open_for_run(to_yaml(self.config))
-        self.metrics = Metrics(self.run_dir, resumed_at=self.resumed_at, tensorboard=self.config.train.tensorboard)
+        self.metrics = Metrics(self.run_dir, resumed_at=self.resumed_at, tensorboard=self.config.train.tensorboard,
+                               warn=self.warn)
 
     def _loop(self) -> TrainResult:
         train_config, world = self.config.train, self.world
@@ -283,6 +285,7 @@ class Trainer:
             progress.tokens += count
             window.loss, window.tokens, window.steps = window.loss + total, window.tokens + count, window.steps + 1
         else:
+            window.skipped += 1  # its loss stays out of the logged mean
             self._skip_bad_step(float(total) / count, float(norm))
         if not world.distributed:  # the whole step; several processes count the time they agreed on, so that
             seconds = time.perf_counter() - begin  # max_seconds stops them all at the same step
@@ -299,8 +302,18 @@ class Trainer:
         if self.bad_steps >= self.config.train.max_bad_steps:
             raise self._everywhere(LmtrainError(
                 f"stopped at step {self.progress.step}: {self.bad_steps} steps in a row had a non-finite loss or "
-                f"gradient (train.max_bad_steps); the last good checkpoint {self.run_dir.last} is kept as it was; "
-                f"a lower train.lr or train.clip may help"))
+                f"gradient (train.max_bad_steps); {self._checkpoints_kept()}; a lower train.lr or train.clip may help"))
+
+    def _checkpoints_kept(self) -> str:
+        """What a run that stops on non-finite numbers leaves to resume from, as it is on disk: none are
+        written while steps fail, so every checkpoint in the folder predates the failure."""
+        if self.run_dir.last.exists():
+            return f"the last good checkpoint {self.run_dir.last} is kept as it was"
+        kept = [path.name for path in (*self.run_dir.step_files(), self.run_dir.best) if path.exists()]
+        if kept:
+            return (f"no last.pt was written before it; {', '.join(kept)} in {self.out_dir} "
+                    + ("is kept as it was" if len(kept) == 1 else "are kept as they were"))
+        return f"no checkpoint was written before it, so {self.out_dir} holds none to resume from"
 
     def _total_steps(self) -> int | None:
         return total_steps(self.config.train, self.per_epoch)
@@ -311,17 +324,18 @@ class Trainer:
 
     def _log_train(self, window: Window, bar: tqdm) -> None:
         progress, total = self.progress, self._total_steps()
-        self._log_event("train", window.mean_loss, window.tokens_per_s)
+        loss = window.mean_loss if window.steps else None  # every step skipped: no loss, not a perfect 0
+        self._log_event("train", loss, window.tokens_per_s, skipped=window.skipped)
         left = time_left(step=progress.step, total_steps=total, train_seconds=progress.train_seconds,
                          max_seconds=self.config.train.max_seconds,
-                         seconds_per_step=window.seconds / max(window.steps, 1))
+                         seconds_per_step=window.seconds / max(window.steps + window.skipped, 1))
         budget = {"left": duration(left)} if self.config.train.max_seconds is not None and left is not None else {}
-        bar.set_postfix(loss=f"{window.mean_loss:.3f}", lr=f"{self._lr():.2e}", tok_s=f"{window.tokens_per_s:,.0f}",
-                        **budget, refresh=False)
+        bar.set_postfix(loss="skipped" if loss is None else f"{loss:.3f}", lr=f"{self._lr():.2e}",
+                        tok_s=f"{window.tokens_per_s:,.0f}", **budget, refresh=False)
         if self.plain_progress:
-            self.echo(progress_line(step=progress.step, total_steps=total, loss=window.mean_loss, lr=self._lr(),
+            self.echo(progress_line(step=progress.step, total_steps=total, loss=loss, lr=self._lr(),
                                     tokens_per_s=window.tokens_per_s, elapsed_seconds=progress.elapsed_seconds,
-                                    left=left))
+                                    left=left, skipped=window.skipped))
 
     def _evaluate(self) -> float:
         """Validation loss (the mean over the LMs of a `bi` model); writes best.pt on a new best."""
@@ -340,11 +354,11 @@ class Trainer:
                               for split, (result, _) in scores.items()) + marker)
         return loss
 
-    def _log_event(self, split: str, loss: float, tokens_per_s: float) -> None:
+    def _log_event(self, split: str, loss: float | None, tokens_per_s: float, skipped: int = 0) -> None:
         if self.metrics is not None:  # process 0
             self.metrics.write(event(step=self.progress.step, split=split, loss=loss, lr=self._lr(),
                                      tokens_per_s=tokens_per_s, elapsed_seconds=self.progress.elapsed_seconds,
-                                     threads=self.threads.count))
+                                     threads=self.threads.count, skipped=skipped))
 
     def _save_last(self) -> None:
         step = self.progress.step
@@ -356,8 +370,8 @@ class Trainer:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
             raise self._everywhere(LmtrainError(
                 f"stopped at step {self.progress.step}: the weights are no longer finite numbers (NaN or "
-                f"infinity), so no checkpoint is written; the checkpoints written before are kept as they were; "
-                f"a lower train.lr or train.clip may help"))
+                f"infinity), so no checkpoint is written; {self._checkpoints_kept()}; a lower train.lr or "
+                f"train.clip may help"))
         payload = checkpoint_payload(config=self.config, tokenizer=self.tokenizer, model=self.model,
                                      optimizer=self.optimizer, progress=self.progress, data_files=self.data_files,
                                      states=self.states, world=self.world, device=self.device)
