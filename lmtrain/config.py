@@ -284,8 +284,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         values[key] = _absolute(key, value, Path.cwd()) if key in DATA_PATHS and isinstance(value, str) else value
     for old in set(values) & set(RENAMED) - {old for old, new in RENAMED.items() if new in values}:  # both: an error
         warnings.warn(f"{old} is now called {RENAMED[old]}: read as {RENAMED[old]}", stacklevel=2)
+    # Files named on the command line win over the file's other way of naming the text: its corpus, and
+    # its data.train/valid/test for a data.path (or its data.path for a data.train) given here.
     if overridden & set(DATA_PATHS) and "data.corpus" not in overridden:
-        values.pop("data.corpus", None)  # files named on the command line win over the YAML's corpus
+        values.pop("data.corpus", None)
+    if "data.path" in overridden:
+        for key in set(DATA_PATHS) - overridden:
+            values.pop(key, None)
+    elif "data.train" in overridden:
+        values.pop("data.path", None)
     return build_config(values)
 
 

@@ -55,7 +55,9 @@ def page() -> str:
              "which also give the choices, defaults and error messages `lmtrain` uses, and the defaults of the",
              "Python constructors. An integer is a 64-bit one (up to about 9.2e18, the range torch and the",
              "checkpoints hold); a key given twice in a file, or one that is not a name, is an error. A key given",
-             "twice on the command line takes its last value.", ""]
+             "twice on the command line takes its last value. Files named on the command line replace the file's",
+             "way of naming the text: `data.path=mine.txt` drops its `data.corpus` and `data.train/valid/test`,",
+             "`data.train=...` its `data.corpus` and `data.path`.", ""]
     for section, cls in config.SECTIONS.items():
         docs = field_docstrings(cls)
         lines += [f"## `{section}`", "", " ".join(inspect.getdoc(cls).split()), "",

@@ -172,6 +172,19 @@ def test_override_paths_relative_to_cwd(tmp_path: Path, monkeypatch):
     assert load_config(path, ["data.path=other.txt"]).data.path == str((cwd / "other.txt").resolve())
 
 
+def test_files_on_the_command_line_replace_the_files_way_of_naming_the_text(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    split_files = write(tmp_path / "split.yaml",
+                        "data: {train: a.txt, valid: b.txt, test: c.txt}\ntrain: {max_steps: 1}\n")
+    one_file = write(tmp_path / "one.yaml", "data: {path: a.txt}\ntrain: {max_steps: 1}\n")
+    data = load_config(split_files, ["data.path=mine.txt"]).data
+    assert (data.path, data.train, data.valid, data.test) == (str(tmp_path / "mine.txt"), None, None, None)
+    data = load_config(one_file, ["data.train=t.txt", "data.valid=v.txt"]).data
+    assert (data.path, data.train, data.valid) == (None, str(tmp_path / "t.txt"), str(tmp_path / "v.txt"))
+    with pytest.raises(ConfigError, match="data.path or data.train/valid/test, not both"):
+        load_config(one_file, ["data.test=c.txt"])  # a test file beside data.path's split: which is meant?
+
+
 def test_out_dir_is_not_resolved(minimal: Path):
     assert load_config(minimal, ["train.out_dir=runs/x"]).train.out_dir == "runs/x"
 
