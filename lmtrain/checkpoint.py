@@ -142,7 +142,8 @@ def _check_training_state(payload: dict[str, Any], path: Path) -> None:
     writes: a damaged one is refused here, so that the run goes back to an older checkpoint."""
     def rng_state(value: Any) -> bool:
         return (isinstance(value, dict) and isinstance(value.get("torch"), torch.Tensor)
-                and value["torch"].dtype == torch.uint8 and isinstance(value.get("cuda", []), list)
+                and value["torch"].dtype == torch.uint8 and value["torch"].shape == torch.get_rng_state().shape
+                and isinstance(value.get("cuda", []), list)
                 and all(isinstance(state, torch.Tensor) for state in value.get("cuda", [])))
 
     def fingerprint(value: Any) -> bool:

@@ -4,6 +4,7 @@ and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -81,13 +82,8 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full trac
          version: Annotated[bool, typer.Option("--version", help="Show lmtrain's and torch's versions and whether the "
                                                "compiled kernels are in use, and exit.", is_eager=True,
                                                callback=_version)] = False) -> None:
-    from lmtrain.speed.kernels import SWITCH
     from lmtrain.speed.threads import Load
 
-    if os.environ.get(SWITCH, "") not in ("", "0", "1"):  # a typo must not silently mean "unset"
-        typer.echo(f"error: {SWITCH} must be 0 (the Python code) or 1 (the compiled kernels, or stop); got "
-                   f"{os.environ[SWITCH]!r}", err=True)
-        raise typer.Exit(2)
     _options["debug"] = debug
     warnings.showwarning = _warning_line
     _options["load"] = Load()  # the other processes' load, measured from now until a command picks its threads
@@ -98,6 +94,10 @@ def _set_threads() -> None:
     from lmtrain.speed.threads import set_for_command
 
     set_for_command(load=_options.get("load"))
+
+
+# torch's words for an allocation it could not make, or whose size does not fit in 64 bits.
+OUT_OF_MEMORY = ("can't allocate memory", "Storage size calculation overflowed")
 
 
 @contextmanager
@@ -123,7 +123,7 @@ def user_errors() -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if _options["debug"]:
             traceback.print_exc()
-        if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        if isinstance(error, MemoryError) or any(words in str(error) for words in OUT_OF_MEMORY):
             # A size past what this process may allocate (ulimit -v, a container's limit) got through the
             # checks of physical memory: name the resource, not an internal error.
             tried = re.search(r"allocate (\d+) bytes", str(error))
@@ -386,7 +386,9 @@ def perplexity(
                                              device=_device(device), segment=segment)
         for note in notes:
             typer.echo(note, err=True)
-        typer.echo(json.dumps(numbers) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))
+        strict = {key: None if isinstance(value, float) and not math.isfinite(value) else value  # JSON has no inf
+                  for key, value in numbers.items()}
+        typer.echo(json.dumps(strict) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))
 
 
 @diagnose_app.command(short_help="The vanishing gradient, measured.")

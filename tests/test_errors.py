@@ -274,15 +274,43 @@ def run_trained_on(corpus_text: str) -> Callable[[Path], None]:
     return reads_shared(make)
 
 
-def run_with_damaged_last(**replaced) -> Callable[[Path], None]:
-    """`run_trained_on` this case's corpus, with some entries of its last.pt replaced (best.pt intact)."""
+def run_with_last_edited(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """`run_trained_on` this case's corpus, its last.pt's contents changed by `edit` (best.pt intact)."""
     def make(target: Path) -> None:
         import torch
 
         run_trained_on(CORPUS)(target)
         payload = torch.load(target / "last.pt", weights_only=True)
-        torch.save({**payload, **replaced}, target / "last.pt")
+        edit(payload)
+        torch.save(payload, target / "last.pt")
     return reads_shared(make)
+
+
+def run_with_damaged_last(**replaced) -> Callable[[Path], None]:
+    """`run_with_last_edited`: some entries of its last.pt replaced."""
+    return run_with_last_edited(lambda payload: payload.update(replaced))
+
+
+def short_rng_state(payload: dict) -> None:
+    import torch
+
+    payload["rng"] = {"torch": torch.zeros(5, dtype=torch.uint8), "cuda": []}
+
+
+def misshapen_adam_state(payload: dict) -> None:
+    import torch
+
+    payload["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+@reads_shared
+def overflowing_checkpoint(target: Path) -> None:
+    """The shared char run's best.pt with its output weights at 3e38: finite, but their logits are not."""
+    import torch
+
+    payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
+    payload["model"]["projection.weight"].fill_(3e38)
+    torch.save(payload, target)
 
 
 def payload_did_not_run(folder: Path, result: Result) -> None:
@@ -536,6 +564,22 @@ CASES: list[Case] = [
          tiny_with(run=run_with_damaged_last(rng="a string")), outcome="ok", exit_code=0,
          expect=("last.pt", "damaged", "rng", "older checkpoint"), check=trained,
          note="resumed from best.pt and trained"),
+    Case("resume-damaged-rng-size", "`--resume` when last.pt's RNG state has the wrong size",
+         (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(run=run_with_last_edited(short_rng_state)), outcome="ok", exit_code=0,
+         expect=("last.pt", "damaged", "rng", "older checkpoint"), check=trained,
+         note="resumed from best.pt and trained"),
+    Case("resume-misshapen-optimizer-state", "`--resume` when last.pt's Adam state is shaped unlike its parameter",
+         (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(run=run_with_last_edited(misshapen_adam_state)),
+         expect=("optimizer state does not fit the model", "exp_avg", "(3,)", "damaged")),
+    Case("eval-outputs-not-finite", "`eval perplexity --json` of finite weights whose outputs overflow (3e38)",
+         (*EVAL, "--json"), {"model.pt": overflowing_checkpoint}, expect=("not finite", "diverged")),
+    Case("diagnose-count-past-memory", "`diagnose gradients --count 9223372036854775807`",
+         ("diagnose", "gradients", "--checkpoint", "model.pt", "--count", "9223372036854775807"),
+         {"model.pt": CHAR_PT}, expect=("out of memory",)),
+    Case("plot-no-events", "`lmtrain plot` of a run whose metrics.jsonl is empty", ("plot", "run"),
+         {"run/metrics.jsonl": ""}, expect=("no train or valid events", "run/metrics.jsonl")),
     Case("resume-damaged-data-files", "`--resume` when last.pt's record of the corpus files is a string",
          (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
          tiny_with(run=run_with_damaged_last(data_files="a string")), outcome="ok", exit_code=0,

@@ -231,3 +231,21 @@ def test_plot_draws_a_run_with_skipped_windows(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     plot_runs([str(run)], str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_whose_outputs_overflow_still_finishes_without_samples(tmp_path, corpus, monkeypatch):
+    """The final samples of a model whose weights are finite but whose outputs are not: a warning, not an
+    error after a run that trained and saved its checkpoints."""
+    import lmtrain.training.trainer as trainer_module
+    from lmtrain.evaluation.sampling import NonFiniteOutputs
+
+    def overflowing(*args, **kwargs):
+        raise NonFiniteOutputs("the model's outputs are not finite numbers")
+
+    monkeypatch.setattr(trainer_module, "generate", overflowing)
+    messages: list[str] = []
+    result = train(config(corpus, tmp_path / "run", train__final_samples=2), warn=messages.append, progress_bar=False)
+    assert result.samples == [] and (tmp_path / "run" / "last.pt").is_file()
+    assert [m for m in messages if "no samples" in m] == [
+        "warning: no samples at step 6: the model's outputs are not finite numbers (its weights diverged; a lower "
+        "train.lr or train.clip may help)"]

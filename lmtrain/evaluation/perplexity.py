@@ -141,4 +141,7 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
                          batch_size=batch_size or EVAL_BATCH_SIZE, device=device, right_to_left=True)
         numbers.update({f"right_to_left_{key}": value for key, value in report(right_to_left, tokenizer).items()
                         if key != "tokens"})
+    if not all(math.isfinite(value) for key, value in numbers.items() if key.endswith("loss")):
+        raise LmtrainError(f"{path}: the model's outputs are not finite numbers (NaN or infinity) on this text: its "
+                           f"weights diverged; evaluate another checkpoint (best.pt, an earlier step-*.pt)")
     return numbers, warnings

@@ -52,10 +52,15 @@ def _number(value: Any) -> float:
 def plot_runs(run_dirs: list[str], output: str) -> None:
     """Train and validation loss against step (left) and against wall-clock time (right), one
     colour per run, validation dashed."""
+    runs = {run_dir: read_metrics(run_dir) for run_dir in run_dirs}
+    empty = [str(run_dir) for run_dir, events in runs.items() if not any(event.get("split") in ("train", "valid")
+                                                                        for event in events)]
+    if empty:  # an empty figure, and matplotlib's own warning about its legend, would say less
+        raise LmtrainError(f"no train or valid events to plot in {', '.join(empty)}/metrics.jsonl")
     plt = pyplot()
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for index, run_dir in enumerate(run_dirs):
-        events, colour, name = read_metrics(run_dir), f"C{index}", Path(run_dir).name or str(run_dir)
+    for index, (run_dir, events) in enumerate(runs.items()):
+        colour, name = f"C{index}", Path(run_dir).name or str(run_dir)
         for split, style in (("train", "-"), ("valid", "--o")):
             chosen = [event for event in events if event.get("split") == split]
             if not chosen:

@@ -28,6 +28,10 @@ def check_options(*, temperature: float, top_k: int | None, top_p: float | None)
         raise LmtrainError(f"--top-p must be in (0, 1]; got {top_p}")
 
 
+class NonFiniteOutputs(LmtrainError):
+    """The model's outputs hold NaN or infinity: its weights diverged."""
+
+
 GREEDY_BELOW = 1e-30
 
 
@@ -43,7 +47,7 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
     # Their float64 sum is finite exactly when every logit is (no float32 values can overflow it): one
     # reduction, cheaper than isfinite().all() at every token.
     if not math.isfinite(float(logits.sum(dtype=torch.float64))):
-        raise LmtrainError("the model's outputs are not finite numbers (NaN or infinity): its weights are "
+        raise NonFiniteOutputs("the model's outputs are not finite numbers (NaN or infinity): its weights are "
                            "damaged or diverged; sample from another checkpoint (best.pt, an earlier step-*.pt)")
     # Below GREEDY_BELOW, logits / temperature would overflow float32 to infinities (NaN after the softmax),
     # and any two logits that differ at all are already a certain choice: that is the greedy draw.

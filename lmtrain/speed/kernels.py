@@ -51,13 +51,22 @@ DEFAULT_WAIT_SECONDS = 600.0
 _built: dict[str, object] = {}  # "module" and "reason", once the build was tried: a memo, not a switch
 
 
+def switch() -> str:
+    """`LMTRAIN_COMPILED` as the user set it: "" (unset), "0" or "1". Any other value is refused: a typo
+    must not silently mean "unset"."""
+    value = os.environ.get(SWITCH, "")
+    if value not in ("", "0", "1"):
+        raise LmtrainError(f"{SWITCH} must be 0 (the Python code) or 1 (the compiled kernels, or stop); got {value!r}")
+    return value
+
+
 def load(announce=lambda line: print(line, file=sys.stderr)) -> ModuleType | None:
     """Build (first time on this machine) or load the compiled kernels; None, after one line through
     `announce` saying why, if they cannot be had."""
     if "module" not in _built:
         module, reason = _build(announce)
         _built.update(module=module, reason=reason)
-        if reason is not None and os.environ.get(SWITCH) not in ("0", "1"):
+        if reason is not None and switch() == "":
             announce(f"lmtrain: the compiled kernels are not available ({reason}); using the Python code "
                      f"(same results, slower). {SWITCH}=0 silences this.")
     return _built["module"]
@@ -82,7 +91,7 @@ def unavailable_reason() -> str | None:
 
 def required() -> bool:
     """`LMTRAIN_COMPILED=1`: the user wants the compiled kernels or an error, not a silent fallback."""
-    return os.environ.get(SWITCH) == "1"
+    return switch() == "1"
 
 
 @contextmanager
@@ -161,7 +170,7 @@ def _find_ninja() -> bool:
 
 
 def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, str | None]:
-    if os.environ.get(SWITCH) == "0":
+    if switch() == "0":
         return None, f"{SWITCH}=0"
     try:
         return kernel_build.obtain(spec(), announce=announce, wait_seconds=wait_seconds(), retry_failed=retry_failed,
@@ -177,7 +186,7 @@ def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, 
 def build_now(announce) -> str:
     """Build the kernels if they are not built (trying again after an earlier failure); the folder they
     are in. For `lmtrain kernels build`: ahead of time, e.g. in a container image that runs read-only."""
-    if os.environ.get(SWITCH) == "0":
+    if switch() == "0":
         raise LmtrainError(f"{SWITCH}=0 turns the compiled kernels off; unset it to build them")
     module, reason = _build(announce, retry_failed=True)
     if module is None:
@@ -192,7 +201,7 @@ def status() -> dict:
     this = spec()
     paths = kernel_build.published(this)
     failed = next((p for root in kernel_build.roots() if (p := kernel_build.Paths(root, this)).failure.exists()), None)
-    if os.environ.get(SWITCH) == "0":
+    if switch() == "0":
         state = f"off ({SWITCH}=0)"
     elif paths is not None:
         state = "built"

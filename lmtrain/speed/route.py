@@ -21,7 +21,6 @@ The inputs to the decision are the user's, read where they live, never a switch 
 from __future__ import annotations
 
 import functools
-import os
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
@@ -92,7 +91,7 @@ def choose(tensor: torch.Tensor, *, compiled: bool = True) -> Route:
               and tensor.dtype in (torch.float32, torch.bfloat16)
               and (ONEDNN_BFLOAT16 if bfloat16 else ONEDNN_FLOAT32))
     loops = None
-    if compiled and device == "cpu" and tensor.dtype == torch.float32 and os.environ.get(kernels.SWITCH) != "0":
+    if compiled and device == "cpu" and tensor.dtype == torch.float32 and kernels.switch() != "0":
         loops = kernels.load()
     return Route(loops=loops, onednn=onednn, product_dtype=product_dtype)
 

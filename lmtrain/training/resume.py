@@ -83,10 +83,23 @@ def restore(payload: dict, *, model: torch.nn.Module, optimizer: torch.optim.Opt
     process's rows of the carried states (saved for the global batch), one per LM."""
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    check_optimizer_state(optimizer)
     states = [own_rows(world, [tuple(t.to(device) for t in layer) for layer in saved]) if saved else None
               for saved in payload["stream_states"]]
     rng.restore(payload, device, world)
     return Progress.from_checkpoint(payload["progress"]), states
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizer state whose tensors are not shaped like their parameters: torch's load_state_dict
+    does not check, and the fused optimizer step would read and write past them."""
+    for group in optimizer.param_groups:
+        for index, parameter in enumerate(group["params"]):
+            for name, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise LmtrainError(f"--resume: the checkpoint's optimizer state does not fit the model: {name} "
+                                       f"of parameter {index} is {tuple(value.shape)}, the parameter "
+                                       f"{tuple(parameter.shape)}; the checkpoint is damaged")
 
 
 def resume_command(out_dir: Path, world: World) -> str:

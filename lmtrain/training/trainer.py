@@ -30,7 +30,7 @@ from lmtrain.data.cache import data_fingerprints, load_corpus
 from lmtrain.data.dataset import IGNORE, TrainingBatches, check_data_files, shard_batch
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluation.sampling import check_side_by_side, generate, printable
+from lmtrain.evaluation.sampling import NonFiniteOutputs, check_side_by_side, generate, printable
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.model.objective import Objective
 from lmtrain.speed import kernels
@@ -387,5 +387,10 @@ class Trainer:
             return []
         # A generator of its own, so sampling does not move the training RNG streams (exact resume).
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
-        return generate(self.model, self.tokenizer, num=count,
-                        sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
+        try:
+            return generate(self.model, self.tokenizer, num=count,
+                            sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
+        except NonFiniteOutputs:  # the run itself is done and saved: say why there are no samples, and go on
+            self.warn(f"warning: no samples at step {self.progress.step}: the model's outputs are not finite numbers "
+                      f"(its weights diverged; a lower train.lr or train.clip may help)")
+            return []
