@@ -543,6 +543,9 @@ def run() -> None:
     command (`lmtrain`, `lmtrain eval`) prints its help and exits 0."""
     try:
         code = app(prog_name="lmtrain", standalone_mode=False)
+    except LmtrainError as error:  # raised before a command's user_errors (an eager option: --version)
+        typer.echo(error_line(error), err=True)
+        sys.exit(getattr(error, "exit_code", None) or 2)
     except Exception as error:  # the command-line parser's errors (click's, inside typer)
         if not (hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)):
             raise

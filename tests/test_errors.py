@@ -491,6 +491,8 @@ CASES: list[Case] = [
          note="refused before any step"),
     Case("compiled-switch-unknown", "`LMTRAIN_COMPILED=yes` (neither 0 nor 1)", (*TRAIN, "tiny.yaml"), tiny_with(),
          env={"LMTRAIN_COMPILED": "yes"}, expect=("LMTRAIN_COMPILED", "0", "1", "'yes'")),
+    Case("version-compiled-switch-unknown", "`LMTRAIN_COMPILED=yes lmtrain --version`", ("--version",), {},
+         env={"LMTRAIN_COMPILED": "yes"}, expect=("LMTRAIN_COMPILED", "'yes'")),
     Case("config-threads-zero", "`train.threads=0`", (*TRAIN, "tiny.yaml", "train.threads=0"), tiny_with(),
          expect=("train.threads", "auto or a number of threads from 1 to 1024", "0")),
     Case("kernels-build-without-compiler", "`lmtrain kernels build` where there is no C++ compiler",
