@@ -34,6 +34,7 @@ FORMAT_VERSION = 2
 FORMAT_1_NAMES = ((".backward_layer.", ".right_to_left_layer."), (".forward_layer.", ".left_to_right_layer."))
 FORMAT_1_PREFIXES = (("rnn_backward.", "rnn_right_to_left."),)
 REQUIRED = ("format_version", "config", "tokenizer", "model")
+ANOTHER = "use another checkpoint (best.pt, an earlier step-*.pt)"
 
 
 def to_cpu(tree: Any) -> Any:
@@ -80,7 +81,7 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
     if path.is_dir():
         raise LmtrainError(f"checkpoint path is a directory: {path} (give the .pt file, e.g. {path}/best.pt)")
     # torch.load does not check the archive's CRC-32s, so a flipped bit in the weights would load as other
-    # weights; reading the file once more to check them costs about a millisecond per 2 MB.
+    # weights; the file is read once more to check them (from the page cache, as torch.load reads it next).
     try:
         with zipfile.ZipFile(path) as archive:
             failed = archive.testzip()
@@ -88,7 +89,7 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
         failed = None  # not a zip archive, or a broken one: torch.load below says which
     if failed is not None:
         raise LmtrainError(f"{path}: damaged: its part {failed} fails its checksum (the file changed after it was "
-                           f"written); use another checkpoint (best.pt, an earlier step-*.pt)")
+                           f"written); {ANOTHER}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
@@ -125,13 +126,21 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
         if key in PROGRESS and not _plain_number(value, whole=key in WHOLE_PROGRESS, optional=key == "best_valid_loss"):
             raise LmtrainError(f"{path}: not an lmtrain checkpoint (its progress.{key} is {shown(value)}, not a "
                                f"{'whole ' if key in WHOLE_PROGRESS else ''}number)")
-    # Training never writes non-finite weights (it stops first), so these are damage, refused by name
-    # rather than sampled into garbage or scored as a perplexity of NaN.
-    damaged = next((name for name, value in payload["model"].items() if isinstance(value, torch.Tensor)
-                    and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
-    if damaged is not None:
-        raise LmtrainError(f"{path}: damaged: its weights are not finite (NaN or infinity in {damaged}); use another "
-                           f"checkpoint (best.pt, an earlier step-*.pt)")
+    # Training writes floating-point, finite weights only (it stops before non-finite ones), so anything
+    # else is damage, refused by name rather than cast, sampled into garbage or scored as a perplexity of NaN.
+    for name, value in payload["model"].items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise LmtrainError(f"{path}: damaged: its weight {shown(name)} is {str(kind).removeprefix('torch.')}, "
+                               f"not floating-point numbers; {ANOTHER}")
+        if not bool(torch.isfinite(value).all()):
+            raise LmtrainError(f"{path}: damaged: its weights are not finite (NaN or infinity in {shown(name)}); "
+                               f"{ANOTHER}")
+    try:
+        Tokenizer.from_dict(payload["tokenizer"])
+    except (LmtrainError, KeyError, TypeError) as error:
+        reason = str(error) if isinstance(error, LmtrainError) else "its tokenizer is not what lmtrain writes"
+        raise LmtrainError(f"{path}: damaged: {reason}; {ANOTHER}") from None
     if training:
         _check_training_state(payload, path)
     return migrated(payload)
@@ -209,7 +218,10 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoin
         model = LanguageModel.from_config(config.model, tokenizer.vocab_size)
         model.load_state_dict(payload["model"])
     except (LmtrainError, KeyError, TypeError, RuntimeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # torch's load_state_dict names each mismatched tensor on a line after its heading: keep them on one
+        lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()]
+        message = "; ".join(lines[1:] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines)
+        message = message or type(error).__name__
         raise LmtrainError(f"{path}: checkpoint does not match its own model config: {message}") from None
     return model.eval(), tokenizer, config
 

@@ -4,7 +4,6 @@ and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -373,6 +372,7 @@ def perplexity(
 ) -> None:
     """Loss (nats/token), perplexity and, for character models, bits per character; every token counted."""
     from lmtrain.evaluation.perplexity import evaluate_checkpoint
+    from lmtrain.files import strict_json
 
     with user_errors():
         if split not in ("valid", "test"):
@@ -386,9 +386,8 @@ def perplexity(
                                              device=_device(device), segment=segment)
         for note in notes:
             typer.echo(note, err=True)
-        strict = {key: None if isinstance(value, float) and not math.isfinite(value) else value  # JSON has no inf
-                  for key, value in numbers.items()}
-        typer.echo(json.dumps(strict) if as_json else "  ".join(_format(key, value) for key, value in numbers.items()))
+        typer.echo(json.dumps(strict_json(numbers)) if as_json
+                   else "  ".join(_format(key, value) for key, value in numbers.items()))
 
 
 @diagnose_app.command(short_help="The vanishing gradient, measured.")

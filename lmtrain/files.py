@@ -6,12 +6,13 @@ whole new one, never a mixture."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def sync(path: Path) -> None:
@@ -73,3 +74,24 @@ def json_lines(data: bytes) -> tuple[list[tuple[bytes, dict]], int]:
         elif line.strip() and not (number == len(lines) and not line.endswith(b"\n") and values is None):
             damaged += 1
     return records, damaged
+
+
+def metric_events(data: bytes) -> tuple[list[tuple[bytes, dict]], int]:
+    """The events of a metrics.jsonl, as `json_lines` gives them, and how many lines are damaged: besides
+    what `json_lines` counts, an object whose `step` is not a number or whose `loss` is neither a number
+    nor null is no event lmtrain wrote, so every reader (plot, resume) drops the same lines."""
+    records, damaged = json_lines(data)
+    events = [(line, values) for line, values in records
+              if _is_number(values.get("step")) and (values.get("loss") is None or _is_number(values["loss"]))]
+    return events, damaged + len(records) - len(events)
+
+
+def strict_json(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every non-finite float (a diverged loss, a perplexity past float64) as None, since
+    JSON has no NaN or Infinity and strict readers refuse Python's spelling of them."""
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in values.items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

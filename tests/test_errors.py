@@ -212,14 +212,43 @@ def reads_shared(make: Callable[[Path], None]) -> Callable[[Path], None]:
     return make
 
 
-@reads_shared
-def nan_checkpoint(target: Path) -> None:
-    """The shared char run's best.pt with every weight NaN."""
+def edited_checkpoint(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """The shared char run's best.pt, its contents changed by `edit`."""
+    def make(target: Path) -> None:
+        import torch
+
+        payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
+        edit(payload)
+        torch.save(payload, target)
+    return reads_shared(make)
+
+
+def forged_checkpoint(**replaced) -> Callable[[Path], None]:
+    """The shared char run's best.pt with some of its entries replaced."""
+    return edited_checkpoint(lambda payload: payload.update(replaced))
+
+
+def all_weights_nan(payload: dict) -> None:
     import torch
 
-    payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
     payload["model"] = {name: torch.full_like(tensor, float("nan")) for name, tensor in payload["model"].items()}
-    torch.save(payload, target)
+
+
+def weights_as_integers(payload: dict) -> None:
+    payload["model"] = {name: tensor.long() for name, tensor in payload["model"].items()}
+
+
+def projection_one_row_short(payload: dict) -> None:
+    payload["model"]["projection.weight"] = payload["model"]["projection.weight"][:-1].clone()
+
+
+def output_weights_overflowing(payload: dict) -> None:
+    """Output weights at 3e38: finite, but their logits are not."""
+    payload["model"]["projection.weight"].fill_(3e38)
+
+
+nan_checkpoint = edited_checkpoint(all_weights_nan)
+FORGED_TOKENIZER = {"level": "char", "eos": "line", "tokens": ["<unk>", "<eos>", 1, 2, 3]}
 
 
 @reads_shared
@@ -236,16 +265,6 @@ def bit_rot_checkpoint(target: Path) -> None:
     name_length, extra_length = struct.unpack("<HH", data[part.header_offset + 26:part.header_offset + 30])
     data[part.header_offset + 30 + name_length + extra_length + part.compress_size - 1] ^= 0xFF
     target.write_bytes(bytes(data))
-
-
-def forged_checkpoint(**replaced) -> Callable[[Path], None]:
-    """The shared char run's best.pt with some of its entries replaced."""
-    def make(target: Path) -> None:
-        import torch
-
-        payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
-        torch.save({**payload, **replaced}, target)
-    return reads_shared(make)
 
 
 def symlink_loop(target: Path) -> None:
@@ -301,16 +320,6 @@ def misshapen_adam_state(payload: dict) -> None:
     import torch
 
     payload["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
-
-
-@reads_shared
-def overflowing_checkpoint(target: Path) -> None:
-    """The shared char run's best.pt with its output weights at 3e38: finite, but their logits are not."""
-    import torch
-
-    payload = torch.load(target.parent.parent / "_shared" / "char" / "run" / "best.pt", weights_only=True)
-    payload["model"]["projection.weight"].fill_(3e38)
-    torch.save(payload, target)
 
 
 def payload_did_not_run(folder: Path, result: Result) -> None:
@@ -576,10 +585,25 @@ CASES: list[Case] = [
          tiny_with(run=run_with_last_edited(misshapen_adam_state)),
          expect=("optimizer state does not fit the model", "exp_avg", "(3,)", "damaged")),
     Case("eval-outputs-not-finite", "`eval perplexity --json` of finite weights whose outputs overflow (3e38)",
-         (*EVAL, "--json"), {"model.pt": overflowing_checkpoint}, expect=("not finite", "diverged")),
+         (*EVAL, "--json"), {"model.pt": edited_checkpoint(output_weights_overflowing)},
+         expect=("not finite", "diverged")),
     Case("diagnose-count-past-memory", "`diagnose gradients --count 9223372036854775807`",
          ("diagnose", "gradients", "--checkpoint", "model.pt", "--count", "9223372036854775807"),
          {"model.pt": CHAR_PT}, expect=("out of memory",)),
+    Case("checkpoint-weights-integers", "a forged checkpoint whose weights are integers", SAMPLE,
+         {"model.pt": edited_checkpoint(weights_as_integers)}, expect=("model.pt", "damaged", "int64",
+                                                                        "not floating-point")),
+    Case("checkpoint-weight-wrong-shape", "a forged checkpoint whose output weights lack a row", SAMPLE,
+         {"model.pt": edited_checkpoint(projection_one_row_short)},
+         expect=("model.pt", "does not match", "size mismatch for projection.weight")),
+    Case("checkpoint-tokenizer-forged", "a forged checkpoint whose vocabulary holds numbers, not strings", SAMPLE,
+         {"model.pt": forged_checkpoint(tokenizer=FORGED_TOKENIZER)},
+         expect=("model.pt", "damaged", "tokenizer", "strings")),
+    Case("resume-damaged-tokenizer", "`--resume` when last.pt's vocabulary holds numbers",
+         (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
+         tiny_with(run=run_with_damaged_last(tokenizer=FORGED_TOKENIZER)), outcome="ok", exit_code=0,
+         expect=("last.pt", "damaged", "tokenizer", "older checkpoint"), check=trained,
+         note="resumed from best.pt and trained"),
     Case("plot-no-events", "`lmtrain plot` of a run whose metrics.jsonl is empty", ("plot", "run"),
          {"run/metrics.jsonl": ""}, expect=("no train or valid events", "run/metrics.jsonl")),
     Case("resume-damaged-data-files", "`--resume` when last.pt's record of the corpus files is a string",

@@ -25,6 +25,7 @@ from lmtrain.training.metrics import event, progress_line
 from lmtrain.training.trainer import train
 
 DAMAGED = b"\xff\xfe not UTF-8\n" + b"not JSON either\n"  # two lines: undecodable, then garbage
+NOT_EVENTS = b'{"step": "7", "split": "train", "loss": 1.0}\n{"step": 4, "split": "train", "loss": "low"}\n'  # JSON
 SCRIPT = Path(sys.executable).with_name("lmtrain")
 LMTRAIN = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lmtrain"]
 
@@ -78,13 +79,13 @@ def test_resume_removes_damaged_metrics_lines_with_one_warning(tmp_path, corpus)
     train(config(corpus, out_dir), progress_bar=False)
     good = (out_dir / "metrics.jsonl").read_bytes()
     resumed_from = (out_dir / "step-0000006.pt").read_bytes()
-    (out_dir / "metrics.jsonl").write_bytes(good + DAMAGED)
+    (out_dir / "metrics.jsonl").write_bytes(good + DAMAGED + NOT_EVENTS)
     messages: list[str] = []
     result = train(config(corpus, out_dir, train__max_steps=8), resume=True, warn=messages.append,
                    progress_bar=False)
     assert result.progress.step == 8
     warned = [m for m in messages if "metrics.jsonl" in m]
-    assert len(warned) == 1 and "2 damaged lines" in warned[0] and str(out_dir) in warned[0], messages
+    assert len(warned) == 1 and "4 damaged lines" in warned[0] and str(out_dir) in warned[0], messages
     after = (out_dir / "metrics.jsonl").read_bytes()
     assert after.startswith(good)  # every good record kept, byte for byte
     assert [e["step"] for e in strict_events(out_dir) if e["split"] == "train"] == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -96,12 +97,12 @@ def test_read_metrics_skips_damaged_lines_with_one_warning(tmp_path):
     run.mkdir()
     events = [{"step": s, "split": "train", "loss": 3.0 / s, "elapsed_s": 0.1 * s} for s in (1, 2, 3)]
     lines = [json.dumps(e).encode() + b"\n" for e in events]
-    (run / "metrics.jsonl").write_bytes(lines[0] + DAMAGED + b"[1, 2]\n" + b"".join(lines[1:]))
+    (run / "metrics.jsonl").write_bytes(lines[0] + DAMAGED + b"[1, 2]\n" + NOT_EVENTS + b"".join(lines[1:]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert read_metrics(run) == events
     assert [str(w.message) for w in caught] == [
-        f"{run / 'metrics.jsonl'}: 3 damaged lines (not UTF-8 or not a JSON event) skipped"]
+        f"{run / 'metrics.jsonl'}: 5 damaged lines (not UTF-8 or not a JSON event) skipped"]
 
 
 def test_a_last_line_cut_short_by_a_crash_is_dropped_without_a_warning(tmp_path):

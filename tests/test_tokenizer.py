@@ -98,6 +98,12 @@ def test_vocabulary_must_start_with_specials():
 
 # --- word level ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("extra, shown", [(["a", 7], "7"), (["a", ""], "''"), (["a", "a"], "a repeated token")])
+def test_vocabulary_must_be_distinct_nonempty_strings(extra: list, shown: str):
+    with pytest.raises(LmtrainError, match=f"distinct, non-empty strings; it holds {shown}$"):
+        Tokenizer(level="char", eos="line", tokens=[*SPECIALS, *extra])
+
+
 def test_word_encode_decode(word_tokenizer: Tokenizer, small_text: str):
     ids = word_tokenizer.encode("the cat ran\n")
     assert [word_tokenizer.tokens[i] for i in ids] == ["the", "cat", "ran", EOS]

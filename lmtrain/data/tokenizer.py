@@ -136,6 +136,10 @@ class Tokenizer:
                                f"{str(self.level)[:20]!r}, {str(self.eos)[:20]!r}")
         if tuple(self.tokens[:2]) != SPECIALS:
             raise LmtrainError("tokenizer vocabulary must start with <unk>, <eos>")
+        odd = next((token for token in self.tokens if not isinstance(token, str) or not token), None)
+        if odd is not None or len(set(self.tokens)) != len(self.tokens):
+            raise LmtrainError(f"tokenizer vocabulary must be distinct, non-empty strings; it holds "
+                               f"{'a repeated token' if odd is None else repr(odd)[:20]}")
         self.ids = {token: index for index, token in enumerate(self.tokens)}
 
     @property

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import json_lines
+from lmtrain.files import metric_events
 
 
 def pyplot() -> Any:
@@ -26,8 +26,9 @@ def pyplot() -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The events of a run folder's metrics.jsonl. A line that is not one (not UTF-8, not a JSON object) is
-    skipped, and one warning names the file and the count; a last line cut short by a crash, silently."""
+    """The events of a run folder's metrics.jsonl. A line that is not one (`files.metric_events`: not UTF-8,
+    not a JSON object, a step that is not a number) is skipped, and one warning names the file and the
+    count; a last line cut short by a crash, silently."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise LmtrainError(f"no metrics.jsonl in {run_dir} (is it a train.out_dir?)")
@@ -35,7 +36,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         data = path.read_bytes()
     except OSError as error:
         raise LmtrainError(f"cannot read {path}: {os_reason(error)}") from None
-    records, skipped = json_lines(data)
+    records, skipped = metric_events(data)
     events = [values for _, values in records]
     if skipped:  # a warning, not a print: the CLI shows it as one `warning:` line, a script can filter it
         warnings.warn(f"{path}: {skipped} damaged line{'s' if skipped > 1 else ''} (not UTF-8 or not a "

@@ -4,7 +4,6 @@ numbers to TensorBoard), and the small pure functions behind its progress lines.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import Tensor
 from lmtrain.config import ModelConfig
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.perplexity import perplexity
+from lmtrain.files import strict_json
 from lmtrain.training.rundir import RunDirectory
 
 TENSORBOARD = ("loss", "ppl", "lr", "tokens_per_s")  # the event fields also sent to TensorBoard
@@ -31,8 +31,7 @@ def event(*, step: int, split: str, loss: float | None, lr: float, tokens_per_s:
               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_seconds, 3), "threads": threads}
     if skipped:
         values["skipped"] = skipped
-    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
-            for name, value in values.items()}
+    return strict_json(values)
 
 
 class Metrics:

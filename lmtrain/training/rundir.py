@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmtrain.checkpoint import checkpoint_bytes, load_checkpoint
+from lmtrain.checkpoint import ANOTHER, checkpoint_bytes, load_checkpoint
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import atomic_write, json_lines
+from lmtrain.files import atomic_write, metric_events
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
@@ -121,7 +121,7 @@ class RunDirectory:
             try:
                 return path, load_checkpoint(path, training=True), notes
             except LmtrainError as error:
-                notes.append(f"warning: {error}; trying an older checkpoint")
+                notes.append(f"warning: {str(error).removesuffix(f'; {ANOTHER}')}; trying an older checkpoint")
         if notes:
             raise LmtrainError(f"no intact checkpoint to resume in {self.path} ({len(notes)} damaged)")
         raise LmtrainError(f"nothing to resume: no last.pt in {self.path}")
@@ -136,20 +136,14 @@ class RunDirectory:
             if resumed_at is None:
                 return open(self.metrics, "w", encoding="utf-8")
             if self.metrics.exists():
-                records, damaged = json_lines(self.metrics.read_bytes())
-                events = [(line, step) for line, values in records if _is_number(step := values.get("step"))]
-                damaged += len(records) - len(events)
-                atomic_write(self.metrics, b"".join(line for line, step in events if step <= resumed_at))
+                events, damaged = metric_events(self.metrics.read_bytes())
+                atomic_write(self.metrics, b"".join(line for line, values in events if values["step"] <= resumed_at))
                 if damaged:
                     warn(f"warning: {self.metrics}: {damaged} damaged line{'s' * (damaged > 1)} (not UTF-8 or not "
                          f"a JSON event) removed, the events around {'them' if damaged > 1 else 'it'} kept")
             return open(self.metrics, "a", encoding="utf-8")
         except OSError as error:
             raise LmtrainError(f"cannot write {self.metrics}: {os_reason(error)}") from None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _write(path: Path, data: bytes) -> None:
