@@ -454,7 +454,7 @@ def agreement(
 def data_download(
     name: Annotated[str, typer.Argument(help="tinyshakespeare or ptb")],
     directory: Annotated[Optional[Path], typer.Option(
-        "--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE or ~/.cache/lmtrain).")] = None,
+        "--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE, else ~/.cache/lmtrain).")] = None,
     base_url: Annotated[Optional[str], typer.Option(
         "--base-url", metavar="URL", help="Mirror holding each file under its public URL's path.")] = None,
 ) -> None:

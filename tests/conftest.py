@@ -33,7 +33,7 @@ SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"
 
 
 def pytest_sessionstart(session) -> None:
-    """Build (first time on this machine, about 30 s) or load the compiled kernels before any test,
+    """Build (first time on this machine, most of a minute) or load the compiled kernels before any test,
     so that no test's timing or captured output includes the build or its one-line announcement."""
     from lmtrain.speed import kernels
 

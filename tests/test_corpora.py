@@ -208,7 +208,10 @@ def test_cache_dir_follows_lmtrain_cache(server, tmp_path, monkeypatch):
     assert path == tmp_path / "cache" / "tiny" / "input.txt"
     assert corpus_paths("tiny", catalog=CATALOG) == {"path": path}
     monkeypatch.delenv("LMTRAIN_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert cache_dir() == Path.home() / ".cache" / "lmtrain"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "lmtrain"  # the XDG rule, as the kernel cache follows it
 
 
 def test_listing_shows_what_is_cached(server, tmp_path):

@@ -4,7 +4,7 @@ odd sizes, saturated gates), really run when they can, and stay out of float64;
 without them lmtrain says why in one line and falls back, or stops when LMTRAIN_COMPILED=1 asks for them.
 (The compiled softmax cross-entropy has its tests in test_loss.py.)
 
-The build takes about 30 s the first time on a machine (conftest.py starts it before the tests); where it
+The build takes most of a minute the first time on a machine (conftest.py starts it before the tests); where it
 cannot run (no compiler, no ninja) the tests that need it are skipped, unless LMTRAIN_COMPILED=1 (as in
 .ci/run) makes that a failure."""
 

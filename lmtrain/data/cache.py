@@ -1,7 +1,7 @@
 """The token cache: a corpus is tokenized once, and every later run maps the ids from disk.
 
 Stream mode only (`data.mode: stream`, `data.cache: true`); sentences mode reads the text into
-memory. An entry lives in `<cache>/tokens/` (`$LMTRAIN_CACHE` or `~/.cache/lmtrain`):
+memory. An entry lives in `<cache>/tokens/` (`corpora.cache_dir()`: `$LMTRAIN_CACHE` or `~/.cache/lmtrain`):
 
     <key>.ids     the id streams of train, valid[, test] back to back, each as `stream_ids` makes it,
                   in the smallest of uint8 / uint16 / uint32 that holds the vocabulary

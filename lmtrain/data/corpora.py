@@ -5,8 +5,9 @@ renamed to `<filename>`, so a file under its final name is always complete and v
 interrupted download leaves the `.part` file, and the next run continues it with an HTTP Range
 request (a server that ignores Range answers 200 and the file starts over).
 
-The cache is `~/.cache/lmtrain`, or `$LMTRAIN_CACHE`, or the `directory` argument. Torch-free and
-importing only `errors`, so the CLI and config checks can use it before anything heavy loads.
+The cache is `~/.cache/lmtrain` (`$XDG_CACHE_HOME/lmtrain` where that is set), or `$LMTRAIN_CACHE`,
+or the `directory` argument. Torch-free and importing only `errors`, so the CLI and config checks can
+use it before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ CORPORA: dict[str, tuple[CorpusFile, ...]] = {
 
 
 def cache_dir() -> Path:
-    """Where corpora live: `$LMTRAIN_CACHE` if set, else `~/.cache/lmtrain`."""
+    """Where corpora live: `$LMTRAIN_CACHE` if set, else `$XDG_CACHE_HOME/lmtrain` (the XDG base
+    directory rule, which the kernel cache follows too), else `~/.cache/lmtrain`."""
     override = os.environ.get("LMTRAIN_CACHE")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "lmtrain"
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmtrain"
 
 
 def download(name: str, *, directory: str | Path | None = None, base_url: str | None = None,

@@ -19,7 +19,7 @@ tests/test_kernels.py checks them against. With `train.precision: bfloat16` the 
 recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run time:
 `bf16_products_supported()`; without it the Python loops run); tests/test_precision.py checks them.
 
-The kernels are built once per machine, on first use (about 30 s), by torch's C++ extension loader
+The kernels are built once per machine, on first use (most of a minute), by torch's C++ extension loader
 inside `lmtrain.speed.kernel_build`, which names the build by its sources, flags and versions and makes sure
 that a killed build never blocks a later one; `lmtrain kernels build|status|clear` builds ahead of time,
 shows and clears the cache (docs/running.md). That needs a C++ compiler with OpenMP and ninja (`pip
@@ -175,7 +175,7 @@ def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, 
     try:
         return kernel_build.obtain(spec(), announce=announce, wait_seconds=wait_seconds(), retry_failed=retry_failed,
                                    can_build=build_obstacle,
-                                   building="lmtrain: compiling the kernels for this machine (once, about 30 s): "
+                                   building="lmtrain: compiling the kernels for this machine (once, under a minute): "
                                             "{sources}")
     except OSError as error:  # the sources missing from an installation, an unreadable cache folder
         return None, f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")

@@ -172,7 +172,7 @@ class Trainer:
             run_on_all(self.world, self._open_run_files if self.world.is_main else lambda: None)
             if on_start is not None:
                 on_start(self.config)
-            if self.device.type == "cpu":  # now, before the clock starts: a first build takes about 30 s
+            if self.device.type == "cpu":  # now, before the clock starts: a first build takes most of a minute
                 kernels.load_for_training(bfloat16=self.config.train.precision == "bfloat16", warn=self.warn)
             self.threads_line = self.threads.start()
             self.training_objective = data_parallel(self.objective, self.world, self.device)
