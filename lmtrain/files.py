@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def user_cache() -> Path:
+    """The user's cache folder by the XDG base directory rule: `$XDG_CACHE_HOME`, else `~/.cache`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 def sync(path: Path) -> None:
     """Flush a file, or a folder's list of names, to disk."""
     descriptor = os.open(path, os.O_RDONLY)

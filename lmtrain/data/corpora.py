@@ -6,7 +6,7 @@ interrupted download leaves the `.part` file, and the next run continues it with
 request (a server that ignores Range answers 200 and the file starts over).
 
 The cache is `~/.cache/lmtrain` (`$XDG_CACHE_HOME/lmtrain` where that is set), or `$LMTRAIN_CACHE`,
-or the `directory` argument. Torch-free and importing only `errors`, so the CLI and config checks can
+or the `directory` argument. Torch-free and importing only `errors` and `files`, so the CLI and config checks can
 use it before anything heavy loads.
 """
 
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import sync
+from lmtrain.files import sync, user_cache
 
 CHUNK = 1 << 16
 TIMEOUT_SECONDS = 30
@@ -66,7 +66,7 @@ def cache_dir() -> Path:
     override = os.environ.get("LMTRAIN_CACHE")
     if override:
         return Path(override).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmtrain"
+    return user_cache() / "lmtrain"
 
 
 def download(name: str, *, directory: str | Path | None = None, base_url: str | None = None,

@@ -46,7 +46,7 @@ from types import ModuleType
 import torch
 
 import lmtrain
-from lmtrain.files import atomic_write, sync
+from lmtrain.files import atomic_write, sync, user_cache
 from lmtrain.speed.torch_internals import torch_logs_captured
 
 LIBRARY_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"  # what torch's loader names the library
@@ -97,7 +97,7 @@ def default_root() -> Path:
     base = os.environ.get("TORCH_EXTENSIONS_DIR")
     if base:
         return Path(base) / "lmtrain"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions" / "lmtrain"
+    return user_cache() / "torch_extensions" / "lmtrain"
 
 
 def private_root() -> Path:
