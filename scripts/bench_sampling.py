@@ -1,9 +1,10 @@
 """Sampling speed: a batch of samples drawn side by side from a 2x512 LSTM, the state carried from
 token to token (the prefix is never run again), as `lmtrain sample` does.
 
-    python scripts/bench_sampling.py [--num 16] [--tokens 200] [--repeats 5] [--device cpu] [--doc FILE]
+    python scripts/bench_sampling.py [--num 16] [--tokens 200] [--vocab 65] [--repeats 5] [--device cpu] [--doc FILE]
 
-The model is untrained (random weights, vocabulary 65 like Tiny Shakespeare's characters) and
+The model is untrained (random weights, vocabulary 65 like Tiny Shakespeare's characters; `--vocab 10000`
+is a word-level vocabulary the size of Penn Treebank's) and
 `<eos>` is never drawn (its output bias is -1e9), so every sample runs the full `--tokens`: the time
 per token does not depend on the weights. Prints the median tokens/s over `--repeats` runs (and with
 `--doc` writes them as the section "Sampling" of that file).
@@ -43,17 +44,27 @@ def never_ending_model(tokenizer: Tokenizer, device: str = "cpu") -> LanguageMod
     return model
 
 
+def vocabulary(size: int) -> Tokenizer:
+    """65 tokens: Tiny Shakespeare's characters' count; any other size: that many words."""
+    if size == 65:
+        return Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
+    return Tokenizer.fit(" ".join(f"w{i}" for i in range(size - 2)) + "\n", level="word")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--vocab", type=int, default=65, help="the vocabulary's size, <unk> and <eos> included")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args()
-    tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
+    tokenizer = vocabulary(args.vocab)
     model = never_ending_model(tokenizer, args.device)
     generator = torch.Generator(device=args.device).manual_seed(0)
+    # A sample's tokens: its characters, or its words (a word-level sample is the words joined by spaces).
+    tokens_in = len if tokenizer.level == "char" else lambda sample: len(sample.split())
     run = lambda: generate(model, tokenizer, num=args.num, max_tokens=args.tokens,  # noqa: E731
                            sentence_start=False, generator=generator)
     # The compiled step (where the kernels run) against the model's own forward, alternating.
@@ -64,7 +75,7 @@ def main() -> None:
             with context():
                 begin = time.perf_counter()
                 samples = run()
-                speeds[way].append(sum(len(sample) for sample in samples) / (time.perf_counter() - begin))
+                speeds[way].append(sum(map(tokens_in, samples)) / (time.perf_counter() - begin))
     speeds = {way: values[1:] for way, values in speeds.items()}
     median = {way: statistics.median(values) for way, values in speeds.items()}
     step = "compiled step" if model.token_step() is not None else "model's forward (the kernels do not run here)"

@@ -8,7 +8,8 @@ Prints, for each number of rows: tokens/s of `generate` and of the bare loop (me
 the time of one recurrent product, (rows, 512) by (512, 2,048), as oneDNN's linear with the weight as it
 is (what a single step gets) and packed for that many rows (what a sequence gets). Then the compiled
 step's parts (`LanguageModel.token_step`): packing the weights, the whole step, each layer's call with
-its GFLOP/s and GB/s of weights read, and the draw (`sample_next`), in microseconds (medians). The bare loop is a
+its GFLOP/s and GB/s of weights read, and the draw (`sample_next`), in microseconds (medians). Last, the draw
+against torch.multinomial's at vocabularies of 65 and 10,000 tokens. The bare loop is a
 measuring stick, not a sampler lmtrain offers: it shows the floor that Python and torch's per-call cost
 leave at one token a step.
 """
@@ -20,10 +21,9 @@ import statistics
 import time
 
 import torch
-from bench_sampling import never_ending_model
+from bench_sampling import never_ending_model, vocabulary
 from comparison import allocator_settings, cpu_name
 
-from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.evaluation.sampling import generate, sample_next
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.speed.torch_internals import ONEDNN_LINEAR
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     if ONEDNN_LINEAR is None:
         raise SystemExit("this torch has no oneDNN linear to measure")
-    tokenizer = Tokenizer.fit("".join(chr(c) for c in range(32, 95)) + "\n", level="char")
+    tokenizer = vocabulary(65)
     model = never_ending_model(tokenizer).eval()
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
           f"{allocator_settings()}; 2x{H} LSTM, {args.tokens} tokens a row, medians of {args.repeats}\n")
@@ -103,6 +103,11 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for num in args.num:
         print(step_parts(model, num), flush=True)
+    print("\n| rows | vocabulary | draw, sample_next (us) | torch.multinomial of the softmax (us) | ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    for num in args.num:
+        for size in (65, 10_000):
+            print(draw_against_multinomial(num, size), flush=True)
 
 
 def median_us(function, repeats: int = 300) -> float:
@@ -137,6 +142,20 @@ def step_parts(model: LanguageModel, rows: int) -> str:
     logits, generator = torch.randn(rows, model.embedding.num_embeddings), torch.Generator().manual_seed(0)
     draw = median_us(lambda: sample_next(logits, generator=generator))
     return f"| {rows} | {pack_ms:.1f} | {whole:.0f} | {' | '.join(layers)} | {draw:.0f} |"
+
+
+def draw_against_multinomial(rows: int, size: int) -> str:
+    """A markdown row: one draw a row from (rows, size) logits by `sample_next` (the inverse distribution
+    function) and by torch.multinomial (the exponential race, one random number a token), alternating."""
+    logits, generator = torch.randn(rows, size), torch.Generator().manual_seed(0)
+    draws = {"sample_next": lambda: sample_next(logits, generator=generator),
+             "multinomial": lambda: torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)}
+    times: dict[str, list[float]] = {name: [] for name in draws}
+    for _ in range(5):
+        for name, draw in draws.items():
+            times[name].append(median_us(draw, repeats=60))
+    ours, theirs = (statistics.median(times[name]) for name in draws)
+    return f"| {rows} | {size:,} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |"
 
 
 if __name__ == "__main__":

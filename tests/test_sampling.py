@@ -7,7 +7,7 @@ import torch
 
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluation.sampling import check_options, generate, prime_ids, sample_next
+from lmtrain.evaluation.sampling import check_options, generate, inverse_cdf, prime_ids, sample_next
 from lmtrain.model.language_model import LanguageModel
 from lmtrain.speed import kernels
 
@@ -86,11 +86,31 @@ def test_temperature_sharpens_and_flattens():
 
 
 def test_draws_follow_the_softmax():
-    """Each token as often as its probability (the exponential race is a draw from the softmax)."""
+    """Each token as often as its probability (the inverse distribution function draws from the softmax)."""
     logits = torch.tensor([[1.5, 0.0, -1.0, 0.5, -30.0]]).repeat(20000, 1)
     share = torch.bincount(sample_next(logits, generator=generator()), minlength=5).double() / 20000
     torch.testing.assert_close(share, logits[0].double().softmax(-1), rtol=0, atol=0.01)
     assert share[4] == 0
+
+
+def test_inverse_cdf_takes_the_token_whose_cumulative_probability_passes_u():
+    probabilities = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    below_one = 1 - 2.0 ** -53  # the largest float64 below 1, which torch.rand can draw
+    for u, want in [(0.0, 1), (0.25, 1), (0.4999, 1), (0.5, 3), (0.75, 3), (below_one, 3)]:
+        assert inverse_cdf(probabilities, torch.tensor([u], dtype=torch.float64)).tolist() == [want], u
+    # Rows need not sum to 1, and each row takes its own u.
+    rows = torch.tensor([[1.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
+    assert inverse_cdf(rows, torch.tensor([0.49, 0.0], dtype=torch.float64)).tolist() == [1, 2]
+    assert inverse_cdf(rows, torch.tensor([0.5, below_one], dtype=torch.float64)).tolist() == [2, 2]
+
+
+def test_a_token_of_probability_zero_is_never_drawn_at_the_end_of_the_row():
+    """u just below 1 times the row's total stays below the total, at any scale of the total."""
+    probabilities = torch.tensor([[0.1, 0.7, 0.2, 0.0]], dtype=torch.float32)
+    for total_scale in (1.0, 3.0, 1e-30, 7e20):
+        for u in (1 - 2.0 ** -53, 1 - 2.0 ** -52, 1 - 2.0 ** -40):
+            token = inverse_cdf(probabilities * total_scale, torch.tensor([u], dtype=torch.float64))
+            assert token.tolist() == [2], (total_scale, u)
 
 
 def test_same_seed_same_draws():

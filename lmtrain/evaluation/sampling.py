@@ -65,12 +65,26 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
         drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop[..., 0] = False  # a p below float32's range would otherwise drop it too (0 >= 1e-300 as float32)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
-    # One draw from the softmax by the exponential race, argmax p / E with E ~ Exp(1) (what torch.multinomial
-    # does for one draw, so the same generator draws the same tokens), without multinomial's checks of the
-    # probabilities, which a softmax of finite logits always passes.
     probabilities = logits.softmax(dim=-1)
-    race = torch.empty_like(probabilities).exponential_(generator=generator)
-    return (probabilities / race).argmax(dim=-1)
+    uniform = torch.rand(probabilities.size(0), dtype=torch.float64, device=probabilities.device,
+                         generator=generator)
+    return inverse_cdf(probabilities, uniform)
+
+
+def inverse_cdf(probabilities: Tensor, uniform: Tensor) -> Tensor:
+    """One token a row of `probabilities` (B, V), not necessarily normalized, from `uniform` (B,) in [0, 1):
+    the first token whose cumulative probability passes u times the row's total, so token i with
+    probability p_i / sum(p); a token of probability 0 is never drawn.
+
+    One random number a row, where the exponential race (torch.multinomial's one draw) takes one a token,
+    which at a word-level vocabulary took most of a sampling step (docs/benchmarks.md, "The draw"). The
+    sums are float64, so tens of thousands of float32 probabilities add up without losing the small ones.
+    """
+    cumulative = probabilities.cumsum(dim=-1, dtype=torch.float64)
+    # u < 1 keeps u times the total below the total, rounding included (u <= 1 - 2^-53 takes off more
+    # than half the total's last place), so the search always ends on a token of probability above 0.
+    target = uniform.view(-1, 1) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, target, right=True).view(-1)
 
 
 def prime_ids(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:
