@@ -83,14 +83,15 @@ def switches(variant: str) -> dict[str, bool]:
     return {"onednn": not variant.endswith("aten"), "compiled": not variant.endswith("python")}
 
 
-def time_variants(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu") -> dict[str, float]:
-    """Median seconds per training step of each variant, the variants alternating."""
+def time_variants(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu",
+                  variants: tuple[str, ...] = VARIANTS) -> dict[str, float]:
+    """Median seconds per training step of each of `variants`, alternating."""
     B, T, H = size
     x = torch.randn(B, T, H, device=device, requires_grad=True)
-    steps = {variant: step_function(build(variant, cell, H), x, **switches(variant)) for variant in VARIANTS}
+    steps = {variant: step_function(build(variant, cell, H), x, **switches(variant)) for variant in variants}
     for step in steps.values():  # warm-up: first-call allocations and kernel selection
         step()
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant, step in steps.items():
             begin = time.perf_counter()

@@ -51,6 +51,16 @@ def vocabulary(size: int) -> Tokenizer:
     return Tokenizer.fit(" ".join(f"w{i}" for i in range(size - 2)) + "\n", level="word")
 
 
+def tokens_per_s(model: LanguageModel, tokenizer: Tokenizer, num: int, tokens: int,
+                 generator: torch.Generator) -> float:
+    """Tokens/s of one `generate` call of `num` samples of `tokens` tokens each, side by side."""
+    begin = time.perf_counter()
+    samples = generate(model, tokenizer, num=num, max_tokens=tokens, sentence_start=False, generator=generator)
+    seconds = time.perf_counter() - begin
+    # A sample's tokens: its characters, or its words (a word-level sample is the words joined by spaces).
+    return sum(len(sample) if tokenizer.level == "char" else len(sample.split()) for sample in samples) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=16)
@@ -63,19 +73,13 @@ def main() -> None:
     tokenizer = vocabulary(args.vocab)
     model = never_ending_model(tokenizer, args.device)
     generator = torch.Generator(device=args.device).manual_seed(0)
-    # A sample's tokens: its characters, or its words (a word-level sample is the words joined by spaces).
-    tokens_in = len if tokenizer.level == "char" else lambda sample: len(sample.split())
-    run = lambda: generate(model, tokenizer, num=args.num, max_tokens=args.tokens,  # noqa: E731
-                           sentence_start=False, generator=generator)
     # The compiled step (where the kernels run) against the model's own forward, alternating.
     ways = {"compiled step": nullcontext, FORWARD: lambda: kernels.switched(False)}
     speeds: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(args.repeats + 1):  # the first round warms up
         for way, context in ways.items():
             with context():
-                begin = time.perf_counter()
-                samples = run()
-                speeds[way].append(sum(map(tokens_in, samples)) / (time.perf_counter() - begin))
+                speeds[way].append(tokens_per_s(model, tokenizer, args.num, args.tokens, generator))
     speeds = {way: values[1:] for way, values in speeds.items()}
     median = {way: statistics.median(values) for way, values in speeds.items()}
     step = "compiled step" if model.token_step() is not None else "model's forward (the kernels do not run here)"

@@ -39,3 +39,23 @@ def test_every_layer_benchmark_refuses_malformed_sizes_in_one_line(script):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: argument --sizes: ")
+
+
+def test_speed_targets_prints_each_target_with_its_verdict():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), "--cells", "rnn", "--sizes",
+                             "[[2, 3, 8]]", "--repeats", "1", "--tokens", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| rnn layer", "| sampling"))]
+    assert len(rows) == 4
+    assert all(line.endswith(("| met |", "| **not met** |")) for line in rows)
+    met = sum(line.endswith("| met |") for line in rows)
+    assert f"{met} of 4 targets met." in result.stdout
+
+
+def test_speed_targets_refuses_a_missing_corpus_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), "--ptb", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
