@@ -58,15 +58,20 @@ def baseline_note(checkout: Path) -> str:
 
 
 def cpu_name() -> str:
-    """The processor's model name (/proc/cpuinfo), else the architecture: ratios against torch.nn depend on
-    it (docs/benchmarks.md: the same code on an AMD and an Intel host)."""
+    """The processor's model name (/proc/cpuinfo) and its widest vector instructions, else the architecture:
+    ratios against torch.nn depend on them (docs/benchmarks.md: the same code on AMD and Intel hosts, and on
+    two "AMD EPYC"s, one with AVX-512 and one without)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    if not names:
+        return platform.processor() or platform.machine()
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    vectors = ("AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags
+               else "AVX2" if "avx2" in flags else None)
+    return f"{platform.machine()} {names[0]}" + (f" ({vectors})" if vectors else "")
 
 
 def machine_line() -> str:
