@@ -45,6 +45,7 @@ from doc_sections import write_section
 
 LMTRAIN = "lmtrain manual"  # bench_cells' variant that `lmtrain train` runs
 TRAIN_STEPS = 200
+PTB_FILES = tuple(f"ptb.{split}.txt" for split in ("train", "valid", "test"))
 
 
 @dataclass
@@ -99,8 +100,7 @@ def shakespeare_row(corpus: Path, rounds: int) -> Row:
 
 def ptb_row(folder: Path) -> Row:
     reference = ptb_reference(folder)
-    settings = ["data.corpus=null", *(f"data.{split}={folder / f'ptb.{split}.txt'}"
-                                      for split in ("train", "valid", "test"))]
+    settings = ["data.corpus=null", *(f"data.{name.split('.')[1]}={folder / name}" for name in PTB_FILES)]
     with tempfile.TemporaryDirectory() as out:
         ours = run_lmtrain("configs/ptb-word.yaml", settings, [], Path(out) / "lmtrain")
     ratio = ours["tokens_per_s"] / reference["tokens_per_s"]
@@ -136,9 +136,15 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=None)
     parser.add_argument("--title", default="Speed targets")
     args = parser.parse_args()
-    for path in (args.shakespeare, args.ptb):
-        if path is not None and not path.exists():
-            parser.error(f"{path} does not exist")
+    for option in ("repeats", "rounds", "tokens"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be 1 or more")
+    if args.shakespeare is not None and not args.shakespeare.is_file():
+        parser.error(f"--shakespeare {args.shakespeare}: no such file (Tiny Shakespeare's input.txt)")
+    if args.ptb is not None:
+        missing = [name for name in PTB_FILES if not (args.ptb / name).is_file()]
+        if missing:
+            parser.error(f"--ptb {args.ptb}: no {', '.join(missing)} there (the folder of Penn Treebank's three files)")
     header = [f"`python scripts/speed_targets.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
               f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"allocator: {allocator_settings()}", "",

@@ -53,9 +53,11 @@ def test_speed_targets_prints_each_target_with_its_verdict():
     assert f"{met} of 4 targets met." in result.stdout
 
 
-def test_speed_targets_refuses_a_missing_corpus_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), "--ptb", str(tmp_path / "none")],
+@pytest.mark.parametrize("option, message", [("--ptb", "no ptb.train.txt, ptb.valid.txt, ptb.test.txt there"),
+                                             ("--shakespeare", "no such file")])
+def test_speed_targets_refuses_a_missing_corpus_in_one_line(tmp_path, option, message):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), option, str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "does not exist" in result.stderr.splitlines()[-1]
+    assert message in result.stderr.splitlines()[-1]
     assert "Traceback" not in result.stderr
