@@ -5,12 +5,12 @@ plain PyTorch trainer, the target, what was measured, and whether the target is 
         [--cells lstm gru gru-lecture gru-simplified rnn] [--sizes JSON] [--repeats 5] [--rounds 2]
         [--doc FILE] [--title TITLE]
 
-The targets are in float32 (docs/benchmarks.md, "Speed targets", says where each stands and why). Each
+The targets are in float32 (docs/benchmarks.md, "The speed targets", says where each stands and why). Each
 row is measured as its own script measures it, with that script's code:
 - a layer's training step against its torch.nn layer, the two alternating (scripts/bench_cells.py;
   lmtrain's manual backward as `lmtrain train` runs it): the LSTM at most 0.8x `nn.LSTM`'s time at
-  (64, 128, 256) and (64, 128, 512), 1.0x at other sizes; each GRU (PyTorch's form, the lecture's, the
-  simplified) at most 0.6x `nn.GRU`'s; the RNN at most 0.8x `nn.RNN`'s;
+  batch 64 ((64, 128, 256), (64, 128, 512) and (64, 128, 1024)), 1.0x at batch 32 and 1; each GRU
+  (PyTorch's form, the lecture's, the simplified) at most 0.6x `nn.GRU`'s; the RNN at most 0.8x `nn.RNN`'s;
 - each of those layers' peak RSS over three steps in a fresh process, at most 1.0x torch.nn's;
 - with --shakespeare, `lmtrain train` on Tiny Shakespeare at 1.3x or more the tokens/s of
   scripts/reference_nn_lstm.py, `--rounds` alternating rounds of 200 steps (scripts/compare_train_speed.py);
@@ -18,7 +18,7 @@ row is measured as its own script measures it, with that script's code:
   worse (scripts/compare_ptb_epoch.py);
 - sampling from a 2x512 LSTM (scripts/bench_sampling.py): 16 samples side by side at 20,000 tokens/s or
   more, one at 3,000.
-`--sizes` replaces the layer sizes (the LSTM's 0.8x then applies at batch 64 and above). Prints the table
+`--sizes` replaces the layer sizes (the LSTM's 0.8x applies at batch 64 and above). Prints the table
 as it goes; `--doc` writes it as the section TITLE of FILE. Set the allocator variables first (the table
 prints them): see docs/benchmarks.md.
 """
