@@ -11,7 +11,7 @@ from test_backprop import CELL_CASES, gradients, make_cell, random_inputs
 
 from lmtrain.model.layers import RecurrentLayer
 from lmtrain.speed import gemm, route
-from lmtrain.speed.gemm import FixedProduct, linear, use_onednn
+from lmtrain.speed.gemm import FixedProduct, linear, times_weight, use_onednn
 from lmtrain.speed.route import choose
 
 pytestmark = pytest.mark.usefixtures("onednn_everywhere")
@@ -49,6 +49,26 @@ def test_linear_matches_float64():
                                        x.double() @ W.double().t() + b.double(), **FLOAT32)
             torch.testing.assert_close(linear(x, W, None, choose(x, compiled=False)).double(),
                                        x.double() @ W.double().t(), **FLOAT32)
+
+
+@pytest.mark.parametrize("rows", [3, 6, 11], ids=["fewer-rows", "as-many-rows", "more-rows"])
+def test_times_weight_is_x_w_by_the_cheaper_product(rows, monkeypatch):
+    """x W (the input gradient, W as stored) in float32 and float64; oneDNN's linear, which needs a
+    copy of Wᵀ, makes it only when the rows are at least the weight's (N = 6), torch.mm otherwise."""
+    calls = []
+    monkeypatch.setattr(gemm, "linear", lambda *arguments: calls.append(arguments) or linear(*arguments))
+    for dtype in (torch.float32, torch.float64):
+        x, W = torch.randn(rows, 6, dtype=dtype), torch.randn(6, 4, dtype=dtype)
+        for onednn in (True, False):
+            calls.clear()
+            with use_onednn(onednn):
+                route_ = choose(x, compiled=False)
+                torch.testing.assert_close(times_weight(x, W, route_).double(), x.double() @ W.double(), **FLOAT32)
+            by_onednn = route_.onednn and rows >= 6
+            assert gemm.times_weight_by_onednn(rows, 6, route_) is by_onednn
+            assert len(calls) == by_onednn
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: torch.mm of bfloat16 factors
+        assert not gemm.times_weight_by_onednn(rows, 6, choose(torch.zeros(1), compiled=False))
 
 
 def test_float64_and_switched_off_stay_with_aten():

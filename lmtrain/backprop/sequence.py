@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmtrain.speed.gemm import linear, mm
+from lmtrain.speed.gemm import linear, mm, times_weight
 from lmtrain.speed.route import Route
 
 
@@ -85,6 +85,6 @@ def input_gradients(needs: tuple[bool, ...], dz: Tensor, x: Tensor, W_input: Ten
     factor_rows = dz_rows if dz_factor is None else dz_factor.flatten(0, 1)
     # dW first: its time-major copy of x is freed before dx is made, one (T, B, E) buffer less at the peak.
     dW_input = mm(factor_rows.t(), time_major_rows(x), route) if needs[1] else None
-    dx = linear(factor_rows, W_input.t(), None, route).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
+    dx = times_weight(factor_rows, W_input, route).unflatten(0, dz.shape[:2]).transpose(0, 1) if needs[0] else None
     db = dz_rows.sum(0) if needs[2] else None
     return dx, dW_input, db

@@ -92,7 +92,8 @@ class FixedProduct:
 
 def linear(x: Tensor, W: Tensor, b: Tensor | None, route: Route) -> Tensor:
     """x Wᵀ + b for x (rows, K), W (N, K): one product over all T*B rows at once (the input half of
-    every gate, or the gradient reaching the inputs). Weight gradients, dZᵀ X, are `mm`'s."""
+    every gate; the gradient reaching the inputs where `times_weight` sends it). Weight gradients, dZᵀ X,
+    are `mm`'s."""
     if route.mixed:  # the model's own dtype is float32
         low = torch.mm(route.lowered(x), route.lowered(W.detach()).t())
         return low.to(torch.float32) if b is None else torch.add(b.detach(), low)
@@ -101,6 +102,22 @@ def linear(x: Tensor, W: Tensor, b: Tensor | None, route: Route) -> Tensor:
         # orders of magnitude: a contiguous copy of the weight costs next to nothing.
         return _ONEDNN[0](x, W.detach().contiguous(), None if b is None else b.detach(), "none", [], "")
     return x @ W.t() if b is None else torch.addmm(b, x, W.t())
+
+
+def times_weight(x: Tensor, W: Tensor, route: Route) -> Tensor:
+    """x W for x (rows, N), W (N, K) as stored: the gradient reaching the inputs, dx(t) = W_xᵀ dz(t)
+    for every step at once. oneDNN's linear takes Wᵀ, which must be a contiguous copy of the weight (see
+    `linear`); the copy pays for itself only when the rows are at least as many as the weight's, so
+    fewer rows (batch 1, short sequences) go to torch.mm: faster there, and no copy of the weight at
+    the backward's peak (docs/benchmarks.md, "The input gradient's product")."""
+    if times_weight_by_onednn(x.size(0), W.size(0), route):
+        return linear(x, W.t(), None, route)
+    return mm(x, W.detach(), route)
+
+
+def times_weight_by_onednn(rows: int, weight_rows: int, route: Route) -> bool:
+    """Whether `times_weight` gives x (rows, N) times W (weight_rows = N, K) to oneDNN's linear."""
+    return route.onednn and not route.mixed and rows >= weight_rows
 
 
 @runs_on_its_route
