@@ -8,8 +8,11 @@ stored), alternating in one job: what `lmtrain.speed.gemm.times_weight`'s choice
 For each cell and layer size (B, T, H) of scripts/bench_cells.py, the product of that layer's backward:
 dz (B*T, G*H) times W_input (G*H, H), G the cell's gate count. The ratio is torch.mm's time over
 oneDNN's (below 1: torch.mm is the faster); the last column is the product lmtrain makes there, and the
-one before it the weight copy that oneDNN's route adds to the backward's peak memory. `--doc` writes the
-table as the section "The input gradient's product".
+one before it the weight copy that oneDNN's route adds to the backward's peak memory. Then, at each size
+where lmtrain makes it by torch.mm, the layer's whole training step (scripts/bench_cells.py's "lmtrain
+manual") as lmtrain makes it and with the product forced to oneDNN, alternating: medians of the step's
+time, and of the peak RSS of three fresh processes each. `--doc` writes the tables as the section
+"The input gradient's product".
 """
 
 from __future__ import annotations
@@ -17,19 +20,29 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_cells import SIZES
+from bench_cells import SIZES, build, step_function
 from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 
+from lmtrain.speed import gemm
 from lmtrain.speed.gemm import linear, times_weight_by_onednn, use_onednn
 from lmtrain.speed.route import choose
 
-GATES = {"rnn": 1, "gru-simplified": 2, "gru": 3, "lstm": 4}
+GATES = {"rnn": 1, "gru-simplified": 2, "gru": 3, "gru-lecture": 3, "lstm": 4}
+
+
+def always_onednn(rows: int, weight_rows: int, route) -> bool:
+    """`times_weight_by_onednn` as it was: the product by oneDNN whenever the route has oneDNN."""
+    return route.onednn and not route.mixed
+
+
+CHOICES = {"lmtrain's choice": times_weight_by_onednn, "always oneDNN": always_onednn}
 
 
 def product_times(rows: int, gates_width: int, inputs: int, repeats: int) -> dict[str, float]:
@@ -50,6 +63,37 @@ def product_times(rows: int, gates_width: int, inputs: int, repeats: int) -> dic
 def chosen(rows: int, gates_width: int) -> str:
     """Which product `times_weight` makes for these shapes on this machine."""
     return "oneDNN" if times_weight_by_onednn(rows, gates_width, choose(torch.zeros(1), compiled=False)) else "torch.mm"
+
+
+def layer_step_times(cell: str, size: tuple[int, int, int], repeats: int) -> dict[str, float]:
+    """Median seconds of the layer's training step with each of `CHOICES`, alternating."""
+    B, T, H = size
+    x = torch.randn(B, T, H, requires_grad=True)
+    step = step_function(build("lmtrain manual", cell, H), x)
+    times: dict[str, list[float]] = {name: [] for name in CHOICES}
+    try:
+        for round_ in range(repeats + 1):
+            for name, choice in CHOICES.items():
+                gemm.times_weight_by_onednn = choice
+                begin = time.perf_counter()
+                step()
+                if round_:
+                    times[name].append(time.perf_counter() - begin)
+    finally:
+        gemm.times_weight_by_onednn = times_weight_by_onednn
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def layer_peak_rss_mb(cell: str, size: tuple[int, int, int], choice: str) -> float:
+    """Peak RSS (MB) of a fresh process running three of the layer's training steps with `choice`."""
+    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_cells import *\n"
+            + "import compare_input_gradient as c\n"
+            + ("c.gemm.times_weight_by_onednn = c.always_onednn\n" if CHOICES[choice] is always_onednn else "")
+            + f"x = torch.randn(*{size!r}, requires_grad=True)\n"
+            f"step = step_function(build('lmtrain manual', {cell!r}, {size[2]}), x); [step() for _ in range(3)]\n"
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
 
 
 def main() -> None:
@@ -78,6 +122,26 @@ def main() -> None:
                        f"{width * H * 4 / 2**20:.1f} | {chosen(rows, width)} |")
                 print(row, flush=True)
                 lines.append(row)
+    changed = [(cell, size) for cell in args.cells for size in args.sizes or SIZES
+               if chosen(size[0] * size[1], GATES[cell] * size[2]) == "torch.mm"]
+    if changed:
+        layer_lines = ["", "The layer's training step where lmtrain makes the product by torch.mm; medians of "
+                       f"{args.repeats} alternating steps, peak RSS medians of 3 fresh processes each:", "",
+                       "| cell | B, T, H | lmtrain's choice ms | always oneDNN ms | ratio | "
+                       "peak RSS MB, lmtrain's choice / always oneDNN |", "|---|---|---:|---:|---:|---|"]
+        print("\n".join(layer_lines), flush=True)
+        for cell, (B, T, H) in changed:
+            median = layer_step_times(cell, (B, T, H), args.repeats)
+            peaks: dict[str, list[float]] = {name: [] for name in CHOICES}
+            for _ in range(3):
+                for name in CHOICES:
+                    peaks[name].append(layer_peak_rss_mb(cell, (B, T, H), name))
+            ours, forced_ = median["lmtrain's choice"], median["always oneDNN"]
+            row = (f"| {cell} | {B}, {T}, {H} | {ours * 1e3:.1f} | {forced_ * 1e3:.1f} | {ours / forced_:.2f}x | "
+                   + " / ".join(f"{statistics.median(values):.0f}" for values in peaks.values()) + " |")
+            print(row, flush=True)
+            layer_lines.append(row)
+        lines += layer_lines
     if args.doc:
         write_section(args.doc, "The input gradient's product", "\n".join(lines))
 

@@ -3,7 +3,7 @@ plain PyTorch trainer, the target, what was measured, and whether the target is 
 
     python scripts/speed_targets.py [--shakespeare PATH/TO/tinyshakespeare/input.txt] [--ptb PATH/TO/ptb]
         [--cells lstm gru gru-lecture gru-simplified rnn] [--sizes JSON] [--repeats 5] [--rounds 2]
-        [--doc FILE] [--title TITLE]
+        [--tokens 200] [--rss-processes 3] [--doc FILE] [--title TITLE]
 
 The targets are in float32 (docs/benchmarks.md, "The speed targets", says where each stands and why). Each
 row is measured as its own script measures it, with that script's code:
@@ -11,8 +11,8 @@ row is measured as its own script measures it, with that script's code:
   lmtrain's manual backward as `lmtrain train` runs it): the LSTM at most 0.8x `nn.LSTM`'s time at
   batch 64 ((64, 128, 256), (64, 128, 512) and (64, 128, 1024)), 1.0x at batch 32 and 1; each GRU
   (PyTorch's form, the lecture's, the simplified) at most 0.6x `nn.GRU`'s; the RNN at most 0.8x `nn.RNN`'s;
-- each of those layers' peak RSS over three steps in a fresh process (medians of three processes),
-  at most 1.0x torch.nn's;
+- each of those layers' peak RSS over three steps in a fresh process (the median of `--rss-processes`
+  processes), at most 1.0x torch.nn's;
 - with --shakespeare, `lmtrain train` on Tiny Shakespeare at 1.3x or more the tokens/s of
   scripts/reference_nn_lstm.py, `--rounds` alternating rounds of 200 steps (scripts/compare_train_speed.py);
 - with --ptb, one Penn Treebank epoch at 1.5x or more pytorch/examples' tokens/s, validation perplexity no
@@ -46,7 +46,6 @@ from doc_sections import write_section
 
 LMTRAIN = "lmtrain manual"  # bench_cells' variant that `lmtrain train` runs
 TRAIN_STEPS = 200
-RSS_PROCESSES = 3  # fresh processes a peak-RSS row is the median of
 PTB_FILES = tuple(f"ptb.{split}.txt" for split in ("train", "valid", "test"))
 
 
@@ -77,24 +76,24 @@ def layer_limit(cell: str, size: tuple[int, int, int]) -> float:
     return 0.8 if cell == "rnn" else 0.6
 
 
-def layer_rows(cell: str, size: tuple[int, int, int], repeats: int) -> list[Row]:
+def layer_rows(cell: str, size: tuple[int, int, int], repeats: int, rss_processes: int) -> list[Row]:
     B, T, H = size
     name = f"{cell} layer ({B}, {T}, {H})"
     median = time_variants(cell, size, repeats, variants=("torch.nn", LMTRAIN))
     reference, ours = median["torch.nn"], median[LMTRAIN]
-    rss = peak_rss_medians(cell, size)
+    rss = peak_rss_medians(cell, size, rss_processes)
     return [at_most(f"{name}, time vs {REFERENCE[cell].__name__}", ours / reference, layer_limit(cell, size),
                     f"{1e3 * ours:.1f} against {1e3 * reference:.1f} ms"),
             at_most(f"{name}, peak RSS", rss[LMTRAIN] / max(rss["torch.nn"], 1.0), 1.0,
                     f"{rss[LMTRAIN]:.0f} against {rss['torch.nn']:.0f} MB")]
 
 
-def peak_rss_medians(cell: str, size: tuple[int, int, int]) -> dict[str, float]:
-    """Each side's peak RSS over the input-only process's, medians of `RSS_PROCESSES` fresh processes
+def peak_rss_medians(cell: str, size: tuple[int, int, int], processes: int) -> dict[str, float]:
+    """Each side's peak RSS over the input-only process's, medians of `processes` fresh processes
     taken in turn: one process's peak moves by a few (T, B, H) buffers from run to run, with where
     glibc's heaps happen to fit them."""
     peaks: dict[str | None, list[float]] = {None: [], "torch.nn": [], LMTRAIN: []}
-    for _ in range(RSS_PROCESSES):
+    for _ in range(processes):
         for variant in peaks:
             peaks[variant].append(peak_rss_mb(variant, cell, size))
     base = statistics.median(peaks[None])
@@ -146,12 +145,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="alternating steps (layers) or runs (sampling)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating Tiny Shakespeare rounds")
     parser.add_argument("--tokens", type=int, default=200, help="tokens a sample")
+    parser.add_argument("--rss-processes", type=int, default=3, help="fresh processes a peak-RSS row is the median of")
     parser.add_argument("--doc", type=Path, default=None)
     parser.add_argument("--title", default="Speed targets")
     args = parser.parse_args()
-    for option in ("repeats", "rounds", "tokens"):
+    for option in ("repeats", "rounds", "tokens", "rss_processes"):
         if getattr(args, option) < 1:
-            parser.error(f"--{option} must be 1 or more")
+            parser.error(f"--{option.replace('_', '-')} must be 1 or more")
     if args.shakespeare is not None and not args.shakespeare.is_file():
         parser.error(f"--shakespeare {args.shakespeare}: no such file (Tiny Shakespeare's input.txt)")
     if args.ptb is not None:
@@ -172,7 +172,7 @@ def main() -> None:
 
     for cell in args.cells:
         for size in args.sizes or SIZES:
-            report(layer_rows(cell, size, args.repeats))
+            report(layer_rows(cell, size, args.repeats, args.rss_processes))
     if args.shakespeare:
         report([shakespeare_row(args.shakespeare.resolve(), args.rounds)])
     if args.ptb:

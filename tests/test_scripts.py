@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_every_layer_benchmark_refuses_malformed_sizes_in_one_line(script):
 
 def test_speed_targets_prints_each_target_with_its_verdict():
     result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), "--cells", "rnn", "--sizes",
-                             "[[2, 3, 8]]", "--repeats", "1", "--tokens", "2"],
+                             "[[2, 3, 8]]", "--repeats", "1", "--tokens", "2", "--rss-processes", "1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| rnn layer", "| sampling"))]
@@ -51,6 +52,16 @@ def test_speed_targets_prints_each_target_with_its_verdict():
     assert all(line.endswith(("| met |", "| **not met** |")) for line in rows)
     met = sum(line.endswith("| met |") for line in rows)
     assert f"{met} of 4 targets met." in result.stdout
+
+
+def test_compare_input_gradient_makes_few_rows_by_torch_mm_and_times_the_layer_there():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "compare_input_gradient.py"), "--cells", "gru",
+                             "--sizes", "[[1, 4, 64]]", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| gru | 1, 4, 64 |")]
+    assert len(rows) == 2  # the product (4 rows, a weight of 192: torch.mm), then the layer's step
+    assert rows[0].startswith("| gru | 1, 4, 64 | 4 x (192, 64) |") and rows[0].endswith("| torch.mm |")
+    assert re.fullmatch(r"\| gru \| 1, 4, 64 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ / \d+ \|", rows[1])
 
 
 @pytest.mark.parametrize("option, message", [("--ptb", "no ptb.train.txt, ptb.valid.txt, ptb.test.txt there"),
