@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, baseline_note, provenance
+from comparison import allocator_settings, baseline_note, cpu_name, provenance
 from doc_sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +103,7 @@ def main() -> None:
     median = {key: statistics.median(values) for key, values in speeds.items()}
     header = " | ".join(f"{load} competing" for load in LOADS)
     lines = [f"`python scripts/bench_contention.py {shlex.join(sys.argv[1:])}` ({provenance()})",
-             f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: "
+             f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, allocator: "
              f"{allocator_settings()}; tokens/s, medians of {args.rounds} alternating rounds of {args.seconds:g} s of "
              f"training each (every round in parentheses)", "",
              f"| trainer | {header} |", "|---|" + "---:|" * len(LOADS)]
