@@ -9,8 +9,9 @@ For each cell and layer size (B, T, H) of scripts/bench_cells.py, the product of
 dz (B*T, G*H) times W_input (G*H, H), G the cell's gate count. The ratio is torch.mm's time over
 oneDNN's (below 1: torch.mm is the faster); the last column is the product lmtrain makes there, and the
 one before it the weight copy that oneDNN's route adds to the backward's peak memory. Then, at each size
-where lmtrain makes it by torch.mm, the layer's whole training step (scripts/bench_cells.py's "lmtrain
-manual") as lmtrain makes it and with the product forced to oneDNN, alternating: medians of the step's
+where lmtrain makes it by torch.mm on a oneDNN route (none where the route leaves float32 products to
+MKL, on AVX2 CPUs), the layer's whole training step (scripts/bench_cells.py's "lmtrain
+manual") as lmtrain makes it and with the product by oneDNN, alternating: medians of the step's
 time, and of the peak RSS of three fresh processes each. `--doc` writes the tables as the section
 "The input gradient's product".
 """
@@ -31,14 +32,15 @@ from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 
 from lmtrain.speed import gemm
-from lmtrain.speed.gemm import linear, times_weight_by_onednn, use_onednn
+from lmtrain.speed.gemm import times_weight_by_onednn, use_onednn
 from lmtrain.speed.route import choose
+from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 
 GATES = {"rnn": 1, "gru-simplified": 2, "gru": 3, "gru-lecture": 3, "lstm": 4}
 
 
 def always_onednn(rows: int, weight_rows: int, route) -> bool:
-    """`times_weight_by_onednn` as it was: the product by oneDNN whenever the route has oneDNN."""
+    """What lmtrain's choice is measured against: the product by oneDNN whenever the route has oneDNN."""
     return route.onednn and not route.mixed
 
 
@@ -48,8 +50,10 @@ CHOICES = {"lmtrain's choice": times_weight_by_onednn, "always oneDNN": always_o
 def product_times(rows: int, gates_width: int, inputs: int, repeats: int) -> dict[str, float]:
     """Median seconds of dz W by each product, alternating after one warm-up call of each."""
     dz, W = torch.randn(rows, gates_width), torch.randn(gates_width, inputs)
-    route = choose(dz, compiled=False)
-    products = {"oneDNN": lambda: linear(dz, W.t(), None, route), "torch.mm": lambda: torch.mm(dz, W)}
+    # what `linear` does with Wᵀ on a oneDNN route, called directly: a CPU whose route has no oneDNN
+    # for float32 (AVX2) still shows what oneDNN would cost there
+    products = {"oneDNN": lambda: ONEDNN_LINEAR[0](dz, W.t().contiguous(), None, "none", [], ""),
+                "torch.mm": lambda: torch.mm(dz, W)}
     times: dict[str, list[float]] = {name: [] for name in products}
     for round_ in range(repeats + 1):
         for name, product in products.items():
@@ -60,9 +64,9 @@ def product_times(rows: int, gates_width: int, inputs: int, repeats: int) -> dic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def chosen(rows: int, gates_width: int) -> str:
-    """Which product `times_weight` makes for these shapes on this machine."""
-    return "oneDNN" if times_weight_by_onednn(rows, gates_width, choose(torch.zeros(1), compiled=False)) else "torch.mm"
+def chosen(rows: int, gates_width: int, choice=times_weight_by_onednn) -> str:
+    """Which product `times_weight` makes for these shapes on this machine (with `choice` deciding)."""
+    return "oneDNN" if choice(rows, gates_width, choose(torch.zeros(1), compiled=False)) else "torch.mm"
 
 
 def layer_step_times(cell: str, size: tuple[int, int, int], repeats: int) -> dict[str, float]:
@@ -105,6 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if ONEDNN_LINEAR is None:
+        parser.error("this torch has no oneDNN linear to compare with")
     lines = [f"`python scripts/compare_input_gradient.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),
              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
              f"{allocator_settings()}; medians of {args.repeats} alternating products", "",
@@ -123,7 +129,7 @@ def main() -> None:
                 print(row, flush=True)
                 lines.append(row)
     changed = [(cell, size) for cell in args.cells for size in args.sizes or SIZES
-               if chosen(size[0] * size[1], GATES[cell] * size[2]) == "torch.mm"]
+               if len({chosen(size[0] * size[1], GATES[cell] * size[2], choice) for choice in CHOICES.values()}) > 1]
     if changed:
         layer_lines = ["", "The layer's training step where lmtrain makes the product by torch.mm; medians of "
                        f"{args.repeats} alternating steps, peak RSS medians of 3 fresh processes each:", "",
