@@ -112,15 +112,16 @@ def peak_cuda_mb(variant: str, cell: str, size: tuple[int, int, int]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int]) -> float:
-    """Peak RSS (MB) of a fresh process that runs 3 steps of `variant` (None: only builds the input)."""
+def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int], setup: str = "pass") -> float:
+    """Peak RSS (MB) of a fresh process that runs 3 steps of `variant` (None: only builds the input),
+    after the Python statement `setup` (run with this folder on the path)."""
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the forking parent,
     # so a child of this (large) process would report the parent's peak.
-    code = ("import sys, torch; sys.path.insert(0, %r); from bench_cells import *; "
+    code = ("import sys, torch; sys.path.insert(0, %r); from bench_cells import *; %s\n"
             "B, T, H = %r; x = torch.randn(B, T, H, requires_grad=True); v = %r\n"
             "if v: s = step_function(build(v, %r, H), x, **switches(v)); [s() for _ in range(3)]\n"
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)"
-            % (str(Path(__file__).parent), size, variant, cell))
+            % (str(Path(__file__).parent), setup, size, variant, cell))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_cells import SIZES, build, step_function
+from bench_cells import SIZES, build, peak_rss_mb, step_function
 from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 
@@ -45,6 +44,9 @@ def always_onednn(rows: int, weight_rows: int, route) -> bool:
 
 
 CHOICES = {"lmtrain's choice": times_weight_by_onednn, "always oneDNN": always_onednn}
+# each in a fresh process, for its peak RSS; both import this script, so that both start alike
+SETUP = {"lmtrain's choice": "import compare_input_gradient",
+         "always oneDNN": "import compare_input_gradient as c; c.gemm.times_weight_by_onednn = c.always_onednn"}
 
 
 def product_times(rows: int, gates_width: int, inputs: int, repeats: int) -> dict[str, float]:
@@ -88,18 +90,6 @@ def layer_step_times(cell: str, size: tuple[int, int, int], repeats: int) -> dic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def layer_peak_rss_mb(cell: str, size: tuple[int, int, int], choice: str) -> float:
-    """Peak RSS (MB) of a fresh process running three of the layer's training steps with `choice`."""
-    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_cells import *\n"
-            + "import compare_input_gradient as c\n"
-            + ("c.gemm.times_weight_by_onednn = c.always_onednn\n" if CHOICES[choice] is always_onednn else "")
-            + f"x = torch.randn(*{size!r}, requires_grad=True)\n"
-            f"step = step_function(build('lmtrain manual', {cell!r}, {size[2]}), x); [step() for _ in range(3)]\n"
-            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(done.stdout.split()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(GATES))
@@ -141,7 +131,7 @@ def main() -> None:
             peaks: dict[str, list[float]] = {name: [] for name in CHOICES}
             for _ in range(3):
                 for name in CHOICES:
-                    peaks[name].append(layer_peak_rss_mb(cell, (B, T, H), name))
+                    peaks[name].append(peak_rss_mb("lmtrain manual", cell, (B, T, H), setup=SETUP[name]))
             ours, forced_ = median["lmtrain's choice"], median["always oneDNN"]
             row = (f"| {cell} | {B}, {T}, {H} | {ours * 1e3:.1f} | {forced_ * 1e3:.1f} | {ours / forced_:.2f}x | "
                    + " / ".join(f"{statistics.median(values):.0f}" for values in peaks.values()) + " |")
