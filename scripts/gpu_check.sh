@@ -1,11 +1,57 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in one short go (under 5 minutes): the GPU tests, then lmtrain's layers
-# against cuDNN's and the sampling speed, the tables written to docs/benchmarks-gpu.md.
-#     scripts/gpu_check.sh            (from a checkout with lmtrain installed: pip install -e ".[dev]")
-set -euo pipefail
+# On a machine with a CUDA GPU, in one short go (a few minutes): the GPU tests; a user's run on the GPU
+# (the quickstart for a few hundred steps, in float32 and bfloat16, resumed, sampled and evaluated on the
+# GPU and on the CPU); then lmtrain's layers against cuDNN's and the sampling speed, the tables written to
+# docs/benchmarks-gpu.md. Every stage runs even if one before it failed; the exit status says whether all
+# passed, and the last lines name the stages that failed.
+#     scripts/gpu_check.sh [STEPS]     (from a checkout with lmtrain installed: pip install -e ".[dev]")
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-pytest -q tests/test_cuda.py tests/test_gemm.py tests/test_backprop.py
-python scripts/bench_cells.py --device cuda --repeats 9 --doc docs/benchmarks-gpu.md \
-  --sizes "[[32, 64, 128], [64, 128, 256], [64, 128, 512], [1, 256, 512], [64, 128, 1024]]"
-python scripts/bench_sampling.py --device cuda --doc docs/benchmarks-gpu.md
+steps=${1:-300}
+python=${PYTHON:-python3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+failed=()
+
+stage() {  # stage NAME COMMAND...: run COMMAND, say how long it took, remember it if it failed
+    local name=$1 begin=$SECONDS
+    shift
+    echo "=== $name"
+    if "$@"; then
+        echo "=== $name: passed in $((SECONDS - begin)) s"
+    else
+        echo "=== $name: FAILED (exit $?) in $((SECONDS - begin)) s"
+        failed+=("$name")
+    fi
+}
+
+lmtrain() { "$python" -m lmtrain "$@"; }
+
+"$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'CUDA', torch.version.cuda)" || exit 1
+
+stage "CUDA tests" "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+run="$work/quickstart"
+stage "quickstart on the GPU, $steps steps" lmtrain train --no-progress configs/quickstart.yaml \
+    train.device=cuda "train.max_steps=$steps" train.eval_every=100 train.checkpoint_every=100 \
+    train.final_samples=2 "train.out_dir=$run"
+stage "resumed to $((steps + 100)) steps" lmtrain train --no-progress --resume configs/quickstart.yaml \
+    train.device=cuda "train.max_steps=$((steps + 100))" train.eval_every=100 train.checkpoint_every=100 \
+    train.final_samples=2 "train.out_dir=$run"
+stage "sample on the GPU" lmtrain sample --checkpoint "$run/best.pt" --device cuda --num 3 --seed 0
+stage "sample on the CPU" lmtrain sample --checkpoint "$run/best.pt" --device cpu --num 3 --seed 0
+stage "perplexity on the GPU" lmtrain eval perplexity --checkpoint "$run/best.pt" --device cuda --split test
+stage "perplexity on the CPU" lmtrain eval perplexity --checkpoint "$run/best.pt" --device cpu --split test
+stage "quickstart in bfloat16, 100 steps" lmtrain train --no-progress configs/quickstart.yaml \
+    train.device=cuda train.precision=bfloat16 train.max_steps=100 train.eval_every=100 \
+    train.final_samples=1 "train.out_dir=$work/bfloat16"
+stage "layers against cuDNN" "$python" scripts/bench_cells.py --device cuda --repeats 9 \
+    --cells rnn gru gru-lecture lstm --doc docs/benchmarks-gpu.md \
+    --sizes "[[32, 64, 128], [64, 128, 256], [64, 128, 512], [1, 256, 512], [64, 128, 1024]]"
+stage "sampling speed" "$python" scripts/bench_sampling.py --device cuda --doc docs/benchmarks-gpu.md
+
+if ((${#failed[@]})); then
+    printf '=== failed: %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "=== every stage passed"

@@ -627,7 +627,8 @@ CASES: list[Case] = [
          {"model.pt": CHAR_PT}, expect=("/dev/zero", "character device")),
     Case("sample-num", "`--num 0`", (*SAMPLE, "--num", "0"), {"model.pt": CHAR_PT}, expect=("--num",)),
     Case("sample-device-cuda", "`--device cuda` on a machine without CUDA", (*SAMPLE, "--device", "cuda"),
-         {"model.pt": CHAR_PT}, expect=("--device", "cuda", "CUDA"), forbid=("train.device", "auto")),
+         {"model.pt": CHAR_PT}, env={"CUDA_VISIBLE_DEVICES": ""},  # a machine with a GPU hides it
+         expect=("--device", "cuda", "CUDA"), forbid=("train.device", "auto")),
     Case("sample-device-unknown", "`--device` that names no device", (*SAMPLE, "--device", "gpu0"),
          {"model.pt": CHAR_PT}, expect=("--device", "gpu0")),
     Case("sample-prime-unseen-chars", "characters unseen in training in `--prime`",
