@@ -203,7 +203,7 @@ def sample(
         metavar="M", help="Stop a sample after this many new tokens.")] = 200,
     seed: Annotated[Optional[int], typer.Option(
         metavar="S", help="Random seed: the same seed gives the same samples.")] = None,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
     raw: Annotated[bool, typer.Option("--raw", help="Print control characters (CR, ESC, a newline of a data.eos: "
                                       "none model) as they are, not escaped as \\r, \\x1b, \\n.")] = False,
 ) -> None:
@@ -294,7 +294,7 @@ def visualize(
     top: Annotated[int, typer.Option(callback=_whole, metavar="N", help="Units listed per feature.")] = 5,
     all_values: Annotated[bool, typer.Option("--all-values", help="With --json: every unit's values, not only "
                                              "the chosen unit's and the listed ones'.")] = False,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """What each unit and gate does on a text (Karpathy, Johnson and Fei-Fei 2015): the text coloured by any
     unit with the model's next-token guesses, the units that follow features of the text, and the gates'
@@ -368,7 +368,7 @@ def perplexity(
                           "the run's train.eval_segment); 0: the whole text as one stream, the state carried "
                           "throughout.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Loss (nats/token), perplexity and, for character models, bits per character; every token counted."""
     from lmtrain.evaluation.perplexity import evaluate_checkpoint
@@ -435,7 +435,7 @@ def agreement(
                                                     "by (default: the first of phenomenon, linguistics_term, UID, "
                                                     "field).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Minimal pairs (Linzen et al. 2016's agreement, or a suite such as BLiMP): how often the model finds the
     good sentence more probable; a pair that scores the same both ways is a tie and counts neither way."""

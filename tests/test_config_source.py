@@ -90,3 +90,25 @@ def test_the_reference_page_lists_every_key_with_its_docstring():
         row = next((line for line in text.splitlines() if line.startswith(f"| `{key}` |")), None)
         assert row is not None, key
         assert row.rstrip(" |").split(" | ")[-1].strip(), f"{key} has no description"
+
+
+def test_every_command_line_option_is_spelled_in_lowercase():
+    """`--device`, `--max-tokens`, ... in every command, with every typer lmtrain admits (typer 0.27 named
+    an option after a metavar that was its argument's name in capitals: `--DEVICE`)."""
+    import typer
+
+    from lmtrain.cli import app
+
+    def commands(group, path: str = "lmtrain"):  # click's commands (typer's own copy of click since 0.28)
+        yield path, group
+        for name, command in getattr(group, "commands", {}).items():
+            yield from commands(command, f"{path} {name}")
+
+    checked = 0
+    for path, command in commands(typer.main.get_command(app)):
+        for parameter in command.params:
+            if parameter.param_type_name == "option":
+                flags = [*parameter.opts, *parameter.secondary_opts]
+                assert all(flag == flag.lower() for flag in flags) and flags[0].startswith("--"), (path, flags)
+                checked += 1
+    assert checked > 40
