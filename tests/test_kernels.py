@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +162,45 @@ def test_kernels_reject_what_they_cannot_read(compiled):
         compiled.lstm_forward(gates, a, c, tanh_c, W.t())
     with pytest.raises(RuntimeError, match=r"W must be \(4H, H\)"):
         compiled.lstm_backward(gates, c, tanh_c, a, c[0], W[:, :3].contiguous())
+
+
+def call_arguments(text: str, start: int) -> list[str]:
+    """The arguments of the call whose opening parenthesis is text[start], split at its own commas (not
+    those inside a string literal or a nested call)."""
+    arguments, current, depth, quoted = [], "", 0, False
+    for position in range(start, len(text)):
+        character = text[position]
+        if character == '"' and text[position - 1] != "\\":
+            quoted = not quoted
+        if not quoted:
+            if character == "(":
+                depth += 1
+                if depth == 1:
+                    continue
+            elif character == ")":
+                depth -= 1
+                if depth == 0:
+                    return [*arguments, current.strip()]
+            elif character == "," and depth == 1:
+                arguments.append(current.strip())
+                current = ""
+                continue
+        current += character
+    raise AssertionError(f"no closing parenthesis for the call at {start}")
+
+
+def test_no_check_in_the_kernels_writes_values_into_an_ostream():
+    """A TORCH_CHECK message is one string literal; a message with values goes through `fail` (common.h)
+    and std::to_string. TORCH_CHECK writes values into an ostream, and with torch 2.11's CUDA wheels
+    and Ubuntu 24.04's GCC an extension doing so crashed the process instead of raising."""
+    checked = 0
+    for source in sorted((Path(kernels.__file__).parent / "csrc").glob("*.[ch]*")):
+        text = source.read_text(encoding="utf-8")
+        for match in re.finditer(r"\bTORCH_CHECK\s*\(", text):
+            condition, *message = call_arguments(text, match.end() - 1)
+            assert len(message) == 1 and re.fullmatch(r'("[^"]*"\s*)+', message[0]), (source.name, condition, message)
+            checked += 1
+    assert checked > 10
 
 
 def test_gru_and_rnn_kernels_reject_what_they_cannot_read(compiled):

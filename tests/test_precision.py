@@ -174,7 +174,7 @@ def test_the_compiled_loops_reject_a_mismatched_bfloat16_buffer(compiled):
         pytest.skip("this CPU has no AVX-512 BF16")
     T, B, H = 4, 2, 8
     gates, a, c = torch.randn(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H)
-    with pytest.raises(RuntimeError, match="a_low must be a contiguous bfloat16"):
+    with pytest.raises(RuntimeError, match=r"^a_low must be a contiguous bfloat16 CPU tensor shaped like \(5, 2, 8\)$"):
         compiled.lstm_forward(gates, a, c, torch.empty(T, B, H), torch.randn(4 * H, H),
                               torch.empty(T, B, H, dtype=BF16))
     with pytest.raises(RuntimeError, match="a_low must be a contiguous bfloat16"):

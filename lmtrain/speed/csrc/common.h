@@ -18,9 +18,24 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace {
+
+// A failed check whose message carries values raises Python's RuntimeError (pybind11's translation of
+// std::runtime_error), the message put together with std::to_string. Not TORCH_CHECK with values: it
+// writes them into an ostream, and with torch 2.11's CUDA wheels and Ubuntu 24.04's GCC 13 an extension
+// that wrote a number into an ostream crashed the process (a segmentation fault) instead of raising.
+[[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error(message); }
+
+// "(2, 3, 4)": a shape for such a message.
+inline std::string shape_text(at::IntArrayRef sizes) {
+  std::string text = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + ")";
+}
 
 // e^x by Cody and Waite's range reduction, x = n ln2 + r with |r| <= ln2/2, and Cephes' degree-6
 // polynomial for e^r (about 1 float ulp); then 2^n built from its exponent bits. Written without

@@ -82,8 +82,9 @@ void backward_step(const float* gates, const float* c_prev, const float* tanh_c,
 // A (T+1, B, H) or (T, B, 4H) bfloat16 buffer shaped like `like`, for the bfloat16 copies of a(t) or dz(t).
 bf16* low_buffer(const std::optional<at::Tensor>& low, const at::Tensor& like, const char* name) {
   if (!low) return nullptr;
-  TORCH_CHECK(low->device().is_cpu() && low->scalar_type() == at::kBFloat16 && low->is_contiguous() &&
-              low->sizes() == like.sizes(), name, " must be a contiguous bfloat16 CPU tensor shaped like ", like.sizes());
+  if (!(low->device().is_cpu() && low->scalar_type() == at::kBFloat16 && low->is_contiguous() &&
+        low->sizes() == like.sizes()))
+    fail(std::string(name) + " must be a contiguous bfloat16 CPU tensor shaped like " + shape_text(like.sizes()));
   TORCH_CHECK(like.size(2) % 2 == 0 && bf16_products_supported(),
               "bfloat16 products need an even width and a CPU with AVX-512 BF16");
   return reinterpret_cast<bf16*>(low->data_ptr<at::BFloat16>());

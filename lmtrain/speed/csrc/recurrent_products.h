@@ -287,8 +287,8 @@ void on_unit_slices(int64_t H, Body body) {
 
 // Every buffer a time loop reads or writes is a contiguous float32 CPU tensor (lmtrain/backprop/ makes them so).
 void check(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor");
+  if (!(tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous()))
+    fail(std::string(name) + " must be a contiguous float32 CPU tensor");
 }
 
 // base + n, or null for a null base (a product without bfloat16 copies).

@@ -71,8 +71,8 @@ double softmax_cross_entropy_(at::Tensor logits, at::Tensor targets, int64_t ign
   }
   const int64_t* const y = targets.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < V), "target ", y[r], " is out of bounds for ", V,
-                " classes");
+    if (y[r] != ignore_index && (y[r] < 0 || y[r] >= V))
+      fail("target " + std::to_string(y[r]) + " is out of bounds for " + std::to_string(V) + " classes");
   float* const z = logits.data_ptr<float>();
   std::vector<double> nll(rows, 0.0);
   std::vector<float> partial_sums(column_sum ? at::get_num_threads() * V : 0, 0.0f);  // one (V,) per thread
