@@ -29,6 +29,14 @@ from lmtrain.data.tokenizer import Tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The suite tests the CPU on every machine: where there is a GPU, `train.device: auto` would train on it,
+# and the tests expect what the CPU does (the kernels' build and warnings, peak RSS). Only
+# tests/test_cuda.py, which names the device, uses the GPU. CUDA reads CUDA_VISIBLE_DEVICES once, as it
+# starts: it starts here, the GPU visible to this process, and the variable then hides it from the lmtrain
+# processes the tests start (the test modules copy os.environ for them as they load).
+CUDA_PRESENT = torch.cuda.is_available()
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 SMALL_TEXT = "the cat sat\nthe dog ran\na cat ran\n\nthe end\n"
 
 
@@ -62,6 +70,13 @@ def onednn_everywhere(monkeypatch) -> None:
     from lmtrain.speed import route
 
     monkeypatch.setattr(route, "ONEDNN_FLOAT32", True)
+
+
+@pytest.fixture(autouse=True)
+def _the_gpu_only_where_named(request, monkeypatch) -> None:
+    """`torch.cuda.is_available()` is false outside tests/test_cuda.py, so `auto` means the CPU."""
+    if CUDA_PRESENT and request.module.__name__ != "test_cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(autouse=True)

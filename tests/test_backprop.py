@@ -41,9 +41,9 @@ def random_inputs(cell, steps: int = T, dtype: torch.dtype = torch.float64):
 
 def loss_of(outputs, final_state) -> torch.Tensor:
     """Uses the outputs and every final-state tensor, each with its own fixed weights (drawn in
-    float64 whatever the dtype, so float32 and float64 losses are the same function)."""
+    float64 on the CPU whatever the dtype and device, so that every run's loss is the same function)."""
     generator = torch.Generator().manual_seed(1)
-    weights = lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype)  # noqa: E731
+    weights = lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
     loss = (outputs * weights(outputs)).sum()
     for tensor in final_state:
         loss = loss + (tensor * weights(tensor)).sum() ** 2
