@@ -50,8 +50,11 @@ OPTIONS = {"gru": {"gru_reset": "after"}, "gru-lecture": {"gru_reset": "before"}
 FOOTNOTE = """Times in ms per training step (forward + backward, input gradients on), fp32; ratio = lmtrain /
 torch.nn (below 1: lmtrain is faster). The `gru` rows use `model.gru_reset: after`, PyTorch's
 convention, so that both sides compute the same function; `gru-lecture` and `gru-simplified` are the
-lecture's GRU with and without Γ_r against the same `nn.GRU`. Peak RSS is that of a fresh process running
-three steps, minus one that only built the input (`/proc/self/status` VmHWM)."""
+lecture's GRU with and without Γ_r against the same `nn.GRU`."""
+MEMORY_NOTE = {"cpu": "Peak RSS is that of a fresh process running three steps, minus one that only built the input "
+                      "(`/proc/self/status` VmHWM).",
+               "cuda": "Peak CUDA memory is `torch.cuda.max_memory_allocated()` during three steps, less what was "
+                       "allocated before them (the input)."}
 
 
 def build(variant: str, cell: str, hidden: int) -> nn.Module:
@@ -131,7 +134,7 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(REFERENCE))
     parser.add_argument("--sizes", type=layer_sizes, default=None, help='e.g. "[[32, 64, 128]]"')
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
     parser.add_argument("--title", default=None, help="the section of --doc to write")
     args = parser.parse_args()
@@ -169,7 +172,7 @@ def main() -> None:
             print(row, flush=True)
     if args.doc:
         title = args.title or "Layers against torch.nn" + (" on a GPU" if args.device == "cuda" else "")
-        write_section(args.doc, title, "\n".join(header + rows + ["", FOOTNOTE]))
+        write_section(args.doc, title, "\n".join(header + rows + ["", f"{FOOTNOTE} {MEMORY_NOTE[args.device]}"]))
 
 
 if __name__ == "__main__":

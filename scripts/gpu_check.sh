@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU, in one short go (a few minutes): the GPU tests; a user's run on the GPU
-# (the quickstart for a few hundred steps, in float32 and bfloat16, resumed, sampled and evaluated on the
-# GPU and on the CPU); then lmtrain's layers against cuDNN's and the sampling speed, the tables written to
-# docs/benchmarks-gpu.md. Every stage runs even if one before it failed; the exit status says whether all
-# passed, and the last lines name the stages that failed.
+# On a machine with a CUDA GPU, in one short go (a few minutes): the GPU tests and the compiled kernels'
+# error checks; a user's run on the GPU (the quickstart for a few hundred steps, in float32 and bfloat16,
+# resumed, sampled and evaluated on the GPU and on the CPU); then lmtrain's layers against cuDNN's and the
+# sampling speed, the tables written to docs/benchmarks-gpu.md. Every stage runs even if one before it
+# failed; the exit status says whether all passed, and the last lines name the stages that failed.
 #     scripts/gpu_check.sh [STEPS]     (from a checkout with lmtrain installed: pip install -e ".[dev]")
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,9 @@ lmtrain() { "$python" -m lmtrain "$@"; }
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'CUDA', torch.version.cuda)" || exit 1
 
 stage "CUDA tests" "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# The compiled kernels' checks raise RuntimeError, not crash the process (this machine's compiler with its torch).
+stage "the kernels' errors" "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_loss.py \
+    tests/test_precision.py -k "reject or out_of_range or mismatched"
 run="$work/quickstart"
 stage "quickstart on the GPU, $steps steps" lmtrain train --no-progress configs/quickstart.yaml \
     train.device=cuda "train.max_steps=$steps" train.eval_every=100 train.checkpoint_every=100 \
