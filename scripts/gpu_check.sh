@@ -27,7 +27,7 @@ stage() {  # stage NAME COMMAND...: run COMMAND, say how long it took, remember 
 
 lmtrain() { "$python" -m lmtrain "$@"; }
 
-"$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+"$python" -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu_check.sh: no CUDA device here'); \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'CUDA', torch.version.cuda)" || exit 1
 
 stage "CUDA tests" "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py

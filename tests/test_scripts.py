@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -77,3 +78,12 @@ def test_speed_targets_refuses_a_missing_corpus_in_one_line(tmp_path, option, me
     assert result.returncode == 2
     assert message in result.stderr.splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu():
+    """Without a GPU (tests/conftest.py hides one from the processes the tests start), before any stage."""
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["gpu_check.sh: no CUDA device here"], result.stderr
+    assert "===" not in result.stdout
