@@ -191,7 +191,8 @@ class TrainConfig:
     seed: Annotated[int, NON_NEGATIVE] = 1234
     """Initialisation, dropout and data order."""
     device: str = "auto"
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`. A GPU runs the Python loops, not the compiled
+    kernels: for small batches a CPU is as fast (docs/benchmarks-gpu.md)."""
     threads: int | Literal["auto"] = "auto"
     """CPU threads: `auto`, the cores this process may use less those other processes keep busy,
     following the load while training (docs/running.md); or a number."""
