@@ -108,7 +108,7 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
   const float* const w = W.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = forward_columns(a_low_0 != nullptr, w, H, 0, 4, u);
-    std::vector<float> recurrent(B * 4 * u.padded);
+    floats recurrent(B * 4 * u.padded);
     if (a_low_0 != nullptr) {
       round_units(a_0, B, H, u.begin, u.count(), a_low_0);
 #pragma omp barrier
@@ -148,7 +148,7 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
   float* const da_out = da_0.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = backward_columns(dz_low_0 != nullptr, w, H, 0, 4, u);
-    std::vector<float> recurrent(B * u.padded, 0.0f);                      // nothing after step T
+    floats recurrent(B * u.padded, 0.0f);                      // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       float* const dz_t = dz_0 + (t - 1) * 4 * step;
       backward_step(gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, tanh_c_0 + (t - 1) * step,

@@ -139,9 +139,9 @@ int threads_for(int64_t H) {
 // The weights of a product's columns, packed for `packed_product`: column i < count takes weight(i, k) for
 // input k, the columns from `count` up to the next multiple of 16 are zero.
 template <typename Weight>
-std::vector<float> pack(int64_t K, int64_t count, Weight weight) {
+floats pack(int64_t K, int64_t count, Weight weight) {
   const int64_t N = (count + COLUMNS - 1) / COLUMNS * COLUMNS;
-  std::vector<float> P(N * K, 0.0f);
+  floats P(N * K, 0.0f);
   for (int64_t i = 0; i < count; ++i)
     for (int64_t k = 0; k < K; ++k) P[(i / COLUMNS) * K * COLUMNS + k * COLUMNS + i % COLUMNS] = weight(i, k);
   return P;
@@ -229,8 +229,8 @@ bool bf16_products_supported() { return false; }
 // A thread's share of one recurrent product's weights, packed once for the whole sequence: float32
 // blocks for `packed_product`, or bfloat16 pairs for `packed_product_bf16` (K even) when `low`.
 struct PackedWeights {
-  std::vector<float> single;
-  std::vector<uint32_t> pairs;
+  floats single;
+  std::vector<uint32_t, CacheAligned<uint32_t>> pairs;
   int64_t K, N;
 
   template <typename Weight>

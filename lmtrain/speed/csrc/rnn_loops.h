@@ -17,7 +17,7 @@ void rnn_forward(at::Tensor z, at::Tensor a, at::Tensor W) {
   const float* const w = W.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = forward_columns(false, w, H, 0, 1, u);
-    std::vector<float> recurrent(B * u.padded);
+    floats recurrent(B * u.padded);
     for (int64_t t = 1; t <= T; ++t) {
       P.product(a_0 + (t - 1) * step, H, B, recurrent.data());
       for (int64_t row = 0; row < B; ++row) {
@@ -49,7 +49,7 @@ std::vector<at::Tensor> rnn_backward(at::Tensor a, at::Tensor dA, at::Tensor W) 
   float* const da_out = da_0.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = backward_columns(false, w, H, 0, 1, u);
-    std::vector<float> recurrent(B * u.padded, 0.0f);                      // nothing after step T
+    floats recurrent(B * u.padded, 0.0f);                      // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       for (int64_t row = 0; row < B; ++row) {
         const float* __restrict r = recurrent.data() + row * u.padded;

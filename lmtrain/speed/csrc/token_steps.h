@@ -65,7 +65,7 @@ std::vector<at::Tensor> lstm_token_step(at::Tensor packed, at::Tensor b, at::Ten
   at::Tensor gates = b.view({1, 4 * H}).expand({B, 4 * H}).contiguous();   // b, then the activations
   const float* const in = input.data_ptr<float>();
   on_blocks(W.blocks, [&](int64_t j) {
-    std::vector<float> z(B * 4 * COLUMNS);
+    floats z(B * 4 * COLUMNS);
     W.product(j, 0, 4, in, W.K, B, z.data());
     forward_step(z.data(), gates.data_ptr<float>(), c_prev.data_ptr<float>(), c.data_ptr<float>(),
                  tanh_c.data_ptr<float>(), a.data_ptr<float>(), B, H, W.units(j));
@@ -85,7 +85,7 @@ at::Tensor rnn_token_step(at::Tensor packed, at::Tensor b, at::Tensor a_prev, at
   const float* const bias = b.data_ptr<float>();
   float* const a_out = a.data_ptr<float>();
   on_blocks(W.blocks, [&](int64_t j) {
-    std::vector<float> z(B * COLUMNS);
+    floats z(B * COLUMNS);
     W.product(j, 0, 1, in, W.K, B, z.data());
     const Units u = W.units(j);
     for (int64_t row = 0; row < B; ++row)
@@ -129,7 +129,7 @@ at::Tensor gru_token_step(at::Tensor packed, at::Tensor b, at::Tensor c_prev, at
   };
   on_blocks(W.blocks, [&](int64_t j) {
     const Units u = W.units(j);
-    std::vector<float> z(B * 2 * COLUMNS), p(after ? B * COLUMNS : 0), zx(after ? B * COLUMNS : 0);
+    floats z(B * 2 * COLUMNS), p(after ? B * COLUMNS : 0), zx(after ? B * COLUMNS : 0);
     W.product(j, 0, 2, in, K, B, z.data());                  // [Γ_u, Γ_r] or [Γ_u, c̃] of [c(t-1), x(t)]
     if (after) {  // the candidate's halves apart, rows k < H and k >= H of its block: W_cc c(t-1), W_cx x(t)
       const float* const P_c = W.P + (j * G + 2) * K * COLUMNS;
@@ -157,7 +157,7 @@ at::Tensor gru_token_step(at::Tensor packed, at::Tensor b, at::Tensor c_prev, at
   if (c_in != nullptr)  // the lecture's candidate, now that every unit's Γ_r * c(t-1) is made
     on_blocks(W.blocks, [&](int64_t j) {
       const Units u = W.units(j);
-      std::vector<float> z(B * COLUMNS);
+      floats z(B * COLUMNS);
       W.product(j, 2, 1, c_in, K, B, z.data());
       for (int64_t row = 0; row < B; ++row)
         for (int64_t i = 0; i < u.count(); ++i)
