@@ -35,7 +35,7 @@ def test_layer_sizes_refuses_what_is_not_a_list_of_sizes(text):
 
 
 @pytest.mark.parametrize("script", ["bench_cells.py", "profile_layer.py", "compare_gemms.py", "compare_tiles.py",
-                                    "compare_input_gradient.py", "speed_targets.py"])
+                                    "compare_input_gradient.py", "speed_targets.py", "bench_placement.py"])
 def test_every_layer_benchmark_refuses_malformed_sizes_in_one_line(script):
     result = subprocess.run([sys.executable, str(SCRIPTS / script), "--sizes", "[[1, 2]]"],
                             capture_output=True, text=True, timeout=120)
@@ -54,6 +54,26 @@ def test_speed_targets_prints_each_target_with_its_verdict():
     assert all(line.endswith(("| met |", "| **not met** |")) for line in rows)
     met = sum(line.endswith("| met |") for line in rows)
     assert f"{met} of 4 targets met." in result.stdout
+
+
+def test_bench_placement_times_both_sides_in_every_placement():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_placement.py"), "--sizes", "[[2, 3, 8]]",
+                             "--placements", "3", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(r"placement \d: torch.nn [\d.]+ ms, lmtrain manual [\d.]+ ms", result.stdout)) == 3
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| lstm | 2, 3, 8 |")]
+    assert [row[2] for row in rows] == ["torch.nn", "lmtrain manual"] * 2  # printed as measured, then in the table
+    for row in rows:
+        fastest, median, slowest = (float(value) for value in row[3:6])
+        assert fastest <= median <= slowest and float(row[6].removesuffix("x |")) >= 1.0
+
+
+@pytest.mark.parametrize("option", ["--placements", "--repeats"])
+def test_bench_placement_refuses_no_placements_or_repeats_in_one_line(option):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_placement.py"), option, "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"bench_placement.py: error: {option} must be 1 or more"
 
 
 def test_compare_input_gradient_makes_few_rows_by_torch_mm_and_times_the_layer_there():

@@ -1,0 +1,90 @@
+"""How much a layer's step time moves with where its buffers lie: the same step, timed over fresh buffers.
+
+    python scripts/bench_placement.py [--cells lstm] [--sizes JSON] [--placements 12] [--repeats 5]
+        [--doc docs/benchmarks.md] [--title TITLE]
+
+For each cell and size (B, T, H), `--placements` times over: a fresh input, fresh `torch.nn` and lmtrain
+layers (as scripts/bench_cells.py builds them) and a heap moved by a few small allocations kept alive,
+then `--repeats` alternating training steps of each. Prints each placement's median step of both sides,
+and over the placements the fastest, the median and the slowest, with the ratio of the slowest to the
+fastest: what one process's figure can be off by when the buffers fell badly, which a benchmark's
+repeats inside that process cannot see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_cells import REFERENCE, build, step_function, switches
+from comparison import allocator_settings, cpu_name, layer_sizes
+from doc_sections import write_section
+
+SIDES = ("torch.nn", "lmtrain manual")
+
+
+def placement_times(cell: str, size: tuple[int, int, int], placements: int, repeats: int) -> dict[str, list[float]]:
+    """Each side's median step (seconds) in each of `placements` fresh placements."""
+    B, T, H = size
+    kept: list[torch.Tensor] = []  # small allocations that move where the next buffers land
+    medians: dict[str, list[float]] = {side: [] for side in SIDES}
+    for placement in range(placements):
+        kept.extend(torch.empty(1 + 1000 * placement) for _ in range(placement % 5))
+        x = torch.randn(B, T, H, requires_grad=True)
+        steps = {side: step_function(build(side, cell, H), x, **switches(side)) for side in SIDES}
+        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        for step in steps.values():  # first-call allocations
+            step()
+        for _ in range(repeats):
+            for side, step in steps.items():
+                begin = time.perf_counter()
+                step()
+                times[side].append(time.perf_counter() - begin)
+        for side in SIDES:
+            medians[side].append(statistics.median(times[side]))
+        print(f"  {cell} {size} placement {placement}: " +
+              ", ".join(f"{side} {1e3 * medians[side][-1]:.1f} ms" for side in SIDES), flush=True)
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", nargs="+", default=["lstm"], choices=sorted(REFERENCE))
+    parser.add_argument("--sizes", type=layer_sizes, default=((32, 64, 256), (64, 128, 256), (64, 128, 512)),
+                        help='e.g. "[[64, 128, 256]]"')
+    parser.add_argument("--placements", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument("--title", default="Where a layer's buffers lie")
+    args = parser.parse_args()
+    for option in ("placements", "repeats"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be 1 or more")
+    header = [f"`python scripts/bench_placement.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
+              f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
+              f"{allocator_settings()}; each side's median of {args.repeats} alternating steps in each of "
+              f"{args.placements} placements", "",
+              "| cell | B, T, H | side | fastest ms | median ms | slowest ms | slowest / fastest |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    rows = []
+    for cell in args.cells:
+        for size in args.sizes:
+            medians = placement_times(cell, size, args.placements, args.repeats)
+            for side in SIDES:
+                values = medians[side]
+                rows.append(f"| {cell} | {', '.join(map(str, size))} | {side} | {1e3 * min(values):.1f} | "
+                            f"{1e3 * statistics.median(values):.1f} | {1e3 * max(values):.1f} | "
+                            f"{max(values) / min(values):.2f}x |")
+                print(rows[-1], flush=True)
+    print("\n".join(header + rows))
+    if args.doc:
+        write_section(args.doc, args.title, "\n".join(header + rows))
+
+
+if __name__ == "__main__":
+    main()
