@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,21 +87,41 @@ def switches(variant: str) -> dict[str, bool]:
     return {"onednn": not variant.endswith("aten"), "compiled": not variant.endswith("python")}
 
 
-def time_variants(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu",
-                  variants: tuple[str, ...] = VARIANTS) -> dict[str, float]:
-    """Median seconds per training step of each of `variants`, alternating."""
+def placement_medians(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu",
+                      variants: tuple[str, ...] = VARIANTS, placements: int = 1,
+                      echo: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, list[float]]:
+    """Each of `variants`' median seconds per training step, alternating, in each of `placements`
+    placements: a fresh input and fresh layers, after a few small allocations kept alive have moved where
+    the heap puts them. One placement's figure depends on where its buffers fell (docs/benchmarks.md,
+    "Where a layer's buffers lie"); `echo(placement, medians)` hears each placement's."""
     B, T, H = size
-    x = torch.randn(B, T, H, device=device, requires_grad=True)
-    steps = {variant: step_function(build(variant, cell, H), x, **switches(variant)) for variant in variants}
-    for step in steps.values():  # warm-up: first-call allocations and kernel selection
-        step()
-    times: dict[str, list[float]] = {variant: [] for variant in variants}
-    for _ in range(repeats):
-        for variant, step in steps.items():
-            begin = time.perf_counter()
+    kept: list[torch.Tensor] = []
+    medians: dict[str, list[float]] = {variant: [] for variant in variants}
+    for placement in range(placements):
+        kept.extend(torch.empty(1 + 1000 * placement) for _ in range(placement % 5))
+        x = torch.randn(B, T, H, device=device, requires_grad=True)
+        steps = {variant: step_function(build(variant, cell, H), x, **switches(variant)) for variant in variants}
+        for step in steps.values():  # warm-up: first-call allocations and kernel selection
             step()
-            times[variant].append(time.perf_counter() - begin)
-    return {variant: statistics.median(values) for variant, values in times.items()}
+        times: dict[str, list[float]] = {variant: [] for variant in variants}
+        for _ in range(repeats):
+            for variant, step in steps.items():
+                begin = time.perf_counter()
+                step()
+                times[variant].append(time.perf_counter() - begin)
+        for variant in variants:
+            medians[variant].append(statistics.median(times[variant]))
+        if echo is not None:
+            echo(placement, {variant: values[-1] for variant, values in medians.items()})
+    return medians
+
+
+def time_variants(cell: str, size: tuple[int, int, int], repeats: int, device: str = "cpu",
+                  variants: tuple[str, ...] = VARIANTS, placements: int = 1) -> dict[str, float]:
+    """Median seconds per training step of each of `variants`, alternating; over several `placements`,
+    the median of their medians."""
+    return {variant: statistics.median(values)
+            for variant, values in placement_medians(cell, size, repeats, device, variants, placements).items()}
 
 
 def peak_cuda_mb(variant: str, cell: str, size: tuple[int, int, int]) -> float:

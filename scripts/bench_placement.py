@@ -17,11 +17,10 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_cells import REFERENCE, build, step_function, switches
+from bench_cells import REFERENCE, placement_medians
 from comparison import allocator_settings, cpu_name, layer_sizes
 from doc_sections import write_section
 
@@ -29,27 +28,11 @@ SIDES = ("torch.nn", "lmtrain manual")
 
 
 def placement_times(cell: str, size: tuple[int, int, int], placements: int, repeats: int) -> dict[str, list[float]]:
-    """Each side's median step (seconds) in each of `placements` fresh placements."""
-    B, T, H = size
-    kept: list[torch.Tensor] = []  # small allocations that move where the next buffers land
-    medians: dict[str, list[float]] = {side: [] for side in SIDES}
-    for placement in range(placements):
-        kept.extend(torch.empty(1 + 1000 * placement) for _ in range(placement % 5))
-        x = torch.randn(B, T, H, requires_grad=True)
-        steps = {side: step_function(build(side, cell, H), x, **switches(side)) for side in SIDES}
-        times: dict[str, list[float]] = {side: [] for side in SIDES}
-        for step in steps.values():  # first-call allocations
-            step()
-        for _ in range(repeats):
-            for side, step in steps.items():
-                begin = time.perf_counter()
-                step()
-                times[side].append(time.perf_counter() - begin)
-        for side in SIDES:
-            medians[side].append(statistics.median(times[side]))
+    """Each side's median step (seconds) in each of `placements` fresh placements, printed as they come."""
+    def echo(placement: int, medians: dict[str, float]) -> None:
         print(f"  {cell} {size} placement {placement}: " +
-              ", ".join(f"{side} {1e3 * medians[side][-1]:.1f} ms" for side in SIDES), flush=True)
-    return medians
+              ", ".join(f"{side} {1e3 * medians[side]:.1f} ms" for side in SIDES), flush=True)
+    return placement_medians(cell, size, repeats, variants=SIDES, placements=placements, echo=echo)
 
 
 def main() -> None:

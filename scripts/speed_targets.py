@@ -3,14 +3,16 @@ plain PyTorch trainer, the target, what was measured, and whether the target is 
 
     python scripts/speed_targets.py [--shakespeare PATH/TO/tinyshakespeare/input.txt] [--ptb PATH/TO/ptb]
         [--cells lstm gru gru-lecture gru-simplified rnn] [--sizes JSON] [--repeats 5] [--rounds 2]
-        [--tokens 200] [--rss-processes 3] [--doc FILE] [--title TITLE]
+        [--tokens 200] [--rss-processes 3] [--placements 1] [--doc FILE] [--title TITLE]
 
 The targets are in float32 (docs/benchmarks.md, "The speed targets", says where each stands and why). Each
 row is measured as its own script measures it, with that script's code:
 - a layer's training step against its torch.nn layer, the two alternating (scripts/bench_cells.py;
   lmtrain's manual backward as `lmtrain train` runs it): the LSTM at most 0.8x `nn.LSTM`'s time at
   batch 64 ((64, 128, 256), (64, 128, 512) and (64, 128, 1024)), 1.0x at batch 32 and 1; each GRU
-  (PyTorch's form, the lecture's, the simplified) at most 0.6x `nn.GRU`'s; the RNN at most 0.8x `nn.RNN`'s;
+  (PyTorch's form, the lecture's, the simplified) at most 0.6x `nn.GRU`'s; the RNN at most 0.8x `nn.RNN`'s.
+  With `--placements N`, each side's time is the median over N fresh placements of the layers' buffers
+  (scripts/bench_placement.py): one placement's ratio moves by up to a third with where the buffers fell;
 - each of those layers' peak RSS over three steps in a fresh process (the median of `--rss-processes`
   processes), at most 1.0x torch.nn's;
 - with --shakespeare, `lmtrain train` on Tiny Shakespeare at 1.3x or more the tokens/s of
@@ -76,10 +78,11 @@ def layer_limit(cell: str, size: tuple[int, int, int]) -> float:
     return 0.8 if cell == "rnn" else 0.6
 
 
-def layer_rows(cell: str, size: tuple[int, int, int], repeats: int, rss_processes: int) -> list[Row]:
+def layer_rows(cell: str, size: tuple[int, int, int], repeats: int, rss_processes: int,
+               placements: int = 1) -> list[Row]:
     B, T, H = size
     name = f"{cell} layer ({B}, {T}, {H})"
-    median = time_variants(cell, size, repeats, variants=("torch.nn", LMTRAIN))
+    median = time_variants(cell, size, repeats, variants=("torch.nn", LMTRAIN), placements=placements)
     reference, ours = median["torch.nn"], median[LMTRAIN]
     rss = peak_rss_medians(cell, size, rss_processes)
     return [at_most(f"{name}, time vs {REFERENCE[cell].__name__}", ours / reference, layer_limit(cell, size),
@@ -146,10 +149,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating Tiny Shakespeare rounds")
     parser.add_argument("--tokens", type=int, default=200, help="tokens a sample")
     parser.add_argument("--rss-processes", type=int, default=3, help="fresh processes a peak-RSS row is the median of")
+    parser.add_argument("--placements", type=int, default=1,
+                        help="fresh placements of a layer's buffers its time is the median over")
     parser.add_argument("--doc", type=Path, default=None)
     parser.add_argument("--title", default="Speed targets")
     args = parser.parse_args()
-    for option in ("repeats", "rounds", "tokens", "rss_processes"):
+    for option in ("repeats", "rounds", "tokens", "rss_processes", "placements"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more")
     if args.shakespeare is not None and not args.shakespeare.is_file():
@@ -172,7 +177,7 @@ def main() -> None:
 
     for cell in args.cells:
         for size in args.sizes or SIZES:
-            report(layer_rows(cell, size, args.repeats, args.rss_processes))
+            report(layer_rows(cell, size, args.repeats, args.rss_processes, args.placements))
     if args.shakespeare:
         report([shakespeare_row(args.shakespeare.resolve(), args.rounds)])
     if args.ptb:

@@ -46,7 +46,8 @@ def test_every_layer_benchmark_refuses_malformed_sizes_in_one_line(script):
 
 def test_speed_targets_prints_each_target_with_its_verdict():
     result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), "--cells", "rnn", "--sizes",
-                             "[[2, 3, 8]]", "--repeats", "1", "--tokens", "2", "--rss-processes", "1"],
+                             "[[2, 3, 8]]", "--repeats", "1", "--tokens", "2", "--rss-processes", "1",
+                             "--placements", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| rnn layer", "| sampling"))]
@@ -68,12 +69,13 @@ def test_bench_placement_times_both_sides_in_every_placement():
         assert fastest <= median <= slowest and float(row[6].removesuffix("x |")) >= 1.0
 
 
-@pytest.mark.parametrize("option", ["--placements", "--repeats"])
-def test_bench_placement_refuses_no_placements_or_repeats_in_one_line(option):
-    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_placement.py"), option, "0"],
+@pytest.mark.parametrize("script, option", [("bench_placement.py", "--placements"), ("bench_placement.py", "--repeats"),
+                                            ("speed_targets.py", "--placements")])
+def test_placement_scripts_refuse_no_placements_or_repeats_in_one_line(script, option):
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), option, "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"bench_placement.py: error: {option} must be 1 or more"
+    assert result.stderr.strip().splitlines()[-1] == f"{script}: error: {option} must be 1 or more"
 
 
 def test_compare_input_gradient_makes_few_rows_by_torch_mm_and_times_the_layer_there():
