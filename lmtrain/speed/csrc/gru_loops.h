@@ -24,7 +24,7 @@ void gru_forward(at::Tensor gates, at::Tensor c, at::Tensor W) {
   TORCH_CHECK((G == 2 || G == 3) && gates.size(2) == G * H && W.size(0) == G * H && W.size(1) == H,
               "gates must be (T, B, G H) and W (G H, H), G = 2 or 3");
   const bool relevance = G == 3;
-  floats c_in(relevance ? B * H : 0);                        // Γ_r * c(t-1), every unit
+  floats c_in(relevance ? B * H : 0);                                    // Γ_r * c(t-1), every unit
   float* const gates_0 = gates.data_ptr<float>();
   float* const c_0 = c.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
@@ -103,7 +103,7 @@ std::vector<at::Tensor> gru_backward(at::Tensor gates, at::Tensor c, at::Tensor 
     // The gates' (the first two blocks') gradient reaches c(t-1); the candidate's reaches Γ_r * c(t-1).
     const PackedWeights P_gates = backward_columns(false, w, H, 0, 2, u);
     const PackedWeights P_candidate = backward_columns(false, w, H, 2, relevance ? 1 : 0, u);
-    floats recurrent(B * u.padded, 0.0f), dc_in(B * u.padded);  // nothing after step T
+    floats recurrent(B * u.padded, 0.0f), dc_in(B * u.padded);             // nothing after step T
     floats carry(B * u.count(), 0.0f);
     for (int64_t t = T; t >= 1; --t) {
       const float* const gates_t = gates_0 + (t - 1) * G * step + u.begin;  // row r at gates_t + r G H
@@ -224,7 +224,7 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
   float* const dc_out = dc_0.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = backward_columns(false, w, H, 0, 3, u);
-    floats recurrent(B * u.padded, 0.0f), carry(B * u.count(), 0.0f);  // nothing after step T
+    floats recurrent(B * u.padded, 0.0f), carry(B * u.count(), 0.0f);      // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       for (int64_t row = 0; row < B; ++row) {
         const float* __restrict gamma_u = gates_0 + (t - 1) * 3 * step + row * 3 * H + u.begin;

@@ -148,7 +148,7 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
   float* const da_out = da_0.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = backward_columns(dz_low_0 != nullptr, w, H, 0, 4, u);
-    floats recurrent(B * u.padded, 0.0f);                      // nothing after step T
+    floats recurrent(B * u.padded, 0.0f);                                  // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       float* const dz_t = dz_0 + (t - 1) * 4 * step;
       backward_step(gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, tanh_c_0 + (t - 1) * step,

@@ -49,7 +49,7 @@ std::vector<at::Tensor> rnn_backward(at::Tensor a, at::Tensor dA, at::Tensor W) 
   float* const da_out = da_0.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = backward_columns(false, w, H, 0, 1, u);
-    floats recurrent(B * u.padded, 0.0f);                      // nothing after step T
+    floats recurrent(B * u.padded, 0.0f);                                  // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       for (int64_t row = 0; row < B; ++row) {
         const float* __restrict r = recurrent.data() + row * u.padded;
