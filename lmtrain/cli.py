@@ -540,25 +540,34 @@ def run() -> None:
     """Console-script entry point. A mistake on the command line (an unknown option, a missing one, a
     value of the wrong type) is one `error:` line, like every other mistake; a command group given no
     command (`lmtrain`, `lmtrain eval`) prints its help and exits 0."""
+    code = _exit_code()
+    if "lmtrain.training.distributed" in sys.modules:  # a training process may hold a process group to the end
+        from lmtrain.training.distributed import end_process
+
+        end_process(code)
+    sys.exit(code)
+
+
+def _exit_code() -> int:
     try:
         code = app(prog_name="lmtrain", standalone_mode=False)
     except LmtrainError as error:  # raised before a command's user_errors (an eager option: --version)
         typer.echo(error_line(error), err=True)
-        sys.exit(getattr(error, "exit_code", None) or 2)
+        return getattr(error, "exit_code", None) or 2
     except Exception as error:  # the command-line parser's errors (click's, inside typer)
         if not (hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)):
             raise
         context = getattr(error, "ctx", None)
         if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
             typer.echo(context.get_help())
-            sys.exit(0)
+            return 0
         command = context.command_path if context is not None else "lmtrain"
         typer.echo(f"error: {error.format_message()} (see: {command} --help)", err=True)
-        sys.exit(error.exit_code)
+        return error.exit_code
     except typer.Abort:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

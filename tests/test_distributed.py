@@ -9,6 +9,7 @@ The pure parts first; then the processes, started once (`runs`) for the tests th
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -30,10 +31,12 @@ from lmtrain.config import load_config
 from lmtrain.data.dataset import IGNORE, shard_batch, shard_rows
 from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.errors import LmtrainError
+from lmtrain.training import distributed
 from lmtrain.training.distributed import (
     GROUP_ENDS_WITH_TRAINING,
     World,
     check_batch_size,
+    end_process,
     stop_everywhere,
     world_from_environment,
 )
@@ -114,6 +117,49 @@ def test_a_shared_error_before_the_process_group_is_printed_by_process_zero_alon
     assert not stop_everywhere(LmtrainError("x"), World(rank=0, size=2)).quiet
     assert stop_everywhere(LmtrainError("x"), World(rank=1, size=2)).quiet
     assert not stop_everywhere(LmtrainError("x"), World()).quiet
+
+
+class LeftWithoutShutdown(Exception):
+    pass
+
+
+class HeldBack(io.StringIO):
+    """An output stream whose text is out only once flushed, as a pipe's is."""
+    out = ""
+
+    def flush(self) -> None:
+        self.out = self.getvalue()
+
+
+@pytest.mark.parametrize("environment, group_ends_with_training, skips_the_shutdown", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, False, True),   # torch before 2.8: the group is freed at the shutdown
+    ({"RANK": "1", "WORLD_SIZE": "2"}, True, False),   # its threads already ended with train()
+    ({}, False, False),                                # one process alone holds no group
+    ({"WORLD_SIZE": "two"}, False, False),             # refused before any group was made
+])
+def test_a_training_process_skips_the_interpreters_shutdown_only_when_its_group_outlives_training(
+        monkeypatch, environment, group_ends_with_training, skips_the_shutdown):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "GROUP_ENDS_WITH_TRAINING", group_ends_with_training)
+    stdout, stderr = HeldBack(), HeldBack()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+
+    def leave(code: int) -> None:  # os._exit: what is not flushed by now is lost
+        raise LeftWithoutShutdown(code, stdout.out, stderr.out)
+
+    monkeypatch.setattr(distributed.os, "_exit", leave)
+    stdout.write("done: 10 steps\n")
+    stderr.write("warning: a word\n")
+    with pytest.raises(LeftWithoutShutdown if skips_the_shutdown else SystemExit) as ended:
+        end_process(3)
+    if skips_the_shutdown:
+        assert ended.value.args == (3, "done: 10 steps\n", "warning: a word\n")
+    else:
+        assert ended.value.code == 3
 
 
 def test_batch_size_is_global_and_must_divide(tmp_path):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -114,7 +114,8 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     already shutting down by then, the thread cannot have the GIL and the process aborts ("terminate called
     without an active exception"); a busy machine makes that wait long enough to happen. Before torch 2.8,
     freeing a group held the GIL while it joined the threads, which deadlocks on the same thread
-    (pytorch/pytorch#56297, fixed by #154976): there the group is left to the interpreter's shutdown."""
+    (pytorch/pytorch#56297, fixed by #154976): there the group is left to the interpreter's shutdown, and
+    the process leaves without one (`end_process`)."""
     if not world.distributed:
         yield
         return
@@ -142,6 +143,22 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
         if GROUP_ENDS_WITH_TRAINING:
             gc.collect()  # the model's reference cycles go now, and the group with them: its threads are joined
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with `code`. A training process whose process group was left to the interpreter's shutdown
+    (torch before 2.8, `process_group`) skips that shutdown: a gloo thread freeing a collective's tensor
+    there would abort the process, after the run was done and saved. Its output is flushed first; nothing
+    else is left to do by then (checkpoints are written and closed inside `train()`)."""
+    try:
+        in_group = world_from_environment().distributed
+    except LmtrainError:  # torchrun's variables were refused before any group was made
+        in_group = False
+    if in_group and not GROUP_ENDS_WITH_TRAINING:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def data_parallel(model: nn.Module, world: World, device: torch.device) -> nn.Module:
