@@ -43,8 +43,8 @@ inline std::string shape_text(at::IntArrayRef sizes) {
 // An allocator whose blocks start on a cache line (64 bytes). malloc's start on 16, so an AVX-512 load or
 // store of a packed block's 16 floats would straddle two lines, two accesses for one, in 3 of 4 placements.
 // The block is a plain malloc'd one 64 bytes longer, its start moved up to the next line and malloc's own
-// pointer kept just before it: aligned_alloc would split off the unused head as a tiny free chunk, which
-// keeps the heap's freed blocks from merging, and a training step's peak memory grew by up to 60 MB.
+// pointer kept just before it: with aligned_alloc, which splits a block's unused head off as a free chunk
+// of its own, a training step's peak memory grew by up to 60 MB (docs/benchmarks.md, "Buffers on cache lines").
 template <typename T>
 struct CacheAligned {
   using value_type = T;
