@@ -48,6 +48,9 @@ TIMEOUT = timedelta(minutes=15)
 # holding the GIL (pytorch/pytorch#154976); before, that deadlocks (pytorch/pytorch#56297). See `process_group`.
 GROUP_ENDS_WITH_TRAINING = torch.__version__ >= "2.8"
 
+# Before torch 2.8, the groups of the trainings this process ran, never freed: see `process_group`.
+_GROUPS_KEPT_TO_THE_END: list[dist.ProcessGroup] = []
+
 
 @dataclass(frozen=True)
 class World:
@@ -113,9 +116,11 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     collective has returned, and a tensor Python made needs the GIL to be freed. If the interpreter is
     already shutting down by then, the thread cannot have the GIL and the process aborts ("terminate called
     without an active exception"); a busy machine makes that wait long enough to happen. Before torch 2.8,
-    freeing a group held the GIL while it joined the threads, which deadlocks on the same thread
-    (pytorch/pytorch#56297, fixed by #154976): there the group is left to the interpreter's shutdown, and
-    the process leaves without one (`end_process`)."""
+    freeing a group holds the GIL while it joins the threads, which deadlocks on the same thread
+    (pytorch/pytorch#56297, fixed by #154976): the last barrier's work holds the collective before it, whose
+    tensors Python made, and a gloo thread frees it just after the barrier returns. There the group is never
+    freed: it is kept (with its idle threads) until the process ends, and a training process leaves
+    without the interpreter's shutdown (`end_process`)."""
     if not world.distributed:
         yield
         return
@@ -140,16 +145,19 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         traceback.clear_frames(error.__traceback__)  # the frames of a failed run would keep its DDP model
         raise
     finally:
+        if not GROUP_ENDS_WITH_TRAINING:  # unregistered below, but not freed: freeing it can deadlock
+            _GROUPS_KEPT_TO_THE_END.append(dist.group.WORLD)
         dist.destroy_process_group()
         if GROUP_ENDS_WITH_TRAINING:
             gc.collect()  # the model's reference cycles go now, and the group with them: its threads are joined
 
 
 def end_process(code: int) -> NoReturn:
-    """Exit with `code`. A training process whose process group was left to the interpreter's shutdown
-    (torch before 2.8, `process_group`) skips that shutdown: a gloo thread freeing a collective's tensor
-    there would abort the process, after the run was done and saved. Its output is flushed first; nothing
-    else is left to do by then (checkpoints are written and closed inside `train()`)."""
+    """Exit with `code`. A training process whose process group outlives training (torch before 2.8,
+    `process_group`) skips the interpreter's shutdown: the group would be freed there, and a gloo thread
+    still freeing a collective's tensor would abort or deadlock the process after the run was done and
+    saved. Its output is flushed first; nothing else is left to do by then (checkpoints are written and
+    closed inside `train()`)."""
     try:
         in_group = world_from_environment().distributed
     except LmtrainError:  # torchrun's variables were refused before any group was made
