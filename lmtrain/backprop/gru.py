@@ -168,7 +168,9 @@ class GRUAfterFunction(Function):
         else:
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), c.size(1), gates.size(0), ctx.route)
             dr, dz_c, dc = _gru_after_backward_loop(gates, c, p, dA, recurrent_t)
-        del dA  # freed before the products over all steps, where the backward's memory peaks
+        # Freed before the products over all steps, where the backward's memory peaks (compiled, dz_c
+        # took its place: one buffer for both).
+        del dA
         H, c_prev, needs = c.size(-1), c[:-1], ctx.needs_input_grad[1:]
         dW_recurrent = summed_over_time(dr, c_prev, ctx.route) if needs[2] else None  # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
         db_cc = dr[..., 2 * H:].sum((0, 1)) if needs[5] else None          # Σ_t Σ_batch dp

@@ -205,6 +205,7 @@ void gru_after_forward(at::Tensor gates, at::Tensor c, at::Tensor p, at::Tensor 
 //   dz_u = dc(t) (c̃ - c(t-1)) Γ_u (1 - Γ_u)
 //   dc(t-1) = dA[t-1] + dc(t) (1 - Γ_u) + [W_u; W_r; W_cc]ᵀ [dz_u, dz_r, dp]
 // Returns dr (T, B, 3H) = [dz_u, dz_r, dp], the gradients of the recurrent products, dz_c (T, B, H), and dc(0).
+// dz_c(t) is written where dA[t] was, once read: it is dA[1:], one (T, B, H) buffer less at the backward's peak.
 std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::Tensor p, at::Tensor dA, at::Tensor W) {
   check(gates, "gates"), check(c, "c"), check(p, "p"), check(dA, "dA"), check(W, "W");
   const int64_t T = gates.size(0), B = gates.size(1), H = c.size(2), step = B * H;
@@ -212,15 +213,13 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
               p.size(0) == T && p.size(1) == B && p.size(2) == H,
               "gates must be (T, B, 3H), p (T, B, H), W (3H, H) and dA shaped like c");
   at::Tensor dr = at::empty_like(gates);
-  at::Tensor dz_c = at::empty_like(p);
   at::Tensor dc_0 = at::empty({B, H}, c.options());
   const float* const gates_0 = gates.data_ptr<float>();
   const float* const c_0 = c.data_ptr<float>();
   const float* const p_0 = p.data_ptr<float>();
-  const float* const dA_0 = dA.data_ptr<float>();
+  float* const dA_0 = dA.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
   float* const dr_0 = dr.data_ptr<float>();
-  float* const dz_c_0 = dz_c.data_ptr<float>();
   float* const dc_out = dc_0.data_ptr<float>();
   on_unit_slices(H, [&](const Units u) {
     const PackedWeights P = backward_columns(false, w, H, 0, 3, u);
@@ -232,16 +231,15 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
         const float* __restrict c_tilde = gamma_u + 2 * H;
         const float* __restrict p_row = p_0 + (t - 1) * step + row * H + u.begin;
         const float* __restrict c_prev_row = c_0 + (t - 1) * step + row * H + u.begin;
-        const float* __restrict outside = dA_0 + t * step + row * H + u.begin;
         const float* __restrict r = recurrent.data() + row * u.padded;
         float* __restrict carry_row = carry.data() + row * u.count();
         float* __restrict dz_u = dr_0 + (t - 1) * 3 * step + row * 3 * H + u.begin;
         float* __restrict dz_r = dz_u + H;
         float* __restrict dp = dz_u + 2 * H;
-        float* __restrict dz_c_row = dz_c_0 + (t - 1) * step + row * H + u.begin;
+        float* __restrict dz_c_row = dA_0 + t * step + row * H + u.begin;  // holds dA[t] until read
 #pragma GCC ivdep
         for (int64_t j = 0; j < u.count(); ++j) {
-          const float dc = carry_row[j] + r[j] + outside[j];
+          const float dc = carry_row[j] + r[j] + dz_c_row[j];
           dz_c_row[j] = dc * gamma_u[j] * (1.0f - c_tilde[j] * c_tilde[j]);
           dz_r[j] = dz_c_row[j] * p_row[j] * gamma_r[j] * (1.0f - gamma_r[j]);
           dp[j] = dz_c_row[j] * gamma_r[j];
@@ -257,7 +255,7 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
         dc_out[row * H + u.begin + j] = carry[row * u.count() + j] + recurrent[row * u.padded + j] +
                                         dA_0[row * H + u.begin + j];
   });
-  return {dr, dz_c, dc_0};
+  return {dr, dA.narrow(0, 1, T), dc_0};
 }
 
 }  // namespace
