@@ -35,10 +35,11 @@ def main(out_dir: Path, configs: list[str]) -> None:
     for config, port in zip(configs, os.environ["MASTER_PORTS"].split(","), strict=True):
         os.environ["MASTER_PORT"] = port
         result = train(load_config(config), progress_bar=False)
-        torch.save(result.model.state_dict(), out_dir / f"{Path(config).stem}-rank{os.environ['RANK']}.pt")
-        write_threads(out_dir / f"{Path(config).stem}-rank{os.environ['RANK']}.threads")
+        name = f"{Path(config).stem}-rank{os.environ['RANK']}"
+        torch.save(result.model.state_dict(), out_dir / f"{name}.pt")
+        write_threads(out_dir / f"{name}.threads")
         gc.collect()  # as a script's later allocations would, at a moment of their own
-        write_threads(out_dir / f"{Path(config).stem}-rank{os.environ['RANK']}.threads-collected")
+        write_threads(out_dir / f"{name}.threads-collected")
 
 
 def write_threads(path: Path) -> None:

@@ -35,8 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gru_after_forward", &gru_after_forward, "PyTorch's GRU forward through time (in place)",
              py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("W"), py::arg("b_cc"));
   module.def("gru_after_backward", &gru_after_backward,
-             "PyTorch's GRU backward through time: returns (dr, dz_c, dc(0)); dz_c takes dA's place", py::arg("gates"), py::arg("c"),
-             py::arg("p"), py::arg("dA"), py::arg("W"));
+             "PyTorch's GRU backward through time: returns (dr, dz_c, dc(0)); dz_c takes dA's place",
+             py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("dA"), py::arg("W"));
   module.def("rnn_forward", &rnn_forward, "The tanh RNN forward through time (in place)", py::arg("z"),
              py::arg("a"), py::arg("W"));
   module.def("rnn_backward", &rnn_backward, "The tanh RNN backward through time: returns (dz, da(0))",
