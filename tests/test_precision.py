@@ -107,7 +107,7 @@ def emulated_lstm(x, a0, c0, W_recurrent, W_input, b, dA, dc_T):
     return a, c, gates, dz, da, dc
 
 
-@pytest.mark.parametrize("B, T, E, H", [(3, 5, 4, 16), (5, 9, 7, 40), (8, 6, 16, 130)])
+@pytest.mark.parametrize("B, T, E, H", [(3, 5, 4, 16), (5, 9, 7, 40), (8, 6, 16, 130), (25, 6, 8, 48)])
 def test_compiled_lstm_loops_in_bfloat16_are_the_rounded_products(compiled, B, T, E, H):
     if not compiled.bf16_products_supported():
         pytest.skip("this CPU has no AVX-512 BF16")

@@ -28,20 +28,24 @@ void gru_forward(at::Tensor gates, at::Tensor c, at::Tensor W) {
   float* const gates_0 = gates.data_ptr<float>();
   float* const c_0 = c.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    // The gates' product reads c(t-1). Without Γ_r it holds W_c c(t-1) too (its second block); with Γ_r the
-    // candidate has a product of its own, of Γ_r * c(t-1).
-    const PackedWeights P_gates = forward_columns(false, w, H, 0, 2, u);
-    const PackedWeights P_candidate = forward_columns(false, w, H, G - 1, relevance ? 1 : 0, u);
-    floats recurrent(B * 2 * u.padded), candidate(B * u.padded);
+  // The gates' product reads c(t-1). Without Γ_r it holds W_c c(t-1) too (its second block); with Γ_r the
+  // candidate has a product of its own, of Γ_r * c(t-1).
+  const auto pack = [&](const Units u) {
+    return std::make_pair(forward_columns(false, w, H, 0, 2, u), forward_columns(false, w, H, G - 1, relevance ? 1 : 0, u));
+  };
+  on_shares(B, H, pack, [&](const Share& share, const std::pair<PackedWeights, PackedWeights>& packed) {
+    const auto& [P_gates, P_candidate] = packed;
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    floats recurrent(rows.count() * 2 * u.padded), candidate(rows.count() * u.padded);
     for (int64_t t = 1; t <= T; ++t) {
       const float* const c_prev = c_0 + (t - 1) * step;
       float* const g = gates_0 + (t - 1) * G * step;
-      P_gates.product(c_prev, H, B, recurrent.data());                    // [W_u, W_r or W_c] c(t-1)
-      for (int64_t row = 0; row < B; ++row) {
+      P_gates.product(c_prev + rows.begin * H, H, rows.count(), recurrent.data());  // [W_u, W_r or W_c] c(t-1)
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
         float* __restrict gamma_u = g + row * G * H + u.begin;
         float* __restrict gamma_r = gamma_u + H;
-        const float* __restrict r_u = recurrent.data() + row * 2 * u.padded;
+        const float* __restrict r_u = recurrent.data() + (row - rows.begin) * 2 * u.padded;
 #pragma GCC ivdep
         for (int64_t j = 0; j < u.count(); ++j) gamma_u[j] = sigmoid(gamma_u[j] + r_u[j]);
         if (!relevance) continue;
@@ -57,14 +61,14 @@ void gru_forward(at::Tensor gates, at::Tensor c, at::Tensor W) {
       const float* r_c = recurrent.data() + u.padded;                      // without Γ_r: W_c c(t-1)
       int64_t r_c_width = 2 * u.padded;
       if (relevance) {
-#pragma omp barrier
-        P_candidate.product(c_in.data(), H, B, candidate.data());         // W_c (Γ_r * c(t-1))
+        share.sync();
+        P_candidate.product(c_in.data() + rows.begin * H, H, rows.count(), candidate.data());  // W_c (Γ_r * c(t-1))
         r_c = candidate.data(), r_c_width = u.padded;
       }
-      for (int64_t row = 0; row < B; ++row) {
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
         const float* __restrict gamma_u = g + row * G * H + u.begin;
         float* __restrict c_tilde = g + row * G * H + (G - 1) * H + u.begin;
-        const float* __restrict r = r_c + row * r_c_width;
+        const float* __restrict r = r_c + (row - rows.begin) * r_c_width;
         const float* __restrict c_prev_row = c_prev + row * H + u.begin;
         float* __restrict c_row = c_0 + t * step + row * H + u.begin;
 #pragma GCC ivdep
@@ -73,7 +77,7 @@ void gru_forward(at::Tensor gates, at::Tensor c, at::Tensor W) {
           c_row[j] = c_prev_row[j] + gamma_u[j] * (c_tilde[j] - c_prev_row[j]);
         }
       }
-#pragma omp barrier
+      share.sync();
     }
   });
 }
@@ -99,23 +103,27 @@ std::vector<at::Tensor> gru_backward(at::Tensor gates, at::Tensor c, at::Tensor 
   const float* const w = W.data_ptr<float>();
   float* const dz_0 = dz.data_ptr<float>();
   float* const dc_out = dc_0.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    // The gates' (the first two blocks') gradient reaches c(t-1); the candidate's reaches Γ_r * c(t-1).
-    const PackedWeights P_gates = backward_columns(false, w, H, 0, 2, u);
-    const PackedWeights P_candidate = backward_columns(false, w, H, 2, relevance ? 1 : 0, u);
-    floats recurrent(B * u.padded, 0.0f), dc_in(B * u.padded);             // nothing after step T
-    floats carry(B * u.count(), 0.0f);
+  // The gates' (the first two blocks') gradient reaches c(t-1); the candidate's reaches Γ_r * c(t-1).
+  const auto pack = [&](const Units u) {
+    return std::make_pair(backward_columns(false, w, H, 0, 2, u), backward_columns(false, w, H, 2, relevance ? 1 : 0, u));
+  };
+  on_shares(B, H, pack, [&](const Share& share, const std::pair<PackedWeights, PackedWeights>& packed) {
+    const auto& [P_gates, P_candidate] = packed;
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    floats recurrent(rows.count() * u.padded, 0.0f), dc_in(rows.count() * u.padded);  // nothing after step T
+    floats carry(rows.count() * u.count(), 0.0f);
     for (int64_t t = T; t >= 1; --t) {
       const float* const gates_t = gates_0 + (t - 1) * G * step + u.begin;  // row r at gates_t + r G H
       float* const dz_t = dz_0 + (t - 1) * G * step;
       const float* const c_prev = c_0 + (t - 1) * step;
-      for (int64_t row = 0; row < B; ++row) {
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
         const float* __restrict gamma_u = gates_t + row * G * H;
         const float* __restrict c_tilde = gamma_u + (G - 1) * H;
         const float* __restrict c_prev_row = c_prev + row * H + u.begin;
         const float* __restrict outside = dA_0 + t * step + row * H + u.begin;
-        const float* __restrict r = recurrent.data() + row * u.padded;
-        float* __restrict carry_row = carry.data() + row * u.count();
+        const float* __restrict r = recurrent.data() + (row - rows.begin) * u.padded;
+        float* __restrict carry_row = carry.data() + (row - rows.begin) * u.count();
         float* __restrict dz_u = dz_t + row * G * H + u.begin;
         float* __restrict dz_c = dz_u + (G - 1) * H;
 #pragma GCC ivdep
@@ -127,13 +135,13 @@ std::vector<at::Tensor> gru_backward(at::Tensor gates, at::Tensor c, at::Tensor 
         }
       }
       if (relevance) {
-#pragma omp barrier
-        P_candidate.product(dz_t + 2 * H, G * H, B, dc_in.data());         // W_cᵀ dz_c
-        for (int64_t row = 0; row < B; ++row) {
+        share.sync();
+        P_candidate.product(dz_t + rows.begin * G * H + 2 * H, G * H, rows.count(), dc_in.data());  // W_cᵀ dz_c
+        for (int64_t row = rows.begin; row < rows.end; ++row) {
           const float* __restrict gamma_r = gates_t + row * G * H + H;
           const float* __restrict c_prev_row = c_prev + row * H + u.begin;
-          const float* __restrict in = dc_in.data() + row * u.padded;
-          float* __restrict carry_row = carry.data() + row * u.count();
+          const float* __restrict in = dc_in.data() + (row - rows.begin) * u.padded;
+          float* __restrict carry_row = carry.data() + (row - rows.begin) * u.count();
           float* __restrict dz_r = dz_t + row * G * H + H + u.begin;
 #pragma GCC ivdep
           for (int64_t j = 0; j < u.count(); ++j) {
@@ -142,13 +150,13 @@ std::vector<at::Tensor> gru_backward(at::Tensor gates, at::Tensor c, at::Tensor 
           }
         }
       }
-#pragma omp barrier
-      P_gates.product(dz_t, G * H, B, recurrent.data());               // [W_u, W_r or W_c]ᵀ [dz_u, dz_r or dz_c]
+      share.sync();
+      P_gates.product(dz_t + rows.begin * G * H, G * H, rows.count(), recurrent.data());  // [W_u, W_r or W_c]ᵀ [dz_u, dz_r or dz_c]
     }
-    for (int64_t row = 0; row < B; ++row)
+    for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
-        dc_out[row * H + u.begin + j] = carry[row * u.count() + j] + recurrent[row * u.padded + j] +
-                                        dA_0[row * H + u.begin + j];
+        dc_out[row * H + u.begin + j] = carry[(row - rows.begin) * u.count() + j] +
+                                        recurrent[(row - rows.begin) * u.padded + j] + dA_0[row * H + u.begin + j];
   });
   return {dz, dc_0};
 }
@@ -168,17 +176,19 @@ void gru_after_forward(at::Tensor gates, at::Tensor c, at::Tensor p, at::Tensor 
   float* const p_0 = p.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
   const float* const b = b_cc.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    const PackedWeights P = forward_columns(false, w, H, 0, 3, u);
-    floats recurrent(B * 3 * u.padded);
+  on_shares(B, H, [&](const Units u) { return forward_columns(false, w, H, 0, 3, u); },
+            [&](const Share& share, const PackedWeights& P) {
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    floats recurrent(rows.count() * 3 * u.padded);
     for (int64_t t = 1; t <= T; ++t) {
       const float* const c_prev = c_0 + (t - 1) * step;
-      P.product(c_prev, H, B, recurrent.data());
-      for (int64_t row = 0; row < B; ++row) {
+      P.product(c_prev + rows.begin * H, H, rows.count(), recurrent.data());
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
         float* __restrict gamma_u = gates_0 + (t - 1) * 3 * step + row * 3 * H + u.begin;
         float* __restrict gamma_r = gamma_u + H;
         float* __restrict c_tilde = gamma_u + 2 * H;
-        const float* __restrict r_u = recurrent.data() + row * 3 * u.padded;
+        const float* __restrict r_u = recurrent.data() + (row - rows.begin) * 3 * u.padded;
         const float* __restrict r_r = r_u + u.padded;
         const float* __restrict r_c = r_u + 2 * u.padded;
         const float* __restrict b_row = b + u.begin;
@@ -194,7 +204,7 @@ void gru_after_forward(at::Tensor gates, at::Tensor c, at::Tensor p, at::Tensor 
           c_row[j] = c_prev_row[j] + gamma_u[j] * (c_tilde[j] - c_prev_row[j]);
         }
       }
-#pragma omp barrier
+      share.sync();
     }
   });
 }
@@ -221,18 +231,20 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
   const float* const w = W.data_ptr<float>();
   float* const dr_0 = dr.data_ptr<float>();
   float* const dc_out = dc_0.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    const PackedWeights P = backward_columns(false, w, H, 0, 3, u);
-    floats recurrent(B * u.padded, 0.0f), carry(B * u.count(), 0.0f);      // nothing after step T
+  on_shares(B, H, [&](const Units u) { return backward_columns(false, w, H, 0, 3, u); },
+            [&](const Share& share, const PackedWeights& P) {
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    floats recurrent(rows.count() * u.padded, 0.0f), carry(rows.count() * u.count(), 0.0f);  // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
-      for (int64_t row = 0; row < B; ++row) {
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
         const float* __restrict gamma_u = gates_0 + (t - 1) * 3 * step + row * 3 * H + u.begin;
         const float* __restrict gamma_r = gamma_u + H;
         const float* __restrict c_tilde = gamma_u + 2 * H;
         const float* __restrict p_row = p_0 + (t - 1) * step + row * H + u.begin;
         const float* __restrict c_prev_row = c_0 + (t - 1) * step + row * H + u.begin;
-        const float* __restrict r = recurrent.data() + row * u.padded;
-        float* __restrict carry_row = carry.data() + row * u.count();
+        const float* __restrict r = recurrent.data() + (row - rows.begin) * u.padded;
+        float* __restrict carry_row = carry.data() + (row - rows.begin) * u.count();
         float* __restrict dz_u = dr_0 + (t - 1) * 3 * step + row * 3 * H + u.begin;
         float* __restrict dz_r = dz_u + H;
         float* __restrict dp = dz_u + 2 * H;
@@ -247,13 +259,13 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
           carry_row[j] = dc * (1.0f - gamma_u[j]);
         }
       }
-#pragma omp barrier
-      P.product(dr_0 + (t - 1) * 3 * step, 3 * H, B, recurrent.data());   // [W_u; W_r; W_cc]ᵀ [dz_u, dz_r, dp]
+      share.sync();
+      P.product(dr_0 + (t - 1) * 3 * step + rows.begin * 3 * H, 3 * H, rows.count(), recurrent.data());  // [W_u; W_r; W_cc]ᵀ [dz_u, dz_r, dp]
     }
-    for (int64_t row = 0; row < B; ++row)
+    for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
-        dc_out[row * H + u.begin + j] = carry[row * u.count() + j] + recurrent[row * u.padded + j] +
-                                        dA_0[row * H + u.begin + j];
+        dc_out[row * H + u.begin + j] = carry[(row - rows.begin) * u.count() + j] +
+                                        recurrent[(row - rows.begin) * u.padded + j] + dA_0[row * H + u.begin + j];
   });
   return {dr, dA.narrow(0, 1, T), dc_0};
 }

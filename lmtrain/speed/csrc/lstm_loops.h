@@ -7,17 +7,17 @@
 
 namespace {
 
-// One step of the forward for the units [u.begin, u.end) of all B rows. z = W_aa a(t-1) + (W_ax x(t) + b):
-// `recurrent` (B, 4 u.padded) is the first term for these units, gate by gate; `gates` (B, 4H) holds the
+// One step of the forward for the units [u.begin, u.end) of the batch rows `rows`. z = W_aa a(t-1) + (W_ax x(t) + b):
+// `recurrent` (rows, 4 u.padded) is the first term for them, gate by gate; `gates` (B, 4H) holds the
 // second on entry and the activations on return:
 //   Γ_f = σ(z_f), Γ_u = σ(z_u), c̃ = tanh(z_c), Γ_o = σ(z_o)
 //   c(t) = Γ_f * c(t-1) + Γ_u * c̃
 //   a(t) = Γ_o * tanh(c(t))
 // Raw pointers and no calls that can throw, so that the compiler vectorises the inner loop.
 void forward_step(const float* recurrent, float* gates, const float* c_prev, float* c, float* tanh_c, float* a,
-                  int64_t B, int64_t H, Units u) noexcept {
-  for (int64_t row = 0; row < B; ++row) {
-    const float* __restrict r_f = recurrent + row * 4 * u.padded;
+                  Rows rows, int64_t H, Units u) noexcept {
+  for (int64_t row = rows.begin; row < rows.end; ++row) {
+    const float* __restrict r_f = recurrent + (row - rows.begin) * 4 * u.padded;
     const float* __restrict r_u = r_f + u.padded;
     const float* __restrict r_c = r_f + 2 * u.padded;
     const float* __restrict r_o = r_f + 3 * u.padded;
@@ -42,8 +42,8 @@ void forward_step(const float* recurrent, float* gates, const float* c_prev, flo
   }
 }
 
-// One step of the backward for the units [u.begin, u.end) of all B rows, from the forward's activations
-// of step t. What reaches a(t) is da(t) = `recurrent` (B, u.padded) (W_aᵀ dz(t+1), through a(t)'s use at
+// One step of the backward for the units [u.begin, u.end) of the batch rows `rows`, from the forward's activations
+// of step t. What reaches a(t) is da(t) = `recurrent` (rows, u.padded) (W_aᵀ dz(t+1), through a(t)'s use at
 // step t+1) + `outside` (from the outputs); `dc` holds what reaches c(t) through c(t+1):
 //   dc(t) = dc + da(t) Γ_o (1 - tanh²(c(t)))
 //   dz_f = dc(t) c(t-1) Γ_f (1 - Γ_f)        dz_u = dc(t) c̃ Γ_u (1 - Γ_u)
@@ -51,15 +51,15 @@ void forward_step(const float* recurrent, float* gates, const float* c_prev, flo
 //   dc(t-1) = dc(t) Γ_f
 // writing dz (B, 4H) for these units, and dc(t-1) over dc.
 void backward_step(const float* gates, const float* c_prev, const float* tanh_c, const float* recurrent,
-                   const float* outside, float* dc, float* dz, int64_t B, int64_t H, Units u) noexcept {
-  for (int64_t row = 0; row < B; ++row) {
+                   const float* outside, float* dc, float* dz, Rows rows, int64_t H, Units u) noexcept {
+  for (int64_t row = rows.begin; row < rows.end; ++row) {
     const float* __restrict gamma_f = gates + row * 4 * H + u.begin;
     const float* __restrict gamma_u = gamma_f + H;
     const float* __restrict c_tilde = gamma_f + 2 * H;
     const float* __restrict gamma_o = gamma_f + 3 * H;
     const float* __restrict c_prev_row = c_prev + row * H + u.begin;
     const float* __restrict tanh_c_row = tanh_c + row * H + u.begin;
-    const float* __restrict recurrent_row = recurrent + row * u.padded;
+    const float* __restrict recurrent_row = recurrent + (row - rows.begin) * u.padded;
     const float* __restrict outside_row = outside + row * H + u.begin;
     float* __restrict dc_row = dc + row * H + u.begin;
     float* __restrict dz_f = dz + row * 4 * H + u.begin;
@@ -106,19 +106,23 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
   float* const c_0 = c.data_ptr<float>();
   float* const tanh_c_0 = tanh_c.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    const PackedWeights P = forward_columns(a_low_0 != nullptr, w, H, 0, 4, u);
-    floats recurrent(B * 4 * u.padded);
+  on_shares(B, H, [&](const Units u) { return forward_columns(a_low_0 != nullptr, w, H, 0, 4, u); },
+            [&](const Share& share, const PackedWeights& P) {
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    const int64_t first = rows.begin * H;                                 // the share's first row in a(t)
+    floats recurrent(rows.count() * 4 * u.padded);
     if (a_low_0 != nullptr) {
-      round_units(a_0, B, H, u.begin, u.count(), a_low_0);
-#pragma omp barrier
+      round_units(a_0 + first, rows.count(), H, u.begin, u.count(), a_low_0 + first);
+      share.sync();
     }
     for (int64_t t = 1; t <= T; ++t) {
-      P.product(a_0 + (t - 1) * step, offset(a_low_0, (t - 1) * step), B, recurrent.data());
+      P.product(a_0 + (t - 1) * step + first, offset(a_low_0, (t - 1) * step + first), rows.count(), recurrent.data());
       forward_step(recurrent.data(), gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, c_0 + t * step,
-                   tanh_c_0 + (t - 1) * step, a_0 + t * step, B, H, u);
-      if (a_low_0 != nullptr) round_units(a_0 + t * step, B, H, u.begin, u.count(), a_low_0 + t * step);
-#pragma omp barrier
+                   tanh_c_0 + (t - 1) * step, a_0 + t * step, rows, H, u);
+      if (a_low_0 != nullptr)
+        round_units(a_0 + t * step + first, rows.count(), H, u.begin, u.count(), a_low_0 + t * step + first);
+      share.sync();
     }
   });
 }
@@ -146,22 +150,26 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
   float* const dz_0 = dz.data_ptr<float>();
   float* const dc_0 = dc.data_ptr<float>();
   float* const da_out = da_0.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    const PackedWeights P = backward_columns(dz_low_0 != nullptr, w, H, 0, 4, u);
-    floats recurrent(B * u.padded, 0.0f);                                  // nothing after step T
+  on_shares(B, H, [&](const Units u) { return backward_columns(dz_low_0 != nullptr, w, H, 0, 4, u); },
+            [&](const Share& share, const PackedWeights& P) {
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    const int64_t first = rows.begin * 4 * H;                             // the share's first row in dz(t)
+    floats recurrent(rows.count() * u.padded, 0.0f);                       // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
       float* const dz_t = dz_0 + (t - 1) * 4 * step;
       backward_step(gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, tanh_c_0 + (t - 1) * step,
-                    recurrent.data(), dA_0 + t * step, dc_0, dz_t, B, H, u);
+                    recurrent.data(), dA_0 + t * step, dc_0, dz_t, rows, H, u);
       if (dz_low_0 != nullptr)
         for (int64_t gate = 0; gate < 4; ++gate)
-          round_units(dz_t, B, 4 * H, gate * H + u.begin, u.count(), offset(dz_low_0, (t - 1) * 4 * step));
-#pragma omp barrier
-      P.product(dz_t, offset(dz_low_0, (t - 1) * 4 * step), B, recurrent.data());
+          round_units(dz_t + first, rows.count(), 4 * H, gate * H + u.begin, u.count(),
+                      offset(dz_low_0, (t - 1) * 4 * step + first));
+      share.sync();
+      P.product(dz_t + first, offset(dz_low_0, (t - 1) * 4 * step + first), rows.count(), recurrent.data());
     }
-    for (int64_t row = 0; row < B; ++row)
+    for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
-        da_out[row * H + u.begin + j] = recurrent[row * u.padded + j] + dA_0[row * H + u.begin + j];
+        da_out[row * H + u.begin + j] = recurrent[(row - rows.begin) * u.padded + j] + dA_0[row * H + u.begin + j];
   });
   return {dz, da_0, dc};
 }

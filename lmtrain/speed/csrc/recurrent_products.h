@@ -11,10 +11,12 @@ namespace {
 //
 // Each step's recurrent product, (B, H) by (H, 4H) with B = 20 and H = 200 in PTB's setting (6.4 MFLOP),
 // is too small for a library call to pay off, even with W packed once per sequence (docs/benchmarks.md,
-// scripts/profile_train_step.py, measures the calls). So the time loops run inside one parallel region, each thread owning a
-// slice of the hidden units for all T steps: it packs its slice of W once, into its own cache, makes its
-// columns of every step's product and the gate arithmetic of its units together, and meets the other
-// threads at one barrier per step (the next product needs all of a(t), or all of dz(t)).
+// scripts/profile_train_step.py, measures the calls). So the time loops run inside one parallel region, W packed
+// once, each thread making its share of every step's product and the gate arithmetic of that share together
+// for all T steps. A share is some of the batch's rows (`on_shares` says when): each row's recurrence is
+// its own, so a thread never reads what another wrote and the steps need no barrier. With too few rows for
+// that, a share is a slice of the hidden units of every row: the thread packs its slice of W into its own
+// cache and meets the other threads at a barrier each step (the next product needs all of a(t), or dz(t)).
 
 // A packed block is 16 columns wide; the tile holds it in vectors of the CPU's own width (VECTOR_LANES
 // floats: 16 with AVX-512, 8 with AVX2, 4 elsewhere). A 64-byte vector type on a CPU without 64-byte registers
@@ -278,11 +280,50 @@ PackedWeights backward_columns(bool low, const float* W, int64_t H, int64_t firs
   });
 }
 
-// Runs body(units) on the threads of one parallel region, each with its own slice of the H hidden units.
-template <typename Body>
-void on_unit_slices(int64_t H, Body body) {
+// The batch rows [begin, end) of one thread.
+struct Rows {
+  int64_t begin, end;
+  int64_t count() const { return end - begin; }
+};
+
+// One thread's share of a time loop: the hidden units `units` of the batch rows `rows`.
+struct Share {
+  Units units;
+  Rows rows;
+  bool units_split;  // the threads split the units: each step's product reads what the others wrote
+
+  // Waits, where the threads split the units, until every thread has written its part of this step.
+  void sync() const {
+    if (units_split) {
+#pragma omp barrier
+    }
+  }
+};
+
+// Runs body(share, packed) on the threads of one parallel region; pack(units) packs the weights of those
+// units' columns. Where each thread gets a whole register tile of rows (TILE_ROWS), the threads split the
+// batch's rows, and W is packed once for all of them: no barrier between steps and no data passed between
+// cores, which a step's barrier made up to 1.4x slower on a shared host while the other core's
+// neighbours were busy (docs/benchmarks.md, "Rows or units"). Otherwise they split the units, each thread
+// packing its own slice.
+template <typename Pack, typename Body>
+void on_shares(int64_t B, int64_t H, Pack pack, Body body) {
+  const int threads = at::get_num_threads();
+  if (B >= threads * TILE_ROWS) {
+    const Units all = units_of(0, 1, H);
+    const auto packed = pack(all);
+#pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num(), region = omp_get_num_threads();
+      body(Share{all, {B * thread / region, B * (thread + 1) / region}, false}, packed);
+    }
+  } else {
 #pragma omp parallel num_threads(threads_for(H))
-  body(units_of(omp_get_thread_num(), omp_get_num_threads(), H));
+    {
+      const Units units = units_of(omp_get_thread_num(), omp_get_num_threads(), H);
+      body(Share{units, {0, B}, true}, pack(units));
+    }
+  }
 }
 
 // Every buffer a time loop reads or writes is a contiguous float32 CPU tensor (lmtrain/backprop/ makes them so).

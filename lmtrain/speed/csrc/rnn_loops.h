@@ -1,5 +1,5 @@
 // The tanh RNN's two time loops: the equations of the Python loops in lmtrain/backprop/rnn.py, one step at a
-// time, each thread making its units' columns of the step's recurrent product and their tanh together.
+// time, each thread making its share of the step's recurrent product and its tanh together.
 #pragma once
 
 #include "recurrent_products.h"
@@ -15,19 +15,21 @@ void rnn_forward(at::Tensor z, at::Tensor a, at::Tensor W) {
   const float* const z_0 = z.data_ptr<float>();
   float* const a_0 = a.data_ptr<float>();
   const float* const w = W.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    const PackedWeights P = forward_columns(false, w, H, 0, 1, u);
-    floats recurrent(B * u.padded);
+  on_shares(B, H, [&](const Units u) { return forward_columns(false, w, H, 0, 1, u); },
+            [&](const Share& share, const PackedWeights& P) {
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    floats recurrent(rows.count() * u.padded);
     for (int64_t t = 1; t <= T; ++t) {
-      P.product(a_0 + (t - 1) * step, H, B, recurrent.data());
-      for (int64_t row = 0; row < B; ++row) {
-        const float* __restrict r = recurrent.data() + row * u.padded;
+      P.product(a_0 + (t - 1) * step + rows.begin * H, H, rows.count(), recurrent.data());
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
+        const float* __restrict r = recurrent.data() + (row - rows.begin) * u.padded;
         const float* __restrict z_row = z_0 + (t - 1) * step + row * H + u.begin;
         float* __restrict a_row = a_0 + t * step + row * H + u.begin;
 #pragma GCC ivdep
         for (int64_t j = 0; j < u.count(); ++j) a_row[j] = tanh_approx(z_row[j] + r[j]);
       }
-#pragma omp barrier
+      share.sync();
     }
   });
 }
@@ -47,24 +49,26 @@ std::vector<at::Tensor> rnn_backward(at::Tensor a, at::Tensor dA, at::Tensor W) 
   const float* const w = W.data_ptr<float>();
   float* const dz_0 = dA.data_ptr<float>() + step;                         // dz(t) at dA[t]
   float* const da_out = da_0.data_ptr<float>();
-  on_unit_slices(H, [&](const Units u) {
-    const PackedWeights P = backward_columns(false, w, H, 0, 1, u);
-    floats recurrent(B * u.padded, 0.0f);                                  // nothing after step T
+  on_shares(B, H, [&](const Units u) { return backward_columns(false, w, H, 0, 1, u); },
+            [&](const Share& share, const PackedWeights& P) {
+    const Units u = share.units;
+    const Rows rows = share.rows;
+    floats recurrent(rows.count() * u.padded, 0.0f);                       // nothing after step T
     for (int64_t t = T; t >= 1; --t) {
-      for (int64_t row = 0; row < B; ++row) {
-        const float* __restrict r = recurrent.data() + row * u.padded;
+      for (int64_t row = rows.begin; row < rows.end; ++row) {
+        const float* __restrict r = recurrent.data() + (row - rows.begin) * u.padded;
         const float* outside = dA_0 + t * step + row * H + u.begin;        // the same floats as dz_row
         const float* __restrict a_row = a_0 + t * step + row * H + u.begin;
         float* dz_row = dz_0 + (t - 1) * step + row * H + u.begin;
 #pragma GCC ivdep
         for (int64_t j = 0; j < u.count(); ++j) dz_row[j] = (r[j] + outside[j]) * (1.0f - a_row[j] * a_row[j]);
       }
-#pragma omp barrier
-      P.product(dz_0 + (t - 1) * step, H, B, recurrent.data());
+      share.sync();
+      P.product(dz_0 + (t - 1) * step + rows.begin * H, H, rows.count(), recurrent.data());
     }
-    for (int64_t row = 0; row < B; ++row)
+    for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
-        da_out[row * H + u.begin + j] = recurrent[row * u.padded + j] + dA_0[row * H + u.begin + j];
+        da_out[row * H + u.begin + j] = recurrent[(row - rows.begin) * u.padded + j] + dA_0[row * H + u.begin + j];
   });
   return {dz, da_0};
 }

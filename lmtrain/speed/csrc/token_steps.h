@@ -68,7 +68,7 @@ std::vector<at::Tensor> lstm_token_step(at::Tensor packed, at::Tensor b, at::Ten
     floats z(B * 4 * COLUMNS);
     W.product(j, 0, 4, in, W.K, B, z.data());
     forward_step(z.data(), gates.data_ptr<float>(), c_prev.data_ptr<float>(), c.data_ptr<float>(),
-                 tanh_c.data_ptr<float>(), a.data_ptr<float>(), B, H, W.units(j));
+                 tanh_c.data_ptr<float>(), a.data_ptr<float>(), Rows{0, B}, H, W.units(j));
   });
   return {a, c};
 }
