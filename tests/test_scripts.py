@@ -35,7 +35,8 @@ def test_layer_sizes_refuses_what_is_not_a_list_of_sizes(text):
 
 
 @pytest.mark.parametrize("script", ["bench_cells.py", "profile_layer.py", "compare_gemms.py", "compare_tiles.py",
-                                    "compare_input_gradient.py", "speed_targets.py", "bench_placement.py"])
+                                    "compare_input_gradient.py", "speed_targets.py", "bench_placement.py",
+                                    "loops_over_time.py"])
 def test_every_layer_benchmark_refuses_malformed_sizes_in_one_line(script):
     result = subprocess.run([sys.executable, str(SCRIPTS / script), "--sizes", "[[1, 2]]"],
                             capture_output=True, text=True, timeout=120)

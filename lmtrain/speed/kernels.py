@@ -5,9 +5,11 @@ forms, RNN) and the output layer's softmax cross-entropy.
   seven separate elementwise tensor operations forward and five backward (after six passes over every
   step's buffers), each a call of its own, and run Python between them: at batch 32 and H = 256 those
   calls cost more than their arithmetic (docs/benchmarks.md). The compiled loops run the same equations
-  in one parallel region for the whole sequence: each thread owns a slice of the hidden units, keeps its
-  slice of W_aa packed in its cache, and makes its columns of each step's recurrent product and the gate
-  arithmetic of its units together, with one barrier per step. The products over all T steps at once
+  in one parallel region for the whole sequence, W_aa packed once: each thread owns some of the batch's
+  rows (a register tile's worth or more) and makes their share of each step's recurrent product and gate
+  arithmetic together, with no barrier between steps, since each row's recurrence is its own; with fewer
+  rows, each thread owns a slice of the hidden units of every row, its slice of W_aa packed in its cache,
+  and the threads meet at a barrier each step. The products over all T steps at once
   (W_ax x, the weight gradients) stay with `lmtrain.speed.gemm`. The GRU's and RNN's loops
   (`lmtrain.backprop.gru`, `lmtrain.backprop.rnn`) are compiled the same way, float32 only.
 - The softmax cross-entropy (`lmtrain.speed.loss`) makes the loss and its gradient with respect to the logits

@@ -1,7 +1,8 @@
 """How many threads the products and the compiled loops use: `train.threads`, `auto` by default.
 
 Why it matters: every time step of a recurrence ends at a barrier where all threads wait for the
-slowest (the next product needs the whole a(t)), in lmtrain's compiled loops and in oneDNN alike. When
+slowest (the next product needs the whole a(t)), in oneDNN's products and in lmtrain's compiled loops
+when a batch has too few rows to give each thread its own (and every parallel region ends at one). When
 another process keeps a core busy, the operating system deschedules one of those threads now and then,
 and the others wait at the barrier, spinning, for the rest of its time slice: with one CPU-bound
 process beside it, a 2-thread run on 2 cores took several times longer than a 1-thread run

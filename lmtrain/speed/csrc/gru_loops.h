@@ -1,10 +1,10 @@
 // The GRU's time loops: the equations of the Python loops in lmtrain/backprop/gru.py, one step at a time,
-// each thread making its units' columns of the step's recurrent products and their gate arithmetic
-// together. Two forms, as there:
+// each thread making its share of the step's recurrent products and their gate arithmetic together. Two
+// forms, as there:
 // - the lecture's (`gru_forward`, `gru_backward`): Γ_r applied to c(t-1) before the product, with the
 //   relevance gate (gates [Γ_u, Γ_r, c̃], G = 3) or without it, the simplified GRU (gates [Γ_u, c̃], G = 2).
-//   With Γ_r the candidate's product reads Γ_r * c(t-1), which needs every unit's Γ_r first: two products
-//   and two barriers a step;
+//   With Γ_r the candidate's product reads Γ_r * c(t-1), which needs every unit's Γ_r of the row first:
+//   two products a step, and two barriers where the threads split the units;
 // - PyTorch's (`gru_after_forward`, `gru_after_backward`): Γ_r applied after the product, one product a step.
 #pragma once
 

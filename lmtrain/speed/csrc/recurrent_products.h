@@ -1,6 +1,6 @@
 // The recurrent product of every step, W_a a(t-1) (or W_aᵀ dz(t) backward), made by the thread that owns
-// each slice of the hidden units: float32, or bfloat16 factors summed in float32 (train.precision:
-// bfloat16, the LSTM's loops only).
+// each share of it (some of the batch's rows, or a slice of the hidden units): float32, or bfloat16
+// factors summed in float32 (train.precision: bfloat16, the LSTM's loops only).
 #pragma once
 
 #include "common.h"
@@ -302,10 +302,10 @@ struct Share {
 
 // Runs body(share, packed) on the threads of one parallel region; pack(units) packs the weights of those
 // units' columns. Where each thread gets a whole register tile of rows (TILE_ROWS), the threads split the
-// batch's rows, and W is packed once for all of them: no barrier between steps and no data passed between
-// cores, which a step's barrier made up to 1.4x slower on a shared host while the other core's
-// neighbours were busy (docs/benchmarks.md, "Rows or units"). Otherwise they split the units, each thread
-// packing its own slice.
+// batch's rows and W is packed once for all of them: no barrier between steps and no data passed between
+// cores (on a shared host the units split ran up to 1.45x slower for stretches of seconds, the rows split
+// within 1.1x of its best: docs/benchmarks.md, "Rows or units"). Otherwise they split the units, each
+// thread packing its own slice.
 template <typename Pack, typename Body>
 void on_shares(int64_t B, int64_t H, Pack pack, Body body) {
   const int threads = at::get_num_threads();
