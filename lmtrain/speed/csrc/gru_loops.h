@@ -31,7 +31,8 @@ void gru_forward(at::Tensor gates, at::Tensor c, at::Tensor W) {
   // The gates' product reads c(t-1). Without Γ_r it holds W_c c(t-1) too (its second block); with Γ_r the
   // candidate has a product of its own, of Γ_r * c(t-1).
   const auto pack = [&](const Units u) {
-    return std::make_pair(forward_columns(false, w, H, 0, 2, u), forward_columns(false, w, H, G - 1, relevance ? 1 : 0, u));
+    return std::make_pair(forward_columns(false, w, H, 0, 2, u),
+                          forward_columns(false, w, H, G - 1, relevance ? 1 : 0, u));
   };
   on_shares(B, H, pack, [&](const Share& share, const std::pair<PackedWeights, PackedWeights>& packed) {
     const auto& [P_gates, P_candidate] = packed;
@@ -105,7 +106,8 @@ std::vector<at::Tensor> gru_backward(at::Tensor gates, at::Tensor c, at::Tensor 
   float* const dc_out = dc_0.data_ptr<float>();
   // The gates' (the first two blocks') gradient reaches c(t-1); the candidate's reaches Γ_r * c(t-1).
   const auto pack = [&](const Units u) {
-    return std::make_pair(backward_columns(false, w, H, 0, 2, u), backward_columns(false, w, H, 2, relevance ? 1 : 0, u));
+    return std::make_pair(backward_columns(false, w, H, 0, 2, u),
+                          backward_columns(false, w, H, 2, relevance ? 1 : 0, u));
   };
   on_shares(B, H, pack, [&](const Share& share, const std::pair<PackedWeights, PackedWeights>& packed) {
     const auto& [P_gates, P_candidate] = packed;
@@ -151,7 +153,8 @@ std::vector<at::Tensor> gru_backward(at::Tensor gates, at::Tensor c, at::Tensor 
         }
       }
       share.sync();
-      P_gates.product(dz_t + rows.begin * G * H, G * H, rows.count(), recurrent.data());  // [W_u, W_r or W_c]ᵀ [dz_u, dz_r or dz_c]
+      // [W_u, W_r or W_c]ᵀ [dz_u, dz_r or dz_c]
+      P_gates.product(dz_t + rows.begin * G * H, G * H, rows.count(), recurrent.data());
     }
     for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
@@ -260,7 +263,8 @@ std::vector<at::Tensor> gru_after_backward(at::Tensor gates, at::Tensor c, at::T
         }
       }
       share.sync();
-      P.product(dr_0 + (t - 1) * 3 * step + rows.begin * 3 * H, 3 * H, rows.count(), recurrent.data());  // [W_u; W_r; W_cc]ᵀ [dz_u, dz_r, dp]
+      // [W_u; W_r; W_cc]ᵀ [dz_u, dz_r, dp]
+      P.product(dr_0 + (t - 1) * 3 * step + rows.begin * 3 * H, 3 * H, rows.count(), recurrent.data());
     }
     for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)
