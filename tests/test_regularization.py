@@ -288,12 +288,13 @@ def test_keep_freed_memory_stops_page_faults_between_steps():
     default, kept = run("default"), run("keep")
     if default < 10_000:
         pytest.skip(f"this allocator kept the memory anyway ({default} faults over 8 steps)")
-    # Kept memory may still grow the heap once after step 8 for a fresh 28 MB logits buffer (6,836 pages;
-    # seen in about half the runs), never at every step as without it (34k-143k faults measured).
+    # Kept memory may still grow the heap after step 8 for a fresh 28 MB logits buffer (6,836 pages): once
+    # in about half the runs, twice in one run while CPU-bound processes kept both cores busy (13,674), but
+    # never at every step as without it (34k-143k faults measured).
     import resource  # Unix only, like the test
 
     logits_pages = 20 * 35 * 10000 * 4 // resource.getpagesize()
-    assert kept < 1.25 * logits_pages
+    assert kept < min(2.5 * logits_pages, default / 2)
 
 
 def test_keep_freed_memory_leaves_the_users_settings(monkeypatch):
