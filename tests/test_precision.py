@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmtrain.backprop import gru
+from lmtrain.backprop.gru import (
+    _gru_after_backward_loop,
+    _gru_after_forward_loop,
+    _gru_backward_loop,
+    _gru_forward_loop,
+)
 from lmtrain.backprop.lstm import _lstm_backward_loop, _lstm_forward_loop
+from lmtrain.backprop.rnn import _rnn_backward_loop, _rnn_forward_loop
 from lmtrain.config import ConfigError, build_config
 from lmtrain.model.cells import GRUCell, LSTMCell, RNNCell
 from lmtrain.model.layers import manual_layer
@@ -92,42 +100,100 @@ def test_a_backward_makes_its_products_in_its_forwards_precision():
     assert torch.equal(x.grad, torch.mm(rows.to(BF16), W.detach().to(BF16)).float().view_as(x))
 
 
-def emulated_lstm(x, a0, c0, W_recurrent, W_input, b, dA, dc_T):
-    """The LSTM's loops in float64 with every recurrent product's factors rounded to bfloat16: what the
-    compiled loops compute with float32 sums. Returns (a, c, gates, dz, da(0), dc(0))."""
-    T = x.size(1)
-    a, c = torch.zeros(T + 1, *a0.shape, dtype=torch.float64), torch.zeros(T + 1, *c0.shape, dtype=torch.float64)
-    a[0], c[0] = a0, c0
-    gates = (x.double().transpose(0, 1) @ W_input.double().t() + b.double()).contiguous()
-    tanh_c = torch.empty_like(c[1:])
-    W_low = rounded(W_recurrent)
-    _lstm_forward_loop(gates, a, c, tanh_c, lambda a_prev, z: z + rounded(a_prev) @ W_low.t())
-    dz, da, dc = _lstm_backward_loop(gates, c, tanh_c, dA.double(), dc_T.double(),
-                                     lambda dz_t, add: add + rounded(dz_t) @ W_low)
-    return a, c, gates, dz, da, dc
+class RoundedProduct:
+    """A FixedProduct (`add + x Wᵀ`) in float64 with both factors rounded to bfloat16: what the compiled
+    loops' products compute with float32 sums."""
+
+    def __init__(self, W, rows=None, uses=None, route=None):
+        self.W_t = rounded(W).t()
+
+    def __call__(self, x, add=None):
+        product = rounded(x) @ self.W_t
+        return product if add is None else add + product
 
 
+def compiled_loops_in_bfloat16(compiled, cell, x, state, W_recurrent, W_input, b, dA, dc_T):
+    """One cell's compiled loops, forward then backward, with bfloat16 products. Returns the float32
+    results and, in the same order, the bfloat16 copies the loops made of their factors."""
+    T, (B, H) = x.size(1), state.shape
+    buffer = torch.empty(T + 1, B, H)
+    buffer[0] = state
+    inputs = (x.transpose(0, 1) @ W_input.t() + b).contiguous()           # W_x x(t) + b, time-major
+    low = torch.empty(T + 1, B, H, dtype=BF16)
+    gradients_low = torch.empty_like(inputs, dtype=BF16)
+    if cell == "lstm":
+        c, tanh_c = torch.empty(T + 1, B, H), torch.empty(T, B, H)
+        c[0] = state.flip(-1)
+        compiled.lstm_forward(inputs, buffer, c, tanh_c, W_recurrent, low)
+        dz, da, dc = compiled.lstm_backward(inputs, c, tanh_c, dA, dc_T, W_recurrent, gradients_low)
+        return [buffer, c, inputs, dz, da, dc], [low, gradients_low], [buffer, dz]
+    if cell == "rnn":
+        compiled.rnn_forward(inputs, buffer, W_recurrent, low)
+        dz, da = compiled.rnn_backward(buffer, dA.clone(), W_recurrent, gradients_low)
+        return [buffer, dz, da], [low, gradients_low], [buffer, dz]
+    if cell == "gru-after":
+        p = torch.empty(T, B, H)
+        compiled.gru_after_forward(inputs, buffer, p, W_recurrent, b[:H], low)
+        dr, dz_c, dc = compiled.gru_after_backward(inputs, buffer, p, dA.clone(), W_recurrent, gradients_low)
+        return [buffer, inputs, p, dr, dz_c, dc], [low, gradients_low], [buffer, dr]
+    compiled.gru_forward(inputs, buffer, W_recurrent, low)                 # the lecture's, with or without Γ_r
+    dz, dc = compiled.gru_backward(inputs, buffer, dA, W_recurrent, gradients_low)
+    return [buffer, inputs, dz, dc], [low, gradients_low], [buffer, dz]
+
+
+def emulated_loops(cell, x, state, W_recurrent, W_input, b, dA, dc_T, monkeypatch):
+    """The same loops in float64, the Python loops with every recurrent product's factors rounded to
+    bfloat16 (`RoundedProduct`): the results `compiled_loops_in_bfloat16` returns first."""
+    T, (B, H) = x.size(1), state.shape
+    buffer = torch.zeros(T + 1, B, H, dtype=torch.float64)
+    buffer[0] = state
+    inputs = (x.double().transpose(0, 1) @ W_input.double().t() + b.double()).contiguous()
+    dA = dA.double()
+    if cell == "lstm":
+        c, tanh_c = torch.zeros_like(buffer), torch.empty_like(buffer[1:])
+        c[0] = state.flip(-1)
+        _lstm_forward_loop(inputs, buffer, c, tanh_c, RoundedProduct(W_recurrent))
+        dz, da, dc = _lstm_backward_loop(inputs, c, tanh_c, dA, dc_T.double(), RoundedProduct(W_recurrent.t()))
+        return [buffer, c, inputs, dz, da, dc]
+    if cell == "rnn":
+        _rnn_forward_loop(inputs, buffer, RoundedProduct(W_recurrent))
+        return [buffer, *_rnn_backward_loop(buffer, dA, RoundedProduct(W_recurrent.t()))]
+    if cell == "gru-after":
+        p = torch.empty_like(buffer[1:])
+        _gru_after_forward_loop(inputs, buffer, p, RoundedProduct(W_recurrent), b[:H].double())
+        return [buffer, inputs, p, *_gru_after_backward_loop(inputs, buffer, p, dA, RoundedProduct(W_recurrent.t()))]
+    monkeypatch.setattr(gru, "FixedProduct", RoundedProduct)                # the lecture's loops make their own
+    relevance_gate = W_recurrent.size(0) == 3 * H
+    _gru_forward_loop(inputs, buffer, W_recurrent, relevance_gate, None)
+    return [buffer, inputs, *_gru_backward_loop(inputs, buffer, dA, W_recurrent, relevance_gate, None)]
+
+
+GATES = {"lstm": 4, "rnn": 1, "gru-after": 3, "gru": 3, "gru-simplified": 2}
+
+
+# B = 3 and 5: the threads split the units; B = 25: they split the rows (6 or more each).
+@pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("B, T, E, H", [(3, 5, 4, 16), (5, 9, 7, 40), (8, 6, 16, 130), (25, 6, 8, 48)])
-def test_compiled_lstm_loops_in_bfloat16_are_the_rounded_products(compiled, B, T, E, H):
+def test_compiled_loops_in_bfloat16_are_the_rounded_products(compiled, cell, B, T, E, H, monkeypatch):
     if not compiled.bf16_products_supported():
         pytest.skip("this CPU has no AVX-512 BF16")
-    x, a0, c0 = torch.randn(B, T, E), torch.randn(B, H), torch.randn(B, H)
-    W_recurrent, W_input, b = torch.randn(4 * H, H) / H ** 0.5, torch.randn(4 * H, E) / E ** 0.5, torch.randn(4 * H)
+    G = GATES[cell]
+    x, state = torch.randn(B, T, E), torch.randn(B, H)
+    W_recurrent, W_input, b = torch.randn(G * H, H) / H ** 0.5, torch.randn(G * H, E) / E ** 0.5, torch.randn(G * H)
     dA, dc_T = torch.randn(T + 1, B, H), torch.randn(B, H)
-    a, c = torch.empty(T + 1, B, H), torch.empty(T + 1, B, H)
-    a[0], c[0] = a0, c0
-    gates, tanh_c = (x.transpose(0, 1) @ W_input.t() + b).contiguous(), torch.empty(T, B, H)
-    a_low, dz_low = torch.empty(T + 1, B, H, dtype=BF16), torch.empty(T, B, 4 * H, dtype=BF16)
-    compiled.lstm_forward(gates, a, c, tanh_c, W_recurrent, a_low)
-    dz, da, dc = compiled.lstm_backward(gates, c, tanh_c, dA, dc_T, W_recurrent, dz_low)
-    want = emulated_lstm(x, a0, c0, W_recurrent, W_input, b, dA, dc_T)
+    got, copies, copied = compiled_loops_in_bfloat16(compiled, cell, x, state, W_recurrent, W_input, b, dA, dc_T)
+    want = emulated_loops(cell, x, state, W_recurrent, W_input, b, dA, dc_T, monkeypatch)
     # Not bit for bit: where float32's a(t) and float64's straddle a bfloat16 rounding boundary, the next
-    # factor differs by one bfloat16 step (2^-8 relative). Float32 products would miss by about 1e-2.
-    for got, expected in zip((a, c, gates, dz, da, dc), want, strict=True):
-        torch.testing.assert_close(got.double(), expected, rtol=0, atol=5e-4 * float(expected.abs().max()))
+    # factor differs by one bfloat16 step (2^-8 relative) and the difference travels on. So most values agree
+    # to float32's sums (over 40 draws a cell, at least 81% within 1e-5 of the largest, and all within 1e-3),
+    # where float32 products agree in at most 45% and miss by up to 9e-3.
+    for got_one, expected in zip(got, want, strict=True):
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got_one.double(), expected, rtol=0, atol=2e-3 * scale)
+        assert float(((got_one.double() - expected).abs() <= 1e-5 * scale).double().mean()) >= 0.75
     # the bfloat16 copies are torch's own rounding of the float32 values, bit for bit
-    assert torch.equal(a_low, a.to(BF16))
-    assert torch.equal(dz_low, dz.to(BF16))
+    for copy, values in zip(copies, copied, strict=True):
+        assert torch.equal(copy, values.to(BF16))
 
 
 def run_layer(cell, x, state, dtype, compiled=True):
@@ -218,6 +284,22 @@ def test_training_in_bfloat16_without_the_instructions_warns(tmp_path, compiled,
                            "train.precision": "bfloat16", "train.out_dir": str(tmp_path / "run")})
     train(config, warn=warnings.append)
     assert any("no AVX-512 BF16" in line for line in warnings), warnings
+
+
+def test_training_in_bfloat16_with_an_odd_hidden_size_warns(tmp_path, compiled):
+    """The compiled loops take bfloat16 values in pairs: an odd hidden size runs the Python loops, and says so."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\n" * 40)
+    warned = {}
+    for hidden_size in (16, 15):
+        warnings = []
+        config = build_config({"data.path": str(corpus), "model.hidden_size": hidden_size, "model.embed_size": 8,
+                               "train.batch_size": 4, "train.bptt": 8, "train.max_steps": 1, "train.final_samples": 0,
+                               "train.precision": "bfloat16", "train.out_dir": str(tmp_path / str(hidden_size))})
+        train(config, warn=warnings.append)
+        warned[hidden_size] = [line for line in warnings if "model.hidden_size is odd (15)" in line]
+    assert not warned[16]
+    assert len(warned[15]) == (1 if compiled.bf16_products_supported() else 0)
 
 
 def test_a_bfloat16_run_may_go_on_in_float32(tmp_path):

@@ -40,34 +40,40 @@ class GRUFunction(Function):
         T = x.size(1)
         c = state_buffer(c0, T)                                            # (T+1, B, H)
         gates = project_inputs(x, W_input, b, route)                       # (T, B, G*H)
+        c_low = None                                                       # bfloat16 copies of c(t)
         ctx.loops = route.time_loops(T, c0.size(1))
         if ctx.loops is not None:                                          # _gru_forward_loop, compiled
-            ctx.loops.gru_forward(gates, c, W_recurrent.detach().contiguous())
+            c_low = route.low_copy(c)
+            ctx.loops.gru_forward(gates, c, W_recurrent.detach().contiguous(), c_low)
         else:
             _gru_forward_loop(gates, c, W_recurrent, relevance_gate, route)
         ctx.relevance_gate = relevance_gate
-        ctx.save_for_backward(x, c, gates, W_recurrent, W_input)
+        ctx.save_for_backward(x, c, gates, W_recurrent, W_input, c_low)
         return layer_outputs(c)
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_final):
-        x, c, gates, W_recurrent, W_input = ctx.saved_tensors
+        x, c, gates, W_recurrent, W_input, c_low = ctx.saved_tensors
         H, relevance_gate, needs = c.size(-1), ctx.relevance_gate, ctx.needs_input_grad[1:]
         dA = incoming_gradients(grad_outputs, grad_final, c)
+        dz_low = None                                                      # the Python loops' products lower dz
         if ctx.loops is not None:                                          # _gru_backward_loop, compiled
-            dz, dc = ctx.loops.gru_backward(gates, c, dA, W_recurrent.detach().contiguous())
+            dz_low = ctx.route.low_copy(gates)
+            dz, dc = ctx.loops.gru_backward(gates, c, dA, W_recurrent.detach().contiguous(), dz_low)
         else:
             dz, dc = _gru_backward_loop(gates, c, dA, W_recurrent, relevance_gate, ctx.route)
         del dA  # freed before the products over all steps, where the backward's memory peaks
-        c_prev = c[:-1]
+        # With bfloat16 products the compiled loops made bfloat16 copies of c(t) and dz(t): the products read those.
+        dz_factor, c_factor = (dz, c) if dz_low is None else (dz_low, c_low)
+        c_prev = c_factor[:-1]
         dW_recurrent = None
         if needs[2]:  # the gates read c(t-1), the candidate reads Γ_r * c(t-1)
-            c_in = gates[..., H:2 * H] * c_prev if relevance_gate else c_prev
+            c_in = gates[..., H:2 * H] * c[:-1] if relevance_gate else c_prev
             # Each product straight into its rows: no pieces to concatenate, one W-sized buffer less.
             dW_recurrent = W_recurrent.new_empty(W_recurrent.shape)
-            summed_over_time(dz[..., :-H], c_prev, ctx.route, out=dW_recurrent[:-H])
-            summed_over_time(dz[..., -H:], c_in, ctx.route, out=dW_recurrent[-H:])
-        dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dz, x, W_input, ctx.route)
+            summed_over_time(dz_factor[..., :-H], c_prev, ctx.route, out=dW_recurrent[:-H])
+            summed_over_time(dz_factor[..., -H:], c_in, ctx.route, out=dW_recurrent[-H:])
+        dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dz, x, W_input, ctx.route, dz_factor)
         return dx, dc, dW_recurrent, dW_input, db, None
 
 
@@ -151,32 +157,42 @@ class GRUAfterFunction(Function):
         c = state_buffer(c0, T)                                            # (T+1, B, H)
         gates = project_inputs(x, W_input, b, route)                       # (T, B, 3H)
         p = torch.empty_like(c[1:])                                        # p(t) = W_cc c(t-1) + b_cc
+        c_low = None                                                       # bfloat16 copies of c(t)
         ctx.loops = route.time_loops(T, c0.size(1))
         if ctx.loops is not None:                                          # _gru_after_forward_loop, compiled
-            ctx.loops.gru_after_forward(gates, c, p, W_recurrent.detach().contiguous(), b_cc.detach().contiguous())
+            c_low = route.low_copy(c)
+            ctx.loops.gru_after_forward(gates, c, p, W_recurrent.detach().contiguous(), b_cc.detach().contiguous(),
+                                        c_low)
         else:
             _gru_after_forward_loop(gates, c, p, FixedProduct(W_recurrent, x.size(0), T, route), b_cc)
-        ctx.save_for_backward(x, c, gates, p, W_recurrent, W_input)
+        ctx.save_for_backward(x, c, gates, p, W_recurrent, W_input, c_low)
         return layer_outputs(c)
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_final):
-        x, c, gates, p, W_recurrent, W_input = ctx.saved_tensors
+        x, c, gates, p, W_recurrent, W_input, c_low = ctx.saved_tensors
         dA = incoming_gradients(grad_outputs, grad_final, c)
+        dr_low = None                                                      # the Python loops' products lower dr
         if ctx.loops is not None:                                          # _gru_after_backward_loop, compiled
-            dr, dz_c, dc = ctx.loops.gru_after_backward(gates, c, p, dA, W_recurrent.detach().contiguous())
+            dr_low = ctx.route.low_copy(gates)
+            dr, dz_c, dc = ctx.loops.gru_after_backward(gates, c, p, dA, W_recurrent.detach().contiguous(), dr_low)
         else:
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), c.size(1), gates.size(0), ctx.route)
             dr, dz_c, dc = _gru_after_backward_loop(gates, c, p, dA, recurrent_t)
         # Freed before the products over all steps, where the backward's memory peaks (compiled, dz_c
         # took its place: one buffer for both).
         del dA
-        H, c_prev, needs = c.size(-1), c[:-1], ctx.needs_input_grad[1:]
-        dW_recurrent = summed_over_time(dr, c_prev, ctx.route) if needs[2] else None  # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
+        # With bfloat16 products the compiled loops made bfloat16 copies of c(t) and dr(t): the products read those.
+        dr_factor, c_factor = (dr, c) if dr_low is None else (dr_low, c_low)
+        H, needs = c.size(-1), ctx.needs_input_grad[1:]
+        # Σ_t [dz_u, dz_r, dp] c(t-1)ᵀ
+        dW_recurrent = summed_over_time(dr_factor, c_factor[:-1], ctx.route) if needs[2] else None
         db_cc = dr[..., 2 * H:].sum((0, 1)) if needs[5] else None          # Σ_t Σ_batch dp
         dr[..., 2 * H:] = dz_c                                             # the input side's dZ: [dz_u, dz_r, dz_c]
+        if dr_low is not None:
+            dr_low[..., 2 * H:] = dz_c                                     # rounded as torch rounds
         del dz_c  # now in dr: freed too
-        dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dr, x, W_input, ctx.route)
+        dx, dW_input, db = input_gradients(needs[:1] + needs[3:5], dr, x, W_input, ctx.route, dr_low)
         return dx, dc, dW_recurrent, dW_input, db, db_cc
 
 

@@ -43,25 +43,33 @@ class RNNFunction(Function):
         T = x.size(1)
         a = state_buffer(a0, T)                                            # (T+1, B, H)
         z = project_inputs(x, W_ax, b, route)                              # z[t-1] = W_ax x(t) + b
+        a_low = None                                                       # bfloat16 copies of a(t)
         ctx.loops = route.time_loops(T, a0.size(1))
         if ctx.loops is not None:                                          # _rnn_forward_loop, compiled
-            ctx.loops.rnn_forward(z, a, W_aa.detach().contiguous())
+            a_low = route.low_copy(a)
+            ctx.loops.rnn_forward(z, a, W_aa.detach().contiguous(), a_low)
         else:
             _rnn_forward_loop(z, a, FixedProduct(W_aa, x.size(0), T, route))
-        ctx.save_for_backward(x, a, W_aa, W_ax)
+        ctx.save_for_backward(x, a, W_aa, W_ax, a_low)
         return layer_outputs(a)
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_final):
-        x, a, W_aa, W_ax = ctx.saved_tensors
+        x, a, W_aa, W_ax, a_low = ctx.saved_tensors
         T, needs = a.size(0) - 1, ctx.needs_input_grad[1:]
         dA = incoming_gradients(grad_outputs, grad_final, a)
+        dz_low = None                                                      # the Python loops' products lower dz
         if ctx.loops is not None:                                          # _rnn_backward_loop, compiled
-            dz, da = ctx.loops.rnn_backward(a, dA, W_aa.detach().contiguous())   # dz overwrites dA[1:]
+            dz_low = ctx.route.low_copy(a[1:])
+            dz, da = ctx.loops.rnn_backward(a, dA, W_aa.detach().contiguous(), dz_low)  # dz overwrites dA[1:]
         else:                                                              # dz W_aa: the product transposed
             dz, da = _rnn_backward_loop(a, dA, FixedProduct(W_aa.t().contiguous(), a.size(1), T, ctx.route))
-        dW_aa = summed_over_time(dz, a[:-1], ctx.route) if needs[2] else None  # ∂a(t)/∂W_aa = (1 - a(t)²) a(t-1)ᵀ
-        dx, dW_ax, db = input_gradients(needs[:1] + needs[3:], dz, x, W_ax, ctx.route)  # ∂a(t)/∂x(t), /∂W_ax, /∂b
+        # With bfloat16 products the compiled loops made bfloat16 copies of a(t) and dz(t): the products read those.
+        dz_factor, a_factor = (dz, a) if dz_low is None else (dz_low, a_low)
+        # ∂a(t)/∂W_aa = (1 - a(t)²) a(t-1)ᵀ
+        dW_aa = summed_over_time(dz_factor, a_factor[:-1], ctx.route) if needs[2] else None
+        # ∂a(t)/∂x(t), ∂a(t)/∂W_ax, ∂a(t)/∂b
+        dx, dW_ax, db = input_gradients(needs[:1] + needs[3:], dz, x, W_ax, ctx.route, dz_factor)
         return dx, da, dW_aa, dW_ax, db
 
 

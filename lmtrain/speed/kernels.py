@@ -11,15 +11,16 @@ forms, RNN) and the output layer's softmax cross-entropy.
   rows, each thread owns a slice of the hidden units of every row, its slice of W_aa packed in its cache,
   and the threads meet at a barrier each step. The products over all T steps at once
   (W_ax x, the weight gradients) stay with `lmtrain.speed.gemm`. The GRU's and RNN's loops
-  (`lmtrain.backprop.gru`, `lmtrain.backprop.rnn`) are compiled the same way, float32 only.
+  (`lmtrain.backprop.gru`, `lmtrain.backprop.rnn`) are compiled the same way.
 - The softmax cross-entropy (`lmtrain.speed.loss`) makes the loss and its gradient with respect to the logits
   in one pass over each row, where torch's log_softmax, nll_loss and their backwards read or write a
   (rows, V) tensor six times.
 
 They take float32 tensors on the CPU; everything else (float64, CUDA) runs the Python code, which
-tests/test_kernels.py checks them against. With `train.precision: bfloat16` the LSTM loops make their
-recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run time:
-`bf16_products_supported()`; without it the Python loops run); tests/test_precision.py checks them.
+tests/test_kernels.py checks them against. With `train.precision: bfloat16` every cell's time loops make
+their recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run
+time: `bf16_products_supported()`; without it, or for an odd hidden size, the Python loops run);
+tests/test_precision.py checks them.
 
 The kernels are built once per machine, on first use (most of a minute), by torch's C++ extension loader
 inside `lmtrain.speed.kernel_build`, which names the build by its sources, flags and versions and makes sure
@@ -74,16 +75,23 @@ def load(announce=lambda line: print(line, file=sys.stderr)) -> ModuleType | Non
     return _built["module"]
 
 
-def load_for_training(*, bfloat16: bool, warn) -> None:
+def load_for_training(*, bfloat16: bool, hidden_size: int, warn) -> None:
     """Build or load the kernels before a CPU training starts; stop if `LMTRAIN_COMPILED=1` asks for them
-    and they cannot be had; warn when bfloat16 products are asked of a CPU without AVX-512 BF16."""
+    and they cannot be had; warn when bfloat16 products would send the layers to their Python loops (a CPU
+    without AVX-512 BF16, or an odd hidden size: the compiled loops take the units' values in pairs)."""
     module = load(announce=warn)
     if module is None and required():
         raise LmtrainError(f"{SWITCH}=1, but the compiled kernels are not available: {unavailable_reason()}")
-    if module is not None and bfloat16 and not module.bf16_products_supported():
+    if module is None or not bfloat16:
+        return
+    if not module.bf16_products_supported():
         warn("warning: train.precision is bfloat16 but this CPU has no AVX-512 BF16: the products run in "
-             "emulated bfloat16 and the LSTM in its Python loops, which may be slower than float32 "
+             "emulated bfloat16 and the layers in their Python loops, which may be slower than float32 "
              "(scripts/bench_precision.py measures both)")
+    elif hidden_size % 2:
+        warn(f"warning: train.precision is bfloat16 but model.hidden_size is odd ({hidden_size}): the compiled "
+             "loops take bfloat16 values in pairs, so the layers run their Python loops, slower than float32; "
+             "an even hidden_size keeps them compiled")
 
 
 def unavailable_reason() -> str | None:

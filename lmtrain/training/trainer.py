@@ -173,7 +173,8 @@ class Trainer:
             if on_start is not None:
                 on_start(self.config)
             if self.device.type == "cpu":  # now, before the clock starts: a first build takes most of a minute
-                kernels.load_for_training(bfloat16=self.config.train.precision == "bfloat16", warn=self.warn)
+                kernels.load_for_training(bfloat16=self.config.train.precision == "bfloat16",
+                                          hidden_size=self.config.model.hidden_size, warn=self.warn)
             self.threads_line = self.threads.start()
             self.training_objective = data_parallel(self.objective, self.world, self.device)
             return self._loop()

@@ -8,8 +8,8 @@
 //   T steps at once stay with lmtrain/speed/gemm.py). Gates are laid out [Γ_f, Γ_u, c̃, Γ_o] along the
 //   last axis of a (T, B, 4H) buffer, rows are batch, and buffers are time-major, exactly as in the
 //   Python loops. The GRU's (both forms) and the RNN's follow the same plan with their own equations
-//   (lmtrain/backprop/gru.py, rnn.py). Under train.precision: bfloat16 the LSTM's recurrent products take
-//   bfloat16 factors (AVX-512 BF16); the GRU and RNN then run their Python loops.
+//   (lmtrain/backprop/gru.py, rnn.py). Under train.precision: bfloat16 every loop's recurrent products take
+//   bfloat16 factors (AVX-512 BF16), rounded into a bfloat16 copy of each factor as it is made.
 // - token_steps.h: one step of each cell for a few rows (sampling), from W_a = [W_aa, W_ax] packed once.
 // - softmax_cross_entropy.h: the output layer's loss and its gradient with respect to the logits in
 //   one pass per row (lmtrain/speed/loss.py).
@@ -29,18 +29,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("gates"), py::arg("c"), py::arg("tanh_c"), py::arg("dA"), py::arg("dc"), py::arg("W"),
              py::arg("dz_low") = py::none());
   module.def("gru_forward", &gru_forward, "The lecture's GRU forward through time (in place)", py::arg("gates"),
-             py::arg("c"), py::arg("W"));
+             py::arg("c"), py::arg("W"), py::arg("c_low") = py::none());
   module.def("gru_backward", &gru_backward, "The lecture's GRU backward through time: returns (dz, dc(0))",
-             py::arg("gates"), py::arg("c"), py::arg("dA"), py::arg("W"));
+             py::arg("gates"), py::arg("c"), py::arg("dA"), py::arg("W"), py::arg("dz_low") = py::none());
   module.def("gru_after_forward", &gru_after_forward, "PyTorch's GRU forward through time (in place)",
-             py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("W"), py::arg("b_cc"));
+             py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("W"), py::arg("b_cc"),
+             py::arg("c_low") = py::none());
   module.def("gru_after_backward", &gru_after_backward,
              "PyTorch's GRU backward through time: returns (dr, dz_c, dc(0)); dz_c takes dA's place",
-             py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("dA"), py::arg("W"));
+             py::arg("gates"), py::arg("c"), py::arg("p"), py::arg("dA"), py::arg("W"), py::arg("dr_low") = py::none());
   module.def("rnn_forward", &rnn_forward, "The tanh RNN forward through time (in place)", py::arg("z"),
-             py::arg("a"), py::arg("W"));
+             py::arg("a"), py::arg("W"), py::arg("a_low") = py::none());
   module.def("rnn_backward", &rnn_backward, "The tanh RNN backward through time: returns (dz, da(0))",
-             py::arg("a"), py::arg("dA"), py::arg("W"));
+             py::arg("a"), py::arg("dA"), py::arg("W"), py::arg("dz_low") = py::none());
   module.def("lstm_token_step", &lstm_token_step, "One LSTM step from packed W_a: returns (a, c)",
              py::arg("packed"), py::arg("b"), py::arg("a_prev"), py::arg("x"), py::arg("c_prev"));
   module.def("gru_token_step", &gru_token_step, "One GRU step from packed W_a: returns c", py::arg("packed"),

@@ -79,17 +79,6 @@ void backward_step(const float* gates, const float* c_prev, const float* tanh_c,
   }
 }
 
-// A (T+1, B, H) or (T, B, 4H) bfloat16 buffer shaped like `like`, for the bfloat16 copies of a(t) or dz(t).
-bf16* low_buffer(const std::optional<at::Tensor>& low, const at::Tensor& like, const char* name) {
-  if (!low) return nullptr;
-  if (!(low->device().is_cpu() && low->scalar_type() == at::kBFloat16 && low->is_contiguous() &&
-        low->sizes() == like.sizes()))
-    fail(std::string(name) + " must be a contiguous bfloat16 CPU tensor shaped like " + shape_text(like.sizes()));
-  TORCH_CHECK(like.size(2) % 2 == 0 && bf16_products_supported(),
-              "bfloat16 products need an even width and a CPU with AVX-512 BF16");
-  return reinterpret_cast<bf16*>(low->data_ptr<at::BFloat16>());
-}
-
 // t = 1 .. T: W_aa a(t-1), then forward_step. `gates` (T, B, 4H) arrives holding W_ax x(t) + b and leaves
 // holding the activations; a[t], c[t] (T+1, B, H) and tanh_c[t-1] = tanh(c(t)) are filled. W (4H, H) is
 // W_aa, gate by gate as the rows of `gates`' last axis. With `a_low` (T+1, B, H) bfloat16, the products
@@ -112,16 +101,16 @@ void lstm_forward(at::Tensor gates, at::Tensor a, at::Tensor c, at::Tensor tanh_
     const Rows rows = share.rows;
     const int64_t first = rows.begin * H;                                 // the share's first row in a(t)
     floats recurrent(rows.count() * 4 * u.padded);
-    if (a_low_0 != nullptr) {
-      round_units(a_0 + first, rows.count(), H, u.begin, u.count(), a_low_0 + first);
+    if (a_low_0 != nullptr) {                                               // a(0), the first step's factor
+      round_units(a_0 + first, rows.count(), H, H, 0, 1, u, a_low_0 + first);
       share.sync();
     }
     for (int64_t t = 1; t <= T; ++t) {
-      P.product(a_0 + (t - 1) * step + first, offset(a_low_0, (t - 1) * step + first), rows.count(), recurrent.data());
+      P.product(a_0 + (t - 1) * step + first, offset(a_low_0, (t - 1) * step + first), H, rows.count(),
+                recurrent.data());
       forward_step(recurrent.data(), gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, c_0 + t * step,
                    tanh_c_0 + (t - 1) * step, a_0 + t * step, rows, H, u);
-      if (a_low_0 != nullptr)
-        round_units(a_0 + t * step + first, rows.count(), H, u.begin, u.count(), a_low_0 + t * step + first);
+      round_units(a_0 + t * step + first, rows.count(), H, H, 0, 1, u, offset(a_low_0, t * step + first));
       share.sync();
     }
   });
@@ -160,12 +149,9 @@ std::vector<at::Tensor> lstm_backward(at::Tensor gates, at::Tensor c, at::Tensor
       float* const dz_t = dz_0 + (t - 1) * 4 * step;
       backward_step(gates_0 + (t - 1) * 4 * step, c_0 + (t - 1) * step, tanh_c_0 + (t - 1) * step,
                     recurrent.data(), dA_0 + t * step, dc_0, dz_t, rows, H, u);
-      if (dz_low_0 != nullptr)
-        for (int64_t gate = 0; gate < 4; ++gate)
-          round_units(dz_t + first, rows.count(), 4 * H, gate * H + u.begin, u.count(),
-                      offset(dz_low_0, (t - 1) * 4 * step + first));
+      round_units(dz_t + first, rows.count(), 4 * H, H, 0, 4, u, offset(dz_low_0, (t - 1) * 4 * step + first));
       share.sync();
-      P.product(dz_t + first, offset(dz_low_0, (t - 1) * 4 * step + first), rows.count(), recurrent.data());
+      P.product(dz_t + first, offset(dz_low_0, (t - 1) * 4 * step + first), 4 * H, rows.count(), recurrent.data());
     }
     for (int64_t row = rows.begin; row < rows.end; ++row)
       for (int64_t j = 0; j < u.count(); ++j)

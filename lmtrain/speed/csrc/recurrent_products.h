@@ -1,6 +1,6 @@
 // The recurrent product of every step, W_a a(t-1) (or W_aᵀ dz(t) backward), made by the thread that owns
 // each share of it (some of the batch's rows, or a slice of the hidden units): float32, or bfloat16
-// factors summed in float32 (train.precision: bfloat16, the LSTM's loops only).
+// factors summed in float32 (train.precision: bfloat16).
 #pragma once
 
 #include "common.h"
@@ -196,32 +196,33 @@ LMTRAIN_BF16 inline void tile_bf16(const bf16* __restrict A, int64_t lda, const 
     for (int b = 0; b < BLOCKS; ++b) _mm512_storeu_ps(C + r * ldc + b * COLUMNS, sum[r][b]);
 }
 
-// All B rows against BLOCKS neighbouring blocks: tiles of 6 rows, then 4, 2 and 1 for the rest.
+// All B rows (`lda` bfloat16s apart) against BLOCKS neighbouring blocks: tiles of 6 rows, then 4, 2 and 1
+// for the rest.
 template <int BLOCKS>
-LMTRAIN_BF16 inline void rows_bf16(const bf16* A, int64_t B, int64_t K, const uint32_t* P, int64_t N,
+LMTRAIN_BF16 inline void rows_bf16(const bf16* A, int64_t lda, int64_t B, int64_t K, const uint32_t* P, int64_t N,
                                    float* C) noexcept {
   const int64_t K2 = K / 2, stride = K2 * COLUMNS;
   int64_t row = 0;
-  for (; row + 6 <= B; row += 6) tile_bf16<6, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N);
-  if (row + 4 <= B) tile_bf16<4, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N), row += 4;
-  if (row + 2 <= B) tile_bf16<2, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N), row += 2;
-  if (row < B) tile_bf16<1, BLOCKS>(A + row * K, K, P, stride, K2, C + row * N, N);
+  for (; row + 6 <= B; row += 6) tile_bf16<6, BLOCKS>(A + row * lda, lda, P, stride, K2, C + row * N, N);
+  if (row + 4 <= B) tile_bf16<4, BLOCKS>(A + row * lda, lda, P, stride, K2, C + row * N, N), row += 4;
+  if (row + 2 <= B) tile_bf16<2, BLOCKS>(A + row * lda, lda, P, stride, K2, C + row * N, N), row += 2;
+  if (row < B) tile_bf16<1, BLOCKS>(A + row * lda, lda, P, stride, K2, C + row * N, N);
 }
 
-// `packed_product` with bfloat16 A (B, K) and P packed as pairs (`PackedWeights`); K even.
-LMTRAIN_BF16 __attribute__((noinline)) void packed_product_bf16(const bf16* A, int64_t B, int64_t K,
+// `packed_product` with bfloat16 A (B, K), rows `lda` apart, and P packed as pairs (`PackedWeights`); K even.
+LMTRAIN_BF16 __attribute__((noinline)) void packed_product_bf16(const bf16* A, int64_t lda, int64_t B, int64_t K,
                                                                   const uint32_t* P, int64_t N, float* C) noexcept {
   const int64_t blocks = N / COLUMNS, stride = K / 2 * COLUMNS;
   int64_t block = 0;
-  for (; block + 2 <= blocks; block += 2) rows_bf16<2>(A, B, K, P + block * stride, N, C + block * COLUMNS);
-  if (block < blocks) rows_bf16<1>(A, B, K, P + block * stride, N, C + block * COLUMNS);
+  for (; block + 2 <= blocks; block += 2) rows_bf16<2>(A, lda, B, K, P + block * stride, N, C + block * COLUMNS);
+  if (block < blocks) rows_bf16<1>(A, lda, B, K, P + block * stride, N, C + block * COLUMNS);
 }
 
 bool bf16_products_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"); }
 #else
 // No AVX-512 BF16 instructions to build with: `bf16_products_supported()` is false, so the Python loops
 // make the bfloat16 products and this is never reached.
-void packed_product_bf16(const bf16*, int64_t, int64_t, const uint32_t*, int64_t, float*) {
+void packed_product_bf16(const bf16*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, float*) {
   TORCH_CHECK(false, "the bfloat16 products need AVX-512 BF16, which this build lacks");
 }
 
@@ -248,17 +249,13 @@ struct PackedWeights {
             to_bf16(weight(i, k)) | (static_cast<uint32_t>(to_bf16(weight(i, k + 1))) << 16);
   }
 
-  // C (B, N) = A (B, K) W: A from `A_low` (bfloat16) when packed low, from `A` otherwise.
-  void product(const float* A, const bf16* A_low, int64_t B, float* C) const noexcept {
+  // C (B, N) = A (B, K) W, A's rows `lda` apart (more than K for a gate slice of dz(t)): read from `A_low`,
+  // A's bfloat16 copy laid out alike, when packed low, from `A` otherwise.
+  void product(const float* A, const bf16* A_low, int64_t lda, int64_t B, float* C) const noexcept {
     if (pairs.empty())
-      packed_product(A, K, B, K, single.data(), N, C);
+      packed_product(A, lda, B, K, single.data(), N, C);
     else
-      packed_product_bf16(A_low, B, K, pairs.data(), N, C);
-  }
-
-  // C (B, N) = A (B, K) W for float32 A whose rows are `lda` floats apart (a gate slice of dz(t)).
-  void product(const float* A, int64_t lda, int64_t B, float* C) const noexcept {
-    packed_product(A, lda, B, K, single.data(), N, C);
+      packed_product_bf16(A_low, lda, B, K, pairs.data(), N, C);
   }
 };
 
@@ -332,14 +329,31 @@ void check(const at::Tensor& tensor, const char* name) {
     fail(std::string(name) + " must be a contiguous float32 CPU tensor");
 }
 
+// A bfloat16 buffer shaped like `like` (a(t), c(t) or dz(t)), for the bfloat16 copies a time loop makes of
+// its products' factors; null when not given (float32 products).
+bf16* low_buffer(const std::optional<at::Tensor>& low, const at::Tensor& like, const char* name) {
+  if (!low) return nullptr;
+  if (!(low->device().is_cpu() && low->scalar_type() == at::kBFloat16 && low->is_contiguous() &&
+        low->sizes() == like.sizes()))
+    fail(std::string(name) + " must be a contiguous bfloat16 CPU tensor shaped like " + shape_text(like.sizes()));
+  TORCH_CHECK(like.size(2) % 2 == 0 && bf16_products_supported(),
+              "bfloat16 products need an even width and a CPU with AVX-512 BF16");
+  return reinterpret_cast<bf16*>(low->data_ptr<at::BFloat16>());
+}
+
 // base + n, or null for a null base (a product without bfloat16 copies).
 inline bf16* offset(bf16* base, int64_t n) noexcept { return base == nullptr ? nullptr : base + n; }
 
-// out[r][begin + j] = bfloat16(x[r][begin + j]) for rows r < B of width `width`, j < count: a thread's
-// units of a(t) or dz(t), rounded for the next step's product.
-void round_units(const float* x, int64_t B, int64_t width, int64_t begin, int64_t count, bf16* out) noexcept {
+// out[r][g H + u.begin + j] = bfloat16(x[r][g H + u.begin + j]) for rows r < B of width `width`, the
+// gate blocks g in [first, first + gates) of H units each, j < u.count(): a thread's units of a(t), c(t)
+// or dz(t), rounded for the next product. Nothing without `out` (float32 products).
+void round_units(const float* x, int64_t B, int64_t width, int64_t H, int64_t first, int64_t gates, Units u,
+                 bf16* out) noexcept {
+  if (out == nullptr) return;
   for (int64_t row = 0; row < B; ++row)
-    for (int64_t j = begin; j < begin + count; ++j) out[row * width + j] = to_bf16(x[row * width + j]);
+    for (int64_t gate = first; gate < first + gates; ++gate)
+      for (int64_t j = gate * H + u.begin; j < gate * H + u.end; ++j)
+        out[row * width + j] = to_bf16(x[row * width + j]);
 }
 
 }  // namespace
