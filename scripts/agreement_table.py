@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for all three configs")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/agreement"))
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "agreement.md")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     reports, losses = {}, {}
     for cell in CELLS:
         out_dir = args.out_dir / cell

@@ -5,7 +5,7 @@
 
 Runs the config (default configs/tinyshakespeare-68s.yaml; a corpus folder means its
 ptb.{train,valid,test}.txt) in a temporary folder. After 10 warm-up steps, every block of 5 steps runs the
-next of three variants in turn (float32; bfloat16 with the compiled LSTM loops; bfloat16 with the Python
+next of three variants in turn (float32; bfloat16 with the compiled time loops; bfloat16 with the Python
 loops, whose per-step products are oneDNN's), so that the machine's stalls fall on all alike; prints the
 median step time of each and its ratio to float32's. First, the throughput of torch.mm in both dtypes at the
 config's largest shapes.
@@ -42,13 +42,18 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 30) -> 
     return 2 * m * k * n / statistics.median(times[3:]) / 1e9
 
 
+def gates(model) -> int:
+    """How many gate blocks the cell's weights hold: the rows of W_a are that many times the hidden size."""
+    return {"lstm": 4, "rnn": 1}.get(model.cell, 3 if model.relevance_gate else 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tinyshakespeare-68s.yaml")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("corpus", type=Path)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     data = ([f"data.{split}={args.corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
             if args.corpus.is_dir() else [f"data.path={args.corpus}"])
     print(machine_line())
@@ -57,8 +62,9 @@ def main() -> None:
                                            "train.max_epochs=null", "train.max_seconds=null", "train.eval_every=100000",
                                            "train.final_samples=0", f"train.out_dir={folder}/run", *args.overrides])
         B, T, H = config.train.batch_size, config.train.bptt, config.model.hidden_size
+        G = gates(config.model)
         print("\n| torch.mm | float32 GFLOPS | bfloat16 GFLOPS |\n|---|---|---|")
-        for shape in [(B, H, 4 * H), (B * T, H, 4 * H), (H, B * T, 4 * H)]:
+        for shape in [(B, H, G * H), (B * T, H, G * H), (H, B * T, G * H)]:
             rates = [gemm_rate(*shape, dtype) for dtype in (torch.float32, torch.bfloat16)]
             print(f"| ({shape[0]}, {shape[1]}) @ ({shape[1]}, {shape[2]}) | {rates[0]:.0f} | {rates[1]:.0f} |")
         trainer = Trainer(config, resume=False, echo=lambda line: None, warn=print, progress_bar=False)
@@ -79,10 +85,12 @@ def main() -> None:
         trainer._train_step = timed_step
         trainer.run()
     model = config.model
-    print(f"\n{model.cell} {model.num_layers}x{H}, batch {B}, bptt {T}, {args.steps} steps in blocks of {BLOCK}, "
-          f"{torch.get_num_threads()} threads\n")
+    form = ("" if model.cell != "gru" else " (PyTorch's form)" if model.gru_reset == "after"
+            else " (the lecture's)" if model.relevance_gate else " (simplified)")
+    print(f"\n{model.cell}{form} {model.num_layers}x{H}, batch {B}, bptt {T}, {args.steps} steps in blocks of "
+          f"{BLOCK}, {torch.get_num_threads()} threads\n")
     baseline = statistics.median(times[VARIANTS[0]])
-    print("| train.precision | LSTM loops | median step (ms) | ratio to float32 |\n|---|---|---|---|")
+    print("| train.precision | time loops | median step (ms) | ratio to float32 |\n|---|---|---|---|")
     for precision, compiled in VARIANTS:
         median = statistics.median(times[(precision, compiled)])
         print(f"| {precision} | {'compiled' if compiled else 'Python'} | {1e3 * median:.1f} | "

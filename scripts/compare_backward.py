@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/compare-backward"))
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE for both runs, e.g. data.path=...")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     rows = []
     for backward in ("autograd", "manual"):
         out_dir = args.out_dir / backward

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE for the lmtrain run")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     folder = args.folder.resolve()
     print(machine_line(), flush=True)
     settings = ["data.corpus=null",

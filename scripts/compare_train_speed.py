@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
                         "\"Whole training runs\"")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     speeds: dict[str, list[float]] = {"nn.LSTM reference": [], "lmtrain": []}
     for _ in range(args.rounds):
         speeds["nn.LSTM reference"].append(reference_tokens_per_s(args.corpus, args.steps))
