@@ -53,7 +53,7 @@ torch.nn (below 1: lmtrain is faster). The `gru` rows use `model.gru_reset: afte
 convention, so that both sides compute the same function; `gru-lecture` and `gru-simplified` are the
 lecture's GRU with and without Γ_r against the same `nn.GRU`."""
 MEMORY_NOTE = {"cpu": "Peak RSS is that of a fresh process running three steps, minus one that only built the input "
-                      "(`/proc/self/status` VmHWM).",
+                      "(`/proc/self/status` VmHWM); with `--rss-processes N`, each the median of N such processes.",
                "cuda": "Peak CUDA memory is `torch.cuda.max_memory_allocated()` during three steps, less what was "
                        "allocated before them (the input)."}
 
@@ -150,15 +150,32 @@ def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int], setu
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_medians(cell: str, size: tuple[int, int, int], processes: int,
+                     variants: tuple[str, ...] = VARIANTS) -> dict[str, float]:
+    """Each variant's peak RSS over the input-only process's, medians of `processes` fresh processes
+    taken in turn: one process's peak moves by a few (T, B, H) buffers from run to run, with where
+    glibc's heaps happen to fit them."""
+    peaks: dict[str | None, list[float]] = {variant: [] for variant in (None, *variants)}
+    for _ in range(processes):
+        for variant in peaks:
+            peaks[variant].append(peak_rss_mb(variant, cell, size))
+    base = statistics.median(peaks[None])
+    return {variant: statistics.median(values) - base for variant, values in peaks.items() if variant}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(REFERENCE))
     parser.add_argument("--sizes", type=layer_sizes, default=None, help='e.g. "[[32, 64, 128]]"')
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--rss-processes", type=int, default=1,
+                        help="fresh processes a variant's peak RSS is the median of (CPU)")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
     parser.add_argument("--title", default=None, help="the section of --doc to write")
     args = parser.parse_args()
+    if args.rss_processes < 1:
+        parser.error("--rss-processes must be 1 or more")
     sizes = args.sizes or SIZES
     allocator = allocator_settings()
     header = [f"`python scripts/bench_cells.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),
@@ -181,8 +198,7 @@ def main() -> None:
             if args.device == "cuda":
                 rss = [peak_cuda_mb(variant, cell, size) for variant in VARIANTS]
             else:
-                base = peak_rss_mb(None, cell, size)
-                rss = [peak_rss_mb(variant, cell, size) - base for variant in VARIANTS]
+                rss = list(peak_rss_medians(cell, size, args.rss_processes).values())
             reference = median["torch.nn"]
             timed = " | ".join(f"{1e3 * median[variant]:.1f} ({median[variant] / reference:.2f}x)"
                                for variant in VARIANTS[1:])

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_cells import REFERENCE, SIZES, peak_rss_mb, time_variants
+from bench_cells import REFERENCE, SIZES, peak_rss_medians, time_variants
 from bench_sampling import never_ending_model, tokens_per_s, vocabulary
 from compare_ptb_epoch import run_reference as ptb_reference
 from compare_train_speed import lmtrain_tokens_per_s, reference_tokens_per_s
@@ -84,23 +84,11 @@ def layer_rows(cell: str, size: tuple[int, int, int], repeats: int, rss_processe
     name = f"{cell} layer ({B}, {T}, {H})"
     median = time_variants(cell, size, repeats, variants=("torch.nn", LMTRAIN), placements=placements)
     reference, ours = median["torch.nn"], median[LMTRAIN]
-    rss = peak_rss_medians(cell, size, rss_processes)
+    rss = peak_rss_medians(cell, size, rss_processes, ("torch.nn", LMTRAIN))
     return [at_most(f"{name}, time vs {REFERENCE[cell].__name__}", ours / reference, layer_limit(cell, size),
                     f"{1e3 * ours:.1f} against {1e3 * reference:.1f} ms"),
             at_most(f"{name}, peak RSS", rss[LMTRAIN] / max(rss["torch.nn"], 1.0), 1.0,
                     f"{rss[LMTRAIN]:.0f} against {rss['torch.nn']:.0f} MB")]
-
-
-def peak_rss_medians(cell: str, size: tuple[int, int, int], processes: int) -> dict[str, float]:
-    """Each side's peak RSS over the input-only process's, medians of `processes` fresh processes
-    taken in turn: one process's peak moves by a few (T, B, H) buffers from run to run, with where
-    glibc's heaps happen to fit them."""
-    peaks: dict[str | None, list[float]] = {None: [], "torch.nn": [], LMTRAIN: []}
-    for _ in range(processes):
-        for variant in peaks:
-            peaks[variant].append(peak_rss_mb(variant, cell, size))
-    base = statistics.median(peaks[None])
-    return {variant: statistics.median(values) - base for variant, values in peaks.items() if variant}
 
 
 def shakespeare_row(corpus: Path, rounds: int) -> Row:

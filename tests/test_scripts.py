@@ -71,7 +71,8 @@ def test_bench_placement_times_both_sides_in_every_placement():
 
 
 @pytest.mark.parametrize("script, option", [("bench_placement.py", "--placements"), ("bench_placement.py", "--repeats"),
-                                            ("speed_targets.py", "--placements")])
+                                            ("speed_targets.py", "--placements"),
+                                            ("bench_cells.py", "--rss-processes")])
 def test_placement_scripts_refuse_no_placements_or_repeats_in_one_line(script, option):
     result = subprocess.run([sys.executable, str(SCRIPTS / script), option, "0"],
                             capture_output=True, text=True, timeout=120)
