@@ -255,21 +255,23 @@ def test_bfloat16_needs_the_manual_backward():
         build_config({"data.path": "x.txt", "train.max_steps": 1, "train.precision": "float16"})
 
 
-def test_training_in_bfloat16_learns_like_float32(tmp_path):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_training_in_bfloat16_learns_like_float32(tmp_path, cell):
     """The same tiny run in both precisions: both learn, to validation losses within 0.05 nats of each other, and the
     checkpoint records the precision it was trained in."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"the {word} sat on the mat\n" for word in ("cat", "dog", "bird", "fox") * 60))
     results = {}
     for precision in ("float32", "bfloat16"):
-        config = build_config({"data.path": str(corpus), "model.hidden_size": 32, "model.embed_size": 16,
-                               "train.batch_size": 8, "train.bptt": 16, "train.max_steps": 120, "train.lr": 0.01,
-                               "train.eval_every": 120, "train.final_samples": 0, "train.precision": precision,
+        config = build_config({"data.path": str(corpus), "model.cell": cell, "model.hidden_size": 32,
+                               "model.embed_size": 16, "train.batch_size": 8, "train.bptt": 16,
+                               "train.max_steps": 120, "train.lr": 0.01, "train.eval_every": 120,
+                               "train.final_samples": 0, "train.precision": precision,
                                "train.out_dir": str(tmp_path / precision)})
         results[precision] = train(config)
     exact, mixed = results["float32"].valid_loss, results["bfloat16"].valid_loss
     assert exact < 1.5 and mixed < 1.5  # from ln(vocabulary) = 2.9
-    assert abs(mixed - exact) < 0.05  # nats; measured 0.016
+    assert abs(mixed - exact) < 0.05  # nats; measured under 0.001 for each cell
     saved = torch.load(tmp_path / "bfloat16" / "last.pt", weights_only=True)
     assert saved["config"]["train"]["precision"] == "bfloat16"
 
