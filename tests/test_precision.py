@@ -224,10 +224,12 @@ def test_bfloat16_values_and_gradients_are_within_its_rounding_of_float32(make_c
     assert differs
 
 
-def test_without_bfloat16_instructions_the_python_loops_take_over(compiled, monkeypatch):
+@pytest.mark.parametrize("make_cell", [LSTMCell, GRUCell, RNNCell], ids=["lstm", "gru", "rnn"])
+def test_without_bfloat16_instructions_the_python_loops_take_over(compiled, make_cell, monkeypatch):
     """On a CPU without AVX-512 BF16 the compiled loops cannot make bfloat16 products: the Python loops
     (oneDNN's bfloat16 GEMM) run instead, exactly as with the compiled kernels switched off."""
-    cell, x, state = LSTMCell(6, 32), torch.randn(3, 8, 6), (torch.randn(3, 32), torch.randn(3, 32))
+    cell, x = make_cell(6, 32), torch.randn(3, 8, 6)
+    state = tuple(torch.randn(3, 32) for _ in cell.initial_state(1))
     monkeypatch.setattr(compiled, "bf16_products_supported", lambda: False)
     fallback = run_layer(cell, x, state, BF16, compiled=True)
     python = run_layer(cell, x, state, BF16, compiled=False)
