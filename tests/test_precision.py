@@ -171,17 +171,24 @@ def emulated_loops(cell, x, state, W_recurrent, W_input, b, dA, dc_T, monkeypatc
 GATES = {"lstm": 4, "rnn": 1, "gru-after": 3, "gru": 3, "gru-simplified": 2}
 
 
-# B = 3 and 5: the threads split the units; B = 25: they split the rows (6 or more each).
+# On three threads, B = 3, 5 and 8 split the units (each thread rounds its units, then all meet); B = 25
+# splits the rows (8 or 9 each, every unit). One thread takes every row and unit.
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("B, T, E, H", [(3, 5, 4, 16), (5, 9, 7, 40), (8, 6, 16, 130), (25, 6, 8, 48)])
-def test_compiled_loops_in_bfloat16_are_the_rounded_products(compiled, cell, B, T, E, H, monkeypatch):
+def test_compiled_loops_in_bfloat16_are_the_rounded_products(compiled, cell, threads, B, T, E, H, monkeypatch):
     if not compiled.bf16_products_supported():
         pytest.skip("this CPU has no AVX-512 BF16")
     G = GATES[cell]
     x, state = torch.randn(B, T, E), torch.randn(B, H)
     W_recurrent, W_input, b = torch.randn(G * H, H) / H ** 0.5, torch.randn(G * H, E) / E ** 0.5, torch.randn(G * H)
     dA, dc_T = torch.randn(T + 1, B, H), torch.randn(B, H)
-    got, copies, copied = compiled_loops_in_bfloat16(compiled, cell, x, state, W_recurrent, W_input, b, dA, dc_T)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, copies, copied = compiled_loops_in_bfloat16(compiled, cell, x, state, W_recurrent, W_input, b, dA, dc_T)
+    finally:
+        torch.set_num_threads(previous)
     want = emulated_loops(cell, x, state, W_recurrent, W_input, b, dA, dc_T, monkeypatch)
     # Not bit for bit: where float32's a(t) and float64's straddle a bfloat16 rounding boundary, the next
     # factor differs by one bfloat16 step (2^-8 relative) and the difference travels on. So most values agree
