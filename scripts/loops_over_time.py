@@ -101,9 +101,13 @@ def over_time(modules: dict, cell: str, size: tuple[int, int, int], seconds: flo
         elsewhere = [value for value, slow in zip(values, slow_there) if not slow]
         rows.append(f"| {B}, {T}, {H} | {name} | {statistics.median(values):.1f} | {min(values):.1f} | "
                     f"{sum(value > SLOW * min(values) for value in values)} of {len(values)} | "
-                    f"{statistics.median(there) if there else float('nan'):.1f} | "
-                    f"{statistics.median(elsewhere) if elsewhere else float('nan'):.1f} |")
+                    f"{median_text(there)} | {median_text(elsewhere)} |")
     return rows
+
+
+def median_text(values: list[float]) -> str:
+    """The median to a tenth, or a dash where no window fell in the group (no slow stretch at all)."""
+    return f"{statistics.median(values):.1f}" if values else "-"
 
 
 if __name__ == "__main__":
