@@ -24,6 +24,7 @@ import torch
 from comparison import machine_line
 
 from lmtrain.config import load_config
+from lmtrain.model.language_model import gate_count
 from lmtrain.speed import kernels
 from lmtrain.training.trainer import Trainer
 
@@ -42,11 +43,6 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 30) -> 
     return 2 * m * k * n / statistics.median(times[3:]) / 1e9
 
 
-def gates(model) -> int:
-    """How many gate blocks the cell's weights hold: the rows of W_a are that many times the hidden size."""
-    return {"lstm": 4, "rnn": 1}.get(model.cell, 3 if model.relevance_gate else 2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tinyshakespeare-68s.yaml")
@@ -62,7 +58,7 @@ def main() -> None:
                                            "train.max_epochs=null", "train.max_seconds=null", "train.eval_every=100000",
                                            "train.final_samples=0", f"train.out_dir={folder}/run", *args.overrides])
         B, T, H = config.train.batch_size, config.train.bptt, config.model.hidden_size
-        G = gates(config.model)
+        G = gate_count(config.model)
         print("\n| torch.mm | float32 GFLOPS | bfloat16 GFLOPS |\n|---|---|---|")
         for shape in [(B, H, G * H), (B * T, H, G * H), (H, B * T, G * H)]:
             rates = [gemm_rate(*shape, dtype) for dtype in (torch.float32, torch.bfloat16)]

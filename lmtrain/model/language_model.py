@@ -34,11 +34,17 @@ from lmtrain.speed.token_step import LayerWeights, TokenStep
 DEFAULTS = ModelConfig()  # the constructor's defaults are the config's
 
 
+def gate_count(config: ModelConfig) -> int:
+    """How many gate blocks of H rows the cell's stacked weights hold: the RNN 1, the GRU 3 (2 without
+    the relevance gate), the LSTM 4."""
+    return {"rnn": 1, "gru": 3 if config.relevance_gate else 2, "lstm": 4}[config.cell]
+
+
 def parameter_estimate(config: ModelConfig, vocab_size: int) -> dict[str, int]:
     """The parameters `LanguageModel.from_config(config, vocab_size)` would have, by part, counted from
     the sizes alone (nothing allocated): "embedding" V x E, "recurrent" every gate's W (H, H + input)
     and b (H,) in every layer (twice for `direction: bi`), "output" W_y (V, H) and b_y (V,)."""
-    gates = {"rnn": 1, "gru": 3 if config.relevance_gate else 2, "lstm": 4}[config.cell]
+    gates = gate_count(config)
     E, H, L, V = config.embed_size, config.hidden_size, config.num_layers, vocab_size
     stack = gates * H * (H + E + 1) + (L - 1) * gates * H * (2 * H + 1)
     return {"embedding": V * E, "recurrent": stack * (2 if config.direction == "bi" else 1),
