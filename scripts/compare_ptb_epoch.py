@@ -28,6 +28,9 @@ def run_reference(folder: Path) -> dict:
             "tokens_per_s": result["tokens_per_s"], "valid_loss": result["valid_loss"], "wall_seconds": round(wall)}
 
 
+PTB_FILES = tuple(f"ptb.{split}.txt" for split in ("train", "valid", "test"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -35,9 +38,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE for the lmtrain run")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
     folder = args.folder.resolve()
+    missing = [name for name in PTB_FILES if not (folder / name).is_file()]
+    if missing:
+        parser.error(f"{args.folder}: no {', '.join(missing)} there (the folder of Penn Treebank's three files)")
     print(machine_line(), flush=True)
-    settings = ["data.corpus=null",
-                *(f"data.{split}={folder / f'ptb.{split}.txt'}" for split in ("train", "valid", "test"))]
+    settings = ["data.corpus=null", *(f"data.{name.split('.')[1]}={folder / name}" for name in PTB_FILES)]
     results = []
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):

@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
                         "\"Whole training runs\"")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
+    if not args.corpus.is_file():
+        parser.error(f"{args.corpus}: no such file (Tiny Shakespeare's input.txt)")
     speeds: dict[str, list[float]] = {"nn.LSTM reference": [], "lmtrain": []}
     for _ in range(args.rounds):
         speeds["nn.LSTM reference"].append(reference_tokens_per_s(args.corpus, args.steps))

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from bench_cells import REFERENCE, SIZES, peak_rss_medians, time_variants
 from bench_sampling import never_ending_model, tokens_per_s, vocabulary
+from compare_ptb_epoch import PTB_FILES
 from compare_ptb_epoch import run_reference as ptb_reference
 from compare_train_speed import lmtrain_tokens_per_s, reference_tokens_per_s
 from comparison import allocator_settings, cpu_name, layer_sizes, run_lmtrain
@@ -48,7 +49,6 @@ from doc_sections import write_section
 
 LMTRAIN = "lmtrain manual"  # bench_cells' variant that `lmtrain train` runs
 TRAIN_STEPS = 200
-PTB_FILES = tuple(f"ptb.{split}.txt" for split in ("train", "valid", "test"))
 
 
 @dataclass
