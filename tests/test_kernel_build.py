@@ -330,6 +330,7 @@ def test_kernels_status_build_and_clear_commands(tmp_path):
     lmtrain = [sys.executable, "-m", "lmtrain", "kernels"]
     status = subprocess.run([*lmtrain, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and json.loads(status.stdout)["state"].startswith("not built")
+    assert json.loads(status.stdout)["bfloat16_products"] is None
     built = subprocess.run([*lmtrain, "build"], env=env, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     folder = Path(built.stdout.strip())
@@ -337,6 +338,12 @@ def test_kernels_status_build_and_clear_commands(tmp_path):
     status = subprocess.run([*lmtrain, "status"], env=env, capture_output=True, text=True, timeout=60)
     assert status.stdout.splitlines()[:3] == ["kernels: built", f"this lmtrain's build: {folder.name}",
                                               f"folder: {folder}"]
+    facts = json.loads(subprocess.run([*lmtrain, "status", "--json"], env=env, capture_output=True, text=True,
+                                      timeout=60).stdout)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # the build asks the CPU itself; Linux lists the same instructions as flags
+        assert facts["bfloat16_products"] == ("avx512_bf16" in cpuinfo.read_text().split())
+    assert f"train.precision bfloat16: {kernels.BFLOAT16_LINES[facts['bfloat16_products']]}" in status.stdout
     again = subprocess.run([*lmtrain, "build"], env=env, capture_output=True, text=True, timeout=60)
     assert again.stdout.strip() == str(folder) and again.stderr == ""  # already built: nothing compiled
     cleared = subprocess.run([*lmtrain, "clear"], env=env, capture_output=True, text=True, timeout=60)

@@ -222,8 +222,24 @@ def status() -> dict:
     return {"state": state, "module": this.module, "folder": str(paths.folder) if paths else None,
             "failure_log": str(failed.failure) if failed and not paths else None,
             "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _find_ninja() else None,
-            "wait_seconds": wait_seconds(),
+            "wait_seconds": wait_seconds(), "bfloat16_products": _bfloat16_products(state),
             "caches": [{"root": str(root), "builds": kernel_build.builds(root)} for root in kernel_build.roots()]}
+
+
+def _bfloat16_products(state: str) -> bool | None:
+    """Whether the built kernels make bfloat16 products here (the CPU has AVX-512 BF16); None while
+    there is no build to ask. Loads a published build, never starts one."""
+    if state != "built":
+        return None
+    module = load(announce=lambda line: None)
+    return None if module is None else bool(module.bf16_products_supported())
+
+
+BFLOAT16_LINES = {  # what `train.precision: bfloat16` runs, by `bfloat16_products`
+    True: "the compiled loops, with AVX-512 BF16 (with an even model.hidden_size)",
+    False: "the Python loops, slower than float32 (this CPU has no AVX-512 BF16)",
+    None: "the Python loops while the compiled kernels are not in use",
+}
 
 
 def status_lines(facts: dict) -> list[str]:
@@ -233,6 +249,7 @@ def status_lines(facts: dict) -> list[str]:
     if facts["failure_log"]:
         lines.append(f"failure log: {facts['failure_log']}")
     lines.append(f"compiler: {facts['compiler'] or 'none found'}; ninja: {facts['ninja'] or 'none found'}")
+    lines.append(f"train.precision bfloat16: {BFLOAT16_LINES[facts['bfloat16_products']]}")
     for cache in facts["caches"]:
         if not cache["builds"]:
             continue
