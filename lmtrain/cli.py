@@ -321,9 +321,9 @@ def visualize(
                 raise LmtrainError(f"--feature {name} is given twice")
             labels[name] = path
         page_path = output if output is not None else None if as_json or png or tokens else "visualize.html"
-        for option, path, suffix in (("-o", page_path, None), ("--png", png, ".png")):
+        for option, path, suffixes in (("-o", page_path, (".html", ".htm")), ("--png", png, (".png",))):
             if path is not None:
-                view.check_output(option, path, suffix=suffix)  # before the work, and before either is written
+                view.check_output(option, path, suffixes=suffixes)  # before the work, and before either is written
         _set_threads()
         inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
                                   top=top, device=_device(device))

@@ -360,6 +360,10 @@ VISUALIZE = ("visualize", "--checkpoint", "model.pt", "--text", "text.txt")
 def no_page(folder: Path, result: Result) -> None:
     assert not (folder / "visualize.html").exists(), "a page was written"
 
+
+def checkpoint_kept(folder: Path, result: Result) -> None:
+    assert (folder / "model.pt").read_bytes()[:2] == b"PK", "the checkpoint was written over"  # a torch.save zip
+
 CASES: list[Case] = [
     # config file
     Case("config-missing", "config file that does not exist", (*TRAIN, "nowhere.yaml"),
@@ -650,6 +654,9 @@ CASES: list[Case] = [
     Case("visualize-output-folder", "`visualize -o` into a folder that does not exist",
          (*VISUALIZE, "-o", "nowhere/page.html"), {"model.pt": CHAR_PT, "text.txt": "to be or not\n"},
          expect=("cannot write", "nowhere/page.html")),
+    Case("visualize-output-checkpoint", "`visualize -o` naming the checkpoint it reads",
+         (*VISUALIZE, "-o", "model.pt"), {"model.pt": CHAR_PT, "text.txt": "to be or not\n"},
+         expect=("-o must name a .html or .htm file", "model.pt"), check=checkpoint_kept),
     # eval
     Case("eval-empty-data", "`eval perplexity --data` on an empty file",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--data", "empty.txt"),

@@ -306,6 +306,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, config_factory, argu
     assert not (tmp_path / "page.html").exists() or "-o" in arguments
 
 
+def test_the_page_is_never_written_over_a_checkpoint(tmp_path, config_factory):
+    path = checkpoint(tmp_path, config_factory)
+    before = Path(path).read_bytes()
+    result = invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "-o", path)
+    assert result.exit_code != 0
+    assert result.output.strip() == f"error: -o must name a .html or .htm file; got {path}"
+    assert Path(path).read_bytes() == before
+    assert invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "-o", tmp_path / "PAGE.HTM").exit_code == 0
+
+
 def test_a_missing_text_is_one_line(tmp_path, config_factory):
     path = checkpoint(tmp_path, config_factory)
     result = invoke("--checkpoint", path, "--text", tmp_path / "absent.txt")

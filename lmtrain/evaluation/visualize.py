@@ -235,14 +235,15 @@ def _scatter(gates: list[Saturation], size: int = 220) -> str:
 NOT_VARYING = "does not vary on the positions read (or labels fewer than 3)"
 
 
-def check_output(option: str, path: str, *, suffix: str | None = None) -> None:
+def check_output(option: str, path: str, *, suffixes: tuple[str, ...]) -> None:
     """Refuse, before any work, an output path that cannot be written: empty, a folder, in a folder that
-    does not exist, or without `suffix`."""
+    does not exist, or not ending in one of `suffixes` (which also keeps a slip of the keyboard from
+    writing over a checkpoint or the text being read)."""
     target = Path(path)
     if not path:
         raise LmtrainError(f"{option} needs a file name")
-    if suffix is not None and target.suffix.lower() != suffix:
-        raise LmtrainError(f"{option} must name a {suffix} file; got {path}")
+    if target.suffix.lower() not in suffixes:
+        raise LmtrainError(f"{option} must name a {' or '.join(suffixes)} file; got {path}")
     if target.is_dir():
         raise LmtrainError(f"cannot write {path}: it is a directory")
     if not target.parent.is_dir():
