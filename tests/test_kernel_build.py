@@ -9,6 +9,7 @@ that a signal lands there. The last tests run the real kernels through `lmtrain 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -128,9 +129,9 @@ def test_a_waiting_process_says_so_and_gives_up_after_its_bound(tmp_path):
         out, err = finish(start(root, 3, tmp_path, wait=1.5))
         assert 1.5 <= time.monotonic() - began < 20
         assert err.splitlines() == [f"lmtrain: waiting for another process (pid {holder.pid} on a test) to finish "
-                                    "compiling the kernels (at most 2 s)"]
+                                    "compiling the kernels (at most 1.5 s)"]
         assert out == f"unavailable: another process (pid {holder.pid} on a test) has been compiling the kernels " \
-                      f"for over 2 s"
+                      f"for over 1.5 s"
         waiting = start(root, 3, tmp_path, wait=60)
         assert "waiting for another process" in waiting.stderr.readline()
         holder.kill()  # the holder dies: the waiting process takes the lock at once and builds
@@ -259,6 +260,20 @@ def test_torch_log_lines_go_to_the_build_log_not_the_terminal(tmp_path, monkeypa
     record = json.loads((kernel_build.Paths(tmp_path, spec).folder / kernel_build.RECORD).read_text())
     assert any("No CUDA runtime" in line for line in record["log"])
     assert any("a compiler warning" in line for line in record["log"])
+
+
+def test_a_holder_that_wrote_nothing_is_named_once(tmp_path):
+    lock = tmp_path / "tiny.lock"
+    held = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a second open file of the same lock conflicts, in this process too
+    waiting = os.open(lock, os.O_RDWR)
+    try:
+        lines = []
+        assert kernel_build._acquire(waiting, wait_seconds=0.3, announce=lines.append) == "another process"
+        assert lines == ["lmtrain: waiting for another process to finish compiling the kernels (at most 0.3 s)"]
+    finally:
+        os.close(waiting)
+        os.close(held)
 
 
 def test_status_and_clear_show_and_remove_every_build(tmp_path):

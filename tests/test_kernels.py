@@ -312,6 +312,32 @@ def test_a_bad_wait_bound_is_named(monkeypatch, value):
     assert kernels.wait_seconds() == 2.5
 
 
+def test_the_switches_read_blank_as_unset_and_ignore_spaces(monkeypatch):
+    monkeypatch.setenv(kernels.WAIT, "")
+    assert kernels.wait_seconds() == kernels.DEFAULT_WAIT_SECONDS
+    monkeypatch.setenv(kernels.WAIT, " 5 ")
+    assert kernels.wait_seconds() == 5.0
+    monkeypatch.setenv(kernels.SWITCH, " 1")
+    assert kernels.switch() == "1"
+    monkeypatch.setenv(kernels.SWITCH, "")
+    assert kernels.switch() == ""
+
+
+def test_clear_refuses_a_mistyped_switch_as_every_command_does(monkeypatch):
+    monkeypatch.setenv(kernels.SWITCH, "2")
+    with pytest.raises(LmtrainError, match=r"^LMTRAIN_COMPILED must be 0 .* got '2'$"):
+        kernels.clear()
+
+
+def test_required_but_unavailable_stops_any_run_not_only_training(monkeypatch):
+    fresh_build(monkeypatch, (None, "ninja is not installed: pip install ninja"))
+    monkeypatch.setenv(kernels.SWITCH, "1")
+    with pytest.raises(LmtrainError, match=r"^LMTRAIN_COMPILED=1, but the compiled kernels are not available: "):
+        choose(torch.zeros(2, 3))
+    monkeypatch.delenv(kernels.SWITCH)
+    assert choose(torch.zeros(2, 3)).loops is None  # unset: the Python loops, after one line
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
 def test_the_source_compiles_without_the_x86_bfloat16_instructions():

@@ -164,8 +164,7 @@ def obtain(spec: Spec, *, announce: Announce, wait_seconds: float, root: Path | 
         announce(note)
     with _exclusive(paths.lock, wait_seconds=wait_seconds, announce=announce) as holder:
         if holder is not None:
-            return None, (f"another process ({holder}) has been compiling the kernels for over "
-                          f"{wait_seconds:.0f} s")
+            return None, f"{holder} has been compiling the kernels for over {wait_seconds:g} s"
         if paths.library.exists():  # built by the process we waited for
             return _import(paths)
         if paths.failure.exists() and not retry_failed:  # ... or failed by it
@@ -243,12 +242,12 @@ def _acquire(descriptor: int, *, wait_seconds: float, announce: Announce) -> str
             pass
         except OSError:  # a file system without locks: private build folders keep it correct anyway
             return None
-        holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+        written = os.pread(descriptor, 200, 0).decode(errors="replace").strip()  # "pid N on HOST"
+        holder = f"another process ({written})" if written else "another process"
         if time.monotonic() >= deadline:
             return holder
         if not said:
-            announce(f"lmtrain: waiting for another process ({holder}) to finish compiling the kernels "
-                     f"(at most {wait_seconds:.0f} s)")
+            announce(f"lmtrain: waiting for {holder} to finish compiling the kernels (at most {wait_seconds:g} s)")
             said = True
         time.sleep(0.2)
 

@@ -57,7 +57,7 @@ _built: dict[str, object] = {}  # "module" and "reason", once the build was trie
 def switch() -> str:
     """`LMTRAIN_COMPILED` as the user set it: "" (unset), "0" or "1". Any other value is refused: a typo
     must not silently mean "unset"."""
-    value = os.environ.get(SWITCH, "")
+    value = os.environ.get(SWITCH, "").strip()
     if value not in ("", "0", "1"):
         raise LmtrainError(f"{SWITCH} must be 0 (the Python code) or 1 (the compiled kernels, or stop); got {value!r}")
     return value
@@ -75,13 +75,20 @@ def load(announce=lambda line: print(line, file=sys.stderr)) -> ModuleType | Non
     return _built["module"]
 
 
-def load_for_training(*, bfloat16: bool, hidden_size: int, warn) -> None:
-    """Build or load the kernels before a CPU training starts; stop if `LMTRAIN_COMPILED=1` asks for them
-    and they cannot be had; warn when bfloat16 products would send the layers to their Python loops (a CPU
-    without AVX-512 BF16, or an odd hidden size: the compiled loops take the units' values in pairs)."""
-    module = load(announce=warn)
+def load_for_a_run(announce=lambda line: print(line, file=sys.stderr)) -> ModuleType | None:
+    """`load` for a run about to use the kernels (training, sampling, evaluation): where
+    `LMTRAIN_COMPILED=1` asks for them and they cannot be had, stop with the reason instead."""
+    module = load(announce)
     if module is None and required():
         raise LmtrainError(f"{SWITCH}=1, but the compiled kernels are not available: {unavailable_reason()}")
+    return module
+
+
+def load_for_training(*, bfloat16: bool, hidden_size: int, warn) -> None:
+    """Build or load the kernels before a CPU training starts (`load_for_a_run`); warn when bfloat16
+    products would send the layers to their Python loops (a CPU without AVX-512 BF16, or an odd hidden
+    size: the compiled loops take the units' values in pairs)."""
+    module = load_for_a_run(announce=warn)
     if module is None or not bfloat16:
         return
     if not module.bf16_products_supported():
@@ -145,8 +152,8 @@ def spec() -> kernel_build.Spec:
 
 def wait_seconds() -> float:
     """How long to wait for another process's build (`LMTRAIN_KERNELS_WAIT`)."""
-    text = os.environ.get(WAIT)
-    if text is None:
+    text = os.environ.get(WAIT, "").strip()
+    if not text:  # unset or empty, as for LMTRAIN_COMPILED
         return DEFAULT_WAIT_SECONDS
     try:
         seconds = float(text)
@@ -218,7 +225,7 @@ def status() -> dict:
     elif failed is not None:
         state = "failed"
     else:
-        state = "not built (the first training builds it, or `lmtrain kernels build`)"
+        state = "not built (the first run on this CPU builds them, or `lmtrain kernels build`)"
     return {"state": state, "module": this.module, "folder": str(paths.folder) if paths else None,
             "failure_log": str(failed.failure) if failed and not paths else None,
             "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _find_ninja() else None,
@@ -265,6 +272,7 @@ def status_lines(facts: dict) -> list[str]:
 
 def clear() -> list[str]:
     """Remove every build in the cache folders but those being built now; lines saying what went."""
+    switch()  # a mistyped LMTRAIN_COMPILED is refused here too, as by every other command
     lines = []
     for root in kernel_build.roots():
         removed, kept = kernel_build.clear(root)

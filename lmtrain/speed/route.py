@@ -15,7 +15,8 @@ The inputs to the decision are the user's, read where they live, never a switch 
   except on an x86 CPU with AVX2 and no AVX-512, where MKL's addmm is the faster (`ONEDNN_FLOAT32`);
   it makes bfloat16 products only on a CPU where it has them
   (`torch_internals.ONEDNN_BFLOAT16`; torch's addmm makes them elsewhere);
-- the compiled kernels run unless `LMTRAIN_COMPILED=0` (or they cannot be built: `kernels.load`).
+- the compiled kernels run unless `LMTRAIN_COMPILED=0` (or they cannot be built: `kernels.load`;
+  under `LMTRAIN_COMPILED=1` that stops the run, `kernels.load_for_a_run`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def choose(tensor: torch.Tensor, *, compiled: bool = True) -> Route:
               and (ONEDNN_BFLOAT16 if bfloat16 else ONEDNN_FLOAT32))
     loops = None
     if compiled and device == "cpu" and tensor.dtype == torch.float32 and kernels.switch() != "0":
-        loops = kernels.load()
+        loops = kernels.load_for_a_run()
     return Route(loops=loops, onednn=onednn, product_dtype=product_dtype)
 
 
