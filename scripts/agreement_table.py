@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
+from comparison import ROOT, checked_config, doc_file
 
-from lmtrain.config import load_config
 from lmtrain.evaluation.agreement import agreement_report
 from lmtrain.training.trainer import train
 
-ROOT = Path(__file__).resolve().parent.parent
 CELLS = ("rnn", "gru", "lstm")
 
 
@@ -30,13 +29,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value overrides for all three configs")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/agreement"))
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "agreement.md")
+    parser.add_argument("--doc", type=doc_file, default=ROOT / "docs" / "agreement.md")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
+    configs = {cell: checked_config(parser, ROOT / "configs" / f"agreement-{cell}.yaml",
+                                    [f"train.out_dir={args.out_dir / cell}", *args.overrides]) for cell in CELLS}
     reports, losses = {}, {}
-    for cell in CELLS:
+    for cell, config in configs.items():
         out_dir = args.out_dir / cell
-        config = load_config(ROOT / "configs" / f"agreement-{cell}.yaml",
-                             [f"train.out_dir={out_dir}", *args.overrides])
         losses[cell] = train(config, echo=print, progress_bar=False).progress.best_valid_loss
         reports[cell] = agreement_report(str(out_dir / "best.pt"))
     cell_text = lambda value: "-" if value[0] is None else f"{value[0]:.3f}"  # noqa: E731

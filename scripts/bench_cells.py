@@ -28,14 +28,13 @@ import argparse
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name, layer_sizes
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer, run_child
 from doc_sections import write_section
 from torch import nn
 
@@ -146,7 +145,7 @@ def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int], setu
             "if v: s = step_function(build(v, %r, H), x, **switches(v)); [s() for _ in range(3)]\n"
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)"
             % (str(Path(__file__).parent), setup, size, variant, cell))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = run_child([sys.executable, "-c", code])
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -167,15 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(REFERENCE))
     parser.add_argument("--sizes", type=layer_sizes, default=None, help='e.g. "[[32, 64, 128]]"')
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=positive_integer, default=9)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rss-processes", type=int, default=1,
+    parser.add_argument("--rss-processes", type=positive_integer, default=1,
                         help="fresh processes a variant's peak RSS is the median of (CPU)")
-    parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the markdown table here too")
     parser.add_argument("--title", default=None, help="the section of --doc to write")
     args = parser.parse_args()
-    if args.rss_processes < 1:
-        parser.error("--rss-processes must be 1 or more")
     sizes = args.sizes or SIZES
     allocator = allocator_settings()
     header = [f"`python scripts/bench_cells.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),

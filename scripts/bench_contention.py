@@ -30,10 +30,21 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, baseline_note, cpu_name, provenance
+from comparison import (
+    ROOT,
+    allocator_settings,
+    baseline_note,
+    cpu_name,
+    doc_file,
+    lmtrain_checkout,
+    positive_integer,
+    positive_number,
+    provenance,
+    run_child,
+    text_file,
+)
 from doc_sections import write_section
 
-ROOT = Path(__file__).resolve().parent.parent
 LOADS = (0, 1, 2)
 # (name, program, threads: None for the program's default)
 VARIANTS = (("reference, default threads", "reference", None), ("reference, 1 thread", "reference", 1),
@@ -48,8 +59,8 @@ def clean_environment(**extra: str) -> dict[str, str]:
 
 def run_reference(corpus: Path, seconds: float, threads: int | None) -> tuple[float, str]:
     environment = clean_environment(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_nn_lstm.py"), str(corpus),
-                           "--seconds", str(seconds)], capture_output=True, text=True, env=environment, check=True)
+    done = run_child([sys.executable, str(ROOT / "scripts" / "reference_nn_lstm.py"), str(corpus),
+                      "--seconds", str(seconds)], env=environment)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return result["tokens_per_s"], str(result["threads"])
 
@@ -61,9 +72,7 @@ def run_lmtrain(corpus: Path, seconds: float, threads: int | None, checkout: Pat
                    f"data.path={corpus.resolve()}", f"train.max_seconds={seconds}", "train.eval_every=1000000",
                    "train.checkpoint_every=1000000", "train.log_every=10", "train.final_samples=0",
                    f"train.out_dir={folder}/run", "--no-progress", *([f"train.threads={threads}"] if threads else [])]
-        done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=folder)
-        if done.returncode:
-            raise SystemExit(f"lmtrain train stopped: {done.stderr.strip()}")
+        run_child(command, env=environment, cwd=folder)
         progress = torch.load(Path(folder) / "run" / "last.pt", weights_only=True)["progress"]
         events = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
         used = sorted({event.get("threads", "?") for event in events if event["split"] == "train"}, key=str)
@@ -72,11 +81,11 @@ def run_lmtrain(corpus: Path, seconds: float, threads: int | None, checkout: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another lmtrain version")
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
+    parser.add_argument("corpus", type=text_file, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--seconds", type=positive_number, default=20.0)
+    parser.add_argument("--rounds", type=positive_integer, default=2)
+    parser.add_argument("--baseline", type=lmtrain_checkout, default=None, help="a checkout of another lmtrain version")
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section "
                         "\"Training beside other processes\"")
     args = parser.parse_args()
     variants = VARIANTS + ((("lmtrain baseline, its defaults", "baseline", None),) if args.baseline else ())

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import ALLOCATOR, allocator_settings
+from comparison import ALLOCATOR, allocator_settings, doc_file, positive_number
 from doc_sections import write_section
 
 from lmtrain.config import load_config
@@ -212,11 +212,11 @@ def section(command: str, rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", type=float, default=200)
+    parser.add_argument("--megabytes", type=positive_number, default=200)
     parser.add_argument("--levels", nargs="+", default=["char", "word"], choices=["char", "word"])
     parser.add_argument("--in-memory", nargs="*", default=[], choices=["char", "word"],
                         help="at these levels also train once with data.cache: false (minutes and GBs at word level)")
-    parser.add_argument("--doc", type=Path, default=None, help="write the markdown section into this file")
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the markdown section into this file")
     args = parser.parse_args()
     allocator = " ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR if name in os.environ)
     command = f"{allocator} python scripts/bench_corpus.py {shlex.join(sys.argv[1:])}".strip()

@@ -27,7 +27,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from comparison import ROOT, allocator_settings, baseline_note, provenance
+from comparison import (
+    ROOT,
+    allocator_settings,
+    baseline_note,
+    child_failed,
+    doc_file,
+    lmtrain_checkout,
+    positive_integer,
+    provenance,
+)
 from doc_sections import write_section
 
 MODELS = {"2x200, tied": {"model.embed_size": 200, "model.hidden_size": 200, "model.num_layers": 2,
@@ -62,7 +71,7 @@ def peak_mb(command: list[str], *, cwd: Path, checkout: Path = ROOT) -> float:
     process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read().decode()[-2000:]}")
+        child_failed(command, os.waitstatus_to_exitcode(status), process.stderr.read().decode())
     return usage.ru_maxrss / 1024
 
 
@@ -84,10 +93,10 @@ def measure(folder: Path, vocabulary: int, model: dict, steps: int, checkout: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[2000, 14000, 50000])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--baseline", type=Path, default=None)
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
+    parser.add_argument("--vocab", type=positive_integer, nargs="+", default=[2000, 14000, 50000])
+    parser.add_argument("--steps", type=positive_integer, default=40)
+    parser.add_argument("--baseline", type=lmtrain_checkout, default=None)
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section "
                         "\"Memory\"")
     args = parser.parse_args()
     checkouts = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])

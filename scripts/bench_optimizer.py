@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -30,6 +31,7 @@ STEPS = 30
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {STEPS} steps, the variants alternating\n")
     print("| model | parameters | " + " | ".join(f"{name} ms" for name in VARIANTS) + " |")

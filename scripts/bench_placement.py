@@ -17,11 +17,10 @@ import argparse
 import shlex
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from bench_cells import REFERENCE, placement_medians
-from comparison import allocator_settings, cpu_name, layer_sizes
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer
 from doc_sections import write_section
 
 SIDES = ("torch.nn", "lmtrain manual")
@@ -40,14 +39,11 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=["lstm"], choices=sorted(REFERENCE))
     parser.add_argument("--sizes", type=layer_sizes, default=((32, 64, 256), (64, 128, 256), (64, 128, 512)),
                         help='e.g. "[[64, 128, 256]]"')
-    parser.add_argument("--placements", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument("--placements", type=positive_integer, default=12)
+    parser.add_argument("--repeats", type=positive_integer, default=5)
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the markdown table here too")
     parser.add_argument("--title", default="Where a layer's buffers lie")
     args = parser.parse_args()
-    for option in ("placements", "repeats"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option} must be 1 or more")
     header = [f"`python scripts/bench_placement.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
               f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: "
               f"{allocator_settings()}; each side's median of {args.repeats} alternating steps in each of "

@@ -7,29 +7,61 @@ Runs the config (default configs/tinyshakespeare-68s.yaml; a corpus folder means
 ptb.{train,valid,test}.txt) in a temporary folder. After 10 warm-up steps, every block of 5 steps runs the
 next of three variants in turn (float32; bfloat16 with the compiled time loops; bfloat16 with the Python
 loops, whose per-step products are oneDNN's), so that the machine's stalls fall on all alike; prints the
-median step time of each and its ratio to float32's. First, the throughput of torch.mm in both dtypes at the
-config's largest shapes.
+median step time of each and its ratio to float32's. `--steps` is at least 11, so that each variant gets a
+block. The table's "time loops" column says what ran: where the compiled loops cannot (kernels not built,
+bfloat16 products on a CPU without AVX-512 BF16 or for an odd hidden size), it says "Python" and why.
+First, the throughput of torch.mm in both dtypes at the config's largest shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from comparison import machine_line
+from comparison import ROOT, checked_config, corpus, corpus_settings, integer_at_least, machine_line
 
-from lmtrain.config import load_config
 from lmtrain.model.language_model import gate_count
 from lmtrain.speed import kernels
+from lmtrain.speed.route import Route
 from lmtrain.training.trainer import Trainer
 
 WARM_UP, BLOCK = 10, 5
 VARIANTS = [("float32", True), ("bfloat16", True), ("bfloat16", False)]  # (train.precision, compiled loops)
+
+
+def variant_at(index: int) -> tuple[str, bool]:
+    """The variant training step `index` runs: each in turn during the warm-up, then a block of BLOCK each."""
+    return VARIANTS[(index // BLOCK) % len(VARIANTS)] if index >= WARM_UP else VARIANTS[index % len(VARIANTS)]
+
+
+# The fewest timed steps in which every variant runs: fewer leave one without a step time.
+MIN_STEPS = next(steps for steps in itertools.count(1)
+                 if {variant_at(WARM_UP + index) for index in range(steps)} == set(VARIANTS))
+
+
+def time_loops(precision: str, compiled: bool, steps: int, hidden_size: int) -> str:
+    """What a variant's layers ran, as lmtrain's route decides it (`Route.time_loops`): "compiled", or
+    "Python" with the reason where the variant asked for the compiled loops and they cannot run."""
+    if not compiled:
+        return "Python"
+    module = kernels.load(announce=lambda line: None)
+    product_dtype = torch.bfloat16 if precision == "bfloat16" else None
+    if Route(loops=module, product_dtype=product_dtype).time_loops(steps, hidden_size) is not None:
+        return "compiled"
+    if module is None:
+        reason = f"the compiled kernels are not available: {kernels.unavailable_reason()}"
+    elif product_dtype is not None and not module.bf16_products_supported():
+        reason = "no AVX-512 BF16 on this CPU"
+    elif product_dtype is not None and hidden_size % 2:
+        reason = f"the compiled bfloat16 loops need an even hidden size, not {hidden_size}"
+    else:
+        reason = f"sequences of {steps} steps are too short for them"
+    return f"Python ({reason})"
 
 
 def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 30) -> float:
@@ -45,18 +77,18 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 30) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tinyshakespeare-68s.yaml")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--config", default=ROOT / "configs" / "tinyshakespeare-68s.yaml")
+    parser.add_argument("--steps", type=integer_at_least(MIN_STEPS, f"each variant runs a block of {BLOCK}"),
+                        default=120, help=f"timed steps after the warm-up, {MIN_STEPS} or more")
+    parser.add_argument("corpus", type=corpus)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
-    data = ([f"data.{split}={args.corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
-            if args.corpus.is_dir() else [f"data.path={args.corpus}"])
-    print(machine_line())
     with tempfile.TemporaryDirectory() as folder:
-        config = load_config(args.config, [*data, "data.corpus=null", f"train.max_steps={WARM_UP + args.steps}",
-                                           "train.max_epochs=null", "train.max_seconds=null", "train.eval_every=100000",
-                                           "train.final_samples=0", f"train.out_dir={folder}/run", *args.overrides])
+        config = checked_config(parser, args.config, [
+            *corpus_settings(args.corpus), f"train.max_steps={WARM_UP + args.steps}", "train.max_epochs=null",
+            "train.max_seconds=null", "train.eval_every=100000", "train.final_samples=0",
+            f"train.out_dir={folder}/run", *args.overrides])
+        print(machine_line())
         B, T, H = config.train.batch_size, config.train.bptt, config.model.hidden_size
         G = gate_count(config.model)
         print("\n| torch.mm | float32 GFLOPS | bfloat16 GFLOPS |\n|---|---|---|")
@@ -68,7 +100,7 @@ def main() -> None:
 
         def timed_step(*step_args):
             nonlocal index
-            chosen = VARIANTS[(index // BLOCK) % len(VARIANTS)] if index >= WARM_UP else VARIANTS[index % len(VARIANTS)]
+            chosen = variant_at(index)
             trainer.config.train.precision = chosen[0]
             with kernels.switched(chosen[1]):
                 begin = time.perf_counter()
@@ -89,7 +121,7 @@ def main() -> None:
     print("| train.precision | time loops | median step (ms) | ratio to float32 |\n|---|---|---|---|")
     for precision, compiled in VARIANTS:
         median = statistics.median(times[(precision, compiled)])
-        print(f"| {precision} | {'compiled' if compiled else 'Python'} | {1e3 * median:.1f} | "
+        print(f"| {precision} | {time_loops(precision, compiled, T, H)} | {1e3 * median:.1f} | "
               f"{median / baseline:.2f}x |")
 
 

@@ -19,10 +19,9 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, doc_file, integer_at_least, positive_integer
 from doc_sections import write_section
 
 from lmtrain.data.tokenizer import Tokenizer
@@ -63,12 +62,13 @@ def tokens_per_s(model: LanguageModel, tokenizer: Tokenizer, num: int, tokens: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=200)
-    parser.add_argument("--vocab", type=int, default=65, help="the vocabulary's size, <unk> and <eos> included")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num", type=positive_integer, default=16)
+    parser.add_argument("--tokens", type=positive_integer, default=200)
+    parser.add_argument("--vocab", type=integer_at_least(3, "<unk>, <eos> and one word"), default=65,
+                        help="the vocabulary's size, <unk> and <eos> included")
+    parser.add_argument("--repeats", type=positive_integer, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--doc", type=Path, default=None)
+    parser.add_argument("--doc", type=doc_file, default=None)
     args = parser.parse_args()
     tokenizer = vocabulary(args.vocab)
     model = never_ending_model(tokenizer, args.device)

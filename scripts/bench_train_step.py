@@ -9,7 +9,8 @@ logits, then torch's `cross_entropy`).
 Runs the config (default configs/tinyshakespeare-char.yaml; a corpus folder means its
 ptb.{train,valid,test}.txt) in a temporary folder. After 10 warm-up steps, every block of 5 steps uses the
 next of the five variants in turn, so that the machine's stalls fall on all of them alike; prints the
-median step time of each and its ratio to the step with none of them.
+median step time of each and its ratio to the step with none of them. `--steps` is at least 21, so that
+each variant gets a block.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from comparison import allocator_settings
+from comparison import (
+    ROOT,
+    allocator_settings,
+    checked_config,
+    corpus,
+    corpus_settings,
+    integer_at_least,
+    repository_path,
+)
 
-from lmtrain.config import load_config
 from lmtrain.model.language_model import Projection
 from lmtrain.speed import gemm, kernels, loss
 from lmtrain.training.trainer import Trainer
@@ -36,6 +43,16 @@ from lmtrain.training.trainer import Trainer
 WARM_UP, BLOCK = 10, 5
 # (compiled LSTM loops, oneDNN output layer forward, fused loss): none, then each speed-up added in turn
 VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+
+
+def variant_at(index: int) -> tuple[bool, bool, bool]:
+    """The variant training step `index` runs: a block of BLOCK steps each in turn, the warm-up's too."""
+    return VARIANTS[(index // BLOCK) % len(VARIANTS)]
+
+
+# The fewest timed steps in which every variant runs: fewer leave one without a step time.
+MIN_STEPS = next(steps for steps in itertools.count(1)
+                 if {variant_at(WARM_UP + index) for index in range(steps)} == set(VARIANTS))
 
 
 def unfused_nll(self: Projection, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -59,25 +76,25 @@ def variant(compiled: bool, onednn_projection: bool, fused_loss: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
+    parser.add_argument("corpus", type=corpus)
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--config", default="configs/tinyshakespeare-char.yaml")
-    parser.add_argument("--steps", type=int, default=120, help="timed steps (after the warm-up)")
+    parser.add_argument("--config", default=ROOT / "configs" / "tinyshakespeare-char.yaml")
+    parser.add_argument("--steps", type=integer_at_least(MIN_STEPS, f"each variant runs a block of {BLOCK}"),
+                        default=120, help=f"timed steps (after the warm-up), {MIN_STEPS} or more")
     args = parser.parse_intermixed_args()
-    data = ([f"data.{split}={args.corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
-            if args.corpus.is_dir() else [f"data.path={args.corpus}"])
     variants = VARIANTS
     times: dict[tuple[bool, bool, bool], list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as folder:
-        config = load_config(args.config, [*data, "data.corpus=null", f"train.max_steps={WARM_UP + args.steps}",
-                                           "train.max_epochs=null", "train.max_seconds=null", "train.eval_every=100000",
-                                           "train.final_samples=0", f"train.out_dir={folder}/run", *args.overrides])
+        config = checked_config(parser, args.config, [
+            *corpus_settings(args.corpus), f"train.max_steps={WARM_UP + args.steps}", "train.max_epochs=null",
+            "train.max_seconds=null", "train.eval_every=100000", "train.final_samples=0",
+            f"train.out_dir={folder}/run", *args.overrides])
         trainer = Trainer(config, resume=False, echo=lambda line: None, warn=print, progress_bar=False)
         step, count = trainer._train_step, itertools.count()
 
         def timed_step(*step_args):
             index = next(count)
-            chosen = variants[(index // BLOCK) % len(variants)]
+            chosen = variant_at(index)
             with variant(*chosen):
                 begin = time.perf_counter()
                 result = step(*step_args)
@@ -91,9 +108,9 @@ def main() -> None:
     allocator = allocator_settings()
     model = config.model
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"allocator: {allocator}; {args.config} ({model.cell} {model.num_layers}x{model.hidden_size}, batch "
-          f"{config.train.batch_size}, bptt {config.train.bptt}), {args.steps} steps in blocks of {BLOCK} "
-          "per variant\n")
+          f"allocator: {allocator}; {repository_path(args.config)} ({model.cell} {model.num_layers}x"
+          f"{model.hidden_size}, batch {config.train.batch_size}, bptt {config.train.bptt}), {args.steps} steps in "
+          f"blocks of {BLOCK} per variant\n")
     baseline = statistics.median(times[variants[0]])
     print("| compiled LSTM loops | output layer forward | loss | median step ms | ratio |")
     print("|---|---|---|---:|---:|")

@@ -15,10 +15,9 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, doc_file, positive_integer
 from doc_sections import write_section
 
 from lmtrain.model.language_model import LanguageModel
@@ -44,9 +43,9 @@ def tokens_per_second(model: LanguageModel, tokens: torch.Tensor, repeats: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file too")
+    parser.add_argument("--tokens", type=positive_integer, default=20000)
+    parser.add_argument("--repeats", type=positive_integer, default=4)
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file too")
     parser.add_argument("--title", default="Whole texts", help="the section of --doc to write")
     args = parser.parse_args()
     torch.manual_seed(0)

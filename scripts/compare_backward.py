@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings
+from comparison import allocator_settings, checked_config, positive_integer
 
-from lmtrain.config import load_config
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.perplexity import evaluate_checkpoint
 from lmtrain.training.trainer import train
@@ -28,16 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=positive_integer, default=5000)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/compare-backward"))
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE for both runs, e.g. data.path=...")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
+    configs = {backward: checked_config(parser, args.config, [
+        *args.overrides, f"model.gradients={backward}", f"train.max_steps={args.steps}",
+        f"train.out_dir={args.out_dir / backward}", "train.final_samples=0"]) for backward in ("autograd", "manual")}
     rows = []
-    for backward in ("autograd", "manual"):
+    for backward, config in configs.items():
         out_dir = args.out_dir / backward
-        config = load_config(args.config,
-                             [*args.overrides, f"model.gradients={backward}", f"train.max_steps={args.steps}",
-                              f"train.out_dir={out_dir}", "train.final_samples=0"])
         result = train(config, echo=print, progress_bar=False)
         try:
             test, _ = evaluate_checkpoint(str(out_dir / "best.pt"), split="test")

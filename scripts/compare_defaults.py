@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from comparison import ROOT, provenance, run_lmtrain
+from comparison import ROOT, doc_file, positive_integer, provenance, run_lmtrain, text_file
 from doc_sections import write_section
 
 OLD_DEFAULTS = ["model.init=zaremba", "model.forget_bias=1.0"]
@@ -35,10 +35,11 @@ def data_only_config(folder: Path, data: dict[str, str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tinyshakespeare", type=Path)
-    parser.add_argument("--steps", type=int, default=1000, help="Tiny Shakespeare steps")
-    parser.add_argument("--quickstart-steps", type=int, default=5000, help="bundled corpus steps (the quickstart's)")
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
+    parser.add_argument("tinyshakespeare", type=text_file, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--steps", type=positive_integer, default=1000, help="Tiny Shakespeare steps")
+    parser.add_argument("--quickstart-steps", type=positive_integer, default=5000,
+                        help="bundled corpus steps (the quickstart's)")
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section "
                         "\"What the defaults learn\"")
     args = parser.parse_args()
     agreement = ROOT / "corpora" / "agreement"

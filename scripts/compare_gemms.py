@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from bench_cells import build, step_function
 from compare_train_speed import lmtrain_tokens_per_s
-from comparison import allocator_settings, cpu_name, layer_sizes
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer, text_file
 from doc_sections import write_section
 
 from lmtrain.speed import route
@@ -62,11 +62,11 @@ def main() -> None:
                         choices=["lstm", "gru", "gru-lecture", "gru-simplified", "rnn"])
     parser.add_argument("--sizes", type=layer_sizes, default=[(32, 64, 128), (64, 128, 256), (64, 128, 512),
                                                                (1, 256, 512)])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--corpus", type=Path, default=None, help="also compare whole training runs on it")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--doc", type=Path, default=None)
+    parser.add_argument("--repeats", type=positive_integer, default=7)
+    parser.add_argument("--corpus", type=text_file, default=None, help="also compare whole training runs on it")
+    parser.add_argument("--steps", type=positive_integer, default=150)
+    parser.add_argument("--rounds", type=positive_integer, default=3)
+    parser.add_argument("--doc", type=doc_file, default=None)
     args = parser.parse_args()
     if route.ONEDNN_LINEAR is None:
         sys.exit("this torch has no oneDNN linear: nothing to compare")

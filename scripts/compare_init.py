@@ -12,9 +12,9 @@ table. lmtrain variants: `model.init` zaremba or torch, `model.forget_bias` 1 or
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
+from comparison import integer_at_least, positive_integer, text_file
 from reference_nn_lstm import CharLSTM, batchify, split_text
 from torch import nn
 
@@ -43,14 +43,18 @@ def detach(state):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("corpus", type=text_file, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--steps", type=integer_at_least(EVERY, f"the table's rows are means over {EVERY}"),
+                        default=300)
+    parser.add_argument("--threads", type=positive_integer, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_text, _ = split_text(args.corpus.read_text(encoding="utf-8"))
     vocabulary = {char: index for index, char in enumerate(sorted(set(train_text)))}
     data = batchify(torch.tensor([vocabulary[char] for char in train_text]), 32)
+    if data.size(1) <= 65:  # each step reads 65 characters of each of the 32 streams
+        parser.error(f"{args.corpus}: too short, its training split is {len(train_text):,} characters; "
+                     f"32 streams of 66 need {32 * 66:,}")
     models = {name: build(options, len(vocabulary)) for name, options in VARIANTS.items()}
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=2e-3) for name, model in models.items()}
     states, sums, rows = dict.fromkeys(models), dict.fromkeys(models, 0.0), []

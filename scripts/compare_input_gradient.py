@@ -23,11 +23,10 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from bench_cells import SIZES, build, peak_rss_mb, step_function
-from comparison import allocator_settings, cpu_name, layer_sizes
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer
 from doc_sections import write_section
 
 from lmtrain.speed import gemm
@@ -94,11 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=sorted(GATES))
     parser.add_argument("--sizes", type=layer_sizes, default=None, help='e.g. "[[1, 256, 512]]"')
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section too")
+    parser.add_argument("--repeats", type=positive_integer, default=15)
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section too")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
     if ONEDNN_LINEAR is None:
         parser.error("this torch has no oneDNN linear to compare with")
     lines = [f"`python scripts/compare_input_gradient.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"),

@@ -16,13 +16,12 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings
+from comparison import allocator_settings, positive_integer, run_child
 
 from lmtrain.speed import kernel_build, kernels
 from lmtrain.speed.gemm import FixedProduct
@@ -34,8 +33,7 @@ SIZES = [(20, 35, 200), (32, 64, 256), (64, 128, 256), (128, 16, 512), (64, 128,
 
 def build_old(folder: Path):
     source = folder / "old_lstm_loops.cpp"
-    source.write_text(subprocess.run(["git", "show", f"{OLD[0]}:{OLD[1]}"], cwd=ROOT, check=True,
-                                     capture_output=True, text=True).stdout)
+    source.write_text(run_child(["git", "show", f"{OLD[0]}:{OLD[1]}"], cwd=ROOT).stdout)
     current = kernels.spec()
     old = kernel_build.Spec(f"{current.name}_old_loops", (source,), cflags=current.cflags, ldflags=current.ldflags)
     module, reason = kernel_build.obtain(old, announce=print, wait_seconds=600, root=folder / "build")
@@ -51,7 +49,7 @@ def old_arguments(product: FixedProduct) -> tuple[torch.Tensor, bool]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=positive_integer, default=9)
     args = parser.parse_args()
     new = kernels.load()
     if new is None:

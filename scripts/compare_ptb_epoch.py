@@ -17,7 +17,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from comparison import ROOT, machine_line, print_table, run_lmtrain, run_subprocess
+from comparison import (
+    ROOT,
+    checked_config,
+    corpus_settings,
+    machine_line,
+    positive_integer,
+    print_table,
+    ptb_folder,
+    run_lmtrain,
+    run_subprocess,
+)
+
+CONFIG = ROOT / "configs" / "ptb-word.yaml"
 
 
 def run_reference(folder: Path) -> dict:
@@ -28,27 +40,21 @@ def run_reference(folder: Path) -> dict:
             "tokens_per_s": result["tokens_per_s"], "valid_loss": result["valid_loss"], "wall_seconds": round(wall)}
 
 
-PTB_FILES = tuple(f"ptb.{split}.txt" for split in ("train", "valid", "test"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("folder", type=ptb_folder)
+    parser.add_argument("--repeats", type=positive_integer, default=1)
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE for the lmtrain run")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
     folder = args.folder.resolve()
-    missing = [name for name in PTB_FILES if not (folder / name).is_file()]
-    if missing:
-        parser.error(f"{args.folder}: no {', '.join(missing)} there (the folder of Penn Treebank's three files)")
+    settings = corpus_settings(folder)
+    checked_config(parser, CONFIG, [*settings, *args.overrides])
     print(machine_line(), flush=True)
-    settings = ["data.corpus=null", *(f"data.{name.split('.')[1]}={folder / name}" for name in PTB_FILES)]
     results = []
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
             for result in (run_reference(folder),
-                           run_lmtrain("configs/ptb-word.yaml", settings, args.overrides,
-                                       Path(out) / f"lmtrain-{repeat}")):
+                           run_lmtrain(CONFIG, settings, args.overrides, Path(out) / f"lmtrain-{repeat}")):
                 results.append(result)
                 print(json.dumps(result), flush=True)
     print_table(results, "Penn Treebank, one epoch, 2x200 LSTM", perplexity=True)

@@ -20,7 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from comparison import ROOT, machine_line, print_table, run_lmtrain, run_subprocess
+from comparison import (
+    ROOT,
+    checked_config,
+    corpus_settings,
+    lmtrain_settings,
+    machine_line,
+    positive_integer,
+    positive_number,
+    print_table,
+    run_lmtrain,
+    run_subprocess,
+    text_file,
+)
 
 
 def run_reference(corpus: Path, seconds: float) -> dict:
@@ -34,16 +46,18 @@ def run_reference(corpus: Path, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--seconds", type=float, default=68.0, help="training time of each (steps only)")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--config", default="configs/tinyshakespeare-68s.yaml")
+    parser.add_argument("corpus", type=text_file, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--seconds", type=positive_number, default=68.0, help="training time of each (steps only)")
+    parser.add_argument("--repeats", type=positive_integer, default=1)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tinyshakespeare-68s.yaml")
     parser.add_argument("--variant", action="append", default=None,
                         help="overrides for one lmtrain run, e.g. \"train.lr=0.003 train.batch_size=64\"")
     args = parser.parse_args()
-    corpus = args.corpus.resolve()
+    corpus, config = args.corpus.resolve(), args.config.resolve()  # the runs start in the repository root
+    settings = [*corpus_settings(corpus), f"train.max_seconds={args.seconds}"]
+    for variant in args.variant or [""]:
+        checked_config(parser, config, [*lmtrain_settings(settings, Path("run")), *variant.split()])
     print(machine_line(), flush=True)
-    settings = [f"data.path={corpus}", "data.corpus=null", f"train.max_seconds={args.seconds}"]
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
@@ -51,7 +65,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
             for index, variant in enumerate(args.variant or [""]):
                 out_dir = Path(folder) / f"lmtrain-{repeat}-{index}"
-                results.append(run_lmtrain(args.config, settings, variant.split(), out_dir))
+                results.append(run_lmtrain(config, settings, variant.split(), out_dir))
                 print(json.dumps(results[-1]), flush=True)
     print_table(results, f"Tiny Shakespeare, {args.seconds:g} s of training")
 

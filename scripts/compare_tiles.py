@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name, layer_sizes
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer, run_child
 from doc_sections import write_section
 from torch.utils.cpp_extension import load
 
@@ -42,15 +42,23 @@ def build(name: str, source: Path, defines: list[str]):
                 extra_cflags=[*spec.cflags, *defines], extra_ldflags=list(spec.ldflags), build_directory=str(folder))
 
 
+CSRC = kernels.SOURCE.parent.relative_to(ROOT).as_posix()
+
+
+def kernel_revision(text: str) -> str:
+    """An argparse type: a git revision that has the kernels' sources, checked before any build."""
+    if subprocess.run(["git", "cat-file", "-e", f"{text}:{CSRC}"], cwd=ROOT, capture_output=True).returncode:
+        raise argparse.ArgumentTypeError(f"{text}: no such git revision, or no {CSRC} in it")
+    return text
+
+
 def sources_at(revision: str) -> Path:
     """The kernels' sources as they were at git `revision`, written to a temporary folder; their kernels.cpp."""
     folder = Path(tempfile.mkdtemp(prefix=f"lmtrain-kernels-{revision}-"))
-    csrc = kernels.SOURCE.parent.relative_to(ROOT).as_posix()
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{revision}:{csrc}"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
+    names = run_child(["git", "ls-tree", "--name-only", f"{revision}:{CSRC}"], cwd=ROOT).stdout.split()
     for name in names:
-        (folder / name).write_bytes(subprocess.run(["git", "show", f"{revision}:{csrc}/{name}"], cwd=ROOT,
-                                                   check=True, capture_output=True).stdout)
+        source = run_child(["git", "show", f"{revision}:{CSRC}/{name}"], cwd=ROOT, text=False).stdout
+        (folder / name).write_bytes(source)
     return folder / kernels.SOURCE.name
 
 
@@ -73,10 +81,11 @@ def loops(cell: str, B: int, T: int, H: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--revision", default=None, help="also time the kernels of this git revision")
+    parser.add_argument("--repeats", type=positive_integer, default=7)
+    parser.add_argument("--revision", type=kernel_revision, default=None,
+                        help="also time the kernels of this git revision")
     parser.add_argument("--sizes", type=layer_sizes, default=SIZES, help='(B, T, H) each, e.g. "[[1, 256, 512]]"')
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file too")
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file too")
     parser.add_argument("--title", default="The product's register tile", help="the section of --doc to write")
     args = parser.parse_args()
     native = "6x32" if kernels.spec().module.startswith("lmtrain_kernels_avx512") else "4x16"

@@ -17,22 +17,37 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from comparison import allocator_settings, cpu_name
+from comparison import (
+    ROOT,
+    allocator_settings,
+    checked_config,
+    cpu_name,
+    doc_file,
+    positive_integer,
+    run_child,
+    text_file,
+)
 from doc_sections import write_section
 
-ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "tinyshakespeare-char.yaml"
 
 
 def reference_tokens_per_s(corpus: Path, steps: int) -> float:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_nn_lstm.py"), str(corpus),
-                             "--steps", str(steps)], capture_output=True, text=True, check=True)
+    result = run_child([sys.executable, str(ROOT / "scripts" / "reference_nn_lstm.py"), str(corpus),
+                        "--steps", str(steps)])
     return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def lmtrain_settings(corpus: Path, steps: int, out_dir: str) -> list[str]:
+    """The settings of a `lmtrain train CONFIG` run of `steps` steps on `corpus`, before the overrides."""
+    return [f"data.path={corpus.resolve()}", "data.corpus=null", f"train.max_steps={steps}", "train.max_seconds=null",
+            f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.final_samples=0",
+            f"train.out_dir={out_dir}"]
 
 
 def lmtrain_tokens_per_s(corpus: Path, steps: int, overrides: list[str],
@@ -40,26 +55,21 @@ def lmtrain_tokens_per_s(corpus: Path, steps: int, overrides: list[str],
     """Training tokens/s of one `lmtrain train` run in its own process; `launcher` is the command that
     stands for `lmtrain` (scripts/compare_gemms.py sets a switch of the route's first)."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [*launcher, "train", str(ROOT / "configs" / "tinyshakespeare-char.yaml"),
-                   f"data.path={corpus}", "data.corpus=null", f"train.max_steps={steps}", "train.max_seconds=null",
-                   f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.final_samples=0",
-                   f"train.out_dir={folder}/run", *overrides]
-        subprocess.run(command, capture_output=True, text=True, check=True)
+        run_child([*launcher, "train", str(CONFIG), *lmtrain_settings(corpus, steps, f"{folder}/run"), *overrides])
         progress = torch.load(Path(folder) / "run" / "last.pt", weights_only=True)["progress"]
         return progress["tokens"] / progress["train_seconds"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("corpus", type=Path)
+    parser.add_argument("corpus", type=text_file, help="Tiny Shakespeare's input.txt")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for lmtrain")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
+    parser.add_argument("--steps", type=positive_integer, default=300)
+    parser.add_argument("--rounds", type=positive_integer, default=3)
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section "
                         "\"Whole training runs\"")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
-    if not args.corpus.is_file():
-        parser.error(f"{args.corpus}: no such file (Tiny Shakespeare's input.txt)")
+    checked_config(parser, CONFIG, [*lmtrain_settings(args.corpus, args.steps, "run"), *args.overrides])
     speeds: dict[str, list[float]] = {"nn.LSTM reference": [], "lmtrain": []}
     for _ in range(args.rounds):
         speeds["nn.LSTM reference"].append(reference_tokens_per_s(args.corpus, args.steps))

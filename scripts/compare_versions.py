@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from comparison import train_result
+from comparison import lmtrain_checkout, ptb_folder, text_file, train_result
 
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
              "MALLOC_TOP_PAD_": "268435456"}
@@ -58,10 +58,10 @@ def run(name: str, side: str, folder: Path, python: str, arguments: list[str], o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for side in ("before", "after"):
-        parser.add_argument(f"--{side}", type=Path, required=True, help=f"the {side} version's checkout")
+        parser.add_argument(f"--{side}", type=lmtrain_checkout, required=True, help=f"the {side} version's checkout")
         parser.add_argument(f"--{side}-python", required=True, help="the Python of a venv with it installed")
-    parser.add_argument("--shakespeare", type=Path, required=True, help="Tiny Shakespeare's input.txt")
-    parser.add_argument("--ptb", type=Path, required=True, help="the folder with ptb.{train,valid,test}.txt")
+    parser.add_argument("--shakespeare", type=text_file, required=True, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--ptb", type=ptb_folder, required=True, help="the folder with ptb.{train,valid,test}.txt")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmtrain-compare-versions"))
     parser.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (quickstart, race, ptb)")
     args = parser.parse_args()

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from comparison import ROOT, doc_file, integer_at_least, positive_integer
 
 from lmtrain.config import load_config
 from lmtrain.evaluation.diagnose import distances_to_show, gradient_report
 from lmtrain.training.trainer import train
 
-ROOT = Path(__file__).resolve().parent.parent
 CELLS = ("rnn", "gru", "lstm")
 
 
@@ -34,10 +34,10 @@ def overrides(cell: str, steps: int, out_dir: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=positive_integer, default=1000)
+    parser.add_argument("--length", type=integer_at_least(2, "a loss and one step before it"), default=64)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/gradient-decay"))
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "gradients.md")
+    parser.add_argument("--doc", type=doc_file, default=ROOT / "docs" / "gradients.md")
     args = parser.parse_args()
     config_path = ROOT / "configs" / "quickstart.yaml"
     trained, untrained, losses, seconds = {}, {}, {}, {}

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import provenance
+from comparison import doc_file, positive_integer, positive_number, provenance
 from doc_sections import write_section
 
 CONFIG = ("data: {path: corpus.txt, level: char, cache: false}\n"
@@ -71,10 +71,10 @@ def one_run(folder: Path, number: int, delay: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=positive_integer, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--longest-delay", type=float, default=28.0)
-    parser.add_argument("--doc", type=Path, default=None, help="write the table into this file's section "
+    parser.add_argument("--longest-delay", type=positive_number, default=28.0)
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section "
                         "\"A build killed at any moment\"")
     args = parser.parse_args()
     rng = random.Random(args.seed)

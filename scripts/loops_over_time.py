@@ -21,11 +21,10 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from compare_tiles import build, loops, sources_at
-from comparison import allocator_settings, cpu_name, layer_sizes
+from compare_tiles import build, kernel_revision, loops, sources_at
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_number
 from doc_sections import write_section
 
 from lmtrain.speed import kernels
@@ -49,12 +48,13 @@ def gru_after_loops(B: int, T: int, H: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--revision", required=True, help="the git revision whose kernels to alternate with")
+    parser.add_argument("--revision", type=kernel_revision, required=True,
+                        help="the git revision whose kernels to alternate with")
     parser.add_argument("--cell", choices=["lstm", "gru-after", "rnn"], default="gru-after")
     parser.add_argument("--sizes", type=layer_sizes, default=[(64, 128, 256)],
                         help='(B, T, H) each, e.g. "[[64, 128, 256]]"')
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long each size runs")
-    parser.add_argument("--doc", type=Path, default=None, help="write the summary into this file too")
+    parser.add_argument("--seconds", type=positive_number, default=60.0, help="how long each size runs")
+    parser.add_argument("--doc", type=doc_file, default=None, help="write the summary into this file too")
     parser.add_argument("--title", default="Rows or units", help="the section of --doc to write")
     args = parser.parse_args()
     modules = {"this checkout": build("checkout", kernels.SOURCE, []),

@@ -16,13 +16,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from comparison import ROOT, integer_at_least, ptb_folder, run_child
+
+SKIPPED = 10  # the first steps, which allocate what the later ones reuse
 
 
 def measure(folder: Path, steps: int) -> dict:
@@ -46,15 +47,16 @@ def measure(folder: Path, steps: int) -> dict:
 
         trainer._train_step = counted
         trainer.run()
-    later = records[10:]
+    later = records[SKIPPED:]
     return {"median_step_ms": round(1e3 * statistics.median(t for t, _ in later), 1),
             "median_faults_per_step": statistics.median(f for _, f in later)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("folder", type=ptb_folder)
+    parser.add_argument("--steps", type=integer_at_least(SKIPPED + 1, f"the first {SKIPPED} are not counted"),
+                        default=80)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.measure:
@@ -64,8 +66,8 @@ def main() -> None:
     for label, extra in (("glibc defaults (LMTRAIN_KEEP_FREED_MEMORY=0)", {"LMTRAIN_KEEP_FREED_MEMORY": "0"}),
                          ("freed memory kept (lmtrain's default)", {})):
         env = {**{k: v for k, v in base.items() if k != "LMTRAIN_KEEP_FREED_MEMORY"}, **extra}
-        output = subprocess.run([sys.executable, __file__, str(args.folder), "--steps", str(args.steps), "--measure"],
-                                env=env, capture_output=True, text=True, check=True).stdout
+        output = run_child([sys.executable, __file__, str(args.folder), "--steps", str(args.steps), "--measure"],
+                           env=env).stdout
         print(f"{label}: {output.strip().splitlines()[-1]}", flush=True)
 
 

@@ -24,11 +24,10 @@ import shlex
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from bench_cells import build, step_function
-from comparison import allocator_settings, cpu_name, layer_sizes
+from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer
 from doc_sections import write_section
 from torch.profiler import ProfilerActivity, profile
 
@@ -93,8 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "gru-lecture", "rnn"], choices=sorted(GATES))
     parser.add_argument("--sizes", type=layer_sizes, default=[(64, 128, 512)])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--doc", type=Path, default=None,
+    parser.add_argument("--steps", type=positive_integer, default=5)
+    parser.add_argument("--doc", type=doc_file, default=None,
                         help="write the table as the section 'Where a layer's step goes' (or --title)")
     parser.add_argument("--title", default="Where a layer's step goes", help="the section of --doc to write")
     args = parser.parse_args()

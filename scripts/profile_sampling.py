@@ -22,7 +22,7 @@ import time
 
 import torch
 from bench_sampling import never_ending_model, vocabulary
-from comparison import allocator_settings, cpu_name
+from comparison import allocator_settings, cpu_name, positive_integer
 
 from lmtrain.evaluation.sampling import generate, sample_next
 from lmtrain.model.language_model import LanguageModel
@@ -71,9 +71,9 @@ def product_us(rows: int, repeats: int = 200) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num", type=int, nargs="+", default=[16, 1])
-    parser.add_argument("--tokens", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num", type=positive_integer, nargs="+", default=[16, 1])
+    parser.add_argument("--tokens", type=positive_integer, default=200)
+    parser.add_argument("--repeats", type=positive_integer, default=5)
     args = parser.parse_args()
     if ONEDNN_LINEAR is None:
         raise SystemExit("this torch has no oneDNN linear to measure")

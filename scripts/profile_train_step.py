@@ -12,43 +12,38 @@ script.
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from comparison import ROOT, checked_config, corpus, corpus_settings
 from torch.profiler import profile
 
-from lmtrain.config import load_config
 from lmtrain.training.trainer import Trainer
 
 PROFILED = range(30, 50)  # step indices (0-based) inside the profile
 
 
 def main() -> None:
-    arguments, config_file = sys.argv[1:], "configs/tinyshakespeare-char.yaml"
-    if arguments[:1] == ["--config"]:
-        config_file, arguments = arguments[1], arguments[2:]
-    if not arguments:
-        sys.exit(__doc__)
-    corpus = Path(arguments[0])
-    data = ([f"data.{split}={corpus / f'ptb.{split}.txt'}" for split in ("train", "valid", "test")]
-            if corpus.is_dir() else [f"data.path={corpus}"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=ROOT / "configs" / "tinyshakespeare-char.yaml")
+    parser.add_argument("corpus", type=corpus, help="a text file, or the folder of ptb.{train,valid,test}.txt")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE for the run")
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     with tempfile.TemporaryDirectory() as folder:
-        config = load_config(config_file,
-                             [*data, "data.corpus=null", "train.max_steps=60", "train.max_epochs=null",
-                              "train.max_seconds=null", "train.eval_every=1000", "train.final_samples=0",
-                              f"train.out_dir={folder}/run", *arguments[1:]])
+        config = checked_config(parser, args.config, [
+            *corpus_settings(args.corpus), "train.max_steps=60", "train.max_epochs=null", "train.max_seconds=null",
+            "train.eval_every=1000", "train.final_samples=0", f"train.out_dir={folder}/run", *args.overrides])
         trainer = Trainer(config, resume=False, echo=print, warn=print, progress_bar=False)
         step, times, profiler = trainer._train_step, [], profile()
 
-        def timed_step(*args):
+        def timed_step(*step_args):
             if len(times) == PROFILED.start:
                 profiler.start()
             begin = time.perf_counter()
-            result = step(*args)
+            result = step(*step_args)
             times.append(time.perf_counter() - begin)
             if len(times) == PROFILED.stop:
                 profiler.stop()

@@ -10,7 +10,8 @@ streams, bptt 64 with the state carried between chunks, Adam lr 2e-3, gradient n
 Prints one JSON line: steps, training seconds (steps only, no evaluation), tokens/s, and with `--eval`
 the validation loss in nats per character over the whole split, read as 32 streams with the state
 carried throughout (`valid_loss`; lmtrain's evaluation restarts the state every 2048 tokens instead).
-It imports nothing from lmtrain, so that it measures torch alone.
+It imports nothing from lmtrain, so that it measures torch alone (scripts/comparison.py, for its argument
+types, imports lmtrain only inside the functions that use it).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
+from comparison import positive_integer, positive_number, text_file
 from torch import nn
 
 
@@ -68,12 +69,12 @@ def validation_loss(model: CharLSTM, data: torch.Tensor, bptt: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seconds", type=float, default=None, help="training time budget (steps only)")
+    parser.add_argument("corpus", type=text_file)
+    parser.add_argument("--steps", type=positive_integer, default=None)
+    parser.add_argument("--seconds", type=positive_number, default=None, help="training time budget (steps only)")
     parser.add_argument("--eval", action="store_true", help="report the validation loss at the end")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--bptt", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_integer, default=32)
+    parser.add_argument("--bptt", type=positive_integer, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.steps is None and args.seconds is None:

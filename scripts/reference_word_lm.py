@@ -10,7 +10,8 @@ embedding and decoder; plain SGD at lr 20 written by hand, gradient norm clipped
 between bptt-35 chunks; the rate divided by 4 after an epoch whose validation loss did not improve.
 
 Prints one JSON line per epoch: training seconds (steps only), tokens/s, validation loss and perplexity.
-It imports nothing from lmtrain, so that it measures torch alone.
+It imports nothing from lmtrain, so that it measures torch alone (scripts/comparison.py, for its argument
+types, imports lmtrain only inside the functions that use it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from comparison import positive_integer, ptb_folder
 from torch import nn
 
 
@@ -72,10 +74,10 @@ def evaluate(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--bptt", type=int, default=35)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("folder", type=ptb_folder)
+    parser.add_argument("--epochs", type=positive_integer, default=1)
+    parser.add_argument("--bptt", type=positive_integer, default=35)
+    parser.add_argument("--threads", type=positive_integer, default=None)
     parser.add_argument("--seed", type=int, default=1111)  # the example's default
     args = parser.parse_args()
     if args.threads:

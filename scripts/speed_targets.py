@@ -41,10 +41,20 @@ from pathlib import Path
 import torch
 from bench_cells import REFERENCE, SIZES, peak_rss_medians, time_variants
 from bench_sampling import never_ending_model, tokens_per_s, vocabulary
-from compare_ptb_epoch import PTB_FILES
+from compare_ptb_epoch import CONFIG as PTB_CONFIG
 from compare_ptb_epoch import run_reference as ptb_reference
 from compare_train_speed import lmtrain_tokens_per_s, reference_tokens_per_s
-from comparison import allocator_settings, cpu_name, layer_sizes, run_lmtrain
+from comparison import (
+    allocator_settings,
+    corpus_settings,
+    cpu_name,
+    doc_file,
+    layer_sizes,
+    positive_integer,
+    ptb_folder,
+    run_lmtrain,
+    text_file,
+)
 from doc_sections import write_section
 
 LMTRAIN = "lmtrain manual"  # bench_cells' variant that `lmtrain train` runs
@@ -103,9 +113,8 @@ def shakespeare_row(corpus: Path, rounds: int) -> Row:
 
 def ptb_row(folder: Path) -> Row:
     reference = ptb_reference(folder)
-    settings = ["data.corpus=null", *(f"data.{name.split('.')[1]}={folder / name}" for name in PTB_FILES)]
     with tempfile.TemporaryDirectory() as out:
-        ours = run_lmtrain("configs/ptb-word.yaml", settings, [], Path(out) / "lmtrain")
+        ours = run_lmtrain(PTB_CONFIG, corpus_settings(folder), [], Path(out) / "lmtrain")
     ratio = ours["tokens_per_s"] / reference["tokens_per_s"]
     no_worse = ours["valid_loss"] <= reference["valid_loss"]
     return Row("one PTB epoch (2x200, bptt 35), tokens/s vs pytorch/examples", ">= 1.5x, perplexity no worse",
@@ -129,28 +138,21 @@ def sampling_rows(repeats: int, tokens: int) -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shakespeare", type=Path, default=None, help="Tiny Shakespeare's input.txt")
-    parser.add_argument("--ptb", type=Path, default=None, help="the folder of ptb.{train,valid,test}.txt")
+    parser.add_argument("--shakespeare", type=text_file, default=None, help="Tiny Shakespeare's input.txt")
+    parser.add_argument("--ptb", type=ptb_folder, default=None, help="the folder of ptb.{train,valid,test}.txt")
     parser.add_argument("--cells", nargs="+", default=list(REFERENCE), choices=list(REFERENCE))
     parser.add_argument("--sizes", type=layer_sizes, default=None, help='e.g. "[[32, 64, 128]]"')
-    parser.add_argument("--repeats", type=int, default=5, help="alternating steps (layers) or runs (sampling)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating Tiny Shakespeare rounds")
-    parser.add_argument("--tokens", type=int, default=200, help="tokens a sample")
-    parser.add_argument("--rss-processes", type=int, default=3, help="fresh processes a peak-RSS row is the median of")
-    parser.add_argument("--placements", type=int, default=1,
+    parser.add_argument("--repeats", type=positive_integer, default=5,
+                        help="alternating steps (layers) or runs (sampling)")
+    parser.add_argument("--rounds", type=positive_integer, default=2, help="alternating Tiny Shakespeare rounds")
+    parser.add_argument("--tokens", type=positive_integer, default=200, help="tokens a sample")
+    parser.add_argument("--rss-processes", type=positive_integer, default=3,
+                        help="fresh processes a peak-RSS row is the median of")
+    parser.add_argument("--placements", type=positive_integer, default=1,
                         help="fresh placements of a layer's buffers its time is the median over")
-    parser.add_argument("--doc", type=Path, default=None)
+    parser.add_argument("--doc", type=doc_file, default=None)
     parser.add_argument("--title", default="Speed targets")
     args = parser.parse_args()
-    for option in ("repeats", "rounds", "tokens", "rss_processes", "placements"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be 1 or more")
-    if args.shakespeare is not None and not args.shakespeare.is_file():
-        parser.error(f"--shakespeare {args.shakespeare}: no such file (Tiny Shakespeare's input.txt)")
-    if args.ptb is not None:
-        missing = [name for name in PTB_FILES if not (args.ptb / name).is_file()]
-        if missing:
-            parser.error(f"--ptb {args.ptb}: no {', '.join(missing)} there (the folder of Penn Treebank's three files)")
     header = [f"`python scripts/speed_targets.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
               f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"allocator: {allocator_settings()}", "",

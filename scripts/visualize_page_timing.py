@@ -14,11 +14,12 @@ import argparse
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from comparison import run_child, text_file
 
 SWITCHES = """<!DOCTYPE html><html><body><iframe id="page" src="page.html"></iframe><script>
 const frame = document.getElementById("page");
@@ -36,23 +37,22 @@ frame.onload = () => {
 
 
 def dom(browser: str, url: str, profile: Path) -> str:
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--allow-file-access-from-files", f"--user-data-dir={profile}",
-                           "--virtual-time-budget=30000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=300, check=True).stdout
+    return run_child([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                      "--allow-file-access-from-files", f"--user-data-dir={profile}",
+                      "--virtual-time-budget=30000", "--dump-dom", url], timeout=300).stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--text", required=True)
+    parser.add_argument("--checkpoint", type=text_file, required=True)
+    parser.add_argument("--text", type=text_file, required=True)
     args = parser.parse_args()
-    browser = shutil.which("chromium") or sys.exit("no chromium on PATH")
+    browser = shutil.which("chromium") or parser.error("no chromium on PATH")
     with tempfile.TemporaryDirectory() as folder:
         page = Path(folder) / "page.html"
         begin = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lmtrain", "visualize", "--checkpoint", args.checkpoint, "--text",
-                        args.text, "-o", str(page)], check=True, capture_output=True)
+        run_child([sys.executable, "-m", "lmtrain", "visualize", "--checkpoint", str(args.checkpoint), "--text",
+                   str(args.text), "-o", str(page)])
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"page: {page.stat().st_size / 1e6:.1f} MB, written in {time.perf_counter() - begin:.1f} s "
               f"(peak memory {peak:.0f} MB)")

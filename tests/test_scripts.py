@@ -77,7 +77,7 @@ def test_placement_scripts_refuse_no_placements_or_repeats_in_one_line(script, o
     result = subprocess.run([sys.executable, str(SCRIPTS / script), option, "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"{script}: error: {option} must be 1 or more"
+    assert result.stderr.strip().splitlines()[-1] == f"{script}: error: argument {option}: must be 1 or more; got 0"
 
 
 def test_compare_input_gradient_makes_few_rows_by_torch_mm_and_times_the_layer_there():
@@ -95,7 +95,7 @@ def test_compare_input_gradient_makes_few_rows_by_torch_mm_and_times_the_layer_t
 
 
 @pytest.mark.parametrize("option, message", [("--ptb", "no ptb.train.txt, ptb.valid.txt, ptb.test.txt there"),
-                                             ("--shakespeare", "no such file")])
+                                             ("--shakespeare", "not a file")])
 def test_speed_targets_refuses_a_missing_corpus_in_one_line(tmp_path, option, message):
     result = subprocess.run([sys.executable, str(SCRIPTS / "speed_targets.py"), option, str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
@@ -111,3 +111,136 @@ def test_gpu_check_says_in_one_line_that_there_is_no_gpu():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["gpu_check.sh: no CUDA device here"], result.stderr
     assert "===" not in result.stdout
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "2.5", "many", ""])
+def test_counts_are_whole_numbers_of_at_least_their_minimum(text):
+    comparison = _comparison()
+    assert comparison.positive_integer("7") == 7 and comparison.integer_at_least(11)("11") == 11
+    with pytest.raises(argparse.ArgumentTypeError):
+        comparison.positive_integer(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be 11 or more \(each variant\); got 10"):
+        comparison.integer_at_least(11, "each variant")("10")
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "soon"])
+def test_seconds_are_finite_numbers_above_zero(text):
+    comparison = _comparison()
+    assert comparison.positive_number("0.5") == 0.5
+    with pytest.raises(argparse.ArgumentTypeError):
+        comparison.positive_number(text)
+
+
+def test_corpus_arguments_are_a_file_or_the_folder_of_ptb(tmp_path):
+    comparison = _comparison()
+    (tmp_path / "input.txt").write_text("to be\n", encoding="utf-8")
+    assert comparison.corpus(str(tmp_path / "input.txt")) == tmp_path / "input.txt"
+    assert comparison.corpus_settings(tmp_path / "input.txt") == ["data.corpus=null",
+                                                                  f"data.path={tmp_path / 'input.txt'}"]
+    with pytest.raises(argparse.ArgumentTypeError, match="no such file"):
+        comparison.text_file(str(tmp_path / "missing.txt"))
+    with pytest.raises(argparse.ArgumentTypeError, match="not a file"):
+        comparison.text_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="no ptb.train.txt, ptb.valid.txt, ptb.test.txt there"):
+        comparison.corpus(str(tmp_path))
+    for name in comparison.PTB_FILES:
+        (tmp_path / name).write_text("to be\n", encoding="utf-8")
+    assert comparison.ptb_folder(str(tmp_path)) == tmp_path
+    assert comparison.corpus_settings(tmp_path)[1:] == [f"data.{split}={tmp_path / f'ptb.{split}.txt'}"
+                                                        for split in ("train", "valid", "test")]
+
+
+def test_a_doc_file_needs_a_folder_that_is_there(tmp_path):
+    comparison = _comparison()
+    assert comparison.doc_file(str(tmp_path / "new.md")) == tmp_path / "new.md"
+    with pytest.raises(argparse.ArgumentTypeError, match="no folder"):
+        comparison.doc_file(str(tmp_path / "missing" / "x.md"))
+    with pytest.raises(argparse.ArgumentTypeError, match="a folder, not a file"):
+        comparison.doc_file(str(tmp_path))
+
+
+def test_a_baseline_must_be_an_lmtrain_checkout(tmp_path):
+    comparison = _comparison()
+    assert comparison.lmtrain_checkout(str(SCRIPTS.parent)) == SCRIPTS.parent
+    with pytest.raises(argparse.ArgumentTypeError, match="not an lmtrain checkout"):
+        comparison.lmtrain_checkout(str(tmp_path))
+
+
+def test_checked_config_refuses_what_lmtrain_refuses_in_argparse_line(capsys):
+    comparison = _comparison()
+    parser = argparse.ArgumentParser(prog="script.py")
+    config = comparison.checked_config(parser, comparison.ROOT / "configs" / "quickstart.yaml", ["model.hidden_size=8"])
+    assert config.model.hidden_size == 8
+    with pytest.raises(SystemExit) as stopped:
+        comparison.checked_config(parser, comparison.ROOT / "configs" / "quickstart.yaml", ["model.hiden_size=8"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("script.py: error: unknown config key 'model.hiden_")
+
+
+def test_a_failed_child_stops_the_script_with_its_own_last_line():
+    comparison = _comparison()
+    assert comparison.run_child([sys.executable, "-c", "print('out')"]).stdout == "out\n"
+    child = "import sys; print('a warning', file=sys.stderr); sys.exit('error: the cause')"
+    with pytest.raises(SystemExit) as stopped:
+        comparison.run_child([sys.executable, "-c", child])
+    first, last = str(stopped.value.code).splitlines()
+    assert first.startswith("failed (1): ") and last == "error: the cause"
+    with pytest.raises(SystemExit, match="timed out after 0.5 s"):
+        comparison.run_child([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+
+
+def test_the_reference_trainers_import_nothing_from_lmtrain():
+    """They measure torch alone, though they take their argument types from scripts/comparison.py."""
+    code = ("import sys; sys.path.insert(0, %r); import reference_nn_lstm, reference_word_lm; "
+            "print(sorted(name for name in sys.modules if name.startswith('lmtrain')))" % str(SCRIPTS))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    ("compare_train_speed.py", ["CORPUS", "--steps", "3", "model.hiden_size=3"], "unknown config key"),
+    ("compare_train_speed.py", ["CORPUS", "--rounds", "0"], "argument --rounds: must be 1 or more; got 0"),
+    ("compare_ptb_epoch.py", ["TMP", "--repeats", "1"], "argument folder: TMP: no ptb.train.txt"),
+    ("compare_shakespeare.py", ["CORPUS", "--seconds", "-1"], "argument --seconds: must be a number above 0; got -1"),
+    ("compare_shakespeare.py", ["CORPUS", "--variant", "model.hidden_size=abc"], "must be an integer"),
+    ("bench_precision.py", ["CORPUS", "--steps", "10"], "argument --steps: must be 11 or more"),
+    ("bench_precision.py", ["TMP"], "no ptb.train.txt, ptb.valid.txt, ptb.test.txt there"),
+    ("bench_precision.py", ["CORPUS", "--config", "TMP/none.yaml"], "config file not found"),
+    ("bench_train_step.py", ["TMP/none.txt"], "argument corpus: TMP/none.txt: no such file"),
+    ("compare_backward.py", ["TMP/none.txt"], "is not KEY=VALUE"),
+    ("compare_defaults.py", ["TMP/none.txt"], "no such file"),
+    ("page_faults.py", ["TMP"], "argument folder: TMP: no ptb.train.txt"),
+    ("profile_train_step.py", ["TMP/none.txt"], "no such file"),
+    ("bench_cells.py", ["--repeats", "1", "--doc", "TMP/missing/x.md"], "argument --doc: TMP/missing/x.md: no folder"),
+    ("bench_sampling.py", ["--num", "0"], "argument --num: must be 1 or more; got 0"),
+])
+def test_scripts_refuse_bad_input_in_one_line_before_any_work(tmp_path, script, arguments, message):
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("to be or not to be\n" * 50, encoding="utf-8")
+    arguments = [str(corpus) if argument == "CORPUS" else argument.replace("TMP", str(tmp_path))
+                 for argument in arguments]
+    # From another folder: the scripts' default configs are the repository's, not the current folder's.
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *arguments], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and message.replace("TMP", str(tmp_path)) in last, last
+
+
+@pytest.mark.parametrize("script", ["bench_optimizer.py", "profile_train_step.py"])
+def test_help_prints_help_and_runs_nothing(script):
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}"), result.stderr
+
+
+def test_bench_precision_says_which_loops_ran():
+    """Where the compiled loops cannot run (here: bfloat16 products at an odd hidden size), the row says so."""
+    code = ("import sys; sys.path.insert(0, %r); from bench_precision import time_loops; "
+            "print(time_loops('bfloat16', True, 32, 33)); print(time_loops('bfloat16', False, 32, 32))" % str(SCRIPTS))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    odd, python = result.stdout.splitlines()
+    assert odd.startswith("Python (") and python == "Python"
