@@ -8,8 +8,9 @@ ptb.{train,valid,test}.txt) in a temporary folder. After 10 warm-up steps, every
 next of three variants in turn (float32; bfloat16 with the compiled time loops; bfloat16 with the Python
 loops, whose per-step products are oneDNN's), so that the machine's stalls fall on all alike; prints the
 median step time of each and its ratio to float32's. `--steps` is at least 11, so that each variant gets a
-block. The table's "time loops" column says what ran: where the compiled loops cannot (kernels not built,
-bfloat16 products on a CPU without AVX-512 BF16 or for an odd hidden size), it says "Python" and why.
+block. The table's "time loops" column says what ran: "Python" and why where the compiled loops cannot
+run (kernels not built), and where they cannot make bfloat16 products (a CPU without AVX-512 BF16, an odd
+hidden size) that their per-step products were float32.
 First, the throughput of torch.mm in both dtypes at the config's largest shapes.
 """
 
@@ -45,23 +46,23 @@ MIN_STEPS = next(steps for steps in itertools.count(1)
 
 
 def time_loops(precision: str, compiled: bool, steps: int, hidden_size: int) -> str:
-    """What a variant's layers ran, as lmtrain's route decides it (`Route.time_loops`): "compiled", or
-    "Python" with the reason where the variant asked for the compiled loops and they cannot run."""
+    """What a variant's layers ran, as lmtrain's route decides it (`Route.time_loops`,
+    `Route.bfloat16_loops`): "compiled"; "compiled, float32 per-step products" with the reason where
+    bfloat16 was asked and the compiled loops cannot make it; or "Python" with the reason where the
+    variant asked for the compiled loops and they cannot run."""
     if not compiled:
         return "Python"
     module = kernels.load(announce=lambda line: None)
-    product_dtype = torch.bfloat16 if precision == "bfloat16" else None
-    if Route(loops=module, product_dtype=product_dtype).time_loops(steps, hidden_size) is not None:
-        return "compiled"
-    if module is None:
-        reason = f"the compiled kernels are not available: {kernels.unavailable_reason()}"
-    elif product_dtype is not None and not module.bf16_products_supported():
-        reason = "no AVX-512 BF16 on this CPU"
-    elif product_dtype is not None and hidden_size % 2:
-        reason = f"the compiled bfloat16 loops need an even hidden size, not {hidden_size}"
-    else:
-        reason = f"sequences of {steps} steps are too short for them"
-    return f"Python ({reason})"
+    route = Route(loops=module, product_dtype=torch.bfloat16 if precision == "bfloat16" else None)
+    if route.time_loops(steps) is None:
+        reason = (f"the compiled kernels are not available: {kernels.unavailable_reason()}" if module is None
+                  else f"sequences of {steps} steps are too short for them")
+        return f"Python ({reason})"
+    if route.mixed and not route.bfloat16_loops(hidden_size):
+        reason = ("no AVX-512 BF16 on this CPU" if not module.bf16_products_supported()
+                  else f"bfloat16 pairs need an even hidden size, not {hidden_size}")
+        return f"compiled, float32 per-step products ({reason})"
+    return "compiled"
 
 
 def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 30) -> float:

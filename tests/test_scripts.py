@@ -237,10 +237,10 @@ def test_help_prints_help_and_runs_nothing(script):
 
 
 def test_bench_precision_says_which_loops_ran():
-    """Where the compiled loops cannot run (here: bfloat16 products at an odd hidden size), the row says so."""
+    """Where the compiled loops cannot make bfloat16 products (here: an odd hidden size), the row says so."""
     code = ("import sys; sys.path.insert(0, %r); from bench_precision import time_loops; "
             "print(time_loops('bfloat16', True, 32, 33)); print(time_loops('bfloat16', False, 32, 32))" % str(SCRIPTS))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     odd, python = result.stdout.splitlines()
-    assert odd.startswith("Python (") and python == "Python"
+    assert odd.startswith("compiled, float32 per-step products (") and python == "Python"

@@ -41,9 +41,9 @@ class GRUFunction(Function):
         c = state_buffer(c0, T)                                            # (T+1, B, H)
         gates = project_inputs(x, W_input, b, route)                       # (T, B, G*H)
         c_low = None                                                       # bfloat16 copies of c(t)
-        ctx.loops = route.time_loops(T, c0.size(1))
+        ctx.loops = route.time_loops(T)
         if ctx.loops is not None:                                          # _gru_forward_loop, compiled
-            c_low = route.low_copy(c)
+            c_low = route.low_copy(c, c.size(-1))
             ctx.loops.gru_forward(gates, c, W_recurrent.detach().contiguous(), c_low)
         else:
             _gru_forward_loop(gates, c, W_recurrent, relevance_gate, route)
@@ -58,7 +58,7 @@ class GRUFunction(Function):
         dA = incoming_gradients(grad_outputs, grad_final, c)
         dz_low = None                                                      # the Python loops' products lower dz
         if ctx.loops is not None:                                          # _gru_backward_loop, compiled
-            dz_low = ctx.route.low_copy(gates)
+            dz_low = ctx.route.low_copy(gates, H)
             dz, dc = ctx.loops.gru_backward(gates, c, dA, W_recurrent.detach().contiguous(), dz_low)
         else:
             dz, dc = _gru_backward_loop(gates, c, dA, W_recurrent, relevance_gate, ctx.route)
@@ -158,9 +158,9 @@ class GRUAfterFunction(Function):
         gates = project_inputs(x, W_input, b, route)                       # (T, B, 3H)
         p = torch.empty_like(c[1:])                                        # p(t) = W_cc c(t-1) + b_cc
         c_low = None                                                       # bfloat16 copies of c(t)
-        ctx.loops = route.time_loops(T, c0.size(1))
+        ctx.loops = route.time_loops(T)
         if ctx.loops is not None:                                          # _gru_after_forward_loop, compiled
-            c_low = route.low_copy(c)
+            c_low = route.low_copy(c, c.size(-1))
             ctx.loops.gru_after_forward(gates, c, p, W_recurrent.detach().contiguous(), b_cc.detach().contiguous(),
                                         c_low)
         else:
@@ -174,7 +174,7 @@ class GRUAfterFunction(Function):
         dA = incoming_gradients(grad_outputs, grad_final, c)
         dr_low = None                                                      # the Python loops' products lower dr
         if ctx.loops is not None:                                          # _gru_after_backward_loop, compiled
-            dr_low = ctx.route.low_copy(gates)
+            dr_low = ctx.route.low_copy(gates, c.size(-1))
             dr, dz_c, dc = ctx.loops.gru_after_backward(gates, c, p, dA, W_recurrent.detach().contiguous(), dr_low)
         else:
             recurrent_t = FixedProduct(W_recurrent.t().contiguous(), c.size(1), gates.size(0), ctx.route)

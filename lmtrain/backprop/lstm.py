@@ -41,9 +41,9 @@ class LSTMFunction(Function):
         gates = project_inputs(x, W_input, b, route)                       # (T, B, 4H)
         tanh_c = torch.empty_like(c[1:])                                   # tanh(c(t))
         a_low = None                                                       # bfloat16 copies of a(t)
-        ctx.loops = route.time_loops(T, a0.size(1))
+        ctx.loops = route.time_loops(T)
         if ctx.loops is not None:                                          # _lstm_forward_loop, compiled
-            a_low = route.low_copy(a)
+            a_low = route.low_copy(a, a.size(-1))
             ctx.loops.lstm_forward(gates, a, c, tanh_c, W_recurrent.detach().contiguous(), a_low)
         else:
             _lstm_forward_loop(gates, a, c, tanh_c, FixedProduct(W_recurrent, x.size(0), T, route))
@@ -57,7 +57,7 @@ class LSTMFunction(Function):
         dA = incoming_gradients(grad_outputs, grad_a_final, a)
         dc = grad_c_final if grad_c_final is not None else torch.zeros_like(dA[T])
         if ctx.loops is not None:                                          # _lstm_backward_loop, compiled
-            dz_low = ctx.route.low_copy(gates)
+            dz_low = ctx.route.low_copy(gates, c.size(-1))
             dz, da, dc = ctx.loops.lstm_backward(gates, c, tanh_c, dA, dc, W_recurrent.detach().contiguous(), dz_low)
         else:
             dz_low = None                                                  # the products lower dz themselves

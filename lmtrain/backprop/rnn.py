@@ -44,9 +44,9 @@ class RNNFunction(Function):
         a = state_buffer(a0, T)                                            # (T+1, B, H)
         z = project_inputs(x, W_ax, b, route)                              # z[t-1] = W_ax x(t) + b
         a_low = None                                                       # bfloat16 copies of a(t)
-        ctx.loops = route.time_loops(T, a0.size(1))
+        ctx.loops = route.time_loops(T)
         if ctx.loops is not None:                                          # _rnn_forward_loop, compiled
-            a_low = route.low_copy(a)
+            a_low = route.low_copy(a, a.size(-1))
             ctx.loops.rnn_forward(z, a, W_aa.detach().contiguous(), a_low)
         else:
             _rnn_forward_loop(z, a, FixedProduct(W_aa, x.size(0), T, route))
@@ -60,7 +60,7 @@ class RNNFunction(Function):
         dA = incoming_gradients(grad_outputs, grad_final, a)
         dz_low = None                                                      # the Python loops' products lower dz
         if ctx.loops is not None:                                          # _rnn_backward_loop, compiled
-            dz_low = ctx.route.low_copy(a[1:])
+            dz_low = ctx.route.low_copy(a[1:], a.size(-1))
             dz, da = ctx.loops.rnn_backward(a, dA, W_aa.detach().contiguous(), dz_low)  # dz overwrites dA[1:]
         else:                                                              # dz W_aa: the product transposed
             dz, da = _rnn_backward_loop(a, dA, FixedProduct(W_aa.t().contiguous(), a.size(1), T, ctx.route))

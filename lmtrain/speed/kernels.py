@@ -19,7 +19,7 @@ forms, RNN) and the output layer's softmax cross-entropy.
 They take float32 tensors on the CPU; everything else (float64, CUDA) runs the Python code, which
 tests/test_kernels.py checks them against. With `train.precision: bfloat16` every cell's time loops make
 their recurrent products with bfloat16 factors and float32 sums (AVX-512 BF16's VDPBF16PS, chosen at run
-time: `bf16_products_supported()`; without it, or for an odd hidden size, the Python loops run);
+time: `bf16_products_supported()`; without it, or for an odd hidden size, in float32);
 tests/test_precision.py checks them.
 
 The kernels are built once per machine, on first use (most of a minute), by torch's C++ extension loader
@@ -85,20 +85,20 @@ def load_for_a_run(announce=lambda line: print(line, file=sys.stderr)) -> Module
 
 
 def load_for_training(*, bfloat16: bool, hidden_size: int, warn) -> None:
-    """Build or load the kernels before a CPU training starts (`load_for_a_run`); warn when bfloat16
-    products would send the layers to their Python loops (a CPU without AVX-512 BF16, or an odd hidden
-    size: the compiled loops take the units' values in pairs)."""
+    """Build or load the kernels before a CPU training starts (`load_for_a_run`); warn where bfloat16 was
+    asked and the compiled loops make their per-step products in float32 (`Route.bfloat16_loops`: a CPU
+    without AVX-512 BF16, or an odd hidden size, the loops' bfloat16 factors coming in pairs)."""
     module = load_for_a_run(announce=warn)
     if module is None or not bfloat16:
         return
     if not module.bf16_products_supported():
-        warn("warning: train.precision is bfloat16 but this CPU has no AVX-512 BF16: the products run in "
-             "emulated bfloat16 and the layers in their Python loops, which may be slower than float32 "
-             "(scripts/bench_precision.py measures both)")
+        warn("warning: train.precision is bfloat16 but this CPU has no AVX-512 BF16: the products over all "
+             "time steps run in emulated bfloat16 and the time loops' in float32, which may be slower than "
+             "float32 throughout (scripts/bench_precision.py measures both)")
     elif hidden_size % 2:
         warn(f"warning: train.precision is bfloat16 but model.hidden_size is odd ({hidden_size}): the compiled "
-             "loops take bfloat16 values in pairs, so the layers run their Python loops, slower than float32; "
-             "an even hidden_size keeps them compiled")
+             "loops take bfloat16 values in pairs, so their per-step products stay float32 and only the "
+             "products over all time steps are bfloat16; an even hidden_size makes them all bfloat16")
 
 
 def unavailable_reason() -> str | None:
@@ -243,9 +243,9 @@ def _bfloat16_products(state: str) -> bool | None:
 
 
 BFLOAT16_LINES = {  # what `train.precision: bfloat16` runs, by `bfloat16_products`
-    True: "the compiled loops, with AVX-512 BF16 (with an even model.hidden_size)",
-    False: "the Python loops, slower than float32 (this CPU has no AVX-512 BF16)",
-    None: "the Python loops while the compiled kernels are not in use",
+    True: "bfloat16 products in the compiled loops too, with AVX-512 BF16 (for an even model.hidden_size)",
+    False: "emulated bfloat16, likely slower than float32 (this CPU has no AVX-512 BF16)",
+    None: "the Python loops' bfloat16 products while the compiled kernels are not in use",
 }
 
 

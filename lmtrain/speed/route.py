@@ -60,22 +60,25 @@ class Route:
         """Whether the products round their factors to `product_dtype` (and return float32)."""
         return self.product_dtype is not None
 
-    def time_loops(self, steps: int, hidden_size: int) -> ModuleType | None:
+    def time_loops(self, steps: int) -> ModuleType | None:
         """The compiled time loops, if this route has them and they run a sequence of `steps`: at least
-        PACK_FROM (they pack W first, which a single step, as when sampling, would not repay). With
-        bfloat16 products they run for an even `hidden_size` on a CPU with AVX-512 BF16 (their factors
-        are pairs of bfloat16s, multiplied by VDPBF16PS). None: the Python loops."""
-        if steps < PACK_FROM or self.loops is None:
-            return None
-        if self.mixed and not (self.product_dtype == torch.bfloat16 and hidden_size % 2 == 0
-                               and self.loops.bf16_products_supported()):
-            return None
-        return self.loops
+        PACK_FROM (they pack W first, which a single step, as when sampling, would not repay). None: the
+        Python loops."""
+        return self.loops if steps >= PACK_FROM else None
 
-    def low_copy(self, like: torch.Tensor) -> torch.Tensor | None:
+    def bfloat16_loops(self, hidden_size: int) -> bool:
+        """Whether the compiled loops make their per-step products in bfloat16: with bfloat16 products, for
+        an even `hidden_size` on a CPU with AVX-512 BF16 (their factors are pairs of bfloat16s, multiplied
+        by VDPBF16PS). Elsewhere they make them in float32, faster than the Python loops' bfloat16 calls,
+        and only the products over all time steps take bfloat16 factors."""
+        return (self.loops is not None and self.product_dtype == torch.bfloat16 and hidden_size % 2 == 0
+                and self.loops.bf16_products_supported())
+
+    def low_copy(self, like: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
         """A bfloat16 buffer shaped like `like` for the compiled loops to round a product's factor into as
-        they make it (then also a factor of the weight gradients), or None with float32 products."""
-        return torch.empty_like(like, dtype=torch.bfloat16) if self.mixed else None
+        they make it (then also a factor of the weight gradients), or None where their per-step products
+        are float32 (`bfloat16_loops`)."""
+        return torch.empty_like(like, dtype=torch.bfloat16) if self.bfloat16_loops(hidden_size) else None
 
     def lowered(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` as a factor of a product: rounded to the product dtype when mixed and float32."""
