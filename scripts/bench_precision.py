@@ -17,7 +17,6 @@ First, the throughput of torch.mm in both dtypes at the config's largest shapes.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import tempfile
@@ -40,9 +39,9 @@ def variant_at(index: int) -> tuple[str, bool]:
     return VARIANTS[(index // BLOCK) % len(VARIANTS)] if index >= WARM_UP else VARIANTS[index % len(VARIANTS)]
 
 
-# The fewest timed steps in which every variant runs: fewer leave one without a step time.
-MIN_STEPS = next(steps for steps in itertools.count(1)
-                 if {variant_at(WARM_UP + index) for index in range(steps)} == set(VARIANTS))
+# The fewest timed steps in which every variant runs (fewer leave one without a step time): the blocks
+# start at multiples of BLOCK, WARM_UP among them, so the last variant's first step is this many in.
+MIN_STEPS = (len(VARIANTS) - 1) * BLOCK + 1
 
 
 def time_loops(precision: str, compiled: bool, steps: int, hidden_size: int) -> str:
@@ -59,9 +58,7 @@ def time_loops(precision: str, compiled: bool, steps: int, hidden_size: int) -> 
                   else f"sequences of {steps} steps are too short for them")
         return f"Python ({reason})"
     if route.mixed and not route.bfloat16_loops(hidden_size):
-        reason = ("no AVX-512 BF16 on this CPU" if not module.bf16_products_supported()
-                  else f"bfloat16 pairs need an even hidden size, not {hidden_size}")
-        return f"compiled, float32 per-step products ({reason})"
+        return f"compiled, float32 per-step products ({kernels.bfloat16_obstacle(module, hidden_size)})"
     return "compiled"
 
 

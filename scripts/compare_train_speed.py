@@ -26,6 +26,7 @@ from comparison import (
     ROOT,
     allocator_settings,
     checked_config,
+    corpus_settings,
     cpu_name,
     doc_file,
     positive_integer,
@@ -43,9 +44,9 @@ def reference_tokens_per_s(corpus: Path, steps: int) -> float:
     return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def lmtrain_settings(corpus: Path, steps: int, out_dir: str) -> list[str]:
+def run_settings(corpus: Path, steps: int, out_dir: str) -> list[str]:
     """The settings of a `lmtrain train CONFIG` run of `steps` steps on `corpus`, before the overrides."""
-    return [f"data.path={corpus.resolve()}", "data.corpus=null", f"train.max_steps={steps}", "train.max_seconds=null",
+    return [*corpus_settings(corpus), f"train.max_steps={steps}", "train.max_seconds=null",
             f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.final_samples=0",
             f"train.out_dir={out_dir}"]
 
@@ -55,7 +56,7 @@ def lmtrain_tokens_per_s(corpus: Path, steps: int, overrides: list[str],
     """Training tokens/s of one `lmtrain train` run in its own process; `launcher` is the command that
     stands for `lmtrain` (scripts/compare_gemms.py sets a switch of the route's first)."""
     with tempfile.TemporaryDirectory() as folder:
-        run_child([*launcher, "train", str(CONFIG), *lmtrain_settings(corpus, steps, f"{folder}/run"), *overrides])
+        run_child([*launcher, "train", str(CONFIG), *run_settings(corpus, steps, f"{folder}/run"), *overrides])
         progress = torch.load(Path(folder) / "run" / "last.pt", weights_only=True)["progress"]
         return progress["tokens"] / progress["train_seconds"]
 
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--doc", type=doc_file, default=None, help="write the table into this file's section "
                         "\"Whole training runs\"")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
-    checked_config(parser, CONFIG, [*lmtrain_settings(args.corpus, args.steps, "run"), *args.overrides])
+    checked_config(parser, CONFIG, [*run_settings(args.corpus, args.steps, "run"), *args.overrides])
     speeds: dict[str, list[float]] = {"nn.LSTM reference": [], "lmtrain": []}
     for _ in range(args.rounds):
         speeds["nn.LSTM reference"].append(reference_tokens_per_s(args.corpus, args.steps))

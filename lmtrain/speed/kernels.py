@@ -84,21 +84,25 @@ def load_for_a_run(announce=lambda line: print(line, file=sys.stderr)) -> Module
     return module
 
 
+def bfloat16_obstacle(module: ModuleType, hidden_size: int) -> str | None:
+    """Why the compiled loops cannot make their per-step products in bfloat16 here, or None: they multiply
+    pairs of bfloat16 values with AVX-512 BF16's VDPBF16PS, so they need that instruction and an even width."""
+    if not module.bf16_products_supported():
+        return "this CPU has no AVX-512 BF16 (its bfloat16 products are emulated, likely slower than float32)"
+    if hidden_size % 2:
+        return f"model.hidden_size is odd ({hidden_size}) and the compiled loops take bfloat16 values in pairs"
+    return None
+
+
 def load_for_training(*, bfloat16: bool, hidden_size: int, warn) -> None:
     """Build or load the kernels before a CPU training starts (`load_for_a_run`); warn where bfloat16 was
-    asked and the compiled loops make their per-step products in float32 (`Route.bfloat16_loops`: a CPU
-    without AVX-512 BF16, or an odd hidden size, the loops' bfloat16 factors coming in pairs)."""
+    asked and the compiled loops make their per-step products in float32 (`bfloat16_obstacle`)."""
     module = load_for_a_run(announce=warn)
-    if module is None or not bfloat16:
+    if module is None or not bfloat16 or (obstacle := bfloat16_obstacle(module, hidden_size)) is None:
         return
-    if not module.bf16_products_supported():
-        warn("warning: train.precision is bfloat16 but this CPU has no AVX-512 BF16: the products over all "
-             "time steps run in emulated bfloat16 and the time loops' in float32, which may be slower than "
-             "float32 throughout (scripts/bench_precision.py measures both)")
-    elif hidden_size % 2:
-        warn(f"warning: train.precision is bfloat16 but model.hidden_size is odd ({hidden_size}): the compiled "
-             "loops take bfloat16 values in pairs, so their per-step products stay float32 and only the "
-             "products over all time steps are bfloat16; an even hidden_size makes them all bfloat16")
+    warn(f"warning: train.precision is bfloat16 but {obstacle}: their per-step products stay float32 and only the "
+         "products over all time steps take bfloat16 factors (scripts/bench_precision.py measures the step "
+         "against float32's)")
 
 
 def unavailable_reason() -> str | None:

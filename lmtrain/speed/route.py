@@ -67,12 +67,12 @@ class Route:
         return self.loops if steps >= PACK_FROM else None
 
     def bfloat16_loops(self, hidden_size: int) -> bool:
-        """Whether the compiled loops make their per-step products in bfloat16: with bfloat16 products, for
-        an even `hidden_size` on a CPU with AVX-512 BF16 (their factors are pairs of bfloat16s, multiplied
-        by VDPBF16PS). Elsewhere they make them in float32, faster than the Python loops' bfloat16 calls,
-        and only the products over all time steps take bfloat16 factors."""
-        return (self.loops is not None and self.product_dtype == torch.bfloat16 and hidden_size % 2 == 0
-                and self.loops.bf16_products_supported())
+        """Whether the compiled loops make their per-step products in bfloat16: with bfloat16 products, where
+        nothing stands in the way (`kernels.bfloat16_obstacle`: AVX-512 BF16, an even `hidden_size`).
+        Elsewhere they make them in float32, faster than the Python loops' bfloat16 calls, and only the
+        products over all time steps take bfloat16 factors."""
+        return (self.loops is not None and self.product_dtype == torch.bfloat16
+                and kernels.bfloat16_obstacle(self.loops, hidden_size) is None)
 
     def low_copy(self, like: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
         """A bfloat16 buffer shaped like `like` for the compiled loops to round a product's factor into as
