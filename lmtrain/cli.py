@@ -3,6 +3,7 @@ and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,15 +20,15 @@ import typer
 # torch warns at import when NumPy is absent; lmtrain does not use NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from lmtrain.config import INT64  # noqa: E402
-from lmtrain.errors import LmtrainError, error_line  # noqa: E402
+from lmtrain.config import DEVICE_NAME, INT64, MAX_THREADS  # noqa: E402
+from lmtrain.errors import LmtrainError, error_line, os_reason  # noqa: E402
 
 
 def _group(help: str, **options) -> typer.Typer:
     """A command group with plain help (flags as `--flag / --no-flag`, values named by their metavar, no
     boxes): it reads the same in a terminal, a pipe and a log."""
     return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
-                       **options)
+                       context_settings={"help_option_names": ["-h", "--help"]}, **options)
 
 
 app = _group("Train recurrent language models (RNN, GRU, LSTM) and sample text from them.", add_completion=True)
@@ -38,7 +39,7 @@ app.add_typer(diagnose_app, name="diagnose")
 
 def _whole(value: int | None) -> int | None:
     """An integer option, refused past 64 bits, as the config's integers are: torch and the checkpoints hold
-    no larger (a larger one was an internal error deep inside). A callback, so --help shows no range."""
+    no larger. A callback, so --help shows no range."""
     if value is not None and not INT64[0] <= value <= INT64[1]:
         raise typer.BadParameter(f"{value} is past the range of a 64-bit integer (±9.2e18)")
     return value
@@ -95,8 +96,20 @@ def _set_threads() -> None:
     set_for_command(load=_options.get("load"))
 
 
-# torch's words for an allocation it could not make, or whose size does not fit in 64 bits.
-OUT_OF_MEMORY = ("can't allocate memory", "Storage size calculation overflowed")
+# torch's words for an allocation it could not make (its allocator's, C++'s), or whose size does not fit in 64 bits.
+OUT_OF_MEMORY = ("can't allocate memory", "std::bad_alloc", "Storage size calculation overflowed")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from or while handling (a C extension's SystemError
+    over a MemoryError), is an allocation that failed: the chain a traceback would show."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, MemoryError) or any(words in str(error) for words in OUT_OF_MEMORY):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False
 
 
 @contextmanager
@@ -122,7 +135,12 @@ def user_errors() -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if _options["debug"]:
             traceback.print_exc()
-        if isinstance(error, MemoryError) or any(words in str(error) for words in OUT_OF_MEMORY):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            # A write with no file of lmtrain's own to name: the output (`> /dev/full`, a full disk under it).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            typer.echo(f"error: cannot write the output: {os_reason(error)}", err=True)
+            raise typer.Exit(2) from None
+        if _out_of_memory(error):
             # A size past what this process may allocate (ulimit -v, a container's limit) got through the
             # checks of physical memory: name the resource, not an internal error.
             tried = re.search(r"allocate (\d+) bytes", str(error))
@@ -136,13 +154,14 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]}, short_help="Train a model from a YAML config.",
+@app.command(short_help="Train a model from a YAML config.",
              epilog="Every config key, with its default and meaning: docs/config.md. "
                     "Overrides are dotted keys: train.lr=1e-3 model.cell=gru.")
 def train(
-    config: Annotated[Optional[str], typer.Argument(help="YAML config (default: configs/quickstart.yaml).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. model.hidden_size=256.",
-                                                              show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Argument(
+        metavar="CONFIG", help="YAML config (default: configs/quickstart.yaml).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        metavar="KEY=VALUE", help="Overrides, e.g. model.hidden_size=256.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in train.out_dir from its last.pt.")] = False,
     allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: go on even though "
                                                      "the corpus files changed since the checkpoint.")] = False,
@@ -222,7 +241,7 @@ def sample(
 
 @app.command(short_help="Show what a checkpoint holds.")
 def info(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file (.pt).")],
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint file (.pt).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """What a checkpoint holds: model, vocabulary, progress, config, format version."""
@@ -250,7 +269,7 @@ def info(
 
 @app.command(short_help="Plot the loss curves of runs.")
 def plot(
-    run_dirs: Annotated[list[str], typer.Argument(help="Run folders (train.out_dir) to overlay.")],
+    run_dirs: Annotated[list[str], typer.Argument(metavar="RUN_DIR", help="Run folders (train.out_dir) to overlay.")],
     output: Annotated[str, typer.Option(
         "--output", "-o", metavar="FILE", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
 ) -> None:
@@ -358,7 +377,8 @@ def visualize(
 def perplexity(
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
     data: Annotated[Optional[str], typer.Option(
-        metavar="FILE", help="Text file to score (default: a split of the training corpus).")] = None,
+        metavar="FILE", help="Text file to score, - for standard input (default: the checkpoint corpus's "
+                             "--split).")] = None,
     split: Annotated[str, typer.Option(
         metavar="valid|test", help="valid or test split of the checkpoint's corpus.")] = "valid",
     batch_size: Annotated[Optional[int], typer.Option(callback=_whole,
@@ -382,6 +402,8 @@ def perplexity(
         if segment is not None and segment < 0:
             raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
         _set_threads()
+        if data == "-":
+            data = "/dev/stdin"
         numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split, batch_size=batch_size,
                                              device=_device(device), segment=segment)
         for note in notes:
@@ -396,7 +418,7 @@ def gradients(
     config: Annotated[Optional[str], typer.Option(
         metavar="CONFIG.yaml", help="Or a config: measure its freshly initialised model.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
-        help="KEY=VALUE overrides for --config.", show_default=False)] = None,
+        metavar="KEY=VALUE", help="Overrides for --config.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option(
         metavar="FILE", help="Text to draw windows from (default: the validation split).")] = None,
     length: Annotated[int, typer.Option(callback=_whole, metavar="T", help="Window length T.")] = 64,
@@ -452,9 +474,10 @@ def agreement(
 
 @data_app.command("download", short_help="Download a corpus into the cache.")
 def data_download(
-    name: Annotated[str, typer.Argument(help="tinyshakespeare or ptb")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tinyshakespeare or ptb")],
     directory: Annotated[Optional[Path], typer.Option(
-        "--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE, else ~/.cache/lmtrain).")] = None,
+        "--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE, else $XDG_CACHE_HOME/lmtrain, else "
+                                     "~/.cache/lmtrain).")] = None,
     base_url: Annotated[Optional[str], typer.Option(
         "--base-url", metavar="URL", help="Mirror holding each file under its public URL's path.")] = None,
 ) -> None:
@@ -462,7 +485,8 @@ def data_download(
     from lmtrain.data.corpora import download
 
     with user_errors():
-        for path in download(name, directory=directory, base_url=base_url, progress=True):
+        # A bar on a terminal only: into a file or a pipe its carriage returns are noise.
+        for path in download(name, directory=directory, base_url=base_url, progress=sys.stderr.isatty()):
             typer.echo(str(path))
 
 
@@ -522,7 +546,7 @@ def _device(name: str) -> str:
     """`--device` of sample and eval: the CPU unless CUDA is asked for (and present)."""
     import torch
 
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+    if not re.fullmatch(DEVICE_NAME, name):
         raise LmtrainError(f"--device must be cpu, cuda or cuda:N; got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmtrainError(f"--device {name}: no CUDA device is available here (use --device cpu)")
@@ -536,10 +560,24 @@ def _default_config() -> Path:
     return DEFAULT_CONFIG
 
 
+def drop_unusable_thread_setting(environment: dict[str, str] | os._Environ) -> str | None:
+    """Remove an `OMP_NUM_THREADS` that is no thread count from 1 to MAX_THREADS (0, a word, a million)
+    before torch loads: OpenMP would print its own complaint about it, or start that many threads.
+    Returns the warning to print."""
+    text = environment.get("OMP_NUM_THREADS")
+    if text is None or (text.strip().isdecimal() and 1 <= int(text) <= MAX_THREADS):
+        return None
+    del environment["OMP_NUM_THREADS"]
+    return (f"warning: OMP_NUM_THREADS={text!r} is not a thread count from 1 to {MAX_THREADS}: ignored, the "
+            f"threads follow the free cores")
+
+
 def run() -> None:
     """Console-script entry point. A mistake on the command line (an unknown option, a missing one, a
     value of the wrong type) is one `error:` line, like every other mistake; a command group given no
     command (`lmtrain`, `lmtrain eval`) prints its help and exits 0."""
+    if (dropped := drop_unusable_thread_setting(os.environ)) is not None:  # before torch loads OpenMP
+        print(dropped, file=sys.stderr)
     code = _exit_code()
     if "lmtrain.training.distributed" in sys.modules:  # a training process may hold a process group to the end
         from lmtrain.training.distributed import end_process

@@ -38,6 +38,9 @@ POSITIVE = "positive"
 NON_NEGATIVE = "not negative"
 RATE = "in [0, 1)"
 
+# A device by name, as train.device (which may also be `auto`) and the commands' --device take it.
+DEVICE_NAME = r"cpu|cuda(:\d+)?"
+
 
 @dataclass
 class DataConfig:
@@ -151,7 +154,7 @@ class TrainConfig:
     warmup_steps: Annotated[int, NON_NEGATIVE] = 0
     """Steps of linear warmup from 0 to `lr`."""
     min_lr: Annotated[float, NON_NEGATIVE] = 0.0
-    """The floor of the cosine and step schedules."""
+    """The floor of the cosine and step schedules, at most `lr`."""
     decay_start: Annotated[int, NON_NEGATIVE] = 0
     """Step schedule: the first step at `lr * decay_rate`."""
     decay_every: Annotated[int, POSITIVE] = 1000
@@ -159,7 +162,7 @@ class TrainConfig:
     decay_rate: float = 0.5
     """Step schedule: the factor, in (0, 1]."""
     activation_regularization: Annotated[float, NON_NEGATIVE] = 0.0
-    """AR's α: adds α mean((m ⊙ a(t))²) over the last layer's outputs after dropout (Merity et al. 2017)."""
+    """AR's α: adds α mean((m * a(t))²) over the last layer's outputs after dropout (Merity et al. 2017)."""
     temporal_activation_regularization: Annotated[float, NON_NEGATIVE] = 0.0
     """TAR's β: adds β mean((a(t) - a(t+1))²) over the last layer's outputs (Merity et al. 2017)."""
     clip: Annotated[float, NON_NEGATIVE] = 5.0
@@ -483,13 +486,16 @@ def validate(config: Config) -> None:
         raise ConfigError("data.mode: sentences needs data.eos: line (each line is one sentence ending in <eos>)")
     if train.max_steps is None and train.max_epochs is None and train.max_seconds is None:
         raise ConfigError("set at least one of train.max_steps, train.max_epochs, train.max_seconds")
+    if train.schedule != "constant" and train.min_lr > train.lr:  # the floor above the peak: a rising rate
+        raise ConfigError(f"train.min_lr ({train.min_lr:g}) is above train.lr ({train.lr:g}), the peak of the "
+                          f"{train.schedule} schedule; set it at or below train.lr")
 
     if "\0" in train.out_dir:
         raise ConfigError(f"train.out_dir holds a NUL character: {train.out_dir!r}")
     if train.threads != "auto" and not (isinstance(train.threads, int) and 1 <= train.threads <= MAX_THREADS):
         raise ConfigError(f"train.threads must be auto or a number of threads from 1 to {MAX_THREADS}; got "
                           f"{shown(train.threads)}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device):
+    if not re.fullmatch(rf"auto|{DEVICE_NAME}", train.device):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {shown(train.device)}")
 
 

@@ -104,7 +104,7 @@ def main() -> None:
                     speeds[variant, load].append(tokens_per_s)
                     used[variant, load].add(threads)
                     print(f"round {round_index + 1}, {load} competing: {variant}: {tokens_per_s:,.0f} tokens/s "
-                          f"({threads} threads)", flush=True)
+                          f"({threads} {'thread' if threads == '1' else 'threads'})", flush=True)
             finally:
                 for competitor in competitors:
                     competitor.kill()
@@ -121,7 +121,8 @@ def main() -> None:
         for load in LOADS:
             rounds = ", ".join(f"{value:,.0f}" for value in speeds[variant, load])
             threads = "; ".join(sorted(used[variant, load]))
-            note = f", {threads} threads" if variant == "lmtrain, default (auto)" else ""
+            note = (f", {threads} {'thread' if threads == '1' else 'threads'}"
+                    if variant == "lmtrain, default (auto)" else "")
             cells.append(f"{median[variant, load]:,.0f} ({rounds}{note})")
         lines.append(f"| {variant} | {' | '.join(cells)} |")
     best = {load: max(median["lmtrain, threads 1", load], median["lmtrain, threads 2", load]) for load in LOADS}

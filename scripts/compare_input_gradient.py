@@ -53,7 +53,7 @@ def product_times(rows: int, gates_width: int, inputs: int, repeats: int) -> dic
     dz, W = torch.randn(rows, gates_width), torch.randn(gates_width, inputs)
     # what `linear` does with Wᵀ on a oneDNN route, called directly: a CPU whose route has no oneDNN
     # for float32 (AVX2) still shows what oneDNN would cost there
-    products = {"oneDNN": lambda: ONEDNN_LINEAR[0](dz, W.t().contiguous(), None, "none", [], ""),
+    products = {"oneDNN": lambda: ONEDNN_LINEAR(dz, W.t().contiguous()),
                 "torch.mm": lambda: torch.mm(dz, W)}
     times: dict[str, list[float]] = {name: [] for name in products}
     for round_ in range(repeats + 1):

@@ -34,18 +34,18 @@ H, E = 512, 64
 @torch.no_grad()
 def bare_loop(model: LanguageModel, num: int, tokens: int, eos_id: int, generator: torch.Generator) -> None:
     """The LSTM equations a token at a time, each layer's weights packed once for `num` rows."""
-    linear, pack = ONEDNN_LINEAR
+    onednn = ONEDNN_LINEAR
     layers = []
     for layer in model.rnn.layers:
         W_recurrent, W_input, b = layer.cell.stacked_weights()
-        layers.append((pack(W_input, num), pack(W_recurrent, num), b))
+        layers.append((onednn.pack(W_input, num), onednn.pack(W_recurrent, num), b))
     state = [(torch.zeros(num, H), torch.zeros(num, H)) for _ in layers]
     token = torch.full((num,), eos_id)
     for _ in range(tokens):
         x = model.embed(token)
         for i, (W_input, W_recurrent, b) in enumerate(layers):
             a_prev, c_prev = state[i]
-            z = linear.binary(a_prev, linear(x, W_input, b, "none", [], ""), W_recurrent, None, "add")
+            z = onednn.plus(a_prev, W_recurrent, onednn(x, W_input, b))
             z_f, z_u, z_c, z_o = z.chunk(4, dim=1)
             c = torch.sigmoid(z_f) * c_prev + torch.sigmoid(z_u) * torch.tanh(z_c)
             x = torch.sigmoid(z_o) * torch.tanh(c)
@@ -56,15 +56,15 @@ def bare_loop(model: LanguageModel, num: int, tokens: int, eos_id: int, generato
 
 def product_us(rows: int, repeats: int = 200) -> tuple[float, float]:
     """Microseconds of (rows, H) by (H, 4H) through oneDNN's linear: weight as it is, and packed."""
-    linear, pack = ONEDNN_LINEAR
+    onednn = ONEDNN_LINEAR
     x, W = torch.randn(rows, H), torch.randn(4 * H, H)
     results = []
-    for weight in (W, pack(W, rows)):
+    for weight in (W, onednn.pack(W, rows)):
         for _ in range(20):
-            linear(x, weight, None, "none", [], "")
+            onednn(x, weight)
         begin = time.perf_counter()
         for _ in range(repeats):
-            linear(x, weight, None, "none", [], "")
+            onednn(x, weight)
         results.append((time.perf_counter() - begin) / repeats * 1e6)
     return results[0], results[1]
 

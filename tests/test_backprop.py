@@ -23,7 +23,7 @@ CELL_CASES = {
     "rnn": (lambda: RNNCell(E, H), dict(cell="rnn")),
     "gru": (lambda: GRUCell(E, H), dict(cell="gru")),
     "gru-simple": (lambda: GRUCell(E, H, relevance_gate=False), dict(cell="gru", relevance_gate=False)),
-    "gru-after": (lambda: GRUCell(E, H, reset="after"), dict(cell="gru", gru_reset="after")),
+    "gru-after": (lambda: GRUCell(E, H, gru_reset="after"), dict(cell="gru", gru_reset="after")),
     "lstm": (lambda: LSTMCell(E, H), dict(cell="lstm")),
 }
 

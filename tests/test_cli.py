@@ -203,6 +203,23 @@ def test_progress_into_a_pipe_is_plain_lines_with_the_time_left(tmp_path):
     assert not [line for line in output_lines(quiet) if line.startswith("step ") and "tokens/s" in line]
 
 
+def test_a_reader_that_goes_away_stops_training_with_its_steps_saved(tmp_path):
+    """`lmtrain train | head -3`: the run stops after the step in which the pipe closed, as on a signal, with
+    last.pt written and the resume command on stderr, not silently and unsaved."""
+    config = tiny_char_run(tmp_path / "piped", **{"train.max_steps": 100000, "train.log_every": 1})
+    child = subprocess.Popen([*LMTRAIN, "train", str(config)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    first = [child.stdout.readline() for _ in range(3)]
+    child.stdout.close()
+    stderr = child.stderr.read()
+    assert child.wait(timeout=300) == 141, (first, stderr)
+    assert re.search(r"^stopped by SIGPIPE at step (\d+); .*last.pt written; continue with: ", stderr), stderr
+    step = int(re.search(r"at step (\d+)", stderr).group(1))
+    import torch
+    saved = torch.load(tmp_path / "piped" / "run" / "last.pt", weights_only=True)["progress"]["step"]
+    assert saved == step < 100000
+
+
 def test_info_labels_the_epoch_in_progress_and_the_completed_ones(tmp_path):
     config = tiny_char_run(tmp_path / "epochs", **{"train.max_epochs": 2})
     assert_ok(run(["train", "--no-progress", config], tmp_path))
@@ -473,6 +490,24 @@ def test_eval_perplexity_on_a_data_file(runs, follow_ups, name):
     assert result.stderr == ""  # every token of the file is in the vocabulary
     assert numbers["tokens"] == token_count(runs[name].data_file.read_text(encoding="utf-8"), runs[name].level)
     assert math.isfinite(numbers["loss"])
+
+
+@pytest.mark.parametrize("name", DATA_FILE_COMBOS)
+def test_eval_perplexity_reads_standard_input(runs, follow_ups, name):
+    """`--data -` scores the text on standard input as `--data FILE` scores the file."""
+    piped = subprocess.run([*LMTRAIN, "eval", "perplexity", "--checkpoint", str(runs[name].out_dir / "best.pt"),
+                            "--data", "-", "--json"], input=runs[name].data_file.read_text(encoding="utf-8"),
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert json_output(piped) == json_output(follow_ups[(name, "eval-data")])
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_output_that_cannot_be_written_is_one_line(runs, follow_ups):
+    """Standard output on a full disk (`> /dev/full`) is one error line and exit 2, not an internal error."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*LMTRAIN, "sample", "--checkpoint", str(runs["char-sentences"].out_dir / "best.pt"),
+                                 "--num", "2"], stdout=full, stderr=subprocess.PIPE, env=ENV, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (2, "error: cannot write the output: the disk is full\n")
 
 
 def test_eval_perplexity_counts_unseen_words_and_warns(follow_ups):

@@ -149,6 +149,24 @@ def test_checksum_mismatch_deletes_the_part_and_names_both_sums(server, tmp_path
     assert not (tmp_path / "tiny").exists()  # the part file deleted, and the folder this download made with it
 
 
+@pytest.mark.parametrize("mode", ["range", "ignore"])
+def test_a_file_of_another_size_is_refused_not_resumed_forever(server, tmp_path, mode):
+    """A mirror whose file is shorter than the catalog's (another version) is refused with its size, and
+    nothing is kept: a kept part would be 'resumed' into the same end at every run."""
+    server.mode = mode
+    server.files["/a/tiny/input.txt"] = SHORT[:len(SHORT) // 3]
+    for _ in range(2):
+        with pytest.raises(LmtrainError) as error:
+            fetch("tiny", server, tmp_path)
+        assert f"holds {len(SHORT) // 3:,} bytes, not the {len(SHORT):,}" in single_line(error)
+        assert not (tmp_path / "tiny").exists()
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "input.txt.part").write_bytes(SHORT[:10])  # a part from before, then a Range request
+    with pytest.raises(LmtrainError, match="not the"):
+        fetch("tiny", server, tmp_path)
+    assert not (tmp_path / "tiny" / "input.txt.part").exists()
+
+
 def test_dropped_connection_keeps_the_part_and_says_resume(server, tmp_path):
     server.mode = "drop"
     with pytest.raises(LmtrainError) as error:

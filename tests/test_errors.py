@@ -1,7 +1,6 @@
-"""Bad input, through the real CLI: one `error:` line on stderr and a non-zero exit, never a traceback
-(issue "[safety]", section 3). Inputs that are odd but fine (a byte-order mark, CRLF line ends, one
-50 MB line, words or characters unseen in training) train, sample or evaluate, with at most a
-`warning:` line.
+"""Bad input, through the real CLI: one `error:` line on stderr and a non-zero exit, never a traceback.
+Inputs that are odd but fine (a byte-order mark, CRLF line ends, one 50 MB line, words or characters
+unseen in training) train, sample or evaluate, with at most a `warning:` line.
 
 Every case is data in CASES: the files its folder holds, the command, and what must come out. The
 same list makes the table in docs/errors.md (`python scripts/error_table.py`), so the documented
@@ -446,6 +445,13 @@ CASES: list[Case] = [
     Case("corpus-binary", "binary file as corpus (a PNG header)", (*TRAIN, "tiny.yaml", "data.path=image.png"),
          tiny_with(**{"image.png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))}),
          expect=("image.png", "byte offset 0", "utf-8")),
+    Case("min-lr-above-lr", "`train.min_lr` above `train.lr` with a cosine schedule",
+         (*TRAIN, "tiny.yaml", "train.schedule=cosine", "train.min_lr=1"), tiny_with(),
+         expect=("train.min_lr (1) is above train.lr", "cosine")),
+    Case("corpus-utf16-without-bom", "`data.encoding=utf-16` on a file without a byte-order mark",
+         (*TRAIN, "tiny.yaml", "data.encoding=utf-16"), tiny_with(), expect=("cannot be read as utf-16", "BOM")),
+    Case("encoding-not-for-text", "`data.encoding=idna`, a codec that is not for files of text",
+         (*TRAIN, "tiny.yaml", "data.encoding=idna"), tiny_with(), expect=("'idna'", "not an encoding of text files")),
     Case("corpus-not-utf8", "Latin-1 corpus (not UTF-8)", (*TRAIN, "tiny.yaml", "data.path=latin1.txt"),
          tiny_with(**{"latin1.txt": "the cat sat\nthé chat\n".encode("latin-1")}),
          expect=("latin1.txt", "byte offset 14", "data.encoding_errors")),
@@ -671,6 +677,11 @@ CASES: list[Case] = [
     Case("eval-empty-data", "`eval perplexity --data` on an empty file",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--data", "empty.txt"),
          {"model.pt": CHAR_PT, "empty.txt": b""}, expect=("empty.txt", "no tokens")),
+    Case("eval-data-not-utf8", "`eval perplexity --data` on a Latin-1 file, the model reading UTF-8",
+         (*EVAL, "--data", "latin1.txt"),
+         {"model.pt": CHAR_PT, "latin1.txt": "the cat sat\nthé chat\n".encode("latin-1")},
+         expect=("latin1.txt", "byte offset 14 is not valid utf-8", "iconv -t utf-8"),
+         forbid=("data.encoding_errors",)),
     Case("eval-negative-segment", "`eval perplexity --segment` below 0",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--segment", "-1"),
          {"model.pt": CHAR_PT}, expect=("--segment", ">= 0", "-1")),

@@ -1,4 +1,4 @@
-"""One-way imports (style guide, rule 3), read from the source with `ast`, per folder: the speed layer
+"""One-way imports, read from the source with `ast`, per folder: the speed layer
 knows no model, the backpropagation knows tensors and the speed layer only, the model knows no
 data beyond the tokenizer's constants, data knows no model, nothing imports the CLI, and no torch.nn
 recurrent module stands in for the hand-written cells. docs/architecture.md draws the same graph."""

@@ -33,7 +33,7 @@ CELLS = {  # every time loop that exists compiled
     "lstm": LSTMCell,
     "gru": GRUCell,                                                           # the lecture's: Γ_r before the product
     "gru-simplified": lambda E, H: GRUCell(E, H, relevance_gate=False),
-    "gru-after": lambda E, H: GRUCell(E, H, reset="after"),                  # PyTorch's
+    "gru-after": lambda E, H: GRUCell(E, H, gru_reset="after"),                  # PyTorch's
     "rnn": RNNCell,
 }
 LOOPS = {"lstm": "lstm", "gru": "gru", "gru-simplified": "gru", "gru-after": "gru_after", "rnn": "rnn"}
@@ -290,14 +290,14 @@ def test_ninja_beside_python_is_found_when_not_on_path(monkeypatch, tmp_path):
     if not (beside / "ninja").exists():
         pytest.skip("ninja is not installed beside this Python")
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert kernels._find_ninja()
+    assert kernels._ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == str(beside)
 
 
 def test_no_ninja_anywhere_is_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    assert not kernels._find_ninja()
+    assert not kernels._ninja_on_path()
     (tmp_path / "c++").symlink_to(shutil.which("c++") or "/bin/true")
     assert kernels.build_obstacle() == "ninja is not installed: pip install ninja"
 

@@ -102,6 +102,86 @@ def test_a_second_training_on_the_same_folder_is_refused(tmp_path, corpus):
     train(config(corpus, out_dir), progress_bar=False)  # the lock released, the folder is usable
 
 
+def test_a_resume_is_refused_before_it_reads_a_folder_in_use(tmp_path, corpus):
+    """`--resume` on a folder another training is writing is refused at once: it neither says it resumes
+    nor reads a checkpoint the other is about to replace (and would then redo the other's last steps)."""
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=4), progress_bar=False)
+    holder = RunDirectory(out_dir)
+    holder.lock()
+    lines = []
+    try:
+        with pytest.raises(LmtrainError, match=f"another training \\(pid {os.getpid()}\\)"):
+            train(config(corpus, out_dir, train__max_steps=6), resume=True, progress_bar=False, echo=lines.append)
+    finally:
+        holder.unlock()
+    assert not any(line.startswith("resuming") for line in lines)
+    result = train(config(corpus, out_dir, train__max_steps=6), resume=True, progress_bar=False)
+    assert result.progress.step == 6  # the refused resume let the folder go again
+
+
+def test_a_new_run_looks_again_under_the_lock(tmp_path, corpus):
+    """A new run that found its folder empty, but where another run finished before it took the lock,
+    is refused there rather than writing over that run's checkpoints."""
+    from lmtrain.training.trainer import Trainer
+
+    out_dir = tmp_path / "run"
+    late = Trainer(config(corpus, out_dir), resume=False, echo=lambda line: None, warn=lambda line: None,
+                   progress_bar=False)
+    finished = train(config(corpus, out_dir, train__max_steps=4), progress_bar=False)
+    before = (out_dir / "last.pt").read_bytes()
+    with pytest.raises(LmtrainError, match="already holds a run"):
+        late.run()
+    assert (out_dir / "last.pt").read_bytes() == before and finished.progress.step == 4
+    train(config(corpus, out_dir, train__max_steps=6), resume=True, progress_bar=False)  # and the lock is free
+
+
+def test_a_folder_holding_only_best_pt_is_a_run_not_an_empty_folder(tmp_path, corpus):
+    """A run stopped after its first evaluation but before its first periodic checkpoint leaves best.pt
+    alone: a new run there is refused (it would replace best.pt and cut metrics.jsonl), a resume continues."""
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=4, train__eval_every=2), progress_bar=False)
+    for path in [out_dir / "last.pt", *out_dir.glob("step-*.pt")]:
+        path.unlink()
+    best, metrics = (out_dir / "best.pt").read_bytes(), (out_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(LmtrainError, match=r"already holds a run \(best.pt\): add --resume"):
+        train(config(corpus, out_dir, train__max_steps=4, train__eval_every=2), progress_bar=False)
+    assert (out_dir / "best.pt").read_bytes() == best and (out_dir / "metrics.jsonl").read_bytes() == metrics
+    result = train(config(corpus, out_dir, train__max_steps=6, train__eval_every=2), resume=True, progress_bar=False)
+    assert result.progress.step == 6
+
+
+def test_resuming_a_finished_run_logs_its_last_evaluation_once(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    settings = dict(train__max_steps=4, train__eval_every=3)  # the last evaluation is the final one, at step 4
+    train(config(corpus, out_dir, **settings), progress_bar=False)
+    first = (out_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    for _ in range(2):
+        train(config(corpus, out_dir, **settings), resume=True, progress_bar=False)
+    assert (out_dir / "metrics.jsonl").read_text(encoding="utf-8") == first
+    steps = [(event["step"], event["split"]) for event in map(json.loads, first.splitlines())]
+    assert steps.count((4, "valid")) == 1 and (3, "valid") in steps
+
+
+def test_a_full_disk_under_metrics_jsonl_is_one_line(tmp_path):
+    from lmtrain.training.metrics import Metrics
+
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create()
+    metrics = Metrics(run_dir, resumed_at=None, tensorboard=False)
+
+    class FullDisk:
+        def write(self, text=""):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = write
+
+    metrics.file = FullDisk()
+    with pytest.raises(LmtrainError, match=r"^cannot write .*metrics.jsonl: the disk is full$"):
+        metrics.write({"step": 1, "split": "train"})
+    metrics.close()  # said once: closing the same file does not raise again
+
+
 def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path, corpus):
     out_dir = tmp_path / "run"
     script = textwrap.dedent(f"""

@@ -154,3 +154,28 @@ def test_training_says_its_threads_and_records_them(tmp_path, config_factory, mo
     events = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert events and all('"threads": ' in line for line in events)
     assert torch.get_num_threads() == previous  # the caller's count is given back
+
+
+@pytest.mark.parametrize("value, kept", [("3", True), (" 2 ", True), ("1024", True), ("0", False), ("-1", False),
+                                         ("abc", False), ("", False), ("2.5", False), ("1025", False),
+                                         ("99999999999999999999", False)])
+def test_omp_num_threads_is_kept_only_as_a_sane_count(value, kept):
+    from lmtrain.cli import drop_unusable_thread_setting
+
+    environment = {"OMP_NUM_THREADS": value}
+    warning = drop_unusable_thread_setting(environment)
+    assert ("OMP_NUM_THREADS" in environment) == kept and (warning is None) == kept
+    if warning is not None:
+        assert warning.startswith(f"warning: OMP_NUM_THREADS={value!r} is not a thread count from 1 to 1024")
+    assert drop_unusable_thread_setting({}) is None
+
+
+@pytest.mark.parametrize("value", ["0", "1000000"])
+def test_an_unusable_omp_num_threads_is_one_warning_and_no_openmp_noise(tmp_path, value):
+    """OpenMP complains about 0 itself, and a million threads crashed torch: lmtrain drops the variable first."""
+    result = subprocess.run([sys.executable, "-m", "lmtrain", "info", "missing.pt"], cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": value}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"warning: OMP_NUM_THREADS='{value}' is not a thread count") and len(lines) == 2, lines
+    assert lines[1].startswith("error: ") and "libgomp" not in result.stderr

@@ -453,3 +453,49 @@ def test_cosine_over_max_seconds_decays_with_training_time(tmp_path, corpus):
     rates = [event["lr"] for event in events(run, "train")]
     assert rates[0] > 0.009 and rates[-1] < 0.001
     assert all(later <= earlier for earlier, later in zip(rates, rates[1:]))
+
+
+def test_a_run_that_fails_on_a_terminal_closes_its_bar(tmp_path, corpus, monkeypatch):
+    """A run stopped by an error mid-way (here, a validation that fails) still closes its progress bar, so the
+    error line is not drawn into a half-finished bar."""
+    from lmtrain.training import trainer as trainer_module
+
+    bars = []
+
+    class Bar(trainer_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.closed = False
+            bars.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    def failing_validation(self):
+        raise LmtrainError("validation failed")
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    monkeypatch.setattr(trainer_module.sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(trainer_module.Trainer, "_evaluate", failing_validation)
+    with pytest.raises(LmtrainError, match="validation failed"):
+        train(make_config(corpus, tmp_path / "run", train__max_steps=4, train__eval_every=2))
+    assert len(bars) == 1 and bars[0].closed
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_last_steps(tmp_path, corpus, monkeypatch):
+    """A Ctrl-C while the run evaluates and saves its last step lets both finish: last.pt holds every step."""
+    import signal
+
+    from lmtrain.training import trainer as trainer_module
+
+    evaluate = trainer_module.Trainer._evaluate
+
+    def interrupted(self):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once, in the middle of the evaluation
+        return evaluate(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_evaluate", interrupted)
+    result = train(make_config(corpus, tmp_path / "run", train__max_steps=5), progress_bar=False)
+    assert result.progress.step == 5 and result.valid_loss is not None
+    assert load_payload(tmp_path / "run" / "last.pt")["progress"]["step"] == 5

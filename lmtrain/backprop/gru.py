@@ -29,7 +29,7 @@ from lmtrain.speed.route import Route, runs_on_its_route
 
 @runs_on_its_route
 class GRUFunction(Function):
-    """The lecture's GRU, Γ_r applied to c(t-1) before the product (`reset="before"`), with or without
+    """The lecture's GRU, Γ_r applied to c(t-1) before the product (`gru_reset="before"`), with or without
     the relevance gate. Inputs: x, c(0), W_recurrent (G*H, H), W_input (G*H, E), b (G*H,), and
     relevance_gate (a bool: gates (u, r, c) or (u, c)). Outputs: c(1..T) (B, T, H) and c(T). The time
     loops are the compiled ones where `Route.time_loops` has them; the forward's choice is the backward's."""
@@ -147,7 +147,7 @@ def _gru_simplified_loop(dz, dC, keep, gates, W_recurrent, route: Route):
 
 @runs_on_its_route
 class GRUAfterFunction(Function):
-    """PyTorch's GRU (`reset="after"`): c̃ = tanh(W_cx x(t) + b_c + Γ_r * p(t)), p(t) = W_cc c(t-1) + b_cc.
+    """PyTorch's GRU (`gru_reset="after"`): c̃ = tanh(W_cx x(t) + b_c + Γ_r * p(t)), p(t) = W_cc c(t-1) + b_cc.
     Inputs: x, c(0), W_recurrent (3H, H), W_input (3H, E), b (3H,), b_cc (H,). Outputs as GRUFunction."""
 
     @staticmethod

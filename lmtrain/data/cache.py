@@ -11,7 +11,7 @@ memory. An entry lives in `<cache>/tokens/` (`corpora.cache_dir()`: `$LMTRAIN_CA
     files/<hash of a corpus path>.json   the file's size, times and inode -> its content digest
 
 key = sha256 of (format version, content digest of every corpus file, tokenizer and split settings,
-and a checkpoint's vocabulary when one is given). Hashing 200 MB takes ~0.2 s, so a file whose size,
+and a checkpoint's vocabulary when one is given). Hashing a large corpus takes time, so a file whose size,
 mtime, ctime and inode match its `files/` record is not hashed again: a file rewritten in place that
 keeps all four is not noticed (`touch` alone cannot restore a ctime). Knows tokens, not models.
 """

@@ -165,6 +165,11 @@ def _stream(url: str, part: Path, offset: int, size: int, *, progress: bool) -> 
             part.unlink()
             raise LmtrainError(f"{url} answered a different range than asked for; the partial file was "
                                f"deleted, run the same command again")
+        stated = _stated_size(response)
+        if stated is not None and stated != size:  # another file: fetching it again would end the same way
+            part.unlink(missing_ok=True)
+            raise LmtrainError(f"{url} holds {stated:,} bytes, not the {size:,} of the expected file (a mirror "
+                               f"with another version of it?); nothing was kept")
         try:
             handle = open(part, "ab" if offset else "wb")
         except OSError as error:
@@ -192,6 +197,16 @@ def _stream(url: str, part: Path, offset: int, size: int, *, progress: bool) -> 
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+def _stated_size(response: http.client.HTTPResponse) -> int | None:
+    """The whole file's size as the server states it: a 206's Content-Range total, a 200's Content-Length;
+    None where it states none."""
+    if response.status == 206:
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    else:
+        total = response.headers.get("Content-Length", "")
+    return int(total) if total.isdigit() else None
+
 
 def _files(name: str, catalog: dict[str, tuple[CorpusFile, ...]]) -> tuple[CorpusFile, ...]:
     if name not in catalog:

@@ -24,7 +24,7 @@ from lmtrain.errors import LmtrainError
 
 IGNORE = -100  # target id left out of the loss (torch's cross_entropy default ignore_index)
 
-Sequence = tuple[Tensor, Tensor]  # (inputs (T,), targets (T,))
+InputsTargets = tuple[Tensor, Tensor]  # (inputs (T,), targets (T,))
 
 
 def reverse_text(text: str, *, level: str, eos: str = "line") -> str:
@@ -67,7 +67,7 @@ def num_chunks(data: Tensor, bptt: int) -> int:
     return -(-(data.size(1) - 1) // bptt)
 
 
-def get_chunk(data: Tensor, index: int, bptt: int) -> Sequence:
+def get_chunk(data: Tensor, index: int, bptt: int) -> InputsTargets:
     """Chunk `index` of batchified data: inputs (B, T) and the targets, the next column over:
 
         data    a b c d e f g       bptt = 3, index 1
@@ -93,7 +93,7 @@ def shard_rows(rows: int, *, rank: int, world_size: int) -> slice:
     return slice(rank * rows // world_size, (rank + 1) * rows // world_size)
 
 
-def shard_batch(batch: Sequence, *, rank: int, world_size: int) -> Sequence:
+def shard_batch(batch: InputsTargets, *, rank: int, world_size: int) -> InputsTargets:
     """Process `rank`'s rows of a global (inputs, targets) batch, less the columns that are padding in
     all of them. A process left with no row (the last sentences batch of an epoch may hold fewer than
     `world_size`) gets one padding row: no loss, but its backward pass runs, as DDP needs of all."""
@@ -105,7 +105,7 @@ def shard_batch(batch: Sequence, *, rank: int, world_size: int) -> Sequence:
     return inputs[:, :length], targets[:, :length]
 
 
-def sentence_pieces(tokenizer: Tokenizer, text: str, max_length: int) -> list[Sequence]:
+def sentence_pieces(tokenizer: Tokenizer, text: str, max_length: int) -> list[InputsTargets]:
     """Every non-empty line as a sequence from x(1) = 0 to `<eos>`, cut into pieces of at most
     `max_length` steps (a later piece starts from a zero state with its preceding token as input):
 
@@ -122,7 +122,7 @@ def sentence_pieces(tokenizer: Tokenizer, text: str, max_length: int) -> list[Se
     return pieces
 
 
-def stream_segments(ids: Tensor, segment_length: int) -> list[Sequence]:
+def stream_segments(ids: Tensor, segment_length: int) -> list[InputsTargets]:
     """An id stream as consecutive segments whose targets cover every token after the first exactly
     once; evaluation reads each from a zero state. Fixed by `segment_length`, not by the batch size,
     so the loss does not depend on how many segments run side by side."""
@@ -132,7 +132,7 @@ def stream_segments(ids: Tensor, segment_length: int) -> list[Sequence]:
     return list(zip(inputs.split(segment_length), targets.split(segment_length)))
 
 
-def pad_batch(sequences: list[Sequence]) -> Sequence:
+def pad_batch(sequences: list[InputsTargets]) -> InputsTargets:
     """Right-pad sequences to one length: inputs with ZERO_INPUT, targets with IGNORE. Padding comes
     after a sequence's end, so it cannot change the outputs at real positions."""
     length = max(inputs.numel() for inputs, _ in sequences)
@@ -186,7 +186,7 @@ class TrainingBatches:
             self._order_epoch, self._order = -1, []
             self.per_epoch = len(self._epoch_order(0))
 
-    def batch(self, epoch: int, index: int) -> Sequence:
+    def batch(self, epoch: int, index: int) -> InputsTargets:
         """(inputs, targets), each (B, T)."""
         if self.carries_state:
             inputs, targets = get_chunk(self.data, index, self.bptt)

@@ -58,13 +58,24 @@ def file_kind(path: str | Path) -> str:
     return "special file"
 
 
-def read_text(path: str | Path, *, encoding: str = "utf-8", errors: str = "strict") -> str:
+# What to do about undecodable bytes in a corpus, where the config decides how it is read.
+CONFIG_REMEDY = "set data.encoding_errors: replace to substitute U+FFFD"
+
+
+def model_remedy(encoding: str) -> str:
+    """What to do about undecodable bytes in a text read for a model, which reads text one way."""
+    return f"the model reads text as {encoding} (its data.encoding): convert the file, e.g. iconv -t {encoding}"
+
+
+def read_text(path: str | Path, *, encoding: str = "utf-8", errors: str = "strict",
+              remedy: str = CONFIG_REMEDY) -> str:
     """Read a corpus file as text with '\\n' line ends and no byte-order mark. Every convention is a line
     end, as Python's universal newlines read them: LF, CRLF and a lone CR (classic Mac text).
 
-    Undecodable bytes are an error naming the file and byte offset unless `errors="replace"`.
+    Undecodable bytes are an error naming the file, the byte offset and the `remedy`, unless
+    `errors="replace"`.
     """
-    return "".join(read_text_blocks(path, encoding=encoding, errors=errors, block_bytes=-1))
+    return "".join(read_text_blocks(path, encoding=encoding, errors=errors, block_bytes=-1, remedy=remedy))
 
 
 def universal_newlines(text: str) -> str:
@@ -73,7 +84,7 @@ def universal_newlines(text: str) -> str:
 
 
 def read_text_blocks(path: str | Path, *, encoding: str = "utf-8", errors: str = "strict",
-                     block_bytes: int = 1 << 24) -> Iterator[str]:
+                     block_bytes: int = 1 << 24, remedy: str = CONFIG_REMEDY) -> Iterator[str]:
     """The text `read_text` returns, in pieces, reading `block_bytes` at a time (-1: the whole file at
     once, one piece, perhaps and a last line end): the file is never held whole.
 
@@ -87,6 +98,8 @@ def read_text_blocks(path: str | Path, *, encoding: str = "utf-8", errors: str =
             decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
         except LookupError:
             raise LmtrainError(f"unknown text encoding {encoding!r} (data.encoding)") from None
+        except UnicodeError:  # a codec that is not for files of text (idna)
+            raise LmtrainError(f"{encoding!r} is not an encoding of text files (data.encoding)") from None
         while True:
             try:
                 raw = file.read(block_bytes)
@@ -96,7 +109,9 @@ def read_text_blocks(path: str | Path, *, encoding: str = "utf-8", errors: str =
             try:
                 text = carried + decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as error:
-                raise _decode_error(path, encoding, fed - waiting + error.start) from None
+                raise _decode_error(path, encoding, fed - waiting + error.start, remedy) from None
+            except UnicodeError as error:  # a codec's own complaint, without an offset (UTF-16 with no BOM)
+                raise LmtrainError(f"{path} cannot be read as {encoding}: {error}") from None
             fed += len(raw)
             if not started and text:
                 text, started = text.removeprefix("\ufeff"), True
@@ -109,9 +124,8 @@ def read_text_blocks(path: str | Path, *, encoding: str = "utf-8", errors: str =
                 return
 
 
-def _decode_error(path: str | Path, encoding: str, offset: int) -> LmtrainError:
-    return LmtrainError(f"{path}: byte offset {offset} is not valid {encoding} "
-                        f"(set data.encoding_errors: replace to substitute U+FFFD)")
+def _decode_error(path: str | Path, encoding: str, offset: int, remedy: str) -> LmtrainError:
+    return LmtrainError(f"{path}: byte offset {offset} is not valid {encoding} ({remedy})")
 
 
 def split_lines(text: str) -> list[str]:

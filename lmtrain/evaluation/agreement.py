@@ -50,7 +50,7 @@ def read_pairs(path: str | Path, *, group_by: str | None = None) -> list[Pair]:
     attractors`), a two-column `good<TAB>bad` file (a header row of such names is skipped), or JSON
     lines with `sentence_good` and `sentence_bad` (BLiMP's form; `good`/`bad` too), grouped by
     `group_by` or the first of GROUP_KEYS present."""
-    lines = split_lines(read_text(path))
+    lines = split_lines(read_text(path, remedy="save the file as UTF-8"))
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:

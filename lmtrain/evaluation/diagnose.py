@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lmtrain.config import load_config
 from lmtrain.data.encoding import fit_tokenizer, load_splits, stream_ids
-from lmtrain.data.tokenizer import ZERO_INPUT, read_text
+from lmtrain.data.tokenizer import ZERO_INPUT, model_remedy, read_text
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.plots import pyplot, save_figure
 from lmtrain.model.language_model import LanguageModel, check_size
@@ -90,7 +90,7 @@ def gradient_report(*, checkpoint: str | None = None, config_path: str | None = 
         torch.manual_seed(config.train.seed)
         model, origin = LanguageModel.from_config(config.model, tokenizer.vocab_size), f"{config_path} (untrained)"
     if data_file is not None:
-        text = read_text(data_file, encoding=config.data.encoding)
+        text = read_text(data_file, encoding=config.data.encoding, remedy=model_remedy(config.data.encoding))
     else:
         text = (texts or load_splits(config.data))["valid"]
     generator = torch.Generator().manual_seed(seed)

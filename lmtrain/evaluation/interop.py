@@ -104,7 +104,7 @@ def torch_name(cell: Cell) -> str:
     if isinstance(cell, GRUCell) and not cell.relevance_gate:
         raise ValueError("a simplified GRU (relevance_gate: false) has no torch.nn.GRU equivalent: torch's GRU "
                          "always has the reset gate r")
-    if isinstance(cell, GRUCell) and cell.reset != "after":
+    if isinstance(cell, GRUCell) and cell.gru_reset != "after":
         raise ValueError("a GRU with reset 'before' (the lecture's: c̃ = tanh(W_c [Γ_r * c(t-1), x] + b_c)) has no "
                          "torch.nn.GRU equivalent: torch applies its reset gate after the product, "
                          "n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); train with model.gru_reset: after")

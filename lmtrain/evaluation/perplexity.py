@@ -19,7 +19,7 @@ from lmtrain.checkpoint import load_model
 from lmtrain.config import Config
 from lmtrain.data.dataset import (
     IGNORE,
-    Sequence,
+    InputsTargets,
     length_sorted_batches,
     pad_batch,
     reverse_text,
@@ -27,7 +27,7 @@ from lmtrain.data.dataset import (
     stream_segments,
 )
 from lmtrain.data.encoding import load_splits, stream_ids
-from lmtrain.data.tokenizer import Tokenizer, read_text
+from lmtrain.data.tokenizer import Tokenizer, model_remedy, read_text
 from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
 
@@ -42,7 +42,7 @@ def bits_per_character(loss: float) -> float:
     return loss / math.log(2)
 
 
-def evaluation_sequences(tokenizer: Tokenizer, text: str | Tensor, config: Config) -> list[Sequence]:
+def evaluation_sequences(tokenizer: Tokenizer, text: str | Tensor, config: Config) -> list[InputsTargets]:
     """The sequences a split is scored on: its lines (sentences mode) or its stream cut into
     `train.eval_segment`-token segments (stream mode; `text` may be the id stream already)."""
     if config.data.mode == "sentences":
@@ -69,7 +69,7 @@ ACTIVATIONS_BUDGET = 1 << 22
 
 
 @torch.no_grad()
-def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = EVAL_BATCH_SIZE,
+def score(model: LanguageModel, sequences: list[InputsTargets], *, batch_size: int = EVAL_BATCH_SIZE,
           device: torch.device | str = "cpu", right_to_left: bool = False,
           before_batch: Callable[[], None] = lambda: None) -> Score:
     """Token-weighted mean loss of `model` on `sequences`, each read from a zero state. A long batch
@@ -83,6 +83,8 @@ def score(model: LanguageModel, sequences: list[Sequence], *, batch_size: int = 
     for batch in length_sorted_batches(lengths, batch_size):
         before_batch()
         inputs, targets = pad_batch([sequences[index] for index in batch])
+        # The widest row a token holds at once: its logits, or the gates of its layer (four blocks at most,
+        # the LSTM's), a bound for every cell.
         widest = max(model.projection.out_features, 4 * model.projection.in_features)
         chunk = max(1, ACTIVATIONS_BUDGET // (len(batch) * widest))
         state = None
@@ -118,7 +120,8 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
     if segment is not None:
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
     if data_file is not None:
-        text = read_text(data_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
+        text = read_text(data_file, encoding=config.data.encoding, errors=config.data.encoding_errors,
+                         remedy=model_remedy(config.data.encoding))
         origin = data_file
     else:
         texts = load_splits(config.data)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import load_model
-from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer, read_text
+from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer, model_remedy, read_text
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluation.inside import (
     SATURATED,
@@ -74,7 +74,8 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
     if Path(text_file).is_dir():
         raise LmtrainError(f"--text {text_file} is a directory, not a file")
-    text = read_text(text_file, encoding=config.data.encoding, errors=config.data.encoding_errors)
+    text = read_text(text_file, encoding=config.data.encoding, errors=config.data.encoding_errors,
+                     remedy=model_remedy(config.data.encoding))
     # A token is at most a few dozen characters: tokenize only the start of a long text.
     text = text[: max_positions * 64]
     every = evaluation_sequences(tokenizer, text, config)

@@ -74,7 +74,7 @@ class Cell(nn.Module):
 
         Without autograd (sampling, evaluation) the stack is kept until a weight changes (a new
         version, device or dtype): sampling runs the layers one token at a time, and stacking anew
-        at every token copied all the weights each time (most of a sampling step, measured)."""
+        at every token copied all the weights each time (most of a sampling step's time)."""
         if torch.is_grad_enabled():
             return self._stack()
         key = version_key(getattr(self, f"{kind}_{gate}") for kind in "Wb" for gate in self.gates)
@@ -128,7 +128,7 @@ class GRUCell(Cell):
 
     The simplified GRU (`relevance_gate=False`) drops Γ_r: `c̃(t) = tanh(W_c [c(t-1), x(t)] + b_c)`.
 
-    `reset="after"` is PyTorch's and cuDNN's variant: Γ_r scales the recurrent product rather than
+    `gru_reset="after"` is PyTorch's and cuDNN's variant: Γ_r scales the recurrent product rather than
     its input, with a recurrent bias of its own, `W_c = [W_cc, W_cx]`:
 
         c̃(t) = tanh(W_cx x(t) + b_c + Γ_r * (W_cc c(t-1) + b_cc))
@@ -137,13 +137,14 @@ class GRUCell(Cell):
     state_type = GRUState
 
     def __init__(self, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
-                 reset: str = "before") -> None:
-        if reset not in ("before", "after") or (reset == "after" and not relevance_gate):
-            raise ValueError(f"reset must be 'before' or 'after' (the latter with the relevance gate); got {reset!r}")
-        self.relevance_gate, self.reset = relevance_gate, reset
+                 gru_reset: str = "before") -> None:
+        if gru_reset not in ("before", "after") or (gru_reset == "after" and not relevance_gate):
+            raise ValueError("gru_reset must be 'before' or 'after' (the latter with the relevance gate); "
+                             f"got {gru_reset!r}")
+        self.relevance_gate, self.gru_reset = relevance_gate, gru_reset
         self.gates = ("u", "r", "c") if relevance_gate else ("u", "c")
         super().__init__(input_size, hidden_size)
-        if reset == "after":
+        if gru_reset == "after":
             bound = 1 / math.sqrt(hidden_size)
             self.b_cc = nn.Parameter(torch.empty(hidden_size).uniform_(-bound, bound))
 
@@ -151,7 +152,7 @@ class GRUCell(Cell):
         (c_prev,) = state
         gamma_u = sigmoid(linear(combine(c_prev, x), self.W_u, self.b_u))
         gamma_r = sigmoid(linear(combine(c_prev, x), self.W_r, self.b_r)) if self.relevance_gate else 1.0
-        if self.reset == "before":
+        if self.gru_reset == "before":
             c_tilde = tanh(linear(combine(gamma_r * c_prev, x), self.W_c, self.b_c))
         else:
             W_cc, W_cx = self.W_c.split([self.hidden_size, self.input_size], dim=1)
@@ -162,7 +163,7 @@ class GRUCell(Cell):
 
     def step(self, x_projected: Tensor, state: GRUState, W_recurrent: Tensor) -> GRUState:
         H, (c_prev,) = self.hidden_size, state
-        if self.reset == "after":
+        if self.gru_reset == "after":
             # Every block multiplies c(t-1) itself: one product for all three.
             recurrent = torch.mm(c_prev, W_recurrent.t())
             gamma_u = sigmoid(x_projected[:, :H] + recurrent[:, :H])
@@ -178,7 +179,7 @@ class GRUCell(Cell):
         return GRUState(c)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relevance_gate={self.relevance_gate}, reset={self.reset}"
+        return f"{super().extra_repr()}, relevance_gate={self.relevance_gate}, gru_reset={self.gru_reset}"
 
 
 class LSTMCell(Cell):
@@ -187,9 +188,9 @@ class LSTMCell(Cell):
         Γ_f  = σ(W_f [a(t-1), x(t)] + b_f)                 forget gate
         Γ_u  = σ(W_u [a(t-1), x(t)] + b_u)                 update gate
         c̃(t) = tanh(W_c [a(t-1), x(t)] + b_c)              candidate memory
-        c(t) = Γ_f ∘ c(t-1) + Γ_u ∘ c̃(t)
+        c(t) = Γ_f * c(t-1) + Γ_u * c̃(t)
         Γ_o  = σ(W_o [a(t-1), x(t)] + b_o)                 output gate
-        a(t) = Γ_o ∘ tanh(c(t))
+        a(t) = Γ_o * tanh(c(t))
     """
 
     gates = ("f", "u", "c", "o")
@@ -236,7 +237,7 @@ def make_cell(name: str, input_size: int, hidden_size: int, *, relevance_gate: b
               gru_reset: str = "before", forget_bias: float | None = None) -> Cell:
     """The cell called `name` in a config (`model.cell`); each option reaches only the cell it is for."""
     if name == "gru":
-        return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate, reset=gru_reset)
+        return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate, gru_reset=gru_reset)
     if name == "lstm":
         return LSTMCell(input_size, hidden_size, forget_bias=forget_bias)
     return CELLS[name](input_size, hidden_size)

@@ -65,8 +65,8 @@ def check_size(config: ModelConfig, vocab_size: int, *, bytes_per_parameter: int
                             if config.embed_size > config.hidden_size else ""),
             "output": f"model.hidden_size={config.hidden_size} over {vocab_size:,} tokens"}[largest]
     raise ConfigError(f"the model would have {total:.3g} parameters, most of them in its {largest} ({keys}): "
-                      f"{_bytes(total * bytes_per_parameter)}, more than the {_bytes(available)} of memory here; "
-                      f"make it smaller")
+                      f"{_bytes(total * bytes_per_parameter)}, more than the {_bytes(available)} of memory this "
+                      f"process may still take; make it smaller")
 
 
 def _bytes(count: float) -> str:
@@ -159,7 +159,7 @@ class LanguageModel(nn.Module):
         summed NLL of those that are not `ignore_index` (a scalar) takes the logits' place: the training
         loss, without the (B, T, V) logits. `right_to_left=True` runs the right-to-left LM of a `direction: bi`
         model, which expects `tokens` in reversed order (see `data.reverse_text`). `hidden=True` also
-        returns the last layer's outputs before and after output dropout, `(a, m ⊙ a)`, both (B, T, H),
+        returns the last layer's outputs before and after output dropout, `(a, m * a)`, both (B, T, H),
         for AR/TAR."""
         x = self.embed(tokens)                                               # (B, T, E)
         if self.training:
@@ -196,5 +196,5 @@ def _layer_weights(cell: Cell) -> LayerWeights:
     W_a = tuple(getattr(cell, f"W_{gate}").detach() for gate in cell.gates)
     b = torch.cat([getattr(cell, f"b_{gate}") for gate in cell.gates]).detach()
     name = next(name for name, kind in CELLS.items() if isinstance(cell, kind))
-    b_cc = cell.b_cc.detach() if isinstance(cell, GRUCell) and cell.reset == "after" else None
+    b_cc = cell.b_cc.detach() if isinstance(cell, GRUCell) and cell.gru_reset == "after" else None
     return LayerWeights(name, W_a, b, b_cc)

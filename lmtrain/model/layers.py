@@ -29,7 +29,7 @@ def function_for(cell: Cell) -> tuple[type[Function], tuple]:
     if isinstance(cell, LSTMCell):
         return LSTMFunction, ()
     if isinstance(cell, GRUCell):
-        return (GRUAfterFunction, (cell.b_cc,)) if cell.reset == "after" else (GRUFunction, (cell.relevance_gate,))
+        return (GRUAfterFunction, (cell.b_cc,)) if cell.gru_reset == "after" else (GRUFunction, (cell.relevance_gate,))
     if isinstance(cell, RNNCell):
         return RNNFunction, ()
     raise TypeError(f"no hand-written backpropagation for {type(cell).__name__}")

@@ -9,7 +9,7 @@
 - `model.weight_drop`: DropConnect (Wan et al. 2013) on the recurrent halves `W_aa` of every gate,
   one mask per batch shared by all time steps (Merity et al. 2017, section 2);
 - `train.activation_regularization` (AR, α) and `train.temporal_activation_regularization` (TAR, β):
-  α mean(m ⊙ a(t))² on the dropped last-layer outputs and β mean(a(t) - a(t+1))² on the undropped
+  α mean(m * a(t))² on the dropped last-layer outputs and β mean(a(t) - a(t+1))² on the undropped
   ones, added to the loss (Merity et al. 2017, section 4.6; Merity, McCann & Socher 2017).
 
 Every dropout keeps the expectation: what survives is divided by 1 - p (inverted dropout), so nothing
@@ -66,7 +66,7 @@ def drop_connect(W: Tensor, p: float) -> Tensor:
 
 
 def activation_regularization(a_dropped: Tensor, mask: Tensor | None = None) -> Tensor:
-    """AR without its α: the mean of m ⊙ a(t) squared over the units of the positions `mask` (B, T)
+    """AR without its α: the mean of m * a(t) squared over the units of the positions `mask` (B, T)
     keeps (all when None). a_dropped: (B, T, H), the last layer's outputs after output dropout."""
     squares = a_dropped.pow(2).mean(-1)                                   # (B, T)
     return squares.mean() if mask is None else (squares * mask).sum() / mask.sum().clamp(min=1)

@@ -30,7 +30,7 @@ from torch.autograd import Function
 from lmtrain.speed.route import PACK_FROM, Route, choose, runs_on_its_route
 from lmtrain.speed.torch_internals import ONEDNN_LINEAR
 
-_ONEDNN = ONEDNN_LINEAR  # (linear, reorder_weight), or None: every product here is then torch's addmm
+_ONEDNN = ONEDNN_LINEAR  # None: every product here is then torch's addmm
 
 
 def mm(a: Tensor, b: Tensor, route: Route, out: Tensor | None = None) -> Tensor:
@@ -72,7 +72,7 @@ class FixedProduct:
         self.route = route
         W = route.lowered(W.detach())
         if self.onednn:
-            self.W = _ONEDNN[1](W, rows) if uses >= PACK_FROM else W.contiguous()  # strided: see `linear`
+            self.W = _ONEDNN.pack(W, rows) if uses >= PACK_FROM else W.contiguous()  # strided: see `linear`
         else:
             self.W_t = W.t()
 
@@ -81,12 +81,12 @@ class FixedProduct:
         may be a strided view)."""
         if self.mixed:  # the product in bfloat16, the sum with `add` in float32
             x_low = self.route.lowered(x)
-            low = _ONEDNN[0](x_low, self.W, None, "none", [], "") if self.onednn else x_low @ self.W_t
+            low = _ONEDNN(x_low, self.W) if self.onednn else x_low @ self.W_t
             return low.to(x.dtype) if add is None else torch.add(add, low)
         if self.onednn:
             if add is None or add.dim() == 1:
-                return _ONEDNN[0](x, self.W, add, "none", [], "")
-            return _ONEDNN[0].binary(x, add, self.W, None, "add")
+                return _ONEDNN(x, self.W, add)
+            return _ONEDNN.plus(x, self.W, add)
         return x @ self.W_t if add is None else torch.addmm(add, x, self.W_t)
 
 
@@ -100,7 +100,7 @@ def linear(x: Tensor, W: Tensor, b: Tensor | None, route: Route) -> Tensor:
     if route.onednn and x.dtype in (torch.float32, torch.bfloat16):
         # A strided weight (W_inputᵀ for the input gradient) sends oneDNN to a reference path, slower by
         # orders of magnitude: a contiguous copy of the weight costs next to nothing.
-        return _ONEDNN[0](x, W.detach().contiguous(), None if b is None else b.detach(), "none", [], "")
+        return _ONEDNN(x, W.detach().contiguous(), None if b is None else b.detach())
     return x @ W.t() if b is None else torch.addmm(b, x, W.t())
 
 

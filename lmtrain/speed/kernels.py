@@ -173,14 +173,15 @@ def build_obstacle() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
-    if not _find_ninja():
+    if not _ninja_on_path():
         return "ninja is not installed: pip install ninja"
     return None
 
 
-def _find_ninja() -> bool:
-    """Whether torch's loader can run ninja. `pip install ninja` puts it beside this Python, which is not
-    on PATH when lmtrain runs from a venv that was not activated: that folder is then added to PATH."""
+def _ninja_on_path() -> bool:
+    """Whether torch's loader can run ninja, putting it there if need be: `pip install ninja` puts it beside
+    this Python, which is not on PATH when lmtrain runs from a venv that was not activated, so that folder
+    is added to this process's PATH (torch's loader runs ninja by name)."""
     if shutil.which("ninja") is not None:
         return True
     beside = Path(sys.executable).parent
@@ -232,7 +233,7 @@ def status() -> dict:
         state = "not built (the first run on this CPU builds them, or `lmtrain kernels build`)"
     return {"state": state, "module": this.module, "folder": str(paths.folder) if paths else None,
             "failure_log": str(failed.failure) if failed and not paths else None,
-            "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _find_ninja() else None,
+            "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _ninja_on_path() else None,
             "wait_seconds": wait_seconds(), "bfloat16_products": _bfloat16_products(state),
             "caches": [{"root": str(root), "builds": kernel_build.builds(root)} for root in kernel_build.roots()]}
 
@@ -264,8 +265,8 @@ def status_lines(facts: dict) -> list[str]:
     for cache in facts["caches"]:
         if not cache["builds"]:
             continue
-        total = sum(build["bytes"] for build in cache["builds"])
-        lines.append(f"cache {cache['root']}: {len(cache['builds'])} entries, {total / 1e6:.1f} MB")
+        total, count = sum(build["bytes"] for build in cache["builds"]), len(cache["builds"])
+        lines.append(f"cache {cache['root']}: {count} {'entry' if count == 1 else 'entries'}, {total / 1e6:.1f} MB")
         for build in cache["builds"]:
             record = build.get("record") or {}
             made = f"  lmtrain {record['lmtrain']}, torch {record['torch']}" if "lmtrain" in record else ""

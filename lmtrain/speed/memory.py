@@ -8,6 +8,9 @@ faults for all of them (docs/results.md measures it with scripts/page_faults.py)
 `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456`
 give: buffers up to 32 MiB (glibc's largest mmap threshold) come from the heap, and freed memory
 stays in it.
+
+Also how much memory the process may still take (`available_bytes`), which the size checks of a model,
+its training and its diagnostics compare against before they allocate.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ import ctypes
 import ctypes.util
 import os
 import platform
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -37,9 +45,10 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+def available_bytes(meminfo: str = "/proc/meminfo", status: str = "/proc/self/status") -> int | None:
     """The memory a process may still take: Linux's MemAvailable, capped by a container's memory limit
-    (cgroup memory.max or v1's memory.limit_in_bytes); None where neither can be read."""
+    (cgroup memory.max or v1's memory.limit_in_bytes) and by what this process's own limits leave
+    (`ulimit -v`, `ulimit -d`); None where none of them can be read."""
     found = []
     try:
         for line in open(meminfo, encoding="ascii"):
@@ -54,4 +63,24 @@ def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
             continue
         if text.isdigit() and int(text) < 1 << 60:
             found.append(int(text))
+    found.extend(_left_under_process_limits(status))
     return min(found) if found else None
+
+
+def _left_under_process_limits(status: str) -> list[int]:
+    """What RLIMIT_AS and RLIMIT_DATA leave: each soft limit less what the process has mapped (VmSize) or
+    holds as data (VmData). A process near its limit fails inside an allocation, where torch reports it
+    as a C++ `bad_alloc` or a failed storage, not as a size the checks could have named."""
+    if resource is None:
+        return []
+    try:
+        used = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open(status, encoding="ascii")
+                if line.startswith(("VmSize:", "VmData:"))}
+    except (OSError, ValueError, IndexError):
+        return []
+    left = []
+    for name, field in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY and field in used:
+            left.append(max(soft - used[field], 0))
+    return left

@@ -38,9 +38,9 @@ PACK_FROM = 4
 
 def onednn_for_float32(capability: str) -> bool:
     """Whether oneDNN makes the float32 products on a CPU of torch's `capability`. On an x86 CPU with AVX2
-    and no AVX-512 MKL's addmm is the faster, a layer's training step 0.92-0.99x the time with it; with
-    AVX-512 oneDNN matches MKL (Intel Xeon) or beats it (AMD Zen 5, where MKL runs its AVX2 code)
-    (docs/benchmarks.md, "oneDNN or MKL on this CPU"). Other CPUs keep oneDNN: not measured."""
+    and no AVX-512 MKL's addmm is the faster; with AVX-512 oneDNN matches MKL (Intel Xeon) or beats it
+    (AMD Zen 5, where MKL runs its AVX2 code) (docs/benchmarks.md, "oneDNN or MKL on this CPU"). Other
+    CPUs keep oneDNN: not measured."""
     return capability != "AVX2"
 
 

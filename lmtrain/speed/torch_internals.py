@@ -27,17 +27,36 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 import torch
 
 
-def _onednn_linear() -> tuple[Callable, Callable] | None:
+class OneDNNLinear:
+    """oneDNN's linear, `x Wᵀ (+ b or + add)` for W (N, K), through torch's `mkldnn` ops, with their
+    positional arguments written once, here."""
+
+    def __init__(self, linear: Callable, reorder_weight: Callable) -> None:
+        self._linear, self._reorder_weight = linear, reorder_weight
+
+    def __call__(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x Wᵀ + b; W as it is (contiguous) or packed by `pack`."""
+        return self._linear(x, W, b, "none", [], "")
+
+    def plus(self, x: torch.Tensor, W: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ + add for a (rows, N) `add`, summed inside the product (oneDNN's binary post-op)."""
+        return self._linear.binary(x, add, W, None, "add")
+
+    def pack(self, W: torch.Tensor, rows: int) -> torch.Tensor:
+        """W in oneDNN's blocked layout for products with `rows` rows: packed once, used at every step."""
+        return self._reorder_weight(W, rows)
+
+
+def _onednn_linear() -> OneDNNLinear | None:
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+        return OneDNNLinear(torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight)
     except (AttributeError, RuntimeError):  # a torch built without these ops, or that renamed them
         return None
 
 
-# (linear, reorder_weight): oneDNN's linear `linear(x, W, b, "none", [], "")` (and `linear.binary(x,
-# other, W, None, "add")`), and the packing of W for a given number of rows; None where torch lacks them.
+# oneDNN's linear, or None where torch lacks its ops.
 ONEDNN_LINEAR = _onednn_linear()
 
 

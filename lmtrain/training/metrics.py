@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lmtrain.config import ModelConfig
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluation.perplexity import perplexity
 from lmtrain.files import strict_json
 from lmtrain.training.rundir import RunDirectory
@@ -40,19 +40,31 @@ class Metrics:
 
     def __init__(self, run_dir: RunDirectory, *, resumed_at: int | None, tensorboard: bool,
                  warn: Callable[[str], None] = lambda line: None) -> None:
-        self.file = run_dir.open_metrics(resumed_at=resumed_at, warn=warn)
+        self.path = run_dir.metrics
+        self.file, self.logged_at_resume = run_dir.open_metrics(resumed_at=resumed_at, warn=warn)
+        self.resumed_at = resumed_at
         self.summary = summary_writer_class()(log_dir=str(Path(run_dir.path) / "tensorboard")) if tensorboard else None
 
     def write(self, values: dict[str, Any]) -> None:
-        self.file.write(json.dumps(values, allow_nan=False) + "\n")
-        self.file.flush()
+        """Append one event. An evaluation redone at the step a run resumed from (a finished run resumed, or
+        one stopped during its final evaluation) is logged there already, with the same numbers: not twice."""
+        if values["step"] == self.resumed_at and values["split"] in self.logged_at_resume:
+            return
+        try:
+            self.file.write(json.dumps(values, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise LmtrainError(f"cannot write {self.path}: {os_reason(error)}") from None
         if self.summary is not None:
             for name in TENSORBOARD:
                 if values[name] is not None:
                     self.summary.add_scalar(f"{name}/{values['split']}", values[name], values["step"])
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # a full disk, said already by the write that failed
+            pass
         if self.summary is not None:
             self.summary.close()
 

@@ -60,16 +60,17 @@ class Progress:
 
 def fresh_start(run_dir: RunDirectory) -> tuple[None, None]:
     """No checkpoint to resume from: never overwrite a run's checkpoints by starting again in its folder."""
-    if run_dir.has_run():
-        raise LmtrainError(f"{run_dir.path} already holds a run (last.pt): add --resume to continue it, "
-                           f"or choose another train.out_dir")
+    run_dir.check_fresh()
     return None, None
 
 
 def resume_payload(run_dir: RunDirectory, config: Config, data_files: dict, *, allow_changed_data: bool,
                    warn: Callable[[str], None]) -> tuple[str, dict]:
     """The newest intact checkpoint of the folder: (path, payload), plain values to hand to the other
-    processes, once `checked_resume` accepted it (and set `config`'s initialisation keys to the run's)."""
+    processes, once `checked_resume` accepted it (and set `config`'s initialisation keys to the run's).
+    The folder's lock is taken first: a run still writing it refuses this one before anything is read."""
+    if run_dir.path.is_dir():
+        run_dir.lock()
     path, payload, notes = run_dir.newest_intact()
     for note in notes:
         warn(note)

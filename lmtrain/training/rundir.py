@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lmtrain.checkpoint import ANOTHER, checkpoint_bytes, load_checkpoint
 from lmtrain.errors import LmtrainError, os_reason
@@ -41,10 +41,13 @@ class RunDirectory:
         except OSError as error:
             raise LmtrainError(f"cannot create train.out_dir {self.path}: {os_reason(error)}") from None
 
-    def open_for_run(self, config_yaml: str) -> None:
-        """Create the folder, take its lock, then write the run's config.yaml."""
+    def open_for_run(self, config_yaml: str, *, fresh: bool) -> None:
+        """Create the folder, take its lock, then write the run's config.yaml. A `fresh` run looks again,
+        under the lock, for a run it would overwrite: one may have finished here since its first look."""
         self.create()
         self.lock()
+        if fresh:
+            self.check_fresh()
         try:
             atomic_write(self.path / "config.yaml", config_yaml.encode())
         except OSError as error:
@@ -53,8 +56,10 @@ class RunDirectory:
     # -- one trainer per folder ----------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Take the folder's lock or refuse. An flock dies with its process, so a lock left by a killed
-        run is never stale; the pid inside is only for the message."""
+        """Take the folder's lock or refuse (held already: nothing to do). An flock dies with its process,
+        so a lock left by a killed run is never stale; the pid inside is only for the message."""
+        if self._lock_handle is not None:
+            return
         try:
             handle = open(self.path / "lock", "a+", encoding="utf-8")
         except OSError as error:
@@ -81,6 +86,16 @@ class RunDirectory:
                          *self.path.glob(".*.jsonl.*.tmp"),
                          *self.path.glob(".config.yaml.*.tmp")]:
             leftover.unlink(missing_ok=True)
+
+    def check_fresh(self) -> None:
+        """A new run never overwrites a run's checkpoints by starting again in its folder."""
+        if self.has_run():
+            raise LmtrainError(f"{self.path} already holds a run ({self._newest_name()}): add --resume to continue "
+                               f"it, or choose another train.out_dir")
+
+    def _newest_name(self) -> str:
+        return next(path.name for path in [self.last, *self.step_files(), self.best]
+                    if path.exists() or path.is_symlink())
 
     def unlock(self) -> None:
         if self._lock_handle is not None:
@@ -110,7 +125,9 @@ class RunDirectory:
         return [path for _, path in sorted(found, reverse=True)]
 
     def has_run(self) -> bool:
-        return self.last.exists() or bool(self.step_files())
+        """Whether the folder holds a checkpoint `--resume` would continue: last.pt, a step file, or best.pt
+        alone (a run stopped after its first evaluation, before its first periodic checkpoint)."""
+        return self.last.exists() or bool(self.step_files()) or self.best.exists() or self.best.is_symlink()
 
     def newest_intact(self) -> tuple[Path, dict[str, Any], list[str]]:
         """The checkpoint to resume from and notes on any that were skipped as damaged."""
@@ -128,20 +145,25 @@ class RunDirectory:
 
     # -- metrics -------------------------------------------------------------------------------------
 
-    def open_metrics(self, *, resumed_at: int | None, warn: Callable[[str], None] = lambda line: None):
-        """metrics.jsonl for appending. On resume, events logged after the checkpoint's step (by a
-        run that died before its next checkpoint) are dropped, since they are about to be redone, and so
-        are damaged lines (not UTF-8, not an event), with one warning: the events around them are kept."""
+    def open_metrics(self, *, resumed_at: int | None,
+                     warn: Callable[[str], None] = lambda line: None) -> tuple[IO[str], set[str]]:
+        """metrics.jsonl for appending, and the splits it holds events of at the resumed step. On resume,
+        events logged after the checkpoint's step (by a run that died before its next checkpoint) are
+        dropped, since they are about to be redone, and so are damaged lines (not UTF-8, not an event),
+        with one warning: the events around them are kept."""
         try:
             if resumed_at is None:
-                return open(self.metrics, "w", encoding="utf-8")
+                return open(self.metrics, "w", encoding="utf-8"), set()
+            kept = []
             if self.metrics.exists():
                 events, damaged = metric_events(self.metrics.read_bytes())
-                atomic_write(self.metrics, b"".join(line for line, values in events if values["step"] <= resumed_at))
+                kept = [(line, values) for line, values in events if values["step"] <= resumed_at]
+                atomic_write(self.metrics, b"".join(line for line, _ in kept))
                 if damaged:
                     warn(f"warning: {self.metrics}: {damaged} damaged line{'s' * (damaged > 1)} (not UTF-8 or not "
                          f"a JSON event) removed, the events around {'them' if damaged > 1 else 'it'} kept")
-            return open(self.metrics, "a", encoding="utf-8")
+            return (open(self.metrics, "a", encoding="utf-8"),
+                    {values["split"] for _, values in kept if values["step"] == resumed_at})
         except OSError as error:
             raise LmtrainError(f"cannot write {self.metrics}: {os_reason(error)}") from None
 

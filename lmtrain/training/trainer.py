@@ -15,6 +15,8 @@ validation split; process 0 alone prints and writes the run folder.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -117,11 +119,35 @@ class Trainer:
     def __init__(self, config: Config, *, resume: bool, echo: Callable[[str], None], warn: Callable[[str], None],
                  progress_bar: bool, world: World = World(), device: torch.device | None = None,
                  allow_changed_data: bool = False) -> None:
-        self.config, self.echo, self.warn, self.progress_bar = config, echo, warn, progress_bar
+        self.config, self.warn, self.progress_bar = config, warn, progress_bar
+        self.output_closed = False
+        self.echo = self._until_output_closes(echo)
         self.threads = ThreadCount(config.train.threads)  # from here on it measures the load of other processes
         self.world, self.device = world, device or resolve_device(config.train.device)
         self.run_dir = RunDirectory(config.train.out_dir, keep_last=config.train.keep_last)
         self.out_dir = self.run_dir.path
+        try:
+            self._set_up(resume=resume, allow_changed_data=allow_changed_data)
+        except BaseException:  # a resume locks the folder before it reads it: let it go again
+            self.run_dir.unlock()
+            raise
+
+    def _until_output_closes(self, echo: Callable[[str], None]) -> Callable[[str], None]:
+        """`echo`, or nothing once standard output is closed (`lmtrain train | head`): the run then stops
+        after the step, as on a signal, its steps saved, where the closed pipe used to end it unsaved."""
+        def echoed(line: str) -> None:
+            if self.output_closed:
+                return
+            try:
+                echo(line)
+            except BrokenPipeError:
+                self.output_closed = True
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered, gone
+        return echoed
+
+    def _set_up(self, *, resume: bool, allow_changed_data: bool) -> None:
+        """Read the data and the checkpoint to resume from, build the model, the optimizer and the batches."""
+        config, world, echo, warn = self.config, self.world, self.echo, self.warn
         check_data_files(config)
         self.data_files = data_fingerprints(config.data)  # kept in every checkpoint, checked on --resume
         # Only process 0 reads the folder (the machines need not share a disk); it hands the others the checkpoint.
@@ -190,12 +216,12 @@ class Trainer:
 
     def _open_run_files(self) -> None:
         """Take the folder's lock, write config.yaml, open metrics.jsonl."""
-        self.run_dir.open_for_run(to_yaml(self.config))
+        self.run_dir.open_for_run(to_yaml(self.config), fresh=self.resumed_at is None)
         self.metrics = Metrics(self.run_dir, resumed_at=self.resumed_at, tensorboard=self.config.train.tensorboard,
                                warn=self.warn)
 
     def _loop(self) -> TrainResult:
-        train_config, world = self.config.train, self.world
+        world = self.world
         self.echo(run_line(self.config.model, parameters=parameter_count(self.model),
                            vocab_size=self.tokenizer.vocab_size, per_epoch=self.per_epoch, device=self.device,
                            threads=self.threads_line, processes=world.size))
@@ -207,12 +233,26 @@ class Trainer:
         echo, warn = self.echo, self.warn
         if shown:  # lines written through the bar, so that it is redrawn below them
             self.echo, self.warn = bar.write, lambda line: bar.write(line, file=sys.stderr)
+        try:
+            valid_loss, reason = self._steps(bar)
+        finally:  # on every way out, a stop or an error too: the bar closed, the lines printed plainly again
+            bar.close()
+            self.echo, self.warn = echo, warn
+        samples = self._samples(self.config.train.final_samples)
+        return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples, self.model)
+
+    def _steps(self, bar: tqdm) -> tuple[float | None, str]:
+        """Train until a limit is reached: the last validation loss and the limit's reason. A stop signal
+        ends it with the checkpoint written and an error saying how to resume."""
+        train_config, world = self.config.train, self.world
         window, valid_loss, last_eval_step = Window(), None, -1
         started = time.perf_counter() - self.progress.elapsed_seconds
         # Under torchrun a Ctrl-C arrives twice (from the terminal, and forwarded by the launcher), and the
         # launcher ends what is still running after its own timeout: a second signal must not stop at once.
         with StopSignals(second_stops_at_once=not world.distributed) as stop:
             while (reason := self._limit_reached()) is None:
+                if self.output_closed and stop.signal is None:
+                    stop.signal = signal.SIGPIPE
                 stop_signal = self._train_step(window, stop)
                 if (change := self.threads.follow()) is not None:
                     self.echo(change)
@@ -230,16 +270,13 @@ class Trainer:
                     self._save_last()  # not while steps are failing: the last good checkpoint stays
                 if stop_signal is not None:
                     self._save_last()
-                    bar.close()
                     raise self._everywhere(stop.interrupted(stop_signal, step=step, written=str(self.run_dir.last),
                                                             resume_command=resume_command(self.out_dir, world)))
-        if last_eval_step != self.progress.step:
-            valid_loss = self._evaluate()
-        self._save_last()
-        bar.close()
-        self.echo, self.warn = echo, warn
-        samples = self._samples(self.config.train.final_samples)
-        return TrainResult(self.out_dir, self.progress, valid_loss, reason, samples, self.model)
+            # Still under the signals: a Ctrl-C here lets the final evaluation and checkpoint finish.
+            if last_eval_step != self.progress.step:
+                valid_loss = self._evaluate()
+            self._save_last()
+        return valid_loss, reason
 
     def _limit_reached(self) -> str | None:
         if self.progress.batch_index >= self.per_epoch:  # a new epoch, and the streams start over

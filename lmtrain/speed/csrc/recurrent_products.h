@@ -300,8 +300,8 @@ struct Share {
 // Runs body(share, packed) on the threads of one parallel region; pack(units) packs the weights of those
 // units' columns. Where each thread gets a whole register tile of rows (TILE_ROWS), the threads split the
 // batch's rows and W is packed once for all of them: no barrier between steps and no data passed between
-// cores (on a shared host the units split ran up to 1.45x slower for stretches of seconds, the rows split
-// within 1.17x of its best: docs/benchmarks.md, "Rows or units"). Otherwise they split the units, each
+// cores (on a shared host the units split slowed for stretches of seconds where the rows split held: docs/
+// benchmarks.md, "Rows or units"). Otherwise they split the units, each
 // thread packing its own slice.
 template <typename Pack, typename Body>
 void on_shares(int64_t B, int64_t H, Pack pack, Body body) {
