@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -579,11 +580,21 @@ def run() -> None:
     if (dropped := drop_unusable_thread_setting(os.environ)) is not None:  # before torch loads OpenMP
         print(dropped, file=sys.stderr)
     code = _exit_code()
+    _end_at_once_on_ctrl_c(code)
     if "lmtrain.training.distributed" in sys.modules:  # a training process may hold a process group to the end
         from lmtrain.training.distributed import end_process
 
         end_process(code)
     sys.exit(code)
+
+
+def _end_at_once_on_ctrl_c(code: int) -> None:
+    """Once the command is done, a Ctrl-C while the interpreter shuts down (torch's exit hooks) ends the
+    process at once with the command's exit code, where it printed a KeyboardInterrupt traceback from
+    inside a library: what the command did is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, lambda number, frame: os._exit(code))
 
 
 def _exit_code() -> int:

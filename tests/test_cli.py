@@ -171,6 +171,20 @@ def test_version_bare_command_and_plain_help(tmp_path):
             in " ".join(run(["train", "--help"], tmp_path).stdout.split()))
 
 
+def test_a_ctrl_c_while_the_process_exits_is_no_traceback(tmp_path):
+    """The command done, a Ctrl-C during the interpreter's exit hooks (torch's) ends it quietly, with the
+    command's exit code."""
+    code = ("import atexit, os, signal, sys\n"
+            "import lmtrain.cli\n"
+            "atexit.register(lambda: [os.kill(os.getpid(), signal.SIGINT), sum(range(10**6))])\n"
+            "sys.argv = ['lmtrain', 'data', 'list']\n"
+            "lmtrain.cli.run()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    assert "tinyshakespeare" in result.stdout  # what the command printed is all there
+
+
 def test_command_line_mistakes_are_one_error_line(tmp_path):
     for args, fragment in ((["sample"], "--checkpoint"), (["sample", "--checkpoint", "x.pt", "--num", "many"], "--num"),
                            (["no-such-command"], "no-such-command"), (["train", "--no-such-flag"], "--no-such-flag")):
