@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtrain.config import Config, from_dict, shown
+from lmtrain.config import DEVICE_NAME, Config, from_dict, shown
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import LmtrainError
 from lmtrain.files import atomic_write
@@ -228,8 +228,23 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoin
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, Tokenizer, Config]:
     """Load a checkpoint for sampling or evaluation: (model on `device`, tokenizer, config)."""
+    device = usable_device(device)
     model, tokenizer, config = model_from_checkpoint(load_checkpoint(path), path)
     return model.to(device), tokenizer, config
+
+
+def usable_device(device: torch.device | str, option: str = "device") -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:N"), refused in one line naming `option` where it is no device
+    name or no such device is here."""
+    name = str(device)
+    if not re.fullmatch(DEVICE_NAME, name):
+        raise LmtrainError(f"{option} must be cpu, cuda or cuda:N; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        use = f"{option} cpu" if option.startswith("-") else f"{option}='cpu'"
+        raise LmtrainError(f"{option} {name}: no CUDA device is available here (use {use})")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise LmtrainError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(name)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ import typer
 # torch warns at import when NumPy is absent; lmtrain does not use NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from lmtrain.config import DEVICE_NAME, INT64, MAX_THREADS  # noqa: E402
+from lmtrain.config import INT64, MAX_THREADS  # noqa: E402
 from lmtrain.errors import LmtrainError, error_line, os_reason  # noqa: E402
 
 
@@ -545,13 +545,9 @@ def _format(key: str, value: float | int) -> str:
 
 def _device(name: str) -> str:
     """`--device` of sample and eval: the CPU unless CUDA is asked for (and present)."""
-    import torch
+    from lmtrain.checkpoint import usable_device
 
-    if not re.fullmatch(DEVICE_NAME, name):
-        raise LmtrainError(f"--device must be cpu, cuda or cuda:N; got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmtrainError(f"--device {name}: no CUDA device is available here (use --device cpu)")
-    return name
+    return str(usable_device(name, "--device"))
 
 
 def _default_config() -> Path:

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import numbers
 import re
 import reprlib
 import types
@@ -270,6 +271,8 @@ PATHS = (*DATA_PATHS, "train.out_dir")
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read `path` (YAML), apply `KEY=VALUE` overrides, check types and values; return the config."""
+    if isinstance(overrides, str):  # its characters would be read as overrides, one each
+        raise TypeError(f"overrides must be a list of KEY=VALUE strings; got the string {overrides!r}")
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -438,33 +441,11 @@ def initialisation(init: str, forget_bias: float | None | str, *, optimizer: str
 
 def validate(config: Config) -> None:
     """Values that are of the right type but impossible, named by key."""
-    for key in all_keys():  # .inf and .nan are numbers to YAML, and no setting here can be one
-        value = get_value(config, key)
-        if any(isinstance(number, float) and not math.isfinite(number)
-               for number in (value if isinstance(value, list) else [value])):
-            raise ConfigError(f"{key} must be a finite number; got {shown(value)}")
-    for key, words in CHOICES.items():
-        if get_value(config, key) not in words:
-            raise ConfigError(f"{key} must be one of {', '.join(words)}; got {shown(get_value(config, key))}")
-    for key in POSITIVE_KEYS:
-        value = get_value(config, key)
-        if value is not None and not value > 0:  # written so that NaN fails too
-            raise ConfigError(f"{key} must be positive; got {value}")
-    for key in NON_NEGATIVE_KEYS:
-        if not get_value(config, key) >= 0:
-            raise ConfigError(f"{key} must not be negative; got {get_value(config, key)}")
-    for key in RATE_KEYS:
-        value = get_value(config, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1); got {value}")
+    _check_values({key: get_value(config, key) for key in all_keys()})
     data, model, train = config.data, config.model, config.train
     if not 0.0 < train.decay_rate <= 1.0:
         raise ConfigError(f"train.decay_rate must be in (0, 1]; got {train.decay_rate}")
-    if model.tie_weights and model.embed_size != model.hidden_size:
-        raise ConfigError(f"model.tie_weights needs model.embed_size == model.hidden_size; "
-                          f"got {model.embed_size} and {model.hidden_size}")
-    if model.gru_reset == "after" and not model.relevance_gate:
-        raise ConfigError("model.gru_reset: after needs model.relevance_gate: true (it places the relevance gate)")
+    _check_model_combinations(model)
     if train.precision != "float32" and config.model.gradients != "manual":
         raise ConfigError(f"train.precision: {train.precision} needs model.gradients: manual (the autograd layers "
                           "make their products in float32)")
@@ -499,6 +480,45 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {shown(train.device)}")
 
 
+def model_from_arguments(arguments: dict[str, Any], *, prefix: str = "model.") -> ModelConfig:
+    """A `model` section from Python values, each checked as a config's key is (its type, NumPy numbers
+    taken as Python's, and its bounds), the errors naming `prefix` + argument: `LanguageModel`'s
+    constructor checks its arguments with it (prefix "")."""
+    try:
+        model = ModelConfig(**{name: _coerce(f"model.{name}", value, _annotation(f"model.{name}"))
+                               for name, value in arguments.items()})
+        _check_values({f"model.{name}": getattr(model, name) for name in arguments})
+        _check_model_combinations(model)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("model.", prefix)) from None
+    return model
+
+
+def _check_values(values: dict[str, Any]) -> None:
+    """Each key's own bounds: finite, one of its words, positive, not negative, a rate."""
+    for key, value in values.items():  # .inf and .nan are numbers to YAML, and no setting here can be one
+        if any(isinstance(number, float) and not math.isfinite(number)
+               for number in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{key} must be a finite number; got {shown(value)}")
+    for key, value in values.items():
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {shown(value)}")
+        if key in POSITIVE_KEYS and value is not None and not value > 0:  # written so that NaN fails too
+            raise ConfigError(f"{key} must be positive; got {value}")
+        if key in NON_NEGATIVE_KEYS and not value >= 0:
+            raise ConfigError(f"{key} must not be negative; got {value}")
+        if key in RATE_KEYS and value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1); got {value}")
+
+
+def _check_model_combinations(model: ModelConfig) -> None:
+    if model.tie_weights and model.embed_size != model.hidden_size:
+        raise ConfigError(f"model.tie_weights needs model.embed_size == model.hidden_size; "
+                          f"got {model.embed_size} and {model.hidden_size}")
+    if model.gru_reset == "after" and not model.relevance_gate:
+        raise ConfigError("model.gru_reset: after needs model.relevance_gate: true (it places the relevance gate)")
+
+
 def get_value(config: Config, key: str) -> Any:
     section, _, name = key.partition(".")
     return getattr(getattr(config, section), name)
@@ -507,6 +527,15 @@ def get_value(config: Config, key: str) -> Any:
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     """Plain nested dict (YAML- and checkpoint-safe)."""
     return dataclasses.asdict(config)
+
+
+def checked(config: Config) -> Config:
+    """`config` checked again as `build_config` checks a new one: a Config changed in Python after it was
+    loaded (`config.train.eval_every = 0`, a NumPy number) is refused, or made plain, by key."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an lmtrain.config.Config (from load_config or build_config); got "
+                        f"{type(config).__name__}")
+    return from_dict(to_dict(config))
 
 
 def from_dict(nested: dict[str, dict[str, Any]]) -> Config:
@@ -582,12 +611,13 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
             continue
         if option is bool and isinstance(value, bool):
             return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
+        if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)  # a NumPy integer too
             if not INT64[0] <= value <= INT64[1]:  # torch, the RNG seeds and the checkpoints hold 64-bit integers
                 raise ConfigError(f"{key} is {value}, past the range of a 64-bit integer (±9.2e18)")
             return value
         if option is float and not isinstance(value, bool):
-            if isinstance(value, (int, float)):
+            if isinstance(value, numbers.Real):  # a NumPy number too
                 return float(value)
             if isinstance(value, str):
                 try:

@@ -499,3 +499,9 @@ def test_a_data_path_that_is_a_symlink_loop_is_kept_for_its_reader_to_name(tmp_p
     (tmp_path / "b.txt").symlink_to("a.txt")
     config = load_config(None, [f"data.path={tmp_path / 'a.txt'}", "train.max_steps=1"])
     assert config.data.path == str(tmp_path / "a.txt")
+
+
+def test_overrides_given_as_one_string_are_refused(tmp_path):
+    """A string is iterable: its characters were read as overrides ("override 't' is not KEY=VALUE")."""
+    with pytest.raises(TypeError, match="overrides must be a list of KEY=VALUE strings; got the string"):
+        load_config(None, "train.max_steps=5")

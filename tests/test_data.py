@@ -297,7 +297,8 @@ def test_load_splits_errors(tmp_path: Path):
 def test_fit_tokenizer(tmp_path: Path):
     tokenizer = fit_tokenizer(DataConfig(level="word", min_freq=2), "a a b\n")
     assert tokenizer.tokens == ["<unk>", "<eos>", "a"]
-    with pytest.raises(LmtrainError, match="no tokens besides line ends"):
+    with pytest.raises(LmtrainError, match="data.min_freq=2 leaves no token in the vocabulary: the most frequent "
+                                           "one in the training text occurs 1 time; lower it"):
         fit_tokenizer(DataConfig(level="word", min_freq=2), "a b\n")
 
 

@@ -205,6 +205,16 @@ def existing_run_unchanged(folder: Path, result: Result) -> None:
         assert (folder / "run" / name).read_bytes() == before, f"{name} changed"
 
 
+def lock_linked_to_notes(target: Path) -> None:
+    """A run folder whose lock is a symbolic link to notes.txt beside it."""
+    target.mkdir()
+    (target / "lock").symlink_to("../notes.txt")
+
+
+def notes_unchanged(folder: Path, result: Result) -> None:
+    assert (folder / "notes.txt").read_text() == "keep me\n", "notes.txt changed"
+
+
 def reads_shared(make: Callable[[Path], None]) -> Callable[[Path], None]:
     """Marks a file-writing callable that starts from the shared trained runs: its case waits for them."""
     make.reads_shared = True
@@ -541,6 +551,10 @@ CASES: list[Case] = [
     Case("out-dir-holds-a-run", "train.out_dir that already holds a run", (*TRAIN, "tiny.yaml"),
          tiny_with(run=Shared("char/run")), expect=("already holds a run", "--resume"), check=existing_run_unchanged,
          note="last.pt, best.pt and metrics.jsonl unchanged, byte for byte"),
+    Case("out-dir-lock-is-a-link", "train.out_dir whose `lock` is a symbolic link to another file",
+         (*TRAIN, "tiny.yaml"), tiny_with(**{"notes.txt": "keep me\n", "run": lock_linked_to_notes}),
+         expect=("run/lock is a symbolic link", "remove it"), check=notes_unchanged,
+         note="the file the link names unchanged"),
     Case("resume-without-run", "--resume with no run in train.out_dir", (*TRAIN, "--resume", "tiny.yaml"),
          tiny_with(), expect=("nothing to resume", "last.pt")),
     # checkpoints

@@ -172,3 +172,23 @@ def test_evaluate_checkpoint_segment_zero_carries_the_state_through_the_whole_sp
     for segment, expected in ((0, whole), (5, pieces)):
         numbers, _ = evaluate.evaluate_checkpoint(checkpoint, segment=segment)
         assert numbers["loss"] == pytest.approx(expected.loss, abs=1e-6) and numbers["tokens"] == expected.tokens
+
+
+def test_the_python_api_refuses_counts_and_devices_it_cannot_use(tmp_path):
+    """evaluate_checkpoint, score and load_model name the argument (a negative batch size read as a
+    diverged checkpoint, a device torch cannot use as an AssertionError from inside torch)."""
+    from lmtrain.checkpoint import load_model
+    from lmtrain.errors import LmtrainError
+
+    nowhere = str(tmp_path / "nowhere.pt")  # the arguments are checked before the file is read
+    with pytest.raises(LmtrainError, match=r"^batch_size must be >= 1; got -3"):
+        evaluate.evaluate_checkpoint(nowhere, batch_size=-3)
+    with pytest.raises(LmtrainError, match=r"^segment must be >= 0 \(0: the whole text as one stream\); got -5"):
+        evaluate.evaluate_checkpoint(nowhere, segment=-5)
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1; got 0"):
+        score(tiny_model(Tokenizer.fit("ab\n", level="char")), [], batch_size=0)
+    with pytest.raises(LmtrainError, match=r"^device must be cpu, cuda or cuda:N; got 'gpu'"):
+        load_model(nowhere, "gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LmtrainError, match=r"^device cuda: no CUDA device is available here \(use device='cpu'\)"):
+            load_model(nowhere, "cuda")

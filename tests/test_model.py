@@ -8,7 +8,9 @@ from torch.nn import functional as F
 
 from lmtrain.config import ConfigError
 from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer
+from lmtrain.model.cells import LSTMCell, make_cell
 from lmtrain.model.language_model import LanguageModel
+from lmtrain.model.layers import RecurrentLayer, RecurrentStack
 
 V = 11
 
@@ -163,6 +165,65 @@ def test_init_from_config_and_bad_init(config_factory):
             and float(model.rnn.layers[0].cell.b_f.detach().abs().max()) < 0.1)
     with pytest.raises(ConfigError, match="model.init must be one of auto, zaremba, torch"):
         config_factory(**{"model.init": "xavier"})
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"hidden_size": 0}, "hidden_size must be positive; got 0"),
+    ({"num_layers": 0}, "num_layers must be positive; got 0"),
+    ({"cell": "lstms"}, "cell must be one of rnn, gru, lstm; got 'lstms'"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\); got 1.0"),
+    ({"output_dropout": float("nan")}, "output_dropout must be a finite number; got nan"),
+    ({"tie_weights": True}, "tie_weights needs embed_size == hidden_size; got 6 and 8"),
+    ({"cell": "gru", "gru_reset": "after", "relevance_gate": False}, "gru_reset: after needs relevance_gate"),
+    ({"forget_bias": "one"}, "forget_bias must be a number, null or auto; got 'one'"),
+    ({"init": "xavier"}, "init must be one of auto, zaremba, torch; got 'xavier'"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer; got 0"),
+    ({"tie_weights": "false"}, "tie_weights must be true or false; got 'false'"),
+    ({"hidden_size": "8"}, "hidden_size must be an integer; got '8'"),
+    ({"embed_size": 6.5}, "embed_size must be an integer; got 6.5"),
+])
+def test_the_constructor_refuses_what_a_config_would_naming_the_argument(arguments, message):
+    """The Python API's checks are the config's, each message naming the argument as the call spelled it."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        LanguageModel(**{"vocab_size": V, "embed_size": 6, "hidden_size": 8, **arguments})
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    numpy = pytest.importorskip("numpy")
+    model = LanguageModel(numpy.int64(V), embed_size=numpy.int32(6), hidden_size=numpy.int64(8),
+                          dropout=numpy.float32(0.25))
+    assert model.rnn.layers[0].cell.input_size == 6 and type(model.rnn.layers[0].cell.hidden_size) is int
+    assert model.output_dropout.p == 0.25 and model(torch.randint(0, V, (2, 3)))[0].shape == (2, 3, V)
+
+
+def test_a_state_that_is_not_the_layers_is_refused_naming_it():
+    """A state of another batch size was read past its end by the compiled loops (a crash or wrong numbers)."""
+    model = LanguageModel(V, embed_size=6, hidden_size=8, num_layers=1)
+    tokens = torch.randint(0, V, (3, 5))
+    _, one_row = model(tokens[:1])
+    with pytest.raises(ValueError, match=r"state must be the LSTMCell's \(a, c\), each \(3, 8\) torch.float32"):
+        model(tokens, one_row)
+    with pytest.raises(ValueError, match=r"state must hold one entry per layer \(1\); got 2 entries"):
+        model(tokens, one_row * 2)
+    with pytest.raises(ValueError, match=r"targets must have the tokens' shape \(3, 5\), a target per token; got"):
+        model(tokens, targets=tokens[:, 1:])
+    with pytest.raises(ValueError, match=r"x must be a floating-point tensor \(batch, time, input_size=6\)"):
+        model.rnn.layers[0](torch.zeros(3, 5, 7))
+
+
+def test_the_cells_and_the_stack_refuse_sizes_that_are_not_positive_integers():
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer; got 0"):
+        LSTMCell(4, 0)
+    with pytest.raises(ValueError, match="input_size must be a positive integer; got 2.5"):
+        make_cell("rnn", 2.5, 4)
+    with pytest.raises(ValueError, match="cell must be one of rnn, gru, lstm; got 'GRU'"):
+        make_cell("GRU", 2, 4)
+    with pytest.raises(ValueError, match="num_layers must be a positive integer; got 0"):
+        RecurrentStack("lstm", 2, 4, num_layers=0)
+    with pytest.raises(ValueError, match="forget_bias must be a number or None; got 'auto'"):
+        LSTMCell(2, 4, forget_bias="auto")  # LanguageModel's "auto" is resolved before it reaches a cell
+    with pytest.raises(TypeError, match="cell must be a Cell"):
+        RecurrentLayer("lstm")
 
 
 @pytest.mark.parametrize("options", [

@@ -56,6 +56,16 @@ def test_keep_last_zero_writes_only_last(tmp_path, corpus):
     assert not list(out_dir.glob("step-*.pt")) and (out_dir / "last.pt").exists()
 
 
+def test_resuming_with_fewer_step_files_kept_prunes_the_earlier_runs(tmp_path, corpus):
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__keep_last=3, train__max_steps=6), progress_bar=False)
+    train(config(corpus, out_dir, train__keep_last=1, train__max_steps=8), resume=True, progress_bar=False)
+    assert [p.name for p in out_dir.glob("step-*.pt")] == ["step-0000008.pt"]
+    train(config(corpus, out_dir, train__keep_last=0, train__max_steps=10), resume=True, progress_bar=False)
+    assert not list(out_dir.glob("step-*.pt"))
+    assert torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"] == 10
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, corpus, damage):
     out_dir, straight = tmp_path / "run", tmp_path / "straight"
@@ -194,6 +204,43 @@ def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path, corpus):
     assert (out_dir / "lock").exists()
     result = train(config(corpus, out_dir), progress_bar=False)
     assert result.progress.step == 10
+
+
+def test_train_leaves_the_callers_random_state_as_it_was(tmp_path, corpus):
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    train(config(corpus, tmp_path / "run", train__max_steps=2), progress_bar=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_train_checks_a_config_changed_in_python(tmp_path, corpus):
+    """A Config is a dataclass: changed after loading it is checked again, by key, before anything runs."""
+    changed = config(corpus, tmp_path / "run")
+    changed.train.eval_every = 0  # an integer modulo by zero at the first step, before
+    with pytest.raises(LmtrainError, match=r"^train.eval_every must be positive; got 0"):
+        train(changed, progress_bar=False)
+    changed.train.eval_every, changed.model.cell = 1000, "LSTM"
+    with pytest.raises(LmtrainError, match=r"^model.cell must be one of rnn, gru, lstm; got 'LSTM'"):
+        train(changed, progress_bar=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TypeError, match="config must be an lmtrain.config.Config"):
+        train("configs/quickstart.yaml", progress_bar=False)
+
+
+def test_files_of_the_run_folder_that_are_links_never_have_their_targets_written(tmp_path, corpus):
+    """A lock that is a symbolic link is refused (the pid would overwrite what it names); metrics.jsonl
+    that is one is replaced by a file of the run's own, as every checkpoint is."""
+    out_dir, elsewhere = tmp_path / "run", tmp_path / "notes.txt"
+    out_dir.mkdir()
+    elsewhere.write_text("keep me\n")
+    (out_dir / "lock").symlink_to(elsewhere)
+    with pytest.raises(LmtrainError, match=r"lock is a symbolic link, which lmtrain never makes; remove it"):
+        train(config(corpus, out_dir), progress_bar=False)
+    (out_dir / "lock").unlink()
+    (out_dir / "metrics.jsonl").symlink_to(elsewhere)
+    train(config(corpus, out_dir, train__max_steps=4), progress_bar=False)
+    assert elsewhere.read_text() == "keep me\n"
+    assert not (out_dir / "metrics.jsonl").is_symlink() and '"step": 4' in (out_dir / "metrics.jsonl").read_text()
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch):

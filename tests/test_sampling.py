@@ -371,3 +371,18 @@ def test_seed_and_num_out_of_range_are_refused(tmp_path, config_factory):
 def test_a_top_p_below_float32s_range_keeps_the_most_likely_token():
     logits = torch.randn(8, 20)
     assert torch.equal(sample_next(logits, top_p=1e-300, generator=generator()), logits.argmax(-1))
+
+
+def test_the_python_api_refuses_shapes_and_counts_it_cannot_draw_from():
+    with pytest.raises(ValueError, match=r"logits must be \(rows, vocabulary size\), a row per draw; got shape \(7,\)"):
+        sample_next(torch.randn(7))
+    with pytest.raises(ValueError, match=r"got shape \(2, 0\)"):
+        sample_next(torch.randn(2, 0))
+    tokenizer = Tokenizer.fit("ab\n", level="char")
+    model = LanguageModel(tokenizer.vocab_size, embed_size=4, hidden_size=4, num_layers=1)
+    with pytest.raises(LmtrainError, match=r"must be whole numbers >= 1; got 2.0 and 200"):
+        generate(model, tokenizer, num=2.0)
+    with pytest.raises(LmtrainError, match=r"the tokenizer has 4 tokens and the model 9: they are not from one"):
+        generate(LanguageModel(9, embed_size=4, hidden_size=4, num_layers=1), tokenizer)
+    with pytest.raises(TypeError, match=r"prime must be a string \(\"\" for none\); got NoneType"):
+        generate(model, tokenizer, prime=None)

@@ -211,8 +211,10 @@ def fit_tokenizer(config: DataConfig, text: str | Iterable[str]) -> Tokenizer:
         raise empty_training_text(config)
     tokenizer = Tokenizer.from_counts(counts, level=config.level, eos=config.eos, min_freq=config.min_freq,
                                       max_vocab=config.max_vocab)
-    if tokenizer.vocab_size <= len(SPECIALS):
-        raise LmtrainError("the training text has no tokens besides line ends")
+    if tokenizer.vocab_size <= len(SPECIALS):  # the text has tokens (checked above): min_freq dropped them all
+        most = max(count for token, count in counts.items() if token not in SPECIALS)
+        raise LmtrainError(f"data.min_freq={config.min_freq} leaves no token in the vocabulary: the most frequent "
+                           f"one in the training text occurs {most:,} time{'s' * (most != 1)}; lower it")
     return tokenizer
 
 

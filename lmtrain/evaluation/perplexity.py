@@ -76,6 +76,8 @@ def score(model: LanguageModel, sequences: list[InputsTargets], *, batch_size: i
     runs in time chunks with the state carried, which gives the same result in bounded memory.
     `right_to_left`: score the right-to-left LM of a `bi` model (on sequences of reversed text). `before_batch`
     runs before each batch is read (a check that memory-mapped sequences are still whole)."""
+    if not batch_size >= 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -116,6 +118,10 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
     """`lmtrain eval perplexity`: score a checkpoint on a file, or on a split of its own corpus.
     `segment` replaces the run's `train.eval_segment` (stream mode); 0 scores the whole text as one
     stream. Returns the numbers and any warnings (e.g. the rate of tokens unseen in training)."""
+    if batch_size is not None and not batch_size >= 1:
+        raise LmtrainError(f"batch_size must be >= 1; got {batch_size}")
+    if segment is not None and not segment >= 0:
+        raise LmtrainError(f"segment must be >= 0 (0: the whole text as one stream); got {segment}")
     model, tokenizer, config = load_model(path, device)
     if segment is not None:
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))

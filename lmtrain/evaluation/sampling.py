@@ -8,6 +8,7 @@ state is carried token to token, so the prefix is never run again.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -43,6 +44,8 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
     top_p keeps the smallest set whose probabilities reach p (nucleus sampling, Holtzman et al. 2020).
     """
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
+    if logits.dim() != 2 or logits.size(1) == 0:
+        raise ValueError(f"logits must be (rows, vocabulary size), a row per draw; got shape {tuple(logits.shape)}")
     logits = logits.float()
     # Their float64 sum is finite exactly when every logit is (no float32 values can overflow it): one
     # reduction, cheaper than isfinite().all() at every token.
@@ -115,8 +118,14 @@ def draw(model: LanguageModel, tokenizer: Tokenizer, *, num: int, prime: str, te
          generator: torch.Generator | None) -> list[list[int]]:
     """The ids `generate` draws, one row per sample, each ending in `<eos>` if it reached one."""
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
-    if num < 1 or max_tokens < 1:
-        raise LmtrainError(f"--num and --max-tokens must be >= 1; got {num} and {max_tokens}")
+    counts = (num, max_tokens)
+    if any(isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1 for count in counts):
+        raise LmtrainError(f"--num and --max-tokens must be whole numbers >= 1; got {num!r} and {max_tokens!r}")
+    if not isinstance(prime, str):
+        raise TypeError(f"prime must be a string (\"\" for none); got {type(prime).__name__}")
+    if tokenizer.vocab_size != model.embedding.num_embeddings:
+        raise LmtrainError(f"the tokenizer has {tokenizer.vocab_size:,} tokens and the model "
+                           f"{model.embedding.num_embeddings:,}: they are not from one checkpoint")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

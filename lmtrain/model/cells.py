@@ -17,6 +17,7 @@ looks inside it. Cells read a state by position, so a plain tuple (as stored in 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -49,8 +50,11 @@ class Cell(nn.Module):
     state_type: type = RNNState
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
+        for name, size in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"{name} must be a positive integer; got {size!r}")
         super().__init__()
-        self.input_size, self.hidden_size = input_size, hidden_size
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         for gate in self.gates:
             self.register_parameter(f"W_{gate}", nn.Parameter(torch.empty(hidden_size, hidden_size + input_size)))
             self.register_parameter(f"b_{gate}", nn.Parameter(torch.empty(hidden_size)))
@@ -197,6 +201,8 @@ class LSTMCell(Cell):
     state_type = LSTMState
 
     def __init__(self, input_size: int, hidden_size: int, *, forget_bias: float | None = None) -> None:
+        if forget_bias is not None and (isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real)):
+            raise ValueError(f"forget_bias must be a number or None; got {forget_bias!r}")
         self.forget_bias = forget_bias
         super().__init__(input_size, hidden_size)
 
@@ -236,6 +242,8 @@ CELLS: dict[str, type[Cell]] = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell
 def make_cell(name: str, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
               gru_reset: str = "before", forget_bias: float | None = None) -> Cell:
     """The cell called `name` in a config (`model.cell`); each option reaches only the cell it is for."""
+    if name not in CELLS:
+        raise ValueError(f"cell must be one of {', '.join(CELLS)}; got {name!r}")
     if name == "gru":
         return GRUCell(input_size, hidden_size, relevance_gate=relevance_gate, gru_reset=gru_reset)
     if name == "lstm":

@@ -17,11 +17,12 @@ NLL instead, Σ_t −log ŷ(t)[y(t)], made with the output layer in one step (`l
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 from torch import Tensor, nn
 
-from lmtrain.config import ConfigError, ModelConfig, choices, initialisation
+from lmtrain.config import ConfigError, ModelConfig, initialisation, model_from_arguments
 from lmtrain.data.tokenizer import ZERO_INPUT
 from lmtrain.model import regularization
 from lmtrain.model.cells import CELLS, Cell, GRUCell
@@ -32,6 +33,7 @@ from lmtrain.speed.route import choose
 from lmtrain.speed.token_step import LayerWeights, TokenStep
 
 DEFAULTS = ModelConfig()  # the constructor's defaults are the config's
+MODEL_KEYS = tuple(field.name for field in dataclasses.fields(ModelConfig))
 
 
 def gate_count(config: ModelConfig) -> int:
@@ -106,24 +108,31 @@ class LanguageModel(nn.Module):
         output bias (Zaremba et al. 2014, pytorch/examples), "torch", nn.Embedding's N(0, 1) and
         nn.Linear's defaults, or "auto", torch's (what a config with the default optimizer, Adam, takes).
         `forget_bias`: the LSTM's initial b_f (None: like the other biases; "auto": follows `init`)."""
-        init, forget_bias = initialisation(init, forget_bias)
-        if init not in choices("model.init"):
-            raise ValueError(f"init must be one of {choices('model.init')}; got {init!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer; got {vocab_size!r}")
+        try:  # the checks a config's model section gets, naming the arguments; NumPy numbers become Python's
+            options = model_from_arguments({name: value for name, value in locals().items() if name in MODEL_KEYS},
+                                           prefix="")
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        init, forget_bias = initialisation(options.init, options.forget_bias)
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_size)
-        self.embedding_dropout = embedding_dropout
-        rate = lambda p: dropout if p is None else p  # noqa: E731
-        cell_options = {"relevance_gate": relevance_gate, "gru_reset": gru_reset, "forget_bias": forget_bias}
-        new_stack = lambda: RecurrentStack(cell, embed_size, hidden_size, num_layers=num_layers,  # noqa: E731
-                                           dropout=rate(layer_dropout), locked_dropout=locked_dropout,
-                                           weight_drop=weight_drop, gradients=gradients, **cell_options)
+        self.embedding = nn.Embedding(int(vocab_size), options.embed_size)
+        self.embedding_dropout = options.embedding_dropout
+        rate = lambda p: options.dropout if p is None else p  # noqa: E731
+        cell_options = {"relevance_gate": options.relevance_gate, "gru_reset": options.gru_reset,
+                        "forget_bias": forget_bias}
+        new_stack = lambda: RecurrentStack(  # noqa: E731
+            options.cell, options.embed_size, options.hidden_size, num_layers=options.num_layers,
+            dropout=rate(options.layer_dropout), locked_dropout=options.locked_dropout,
+            weight_drop=options.weight_drop, gradients=options.gradients, **cell_options)
         self.rnn = new_stack()
         # ELMo's bidirectional LM (Peters et al. 2018): a second stack reads the text right to left;
         # embedding and softmax are shared. A bidirectional RNN could not predict the next token.
-        self.rnn_right_to_left = new_stack() if direction == "bi" else None
-        self.input_dropout = SequenceDropout(rate(input_dropout), locked=locked_dropout)
-        self.output_dropout = SequenceDropout(rate(output_dropout), locked=locked_dropout)
-        self.projection = Projection(hidden_size, vocab_size)               # W_y, b_y
+        self.rnn_right_to_left = new_stack() if options.direction == "bi" else None
+        self.input_dropout = SequenceDropout(rate(options.input_dropout), locked=options.locked_dropout)
+        self.output_dropout = SequenceDropout(rate(options.output_dropout), locked=options.locked_dropout)
+        self.projection = Projection(options.hidden_size, int(vocab_size))  # W_y, b_y
         if init == "zaremba":
             # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept
             # by pytorch/examples word_language_model (nn.Embedding's N(0, 1) is too large for SGD at lr 20).
@@ -131,7 +140,7 @@ class LanguageModel(nn.Module):
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             nn.init.uniform_(self.projection.weight, -0.1, 0.1)
             nn.init.zeros_(self.projection.bias)
-        if tie_weights:
+        if options.tie_weights:
             # One matrix as both input embedding and output projection (Press & Wolf 2017, Inan et al. 2017).
             self.projection.weight = self.embedding.weight
 
@@ -161,6 +170,9 @@ class LanguageModel(nn.Module):
         model, which expects `tokens` in reversed order (see `data.reverse_text`). `hidden=True` also
         returns the last layer's outputs before and after output dropout, `(a, m * a)`, both (B, T, H),
         for AR/TAR."""
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(f"targets must have the tokens' shape {tuple(tokens.shape)}, a target per token; got "
+                             f"{tuple(targets.shape)}")
         x = self.embed(tokens)                                               # (B, T, E)
         if self.training:
             x = regularization.embedding_dropout(x, tokens, self.embedding.num_embeddings, self.embedding_dropout)

@@ -54,6 +54,29 @@ def manual_layer(cell: Cell, x: Tensor, state: tuple[Tensor, ...], *, reverse: b
     return outputs, cell.state_type(*final)
 
 
+def check_input(cell: Cell, x: Tensor) -> None:
+    """Refuse, naming it, an input a layer of `cell` cannot read: (B, T, input_size) floating point."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.size(2) != cell.input_size or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor (batch, time, input_size={cell.input_size}); got {got}")
+
+
+def check_state(cell: Cell, state: tuple, x: Tensor, *, same_type: bool) -> None:
+    """Refuse, naming it, a state that is not the cell's for this input: the compiled loops read it as
+    (B, H), a state of another batch size past its end, and `same_type` in x's dtype and device (autograd's
+    products mix them under torch.autocast)."""
+    fields = cell.state_type._fields
+    B, H = x.size(0), cell.hidden_size
+    if (not isinstance(state, tuple) or len(state) != len(fields)
+            or any(not isinstance(part, Tensor) or part.shape != (B, H)
+                   or same_type and (part.dtype != x.dtype or part.device != x.device) for part in state)):
+        got = (", ".join(f"{tuple(part.shape)} {part.dtype} on {part.device}" if isinstance(part, Tensor)
+                         else type(part).__name__ for part in state) if isinstance(state, (tuple, list))
+               else type(state).__name__)
+        raise ValueError(f"state must be the {type(cell).__name__}'s ({', '.join(fields)}), each ({B}, {H}) "
+                         f"{x.dtype} on {x.device} like the input; got {got}")
+
+
 class RecurrentLayer(nn.Module):
     """One cell applied at every time step, left to right (or right to left with `reverse=True`).
 
@@ -68,6 +91,8 @@ class RecurrentLayer(nn.Module):
     def __init__(self, cell: Cell, *, reverse: bool = False, gradients: str = DEFAULTS.gradients,
                  weight_drop: float = DEFAULTS.weight_drop) -> None:
         super().__init__()
+        if not isinstance(cell, Cell):
+            raise TypeError(f"cell must be a Cell (RNNCell, GRUCell, LSTMCell, or make_cell's); got {cell!r}")
         if gradients not in choices("model.gradients"):
             raise ValueError(f"gradients must be one of {choices('model.gradients')}; got {gradients!r}")
         if not 0.0 <= weight_drop < 1.0:
@@ -85,9 +110,11 @@ class RecurrentLayer(nn.Module):
         return f"reverse={self.reverse}, gradients={self.gradients}, weight_drop={self.weight_drop}"
 
     def forward(self, x: Tensor, state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        check_input(self.cell, x)
         B, T, _ = x.shape
         if state is None:
             state = self.cell.initial_state(B, device=x.device, dtype=x.dtype)
+        check_state(self.cell, state, x, same_type=self.gradients == "manual")
         if T == 0:
             return x.new_zeros(B, 0, self.cell.hidden_size), state
         W_recurrent, W_input, b = self.weights()
@@ -117,6 +144,8 @@ class BidirectionalLayer(nn.Module):
                                                   weight_drop=weight_drop)
 
     def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
+        if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
+            raise ValueError("a bidirectional layer's state must be the pair (left to right, right to left)")
         left_state, right_state = state if state is not None else (None, None)
         left_output, left_state = self.left_to_right_layer(x, left_state)
         right_output, right_state = self.right_to_left_layer(x, right_state)
@@ -134,6 +163,8 @@ class RecurrentStack(nn.Module):
                  dropout: float = DEFAULTS.dropout, bidirectional: bool = False, gradients: str = DEFAULTS.gradients,
                  locked_dropout: bool = DEFAULTS.locked_dropout, weight_drop: float = DEFAULTS.weight_drop,
                  **cell_options) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer; got {num_layers!r}")
         super().__init__()
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
@@ -153,6 +184,9 @@ class RecurrentStack(nn.Module):
 
     def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
         state = state if state is not None else [None] * len(self.layers)
+        if not isinstance(state, (list, tuple)) or len(state) != len(self.layers):
+            got = f"{len(state)} entries" if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(f"state must hold one entry per layer ({len(self.layers)}); got {got}")
         new_state = []
         for index, (layer, layer_state) in enumerate(zip(self.layers, state, strict=True)):
             if index > 0:

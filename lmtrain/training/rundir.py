@@ -14,6 +14,7 @@ step files newest first, else best.pt.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -60,9 +61,13 @@ class RunDirectory:
         so a lock left by a killed run is never stale; the pid inside is only for the message."""
         if self._lock_handle is not None:
             return
-        try:
-            handle = open(self.path / "lock", "a+", encoding="utf-8")
+        try:  # never through a symbolic link: the pid written below would overwrite the file it names
+            handle = open(os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+",
+                          encoding="utf-8")
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise LmtrainError(f"{self.path / 'lock'} is a symbolic link, which lmtrain never makes; remove it "
+                                   f"(the lock is a file of its own)") from None
             raise LmtrainError(f"cannot write to train.out_dir {self.path}: {os_reason(error)}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,14 +110,15 @@ class RunDirectory:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def save_last(self, payload: dict[str, Any], step: int) -> None:
-        """Write the step's checkpoint, point last.pt at it, then prune step files beyond keep_last."""
+        """Write the step's checkpoint, point last.pt at it, then prune step files beyond keep_last (all of
+        them at 0, those of a resumed run that kept more included)."""
         data = checkpoint_bytes(payload)
         if self.keep_last == 0:
             _write(self.last, data)
-            return
-        step_path = self.path / f"step-{step:07d}.pt"
-        _write(step_path, data)
-        _link_or_write(step_path, self.last, data)
+        else:
+            step_path = self.path / f"step-{step:07d}.pt"
+            _write(step_path, data)
+            _link_or_write(step_path, self.last, data)
         for old in self.step_files()[self.keep_last:]:
             old.unlink(missing_ok=True)
 
@@ -152,7 +158,8 @@ class RunDirectory:
         dropped, since they are about to be redone, and so are damaged lines (not UTF-8, not an event),
         with one warning: the events around them are kept."""
         try:
-            if resumed_at is None:
+            if resumed_at is None:  # a new file, as on resume (atomic_write): never written through a link
+                self.metrics.unlink(missing_ok=True)
                 return open(self.metrics, "w", encoding="utf-8"), set()
             kept = []
             if self.metrics.exists():

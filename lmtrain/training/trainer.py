@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from lmtrain.checkpoint import parameter_count
-from lmtrain.config import Config, to_yaml
+from lmtrain.config import Config, checked, to_yaml
 from lmtrain.data.cache import data_fingerprints, load_corpus
 from lmtrain.data.dataset import IGNORE, TrainingBatches, check_data_files, shard_batch
 from lmtrain.data.tokenizer import Tokenizer
@@ -93,7 +93,8 @@ def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] =
     line every `train.log_every` steps otherwise. `on_start` is called with the run's config once the run
     can start (its folder taken, a resume checked). In a process that torchrun started, train with the
     others (`distributed`); all but process 0 are silent. A resume refuses a corpus that changed since
-    the checkpoint unless `allow_changed_data`."""
+    the checkpoint unless `allow_changed_data`. torch's random state is the caller's again afterwards."""
+    config = checked(config)
     world = world_from_environment()
     warn = warn or echo
     if not world.is_main:
@@ -101,7 +102,9 @@ def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] =
         progress_bar = False
     check_batch_size(config.train.batch_size, world)
     device = process_device(resolve_device(config.train.device), world)
-    with process_group(world, device):
+    # The run seeds torch's generators (train.seed); the caller's random state is theirs, kept as it was.
+    caller_generators = range(torch.cuda.device_count()) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=caller_generators), process_group(world, device):
         trainer = run_on_all(world, lambda: Trainer(config, resume=resume, echo=echo, warn=warn,
                                                     progress_bar=progress_bar, world=world, device=device,
                                                     allow_changed_data=allow_changed_data))
