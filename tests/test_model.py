@@ -10,7 +10,7 @@ from lmtrain.config import ConfigError
 from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer
 from lmtrain.model.cells import LSTMCell, make_cell
 from lmtrain.model.language_model import LanguageModel
-from lmtrain.model.layers import RecurrentLayer, RecurrentStack
+from lmtrain.model.layers import RecurrentLayer, RecurrentStack, manual_layer
 
 V = 11
 
@@ -209,6 +209,10 @@ def test_a_state_that_is_not_the_layers_is_refused_naming_it():
         model(tokens, targets=tokens[:, 1:])
     with pytest.raises(ValueError, match=r"x must be a floating-point tensor \(batch, time, input_size=6\)"):
         model.rnn.layers[0](torch.zeros(3, 5, 7))
+    cell = model.rnn.layers[0].cell
+    with pytest.raises(ValueError, match=r"each \(3, 8\) torch.float32 on cpu like the input; got \(3, 8\) "
+                                         r"torch.float64"):
+        manual_layer(cell, torch.zeros(3, 5, 6), cell.initial_state(3, dtype=torch.float64))
 
 
 def test_the_cells_and_the_stack_refuse_sizes_that_are_not_positive_integers():

@@ -43,6 +43,8 @@ def manual_layer(cell: Cell, x: Tensor, state: tuple[Tensor, ...], *, reverse: b
     `weights`: (W_recurrent, W_input, b) to use instead of `cell.stacked_weights()` (e.g. after DropConnect;
     their gradients flow back through autograd to the cell's parameters). `route`: how it runs, chosen
     for x when not given (`lmtrain.speed.route.choose`)."""
+    check_input(cell, x)
+    check_state(cell, state, x, same_type=True)  # the compiled loops trust its shape
     function, extra = function_for(cell)
     W_recurrent, W_input, b = weights if weights is not None else cell.stacked_weights()
     if reverse:
@@ -114,7 +116,7 @@ class RecurrentLayer(nn.Module):
         B, T, _ = x.shape
         if state is None:
             state = self.cell.initial_state(B, device=x.device, dtype=x.dtype)
-        check_state(self.cell, state, x, same_type=self.gradients == "manual")
+        check_state(self.cell, state, x, same_type=False)  # manual_layer checks its types
         if T == 0:
             return x.new_zeros(B, 0, self.cell.hidden_size), state
         W_recurrent, W_input, b = self.weights()
