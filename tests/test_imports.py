@@ -179,12 +179,12 @@ def test_config_loads_without_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_cells_import_only_the_torch_internals_and_the_stacking():
-    assert lmtrain_imports("model.cells") <= {"speed.torch_internals", "backprop.stacking"}
+def test_cells_import_only_the_torch_internals_the_stacking_and_the_argument_checks():
+    assert lmtrain_imports("model.cells") <= {"speed.torch_internals", "backprop.stacking", "model.arguments"}
 
 
-@pytest.mark.parametrize("module", ["model.regularization", "speed.memory", "speed.threads", "speed.torch_internals",
-                                    "backprop.stacking"])
+@pytest.mark.parametrize("module", ["model.arguments", "model.regularization", "speed.memory", "speed.threads",
+                                    "speed.torch_internals", "backprop.stacking"])
 def test_leaves_of_the_model_and_speed_import_no_lmtrain_module(module: str):
     assert lmtrain_imports(module) == set()
 

@@ -228,6 +228,10 @@ def test_the_cells_and_the_stack_refuse_sizes_that_are_not_positive_integers():
         LSTMCell(2, 4, forget_bias="auto")  # LanguageModel's "auto" is resolved before it reaches a cell
     with pytest.raises(TypeError, match="cell must be a Cell"):
         RecurrentLayer("lstm")
+    with pytest.raises(ValueError, match="relevance_gate must be True or False; got 'false'"):
+        make_cell("gru", 2, 4, relevance_gate="false")  # a string is true: the gate was kept
+    with pytest.raises(ValueError, match="bidirectional must be True or False; got 'false'"):
+        RecurrentStack("lstm", 2, 4, bidirectional="false")
 
 
 @pytest.mark.parametrize("options", [

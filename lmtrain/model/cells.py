@@ -17,7 +17,6 @@ looks inside it. Cells read a state by position, so a plain tuple (as stored in 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.functional import linear
 
 from lmtrain.backprop.stacking import stack_gates
+from lmtrain.model import arguments
 from lmtrain.speed.torch_internals import version_key
 
 sigmoid, tanh = torch.sigmoid, torch.tanh
@@ -50,14 +50,13 @@ class Cell(nn.Module):
     state_type: type = RNNState
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
-        for name, size in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-                raise ValueError(f"{name} must be a positive integer; got {size!r}")
         super().__init__()
-        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.input_size = arguments.size("input_size", input_size)
+        self.hidden_size = arguments.size("hidden_size", hidden_size)
         for gate in self.gates:
-            self.register_parameter(f"W_{gate}", nn.Parameter(torch.empty(hidden_size, hidden_size + input_size)))
-            self.register_parameter(f"b_{gate}", nn.Parameter(torch.empty(hidden_size)))
+            self.register_parameter(f"W_{gate}", nn.Parameter(torch.empty(self.hidden_size,
+                                                                          self.hidden_size + self.input_size)))
+            self.register_parameter(f"b_{gate}", nn.Parameter(torch.empty(self.hidden_size)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,6 +141,7 @@ class GRUCell(Cell):
 
     def __init__(self, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
                  gru_reset: str = "before") -> None:
+        arguments.flags(relevance_gate=relevance_gate)
         if gru_reset not in ("before", "after") or (gru_reset == "after" and not relevance_gate):
             raise ValueError("gru_reset must be 'before' or 'after' (the latter with the relevance gate); "
                              f"got {gru_reset!r}")
@@ -149,8 +149,8 @@ class GRUCell(Cell):
         self.gates = ("u", "r", "c") if relevance_gate else ("u", "c")
         super().__init__(input_size, hidden_size)
         if gru_reset == "after":
-            bound = 1 / math.sqrt(hidden_size)
-            self.b_cc = nn.Parameter(torch.empty(hidden_size).uniform_(-bound, bound))
+            bound = 1 / math.sqrt(self.hidden_size)
+            self.b_cc = nn.Parameter(torch.empty(self.hidden_size).uniform_(-bound, bound))
 
     def forward(self, x: Tensor, state: GRUState) -> tuple[Tensor, GRUState]:
         (c_prev,) = state
@@ -201,9 +201,7 @@ class LSTMCell(Cell):
     state_type = LSTMState
 
     def __init__(self, input_size: int, hidden_size: int, *, forget_bias: float | None = None) -> None:
-        if forget_bias is not None and (isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real)):
-            raise ValueError(f"forget_bias must be a number or None; got {forget_bias!r}")
-        self.forget_bias = forget_bias
+        self.forget_bias = arguments.number_or_none("forget_bias", forget_bias)
         super().__init__(input_size, hidden_size)
 
     def reset_parameters(self) -> None:

@@ -17,14 +17,13 @@ NLL instead, Σ_t −log ŷ(t)[y(t)], made with the output layer in one step (`l
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import torch
 from torch import Tensor, nn
 
 from lmtrain.config import ConfigError, ModelConfig, initialisation, model_from_arguments
 from lmtrain.data.tokenizer import ZERO_INPUT
-from lmtrain.model import regularization
+from lmtrain.model import arguments, regularization
 from lmtrain.model.cells import CELLS, Cell, GRUCell
 from lmtrain.model.layers import RecurrentStack
 from lmtrain.model.regularization import SequenceDropout
@@ -108,8 +107,7 @@ class LanguageModel(nn.Module):
         output bias (Zaremba et al. 2014, pytorch/examples), "torch", nn.Embedding's N(0, 1) and
         nn.Linear's defaults, or "auto", torch's (what a config with the default optimizer, Adam, takes).
         `forget_bias`: the LSTM's initial b_f (None: like the other biases; "auto": follows `init`)."""
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive integer; got {vocab_size!r}")
+        vocab_size = arguments.size("vocab_size", vocab_size)
         try:  # the checks a config's model section gets, naming the arguments; NumPy numbers become Python's
             options = model_from_arguments({name: value for name, value in locals().items() if name in MODEL_KEYS},
                                            prefix="")
@@ -117,7 +115,7 @@ class LanguageModel(nn.Module):
             raise ValueError(str(error)) from None
         init, forget_bias = initialisation(options.init, options.forget_bias)
         super().__init__()
-        self.embedding = nn.Embedding(int(vocab_size), options.embed_size)
+        self.embedding = nn.Embedding(vocab_size, options.embed_size)
         self.embedding_dropout = options.embedding_dropout
         rate = lambda p: options.dropout if p is None else p  # noqa: E731
         cell_options = {"relevance_gate": options.relevance_gate, "gru_reset": options.gru_reset,
@@ -132,7 +130,7 @@ class LanguageModel(nn.Module):
         self.rnn_right_to_left = new_stack() if options.direction == "bi" else None
         self.input_dropout = SequenceDropout(rate(options.input_dropout), locked=options.locked_dropout)
         self.output_dropout = SequenceDropout(rate(options.output_dropout), locked=options.locked_dropout)
-        self.projection = Projection(options.hidden_size, int(vocab_size))  # W_y, b_y
+        self.projection = Projection(options.hidden_size, vocab_size)  # W_y, b_y
         if init == "zaremba":
             # U(-0.1, 0.1) embedding and projection, zero output bias: Zaremba et al. 2014's initialisation, kept
             # by pytorch/examples word_language_model (nn.Embedding's N(0, 1) is too large for SGD at lr 20).

@@ -16,6 +16,7 @@ from lmtrain.backprop.gru import GRUAfterFunction, GRUFunction
 from lmtrain.backprop.lstm import LSTMFunction
 from lmtrain.backprop.rnn import RNNFunction
 from lmtrain.config import ModelConfig, choices
+from lmtrain.model import arguments
 from lmtrain.model.cells import Cell, GRUCell, LSTMCell, RNNCell, make_cell
 from lmtrain.model.regularization import SequenceDropout, drop_connect
 from lmtrain.speed.route import Route, choose
@@ -95,6 +96,7 @@ class RecurrentLayer(nn.Module):
         super().__init__()
         if not isinstance(cell, Cell):
             raise TypeError(f"cell must be a Cell (RNNCell, GRUCell, LSTMCell, or make_cell's); got {cell!r}")
+        arguments.flags(reverse=reverse)
         if gradients not in choices("model.gradients"):
             raise ValueError(f"gradients must be one of {choices('model.gradients')}; got {gradients!r}")
         if not 0.0 <= weight_drop < 1.0:
@@ -165,8 +167,8 @@ class RecurrentStack(nn.Module):
                  dropout: float = DEFAULTS.dropout, bidirectional: bool = False, gradients: str = DEFAULTS.gradients,
                  locked_dropout: bool = DEFAULTS.locked_dropout, weight_drop: float = DEFAULTS.weight_drop,
                  **cell_options) -> None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive integer; got {num_layers!r}")
+        num_layers = arguments.size("num_layers", num_layers)
+        arguments.flags(bidirectional=bidirectional, locked_dropout=locked_dropout)
         super().__init__()
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
