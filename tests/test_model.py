@@ -205,6 +205,12 @@ def test_a_state_that_is_not_the_layers_is_refused_naming_it():
         model(tokens, one_row)
     with pytest.raises(ValueError, match=r"state must hold one entry per layer \(1\); got 2 entries"):
         model(tokens, one_row * 2)
+    with pytest.raises(ValueError, match=r"token ids must be in 0..10 \(or -1, the zero input\); got 11"):
+        model(torch.tensor([[3, 11]]))
+    with pytest.raises(ValueError, match=r"token ids must be in 0..10 \(or -1, the zero input\); got -5"):
+        model(torch.tensor([[-5, 3]]))  # read as <unk> before
+    with pytest.raises(ValueError, match=r"tokens must be a tensor of int64 or int32 ids; got torch.float32"):
+        model(tokens.float())
     with pytest.raises(ValueError, match=r"targets must have the tokens' shape \(3, 5\), a target per token; got"):
         model(tokens, targets=tokens[:, 1:])
     with pytest.raises(ValueError, match=r"x must be a floating-point tensor \(batch, time, input_size=6\)"):

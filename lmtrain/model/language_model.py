@@ -78,6 +78,20 @@ def _bytes(count: float) -> str:
     return f"{count:.3g} EB"
 
 
+def check_tokens(tokens: Tensor, vocab_size: int) -> None:
+    """Refuse, naming them, ids that are no token: an id past the vocabulary would fail inside torch's
+    embedding, one below ZERO_INPUT would be read as <unk>. The range is read on the CPU only: on a GPU
+    reading it would wait for the device at every call (there torch's embedding asserts)."""
+    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32):  # what nn.Embedding reads
+        raise ValueError(f"tokens must be a tensor of int64 or int32 ids; got "
+                         f"{tokens.dtype if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    if tokens.numel() and tokens.device.type == "cpu":
+        low, high = (int(value) for value in torch.aminmax(tokens))
+        if low < ZERO_INPUT or high >= vocab_size:
+            raise ValueError(f"token ids must be in 0..{vocab_size - 1} (or {ZERO_INPUT}, the zero input); got "
+                             f"{low if low < ZERO_INPUT else high}")
+
+
 class Projection(nn.Linear):
     """The output layer, `W_y a + b_y`: nn.Linear's parameters and maths, its forward by `gemm.projection`
     (oneDNN's GEMM on the CPU, the faster one for PTB's 10k-word output)."""
@@ -157,6 +171,7 @@ class LanguageModel(nn.Module):
 
     def embed(self, tokens: Tensor) -> Tensor:
         """x(t) for every token: its embedding, and the zero vector for `ZERO_INPUT` (the lecture's x(1) = 0)."""
+        check_tokens(tokens, self.embedding.num_embeddings)
         return self.embedding(tokens.clamp(min=0)).masked_fill((tokens == ZERO_INPUT).unsqueeze(-1), 0.0)
 
     def forward(self, tokens: Tensor, state: list[tuple[Tensor, ...]] | None = None, *,
