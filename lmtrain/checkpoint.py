@@ -69,6 +69,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, Any]:
     """The checkpoint's contents on the CPU; a clear error for anything that is not one of ours, or whose
     weights are not finite. `training`: it is to be resumed, so its training state is checked too."""
+    if not str(path):  # Path("") is the current folder
+        raise LmtrainError("no checkpoint path given (an empty string)")
     path = Path(path)
     try:
         path.stat()

@@ -182,6 +182,10 @@ def test_directory(tmp_path: Path):
     assert "is a directory" in one_line_error(load_checkpoint, tmp_path)
 
 
+def test_empty_path():
+    assert one_line_error(load_checkpoint, "") == "no checkpoint path given (an empty string)"  # not "a directory: ."
+
+
 def test_missing_file(tmp_path: Path):
     missing = tmp_path / "missing.pt"
     assert one_line_error(load_checkpoint, missing) == f"checkpoint not found: {missing}"
