@@ -122,19 +122,22 @@ def test_same_seed_same_draws():
     assert not torch.equal(first, other)
 
 
-@pytest.mark.parametrize("options, needle", [
-    (dict(temperature=-1.0, top_k=None, top_p=None), "--temperature must be >= 0"),
-    (dict(temperature=float("nan"), top_k=None, top_p=None), "--temperature"),
-    (dict(temperature=1.0, top_k=0, top_p=None), "--top-k must be >= 1"),
-    (dict(temperature=1.0, top_k=-3, top_p=None), "--top-k must be >= 1"),
-    (dict(temperature=1.0, top_k=None, top_p=1.5), "--top-p must be in (0, 1]"),
-    (dict(temperature=1.0, top_k=None, top_p=0.0), "--top-p must be in (0, 1]"),
+@pytest.mark.parametrize("options, needle, flag", [
+    (dict(temperature=-1.0, top_k=None, top_p=None), "temperature must be >= 0", "--temperature"),
+    (dict(temperature=float("nan"), top_k=None, top_p=None), "temperature must be", "--temperature"),
+    (dict(temperature=1.0, top_k=0, top_p=None), "top_k must be >= 1", "--top-k"),
+    (dict(temperature=1.0, top_k=-3, top_p=None), "top_k must be >= 1", "--top-k"),
+    (dict(temperature=1.0, top_k=None, top_p=1.5), "top_p must be in (0, 1]", "--top-p"),
+    (dict(temperature=1.0, top_k=None, top_p=0.0), "top_p must be in (0, 1]", "--top-p"),
 ])
-def test_check_options_errors(options: dict, needle: str):
+def test_check_options_errors(options: dict, needle: str, flag: str):
+    """Named as the Python argument, or as `lmtrain sample`'s option with `flags`."""
     with pytest.raises(LmtrainError) as caught:
         check_options(**options)
-    assert needle in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(LmtrainError):
+    assert str(caught.value).startswith(needle) and "\n" not in str(caught.value)
+    with pytest.raises(LmtrainError, match=f"^{flag} must be"):
+        check_options(**options, flags=True)
+    with pytest.raises(LmtrainError, match=f"^{needle[:12]}"):
         sample_next(torch.zeros(1, 3), **options)
 
 
@@ -380,7 +383,7 @@ def test_the_python_api_refuses_shapes_and_counts_it_cannot_draw_from():
         sample_next(torch.randn(2, 0))
     tokenizer = Tokenizer.fit("ab\n", level="char")
     model = LanguageModel(tokenizer.vocab_size, embed_size=4, hidden_size=4, num_layers=1)
-    with pytest.raises(LmtrainError, match=r"must be whole numbers >= 1; got 2.0 and 200"):
+    with pytest.raises(LmtrainError, match=r"^num and max_tokens must be whole numbers >= 1; got 2.0 and 200"):
         generate(model, tokenizer, num=2.0)
     with pytest.raises(LmtrainError, match=r"the tokenizer has 4 tokens and the model 9: they are not from one"):
         generate(LanguageModel(9, embed_size=4, hidden_size=4, num_layers=1), tokenizer)

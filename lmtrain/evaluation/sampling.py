@@ -19,14 +19,16 @@ from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
 
 
-def check_options(*, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise a clear error for a sampling option out of range."""
+def check_options(*, temperature: float, top_k: int | None, top_p: float | None, flags: bool = False) -> None:
+    """Raise a clear error for a sampling option out of range, named as the Python argument, or with
+    `flags` as `lmtrain sample`'s option (`--top-k`)."""
+    name = lambda argument: "--" + argument.replace("_", "-") if flags else argument  # noqa: E731
     if not temperature >= 0:
-        raise LmtrainError(f"--temperature must be >= 0 (0 is greedy); got {temperature}")
+        raise LmtrainError(f"{name('temperature')} must be >= 0 (0 is greedy); got {temperature}")
     if top_k is not None and top_k < 1:
-        raise LmtrainError(f"--top-k must be >= 1; got {top_k}")
+        raise LmtrainError(f"{name('top_k')} must be >= 1; got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise LmtrainError(f"--top-p must be in (0, 1]; got {top_p}")
+        raise LmtrainError(f"{name('top_p')} must be in (0, 1]; got {top_p}")
 
 
 class NonFiniteOutputs(LmtrainError):
@@ -120,7 +122,7 @@ def draw(model: LanguageModel, tokenizer: Tokenizer, *, num: int, prime: str, te
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
     counts = (num, max_tokens)
     if any(isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1 for count in counts):
-        raise LmtrainError(f"--num and --max-tokens must be whole numbers >= 1; got {num!r} and {max_tokens!r}")
+        raise LmtrainError(f"num and max_tokens must be whole numbers >= 1; got {num!r} and {max_tokens!r}")
     if not isinstance(prime, str):
         raise TypeError(f"prime must be a string (\"\" for none); got {type(prime).__name__}")
     if tokenizer.vocab_size != model.embedding.num_embeddings:
@@ -184,7 +186,7 @@ def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: 
                       top_k: int | None = None, top_p: float | None = None, max_tokens: int = 200,
                       seed: int | None = None, device: str = "cpu") -> tuple[list[str], list[str]]:
     """`lmtrain sample`: load a checkpoint and draw `num` samples. Returns (samples, warnings)."""
-    check_options(temperature=temperature, top_k=top_k, top_p=top_p)
+    check_options(temperature=temperature, top_k=top_k, top_p=top_p, flags=True)
     if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
         raise LmtrainError(f"--seed must be a 64-bit integer, from {SEEDS[0]} to {SEEDS[1]}; got {seed}")
     if num < 1 or max_tokens < 1:
