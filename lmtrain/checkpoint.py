@@ -81,7 +81,8 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
             raise LmtrainError(f"cannot read checkpoint {path}: {error.strerror}") from None
         raise LmtrainError(f"checkpoint not found: {path}") from None
     if path.is_dir():
-        raise LmtrainError(f"checkpoint path is a directory: {path} (give the .pt file, e.g. {path}/best.pt)")
+        advice = "a checkpoint is a file" if path.suffix == ".pt" else f"give the .pt file, e.g. {path}/best.pt"
+        raise LmtrainError(f"checkpoint path is a directory: {path} ({advice})")
     # torch.load does not check the archive's CRC-32s, so a flipped bit in the weights would load as other
     # weights; the file is read once more to check them (from the page cache, as torch.load reads it next).
     try:

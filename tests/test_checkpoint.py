@@ -179,7 +179,10 @@ def test_other_torch_file_is_not_a_checkpoint(tmp_path: Path):
 
 
 def test_directory(tmp_path: Path):
-    assert "is a directory" in one_line_error(load_checkpoint, tmp_path)
+    assert one_line_error(load_checkpoint, tmp_path).endswith(f"(give the .pt file, e.g. {tmp_path}/best.pt)")
+    (tmp_path / "last.pt").mkdir()  # a folder named like a checkpoint: no advice to look inside it
+    assert one_line_error(load_checkpoint, tmp_path / "last.pt") == (
+        f"checkpoint path is a directory: {tmp_path / 'last.pt'} (a checkpoint is a file)")
 
 
 def test_empty_path():
