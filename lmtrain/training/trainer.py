@@ -102,8 +102,10 @@ def train(config: Config, *, resume: bool = False, echo: Callable[[str], None] =
         progress_bar = False
     check_batch_size(config.train.batch_size, world)
     device = process_device(resolve_device(config.train.device), world)
-    # The run seeds torch's generators (train.seed); the caller's random state is theirs, kept as it was.
-    caller_generators = range(torch.cuda.device_count()) if device.type == "cuda" else []
+    # The run seeds torch's generators (train.seed); the caller's random state is theirs, kept as it was
+    # (the CPU's and this process's GPU's: reading another GPU's would open a context on it).
+    caller_generators = [device.index if device.index is not None else torch.cuda.current_device()
+                         ] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=caller_generators), process_group(world, device):
         trainer = run_on_all(world, lambda: Trainer(config, resume=resume, echo=echo, warn=warn,
                                                     progress_bar=progress_bar, world=world, device=device,
