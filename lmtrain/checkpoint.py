@@ -237,17 +237,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[La
 
 
 def usable_device(device: torch.device | str, option: str = "device") -> torch.device:
-    """`device` ("cpu", "cuda", "cuda:N"), refused in one line naming `option` where it is no device
-    name or no such device is here."""
+    """`device` ("cpu", "cuda", "cuda:N"), refused in one line naming `option` (a command's `--device`, the
+    config's `train.device`, a Python argument) where it is no device name or no such device is here."""
     name = str(device)
     if not re.fullmatch(DEVICE_NAME, name):
         raise LmtrainError(f"{option} must be cpu, cuda or cuda:N; got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        use = f"{option} cpu" if option.startswith("-") else f"{option}='cpu'"
+        use = f"{option} cpu" if option.startswith("-") else f"{option}=cpu" if "." in option else f"{option}='cpu'"
         raise LmtrainError(f"{option} {name}: no CUDA device is available here (use {use})")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise LmtrainError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(name)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device`: `auto` is CUDA when present, else the CPU; a device named must be here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return usable_device(name, "train.device")
 
 
 def parameter_count(model: nn.Module) -> int:

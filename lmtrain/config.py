@@ -480,17 +480,17 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {shown(train.device)}")
 
 
-def model_from_arguments(arguments: dict[str, Any], *, prefix: str = "model.") -> ModelConfig:
+def model_from_arguments(arguments: dict[str, Any]) -> ModelConfig:
     """A `model` section from Python values, each checked as a config's key is (its type, NumPy numbers
-    taken as Python's, and its bounds), the errors naming `prefix` + argument: `LanguageModel`'s
-    constructor checks its arguments with it (prefix "")."""
+    taken as Python's, and its bounds): `LanguageModel`'s constructor checks its arguments with it. A
+    `ValueError` names the argument as the call spelled it (`hidden_size`, not `model.hidden_size`)."""
     try:
         model = ModelConfig(**{name: _coerce(f"model.{name}", value, _annotation(f"model.{name}"))
                                for name, value in arguments.items()})
         _check_values({f"model.{name}": getattr(model, name) for name in arguments})
         _check_model_combinations(model)
     except ConfigError as error:
-        raise ConfigError(str(error).replace("model.", prefix)) from None
+        raise ValueError(str(error).replace("model.", "")) from None
     return model
 
 

@@ -138,6 +138,12 @@ def test_help_lists_the_commands(tmp_path):
     assert "perplexity" in eval_help.stdout
 
 
+def run_python(code: str, folder: Path) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python, as lmtrain's console script would run it (the CLI's environment)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=folder, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_a_foreign_warning_is_one_warning_line(tmp_path):
     """A library's Python warning (torch's, matplotlib's) reaches stderr as one `warning:` line."""
     code = ("import sys, warnings\n"
@@ -149,8 +155,7 @@ def test_a_foreign_warning_is_one_warning_line(tmp_path):
             "lmtrain.checkpoint.describe = describe\n"
             "sys.argv = ['lmtrain', 'info', 'x.pt']\n"
             "lmtrain.cli.run()\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                            timeout=120)
+    result = run_python(code, tmp_path)
     assert result.returncode == 2
     assert result.stderr == "warning: CUDA initialization: a driver too old\nerror: no checkpoint here\n"
 
@@ -179,8 +184,7 @@ def test_a_ctrl_c_while_the_process_exits_is_no_traceback(tmp_path):
             "atexit.register(lambda: [os.kill(os.getpid(), signal.SIGINT), sum(range(10**6))])\n"
             "sys.argv = ['lmtrain', 'data', 'list']\n"
             "lmtrain.cli.run()\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                            timeout=120)
+    result = run_python(code, tmp_path)
     assert (result.returncode, result.stderr) == (0, ""), result
     assert "tinyshakespeare" in result.stdout  # what the command printed is all there
 

@@ -122,11 +122,8 @@ class LanguageModel(nn.Module):
         nn.Linear's defaults, or "auto", torch's (what a config with the default optimizer, Adam, takes).
         `forget_bias`: the LSTM's initial b_f (None: like the other biases; "auto": follows `init`)."""
         vocab_size = arguments.size("vocab_size", vocab_size)
-        try:  # the checks a config's model section gets, naming the arguments; NumPy numbers become Python's
-            options = model_from_arguments({name: value for name, value in locals().items() if name in MODEL_KEYS},
-                                           prefix="")
-        except ConfigError as error:
-            raise ValueError(str(error)) from None
+        # The checks a config's model section gets, naming the arguments; NumPy numbers become Python's.
+        options = model_from_arguments({name: value for name, value in locals().items() if name in MODEL_KEYS})
         init, forget_bias = initialisation(options.init, options.forget_bias)
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, options.embed_size)

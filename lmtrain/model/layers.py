@@ -46,6 +46,13 @@ def manual_layer(cell: Cell, x: Tensor, state: tuple[Tensor, ...], *, reverse: b
     for x when not given (`lmtrain.speed.route.choose`)."""
     check_input(cell, x)
     check_state(cell, state, x, same_type=True)  # the compiled loops trust its shape
+    return _manual_layer(cell, x, state, reverse=reverse, weights=weights, route=route)
+
+
+def _manual_layer(cell: Cell, x: Tensor, state: tuple[Tensor, ...], *, reverse: bool,
+                  weights: tuple[Tensor, Tensor, Tensor] | None, route: Route | None
+                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """`manual_layer` on arguments checked already."""
     function, extra = function_for(cell)
     W_recurrent, W_input, b = weights if weights is not None else cell.stacked_weights()
     if reverse:
@@ -118,12 +125,13 @@ class RecurrentLayer(nn.Module):
         B, T, _ = x.shape
         if state is None:
             state = self.cell.initial_state(B, device=x.device, dtype=x.dtype)
-        check_state(self.cell, state, x, same_type=False)  # manual_layer checks its types
+        check_state(self.cell, state, x, same_type=self.gradients == "manual")
         if T == 0:
             return x.new_zeros(B, 0, self.cell.hidden_size), state
         W_recurrent, W_input, b = self.weights()
         if self.gradients == "manual":
-            return manual_layer(self.cell, x, state, reverse=self.reverse, weights=(W_recurrent, W_input, b))
+            return _manual_layer(self.cell, x, state, reverse=self.reverse, weights=(W_recurrent, W_input, b),
+                                 route=None)
         x_projected = nn.functional.linear(x, W_input, b)                   # (B, T, G*H)
         # unbind, not x[:, t]: indexing makes autograd build a full-size zero gradient per step
         steps = x_projected.unbind(1)

@@ -394,15 +394,3 @@ def launch(nproc: int, arguments: list[str], *, batch_size: int, on_cpu: bool) -
         return 128 + int(error.sigval)
     return 0
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else the CPU; asking for CUDA without it is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LmtrainError(f"train.device is {name} but no CUDA device is available (use cpu or auto)")
-        index = torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise LmtrainError(f"train.device is {name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return torch.device(name)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmtrain.checkpoint import parameter_count
+from lmtrain.checkpoint import parameter_count, resolve_device
 from lmtrain.config import Config, checked, to_yaml
 from lmtrain.data.cache import data_fingerprints, load_corpus
 from lmtrain.data.dataset import IGNORE, TrainingBatches, check_data_files, shard_batch
@@ -46,7 +46,6 @@ from lmtrain.training.distributed import (
     from_main,
     process_device,
     process_group,
-    resolve_device,
     run_on_all,
     stop_everywhere,
     world_from_environment,
