@@ -11,10 +11,11 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -23,6 +24,9 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from lmtrain.config import INT64, MAX_THREADS  # noqa: E402
 from lmtrain.errors import LmtrainError, error_line, os_reason  # noqa: E402
+
+if TYPE_CHECKING:
+    from lmtrain.speed.threads import Load
 
 
 def _group(help: str, **options) -> typer.Typer:
@@ -47,7 +51,16 @@ def _whole(value: int | None) -> int | None:
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
-_options = {"debug": False}
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """What the options before a command decide for it (click's `ctx.obj`, which every command's context
+    inherits): the traceback of an error under --debug, and the other processes' load, measured from the
+    start until a command that computes picks its threads (lmtrain.speed.threads.Load)."""
+
+    debug: bool = False
+    load: Load | None = None
 
 
 data_app = _group("Download and list reference corpora.")
@@ -56,12 +69,15 @@ kernels_app = _group("Build, show and clear the compiled kernels.")
 app.add_typer(kernels_app, name="kernels")
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning (torch's, a library's) as one `warning:` line, the way lmtrain's own read; its
-    source file and line only under --debug."""
-    text = str(message).strip().splitlines()
-    where = f" ({filename}:{lineno})" if _options["debug"] else ""
-    print(f"warning: {text[0] if text else category.__name__}{where}", file=file or sys.stderr)
+def _warning_printer(debug: bool) -> Callable[..., None]:
+    """`warnings.showwarning` printing a Python warning (torch's, a library's) as one `warning:` line, the
+    way lmtrain's own read; its source file and line only under --debug."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip().splitlines()
+        where = f" ({filename}:{lineno})" if debug else ""
+        print(f"warning: {text[0] if text else category.__name__}{where}", file=file or sys.stderr)
+    return show
 
 
 def _version(value: bool) -> None:
@@ -79,22 +95,22 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+def main(ctx: typer.Context,
+         debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
          version: Annotated[bool, typer.Option("--version", help="Show lmtrain's and torch's versions and whether the "
                                                "compiled kernels are in use, and exit.", is_eager=True,
                                                callback=_version)] = False) -> None:
     from lmtrain.speed.threads import Load
 
-    _options["debug"] = debug
-    warnings.showwarning = _warning_line
-    _options["load"] = Load()  # the other processes' load, measured from now until a command picks its threads
+    warnings.showwarning = _warning_printer(debug)
+    ctx.obj = CommandOptions(debug=debug, load=Load())
 
 
-def _set_threads() -> None:
+def _set_threads(options: CommandOptions | None) -> None:
     """The free cores as threads, for a command that computes (sample, eval, diagnose)."""
     from lmtrain.speed.threads import set_for_command
 
-    set_for_command(load=_options.get("load"))
+    set_for_command(load=(options or CommandOptions()).load)
 
 
 # torch's words for an allocation it could not make (its allocator's, C++'s), or whose size does not fit in 64 bits.
@@ -114,14 +130,16 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn errors into one line on stderr and an exit code: 2 for a user's mistake, 1 for a bug."""
+def user_errors(options: CommandOptions | None = None) -> Iterator[None]:
+    """Turn errors into one line on stderr and an exit code: 2 for a user's mistake, 1 for a bug; with
+    `options.debug`, the traceback before it."""
+    debug = options is not None and options.debug
     try:
         yield
     except typer.Exit:
         raise
     except LmtrainError as error:
-        if _options["debug"]:
+        if debug:
             traceback.print_exc()
         if not error.quiet:  # quiet: a distributed training printed it already, or another process does
             typer.echo(error_line(error), err=True)
@@ -134,7 +152,7 @@ def user_errors() -> Iterator[None]:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
-        if _options["debug"]:
+        if debug:
             traceback.print_exc()
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             # A write with no file of lmtrain's own to name: the output (`> /dev/full`, a full disk under it).
@@ -159,6 +177,7 @@ def user_errors() -> Iterator[None]:
              epilog="Every config key, with its default and meaning: docs/config.md. "
                     "Overrides are dotted keys: train.lr=1e-3 model.cell=gru.")
 def train(
+    ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(
         metavar="CONFIG", help="YAML config (default: configs/quickstart.yaml).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(
@@ -174,7 +193,7 @@ def train(
     """Train a model; prints the resolved config, progress, validation loss and a few samples."""
     from lmtrain.config import load_config, to_yaml
 
-    with user_errors():
+    with user_errors(ctx.obj):
         overrides = list(overrides or [])
         if config is not None and "=" in config and not Path(config).exists():
             config, overrides = None, [config, *overrides]  # `lmtrain train key=value` on the default config
@@ -211,6 +230,7 @@ def train(
 
 @app.command(short_help="Sample sentences from a checkpoint.")
 def sample(
+    ctx: typer.Context,
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
     num: Annotated[int, typer.Option(callback=_whole, metavar="N", help="Number of samples, one a line.")] = 1,
     prime: Annotated[str, typer.Option(metavar="TEXT", help="Text to start every sample with.")] = "",
@@ -231,8 +251,8 @@ def sample(
     are shown escaped (\\r, \\n, \\x1b, \\u202e) unless --raw."""
     from lmtrain.evaluation.sampling import printable, sample_checkpoint
 
-    with user_errors():
-        _set_threads()
+    with user_errors(ctx.obj):
+        _set_threads(ctx.obj)
         samples, notes = sample_checkpoint(checkpoint, num=num, prime=prime, temperature=temperature, top_k=top_k,
                                            top_p=top_p, max_tokens=max_tokens, seed=seed, device=_device(device))
         for note in notes:
@@ -242,6 +262,7 @@ def sample(
 
 @app.command(short_help="Show what a checkpoint holds.")
 def info(
+    ctx: typer.Context,
     checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint file (.pt).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -250,7 +271,7 @@ def info(
 
     from lmtrain.checkpoint import describe
 
-    with user_errors():
+    with user_errors(ctx.obj):
         facts = describe(checkpoint)
         if as_json:
             typer.echo(json.dumps(facts))
@@ -270,6 +291,7 @@ def info(
 
 @app.command(short_help="Plot the loss curves of runs.")
 def plot(
+    ctx: typer.Context,
     run_dirs: Annotated[list[str], typer.Argument(metavar="RUN_DIR", help="Run folders (train.out_dir) to overlay.")],
     output: Annotated[str, typer.Option(
         "--output", "-o", metavar="FILE", help="Image file to write (PNG, SVG, PDF).")] = "curves.png",
@@ -277,13 +299,14 @@ def plot(
     """Train and validation loss against step and wall-clock time; needs matplotlib."""
     from lmtrain.evaluation.plots import plot_runs
 
-    with user_errors():
+    with user_errors(ctx.obj):
         plot_runs(run_dirs, output)
         typer.echo(f"wrote {output}")
 
 
 @app.command(short_help="See inside the cells: units and gates on a text, as one HTML page.")
 def visualize(
+    ctx: typer.Context,
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
     text: Annotated[str, typer.Option(metavar="FILE", help="The text to read (at most --max-tokens positions).")],
     output: Annotated[Optional[str], typer.Option(
@@ -321,7 +344,7 @@ def visualize(
     saturation, in one HTML file that works offline."""
     from lmtrain.evaluation import visualize as view
 
-    with user_errors():
+    with user_errors(ctx.obj):
         if max_tokens < 1:
             raise LmtrainError(f"--max-tokens must be >= 1; got {max_tokens}")
         if top < 1:
@@ -344,7 +367,7 @@ def visualize(
         for option, path, suffixes in (("-o", page_path, (".html", ".htm")), ("--png", png, (".png",))):
             if path is not None:
                 view.check_output(option, path, suffixes=suffixes)  # before the work, and before either is written
-        _set_threads()
+        _set_threads(ctx.obj)
         inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
                                   top=top, device=_device(device))
         for note in inside.notes:
@@ -376,6 +399,7 @@ def visualize(
 
 @eval_app.command(short_help="Loss, perplexity and bits per character.")
 def perplexity(
+    ctx: typer.Context,
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
     data: Annotated[Optional[str], typer.Option(
         metavar="FILE", help="Text file to score, - for standard input (default: the checkpoint corpus's "
@@ -395,14 +419,14 @@ def perplexity(
     from lmtrain.evaluation.perplexity import evaluate_checkpoint
     from lmtrain.files import strict_json
 
-    with user_errors():
+    with user_errors(ctx.obj):
         if split not in ("valid", "test"):
             raise LmtrainError(f"--split must be valid or test; got {split!r}")
         if batch_size is not None and batch_size < 1:
             raise LmtrainError(f"--batch-size must be >= 1; got {batch_size}")
         if segment is not None and segment < 0:
             raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
-        _set_threads()
+        _set_threads(ctx.obj)
         if data == "-":
             data = "/dev/stdin"
         numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split, batch_size=batch_size,
@@ -415,6 +439,7 @@ def perplexity(
 
 @diagnose_app.command(short_help="The vanishing gradient, measured.")
 def gradients(
+    ctx: typer.Context,
     checkpoint: Annotated[Optional[str], typer.Option(metavar="PATH", help="A trained checkpoint (.pt).")] = None,
     config: Annotated[Optional[str], typer.Option(
         metavar="CONFIG.yaml", help="Or a config: measure its freshly initialised model.")] = None,
@@ -433,8 +458,8 @@ def gradients(
     """The vanishing gradient: ‖∂L(T)/∂a(t)‖ of the top layer against the distance T - t."""
     from lmtrain.evaluation.diagnose import gradient_report, plot_rows
 
-    with user_errors():
-        _set_threads()
+    with user_errors(ctx.obj):
+        _set_threads(ctx.obj)
         description, rows = gradient_report(checkpoint=checkpoint, config_path=config, overrides=overrides or [],
                                             data_file=data, length=length, count=count, seed=seed)
         if plot:
@@ -449,6 +474,7 @@ def gradients(
 
 @eval_app.command(short_help="Subject-verb agreement on minimal pairs.")
 def agreement(
+    ctx: typer.Context,
     checkpoint: Annotated[str, typer.Option(metavar="PATH", help="Checkpoint file (.pt).")],
     data: Annotated[Optional[str], typer.Option(metavar="FILE", help="Minimal pairs: good<TAB>bad lines, JSON lines "
                                                 "with "
@@ -464,8 +490,8 @@ def agreement(
     good sentence more probable; a pair that scores the same both ways is a tie and counts neither way."""
     from lmtrain.evaluation.agreement import agreement_report, format_report
 
-    with user_errors():
-        _set_threads()
+    with user_errors(ctx.obj):
+        _set_threads(ctx.obj)
         report = agreement_report(checkpoint, data_file=data, device=_device(device), group_by=group_by)
         if report["unknown_tokens"]:
             typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>",
@@ -475,6 +501,7 @@ def agreement(
 
 @data_app.command("download", short_help="Download a corpus into the cache.")
 def data_download(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="NAME", help="tinyshakespeare or ptb")],
     directory: Annotated[Optional[Path], typer.Option(
         "--dir", metavar="DIR", help="Cache folder (default $LMTRAIN_CACHE, else $XDG_CACHE_HOME/lmtrain, else "
@@ -485,7 +512,7 @@ def data_download(
     """Download a corpus into the cache: resumable, verified by sha256."""
     from lmtrain.data.corpora import download
 
-    with user_errors():
+    with user_errors(ctx.obj):
         # A bar on a terminal only: into a file or a pipe its carriage returns are noise.
         for path in download(name, directory=directory, base_url=base_url, progress=sys.stderr.isatty()):
             typer.echo(str(path))
@@ -493,13 +520,14 @@ def data_download(
 
 @data_app.command("list", short_help="The known corpora and whether they are cached.")
 def data_list(
+    ctx: typer.Context,
     directory: Annotated[Optional[Path], typer.Option("--dir", metavar="DIR", help="Cache folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The known corpora, their files, and whether they are cached."""
     from lmtrain.data.corpora import listing
 
-    with user_errors():
+    with user_errors(ctx.obj):
         rows = listing(directory=directory)
         if as_json:
             typer.echo(json.dumps(rows))
@@ -511,31 +539,32 @@ def data_list(
 
 
 @kernels_app.command("build", short_help="Compile the kernels now.")
-def kernels_build() -> None:
+def kernels_build(ctx: typer.Context) -> None:
     """Compile the kernels now, e.g. while building a container image that later runs read-only; prints
     their folder. Tries again after a failed build."""
     from lmtrain.speed.kernels import build_now
 
-    with user_errors():
+    with user_errors(ctx.obj):
         typer.echo(build_now(announce=lambda line: typer.echo(line, err=True)))
 
 
 @kernels_app.command("status", short_help="Whether and where the kernels are built.")
-def kernels_status(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+def kernels_status(ctx: typer.Context,
+                   as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Whether this lmtrain's kernels are built, where, and every build in the cache (all versions)."""
     from lmtrain.speed.kernels import status, status_lines
 
-    with user_errors():
+    with user_errors(ctx.obj):
         facts = status()
         typer.echo(json.dumps(facts) if as_json else "\n".join(status_lines(facts)))
 
 
 @kernels_app.command("clear", short_help="Remove every build from the cache.")
-def kernels_clear() -> None:
+def kernels_clear(ctx: typer.Context) -> None:
     """Remove every build from the cache (all versions; not one being built right now)."""
     from lmtrain.speed.kernels import clear
 
-    with user_errors():
+    with user_errors(ctx.obj):
         typer.echo("\n".join(clear()))
 
 

@@ -700,6 +700,15 @@ def test_training_into_an_existing_run_leaves_it_unchanged(mistakes):
         assert (mistakes.folder / "existing-run" / name).read_bytes() == content, f"{name} changed"
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_library_warning_is_one_line_with_its_source_under_debug(debug: bool, capsys):
+    from lmtrain.cli import _warning_printer
+
+    _warning_printer(debug)(UserWarning("a library's warning\nits second line"), UserWarning, "/lib/x.py", 7)
+    line = capsys.readouterr().err
+    assert line == f"warning: a library's warning{' (/lib/x.py:7)' if debug else ''}\n"
+
+
 def test_debug_shows_the_traceback(mistakes):
     result = mistakes.results["debug"]
     assert result.returncode != 0
