@@ -173,6 +173,21 @@ def test_resuming_a_finished_run_logs_its_last_evaluation_once(tmp_path, corpus)
     assert steps.count((4, "valid")) == 1 and (3, "valid") in steps
 
 
+def test_resuming_a_finished_run_leaves_its_checkpoints_as_they_are(tmp_path, corpus):
+    """Nothing to train: last.pt and the step files are not written again (a write could only fail, on a
+    full disk, or move their times); a smaller keep_last still prunes."""
+    out_dir = tmp_path / "run"
+    train(config(corpus, out_dir, train__max_steps=6, train__keep_last=3), progress_bar=False)
+    files = ["last.pt", "step-0000004.pt", "step-0000006.pt"]
+    before = {name: (out_dir / name).stat() for name in files}
+    result = train(config(corpus, out_dir, train__max_steps=6, train__keep_last=2), resume=True, progress_bar=False)
+    assert result.progress.step == 6
+    for name in files:
+        after = (out_dir / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before[name].st_ino, before[name].st_mtime_ns), name
+    assert sorted(p.name for p in out_dir.glob("step-*.pt")) == ["step-0000004.pt", "step-0000006.pt"]
+
+
 def test_a_full_disk_under_metrics_jsonl_is_one_line(tmp_path):
     from lmtrain.training.metrics import Metrics
 

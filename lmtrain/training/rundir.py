@@ -119,6 +119,10 @@ class RunDirectory:
             step_path = self.path / f"step-{step:07d}.pt"
             _write(step_path, data)
             _link_or_write(step_path, self.last, data)
+        self.prune()
+
+    def prune(self) -> None:
+        """Remove the step files beyond the newest `keep_last`."""
         for old in self.step_files()[self.keep_last:]:
             old.unlink(missing_ok=True)
 

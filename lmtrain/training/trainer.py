@@ -279,7 +279,11 @@ class Trainer:
             # Still under the signals: a Ctrl-C here lets the final evaluation and checkpoint finish.
             if last_eval_step != self.progress.step:
                 valid_loss = self._evaluate()
-            self._save_last()
+            if self.progress.step == self.resumed_at and Path(self.resume_path) == self.run_dir.last:
+                # A finished run resumed: last.pt holds this very state; only a smaller keep_last has work.
+                run_on_all(world, self.run_dir.prune if world.is_main else lambda: None)
+            else:
+                self._save_last()
         return valid_loss, reason
 
     def _limit_reached(self) -> str | None:
