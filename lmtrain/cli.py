@@ -300,7 +300,7 @@ def plot(
     from lmtrain.evaluation.plots import plot_runs
 
     with user_errors(ctx.obj):
-        plot_runs(run_dirs, output)
+        plot_runs(run_dirs, output, option="-o")
         typer.echo(f"wrote {output}")
 
 
@@ -343,6 +343,7 @@ def visualize(
     unit with the model's next-token guesses, the units that follow features of the text, and the gates'
     saturation, in one HTML file that works offline."""
     from lmtrain.evaluation import visualize as view
+    from lmtrain.files import check_output
 
     with user_errors(ctx.obj):
         if max_tokens < 1:
@@ -365,8 +366,8 @@ def visualize(
             labels[name] = path
         page_path = output if output is not None else None if as_json or png or tokens else "visualize.html"
         for option, path, suffixes in (("-o", page_path, (".html", ".htm")), ("--png", png, (".png",))):
-            if path is not None:
-                view.check_output(option, path, suffixes=suffixes)  # before the work, and before either is written
+            if path is not None:  # before the work, and before either is written
+                check_output(option, path, suffixes=suffixes, inputs=[text, *labels.values()])
         _set_threads(ctx.obj)
         inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
                                   top=top, device=_device(device))
@@ -452,17 +453,21 @@ def gradients(
     seed: Annotated[int, typer.Option(callback=_whole,
         metavar="S", help="Seed for choosing the windows.")] = 0,
     plot: Annotated[Optional[str], typer.Option(
-        metavar="FILE.png", help="Also save a plot (PNG; needs matplotlib).")] = None,
+        metavar="FILE.png", help="Also save a plot (PNG, SVG or PDF; needs matplotlib).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The vanishing gradient: ‖∂L(T)/∂a(t)‖ of the top layer against the distance T - t."""
     from lmtrain.evaluation.diagnose import gradient_report, plot_rows
+    from lmtrain.evaluation.plots import FIGURE_SUFFIXES
+    from lmtrain.files import check_output
 
     with user_errors(ctx.obj):
+        if plot is not None:  # before the measurement
+            check_output("--plot", plot, suffixes=FIGURE_SUFFIXES)
         _set_threads(ctx.obj)
         description, rows = gradient_report(checkpoint=checkpoint, config_path=config, overrides=overrides or [],
                                             data_file=data, length=length, count=count, seed=seed)
-        if plot:
+        if plot is not None:
             plot_rows({description.split(": ", 1)[-1].split(",")[0]: rows}, plot)  # labelled e.g. "lstm 2x256"
         if as_json:
             typer.echo(json.dumps({"model": description, "rows": rows}))
@@ -480,9 +485,9 @@ def agreement(
                                                 "with "
                                                 "sentence_good and sentence_bad (as BLiMP ships them), or lmtrain's "
                                                 "TSV (default: corpora/agreement/pairs.tsv).")] = None,
-    group_by: Annotated[Optional[str], typer.Option(metavar="FIELD", help="JSON lines: the field to group the report "
-                                                    "by (default: the first of phenomenon, linguistics_term, UID, "
-                                                    "field).")] = None,
+    group_by: Annotated[Optional[str], typer.Option(metavar="FIELD", help="JSON lines only (refused for a TSV): the "
+                                                    "field to group the report by (default: the first of phenomenon, "
+                                                    "linguistics_term, UID, field).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
@@ -496,6 +501,9 @@ def agreement(
         if report["unknown_tokens"]:
             typer.echo(f"warning: {report['unknown_tokens']} of {report['tokens']} tokens are scored as <unk>",
                        err=True)
+        if report["ties_same_sentence"]:
+            typer.echo(f"warning: {report['ties_same_sentence']} of {report['count']} pairs have the same sentence "
+                       f"on both sides, as the model reads it; they count as ties", err=True)
         typer.echo(json.dumps(report) if as_json else format_report(report))
 
 

@@ -9,10 +9,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from lmtrain.errors import LmtrainError
 
 
 def user_cache() -> Path:
@@ -60,6 +62,31 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader sees either the old file or the whole new one."""
     with replacing(path) as handle:
         handle.write(data)
+
+
+def check_output(option: str, path: str, *, suffixes: tuple[str, ...], inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work, an output path that cannot be written: empty, a folder, in a folder that
+    does not exist, not ending in one of `suffixes` (which also keeps a slip of the keyboard from
+    writing over a checkpoint), or the same file as one of `inputs`, which it would replace."""
+    target = Path(path)
+    if not path:
+        raise LmtrainError(f"{option} needs a file name")
+    if target.suffix.lower() not in suffixes:
+        raise LmtrainError(f"{option} must name a {' or '.join(suffixes)} file; got {path}")
+    if target.is_dir():
+        raise LmtrainError(f"cannot write {path}: it is a directory")
+    if not target.parent.is_dir():
+        raise LmtrainError(f"cannot write {path}: the folder {target.parent} does not exist")
+    for source in inputs:
+        if _same_file(target, Path(source)):
+            raise LmtrainError(f"{option} {path} is the input {source}: writing it would replace what is read")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def json_lines(data: bytes) -> tuple[list[tuple[bytes, dict]], int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from lmtrain.evaluation.agreement import (
     format_report,
     read_pairs,
     sentence_log_probability,
+    tie_reason,
 )
 from lmtrain.model.language_model import LanguageModel
 
@@ -152,6 +156,77 @@ def test_pairs_that_differ_only_in_unknown_words_are_ties(tmp_path: Path, config
     assert "by_distance" not in report  # plain pairs have no distances
 
 
+def test_a_pair_of_the_same_sentence_is_a_tie_of_its_own(tmp_path: Path, config_factory):
+    """The same sentence twice, or the same words spaced differently, is not a difference in unknown words."""
+    path = checkpoint(tmp_path, config_factory, mode="sentences")
+    (tmp_path / "same.tsv").write_text("the cat was full .\tthe cat was full .\n"
+                                       "the cat was full .\tthe  cat was full . \n"
+                                       "the cat sleeps .\tthe cat sleep .\n"
+                                       "the cat was full .\tthe cat were full .\n")
+    report = agreement_report(path, tmp_path / "same.tsv")
+    assert (report["count"], report["ties"], report["scored"]) == (4, 3, 1)
+    assert (report["ties_same_sentence"], report["ties_unknown_words"]) == (2, 1)
+    assert ("ties: 3 pairs score the same and count neither way (2 of them have the same sentence on both sides, "
+            "as the model reads it; 1 of them differ only in words the model does not know)") in format_report(report)
+    (tmp_path / "tie.tsv").write_text("the cat .\tthe cat .\n")
+    report = agreement_report(path, tmp_path / "tie.tsv")
+    assert (report["ties"], report["ties_same_sentence"], report["ties_unknown_words"]) == (1, 1, 0)
+    assert "does not know" not in format_report(report)
+
+
+def test_tie_reason_reads_as_the_model_reads():
+    words = Tokenizer.fit(VOCABULARY_TEXT, level="word")
+    chars = Tokenizer.fit(VOCABULARY_TEXT, level="char")
+    spaced = Pair("the cat was full .", "the  cat was full .")
+    assert tie_reason(words, spaced) == "same" and tie_reason(chars, spaced) is None  # a space is a character
+    assert tie_reason(words, Pair("the cat sleeps .", "the cat sleep .")) == "unknown"
+    assert tie_reason(chars, Pair("the cat ä .", "the cat ö .")) == "unknown"
+    assert tie_reason(words, Pair("the cat was full .", "the cat were full .")) is None
+    assert tie_reason(words, Pair("the cat\nwas full .", "the cat was full .")) == "same"  # one sentence, one line
+    assert tie_reason(words, Pair("the cat <unk> .", "the cat sleep .")) == "unknown"
+
+
+def test_group_by_is_refused_for_a_tsv(tmp_path: Path):
+    (tmp_path / "plain.tsv").write_text("the cat was full .\tthe cat were full .\n")
+    for path in (tmp_path / "plain.tsv", write_pairs(tmp_path / "pairs.tsv")):
+        with pytest.raises(LmtrainError, match="--group-by") as caught:
+            read_pairs(path, group_by="UID")
+        assert str(path) in str(caught.value) and "JSON lines" in str(caught.value)
+        assert read_pairs(path)  # without --group-by the file reads
+
+
+def test_the_cli_refuses_group_by_for_a_tsv_in_one_line_and_warns_of_same_sentences(tmp_path: Path,
+                                                                                   config_factory):
+    from typer.testing import CliRunner
+
+    from lmtrain.cli import app
+
+    model = checkpoint(tmp_path, config_factory, mode="sentences")
+    (tmp_path / "pairs.tsv").write_text("the cat .\tthe cat .\nthe cat was full .\tthe cat were full .\n")
+    result = CliRunner().invoke(app, ["eval", "agreement", "--checkpoint", str(model), "--data",
+                                      str(tmp_path / "pairs.tsv"), "--group-by", "UID"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "--group-by" in result.stderr and "Traceback" not in result.stderr
+    result = CliRunner().invoke(app, ["eval", "agreement", "--checkpoint", str(model), "--data",
+                                      str(tmp_path / "pairs.tsv"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 pairs have the same sentence on both sides" in result.stderr
+    assert json.loads(result.stdout)["ties_same_sentence"] == 1
+
+
+def test_the_documented_example_pairs_use_the_quickstart_vocabulary(tmp_path: Path):
+    """The pairs that docs/commands.md writes for `eval agreement` are in words the quickstart model knows."""
+    commands = (Path(__file__).resolve().parent.parent / "docs" / "commands.md").read_text(encoding="utf-8")
+    section = commands.split("## `lmtrain eval agreement`", 1)[1].split("\n## ", 1)[0]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1).split("lmtrain eval agreement")[0]
+    subprocess.run(["bash", "-ec", script], cwd=tmp_path, check=True, timeout=30)
+    pairs = read_pairs(tmp_path / "pairs.tsv")
+    known = set((CORPUS / "train.txt").read_text(encoding="ascii").split())
+    assert len(pairs) >= 2 and {word for pair in pairs for word in (pair.correct + " " + pair.wrong).split()} <= known
+    words = Tokenizer(level="word", eos="line", tokens=["<unk>", "<eos>", *sorted(known)])
+    assert [tie_reason(words, pair) for pair in pairs] == [None] * len(pairs)
+
+
 def test_plain_two_column_pairs_with_or_without_a_header(tmp_path: Path):
     (tmp_path / "plain.tsv").write_text("the cat was full .\tthe cat were full .\nthe dog ran .\tthe dog run .\n")
     assert read_pairs(tmp_path / "plain.tsv") == [Pair("the cat was full .", "the cat were full ."),
@@ -163,8 +238,6 @@ def test_plain_two_column_pairs_with_or_without_a_header(tmp_path: Path):
 
 
 def test_json_lines_as_suites_ship_them_grouped_by_their_phenomenon(tmp_path: Path, config_factory):
-    import json
-
     records = [{"sentence_good": "the cat was full .", "sentence_bad": "the cat were full .", "UID": "agr_1",
                 "linguistics_term": "agreement", "pairID": "0"},
                {"sentence_good": "the dogs were full .", "sentence_bad": "the dogs was full .", "UID": "agr_2",

@@ -102,6 +102,24 @@ def test_report_errors(config_file):
         gradient_report(config_path=str(config_file), length=10_000)
 
 
+def test_overrides_with_a_checkpoint_are_refused_not_ignored(tmp_path, config_file):
+    from lmtrain.config import load_config
+    from lmtrain.training.trainer import train
+
+    config = load_config(config_file, [f"train.out_dir={tmp_path / 'run'}", "train.final_samples=0"])
+    train(config, progress_bar=False)
+    with pytest.raises(LmtrainError, match=r"^KEY=VALUE overrides go with --config, not --checkpoint; got "
+                                            r"model\.hidden_size=4$"):
+        gradient_report(checkpoint=str(tmp_path / "run" / "last.pt"), overrides=["model.hidden_size=4"])
+
+
+def test_a_bad_plot_name_is_refused_before_the_measurement(config_file, tmp_path):
+    result = CliRunner().invoke(app, ["diagnose", "gradients", "--config", str(config_file), "--length", "8",
+                                      "--count", "2", "--plot", str(tmp_path / "plot")])
+    assert result.exit_code == 2
+    assert result.output == f"error: --plot must name a .png or .svg or .pdf file; got {tmp_path / 'plot'}\n"
+
+
 def test_cli_json(config_file):
     result = CliRunner().invoke(app, ["diagnose", "gradients", "--config", str(config_file), "--length", "8",
                                       "--count", "2", "--json"])

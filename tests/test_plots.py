@@ -3,7 +3,11 @@ optional matplotlib is installed)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +45,57 @@ def test_plot_writes_an_image(tmp_path):
     runs = [str(write_run(tmp_path / name, EVENTS)) for name in ("a", "b")]
     plot_runs(runs, str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_write_leaves_the_old_image_as_it_was(tmp_path, monkeypatch):
+    """The figure goes to a temporary file renamed over the old one: a full disk, a size limit or a kill
+    mid-write never leaves half an image where the old one was."""
+    matplotlib = pytest.importorskip("matplotlib")
+    output = tmp_path / "curves.png"
+    output.write_bytes(b"the old image")
+
+    def full_disk(figure, handle, **options):
+        handle.write(b"half an image")
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(LmtrainError, match=r"^cannot write .*curves\.png: (F|f)ile too large$"):
+        plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(output))
+    assert output.read_bytes() == b"the old image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]
+
+
+@pytest.mark.parametrize("output", ["curves", "", "curves.jpg", "run"])
+def test_an_output_that_is_no_image_file_name_is_refused_before_reading(tmp_path, output):
+    run = write_run(tmp_path / "run", EVENTS)
+    with pytest.raises(LmtrainError, match=r"^output (needs a file name|must name a \.png or \.svg or \.pdf file)"):
+        plot_runs([str(run)], str(tmp_path / output) if output else "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_values_no_run_writes_are_gaps_not_a_crash(tmp_path):
+    pytest.importorskip("matplotlib")
+    odd = [{"step": 1e308, "split": "train", "loss": 1e308, "elapsed_s": -5.0},
+           {"step": -1e308, "split": "train", "loss": -1e308, "elapsed_s": 1e308}]
+    run = write_run(tmp_path / "run", EVENTS + odd)
+    plot_runs([str(run)], str(tmp_path / "curves.svg"))
+    assert (tmp_path / "curves.svg").read_bytes().lstrip().startswith(b"<?xml")
+
+
+def test_a_metrics_file_that_is_a_device_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to("/dev/null")  # /dev/zero too, which was read without end
+    with pytest.raises(LmtrainError, match=r"metrics\.jsonl is not a regular file"):
+        read_metrics(tmp_path / "run")
+
+
+def test_matplotlib_s_own_messages_stay_quiet(tmp_path):
+    """A configuration folder matplotlib cannot make (a read-only home) sends it to a temporary one, with
+    warnings of its own on stderr: lmtrain's output is its own lines only."""
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    environment = {**os.environ, "MPLCONFIGDIR": str(blocker / "matplotlib")}
+    done = subprocess.run([sys.executable, "-c", "from lmtrain.evaluation.plots import pyplot; pyplot()"],
+                          env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -171,6 +171,9 @@ def test_labels_a_user_gives(tmp_path: Path):
         read_labels(str(words), "pos", 5)
     with pytest.raises(LmtrainError, match=r"cannot read the feature file"):
         read_labels(str(tmp_path / "missing.txt"), "x", 1)
+    numbers.write_text("1\n0\ninf\n2.5\n", encoding="utf-8")
+    with pytest.raises(LmtrainError, match=r"has an infinite label at line 3 \(inf\)"):
+        read_labels(str(numbers), "plural", 4)
 
 
 # -- which units, and the gates' saturation -----------------------------------------------------------------
@@ -194,6 +197,8 @@ def test_correlations_find_the_planted_unit():
     assert strongest_units(planted_trace(values), [1.0] * 200) == []  # a feature that does not vary
     with_gaps = [math.nan if i % 2 else value for i, value in enumerate(feature)]
     assert float(correlations(values, with_gaps)[4]) == pytest.approx(-1.0, abs=1e-3)
+    huge = [value * 1e300 for value in feature]  # r does not depend on the labels' scale, nor overflows on it
+    assert torch.allclose(correlations(values, huge), r)
 
 
 def test_saturation_fractions_and_reading():
@@ -314,6 +319,22 @@ def test_the_page_is_never_written_over_a_checkpoint(tmp_path, config_factory):
     assert result.output.strip() == f"error: -o must name a .html or .htm file; got {path}"
     assert Path(path).read_bytes() == before
     assert invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "-o", tmp_path / "PAGE.HTM").exit_code == 0
+
+
+@pytest.mark.parametrize("written", ["-o", "--png"])
+def test_the_outputs_are_never_written_over_the_text_or_a_feature_file(tmp_path, config_factory, written):
+    path = checkpoint(tmp_path, config_factory)
+    suffix = ".html" if written == "-o" else ".png"
+    text, labels = tmp_path / f"text{suffix}", tmp_path / f"labels{suffix}"
+    shutil.copy(tmp_path / "text.txt", text)
+    count = len(invoke("--checkpoint", path, "--text", text, "--tokens").stdout.splitlines())
+    labels.write_text("1\n" * count, encoding="utf-8")
+    for target, named in ((text, "the input"), (labels, "the input")):
+        before = target.read_bytes()
+        result = invoke("--checkpoint", path, "--text", text, "--feature", f"x={labels}", written, target)
+        assert result.exit_code == 2 and result.output.strip() == (
+            f"error: {written} {target} is {named} {target}: writing it would replace what is read"), result.output
+        assert target.read_bytes() == before
 
 
 def test_a_missing_text_is_one_line(tmp_path, config_factory):

@@ -49,7 +49,7 @@ def read_pairs(path: str | Path, *, group_by: str | None = None) -> list[Pair]:
     """Minimal pairs in any of three forms: lmtrain's TSV (the header `correct wrong distance
     attractors`), a two-column `good<TAB>bad` file (a header row of such names is skipped), or JSON
     lines with `sentence_good` and `sentence_bad` (BLiMP's form; `good`/`bad` too), grouped by
-    `group_by` or the first of GROUP_KEYS present."""
+    `group_by` or the first of GROUP_KEYS present (`group_by` is refused for a TSV)."""
     lines = split_lines(read_text(path, remedy="save the file as UTF-8"))
     while lines and not lines[-1].strip():
         lines.pop()
@@ -58,6 +58,8 @@ def read_pairs(path: str | Path, *, group_by: str | None = None) -> list[Pair]:
                            f"good<TAB>bad lines, or JSON lines with sentence_good and sentence_bad)")
     if lines[0].lstrip().startswith("{"):
         pairs = _json_pairs(path, lines, group_by)
+    elif group_by is not None:
+        raise LmtrainError(f"{path}: --group-by names a field of JSON lines; a TSV of pairs has none to group by")
     elif tuple(lines[0].split("\t")) == HEADER:
         pairs = _lmtrain_pairs(path, lines)
     else:
@@ -115,6 +117,26 @@ def _json_pairs(path: str | Path, lines: list[str], group_by: str | None) -> lis
     return pairs
 
 
+def _encode(tokenizer: Tokenizer, sentence: str) -> list[int]:
+    # One sentence is one line: a line break inside a JSON string would add an <eos> mid-sentence.
+    return tokenizer.encode(sentence.replace("\n", " "))
+
+
+def _tokens(tokenizer: Tokenizer, sentence: str) -> list[str]:
+    """The sentence as the tokenizer splits it, before the vocabulary maps unknown tokens to `<unk>`."""
+    sentence = sentence.replace("\n", " ")
+    return sentence.split() if tokenizer.level == "word" else list(sentence)
+
+
+def tie_reason(tokenizer: Tokenizer, pair: Pair) -> str | None:
+    """Why the model cannot tell a pair's sentences apart: "same" when they are the same tokens (the same
+    sentence, or one that differs only in spacing for a word model), "unknown" when they differ only in
+    tokens outside the vocabulary, which all read as `<unk>`; None when their ids differ."""
+    if _tokens(tokenizer, pair.correct) == _tokens(tokenizer, pair.wrong):
+        return "same"
+    return "unknown" if _encode(tokenizer, pair.correct) == _encode(tokenizer, pair.wrong) else None
+
+
 @torch.no_grad()
 def sentence_log_probability(model: LanguageModel, tokenizer: Tokenizer, sentences: list[str], *,
                              sentence_start: bool, batch_size: int = BATCH_SIZE,
@@ -122,7 +144,7 @@ def sentence_log_probability(model: LanguageModel, tokenizer: Tokenizer, sentenc
     """log p(sentence) of each sentence: the sum over its tokens and `<eos>`, each read from a zero
     state with x(1) = 0 (`sentence_start`, sentence-mode models) or after an `<eos>` (stream models)."""
     first = ZERO_INPUT if sentence_start else tokenizer.eos_id
-    encoded = [tokenizer.encode(sentence.replace("\n", " ")) for sentence in sentences]
+    encoded = [_encode(tokenizer, sentence) for sentence in sentences]
     if any(not ids for ids in encoded):
         raise LmtrainError("cannot score an empty sentence")
     sequences = [(torch.tensor([first, *ids[:-1]]), torch.tensor(ids)) for ids in encoded]
@@ -168,8 +190,9 @@ def agreement_report(checkpoint: str | Path, data_file: str | Path | None = None
 
     A pair whose two sentences score the same is a tie, neither right nor wrong: most often they differ
     only in words the model does not know, which both become <unk>. `accuracy` is over the other pairs
-    (`scored`); the report counts the ties, and those that differ only in unknown words. By distance and
-    attractors for lmtrain's TSV, by group for a suite that names its phenomena."""
+    (`scored`); the report counts the ties, those whose two sentences are the same as the model reads
+    them (`ties_same_sentence`) and those that differ only in unknown words (`ties_unknown_words`). By
+    distance and attractors for lmtrain's TSV, by group for a suite that names its phenomena."""
     if data_file is None:
         if not DEFAULT_PAIRS.exists():
             raise LmtrainError(f"the bundled {DEFAULT_PAIRS.relative_to(DEFAULT_PAIRS.parents[2])} is not "
@@ -182,20 +205,28 @@ def agreement_report(checkpoint: str | Path, data_file: str | Path | None = None
                                        sentence_start=sentence_start, device=device)
     wrong = sentence_log_probability(model, tokenizer, [pair.wrong for pair in pairs],
                                      sentence_start=sentence_start, device=device)
-    same = [tokenizer.encode(pair.correct) == tokenizer.encode(pair.wrong) for pair in pairs]
-    outcomes = [None if identical or good == bad else good > bad for identical, good, bad in zip(same, correct, wrong)]
-    same_tokens = sum(same)
+    reasons = [tie_reason(tokenizer, pair) for pair in pairs]
+    # Same ids are a tie even where batching leaves the two sums a rounding error apart.
+    outcomes = [None if reason or good == bad else good > bad for reason, good, bad in zip(reasons, correct, wrong)]
     scored = [ok for ok in outcomes if ok is not None]
     unknown, total = tokenizer.count_unknown("\n".join(pair.correct + "\n" + pair.wrong for pair in pairs))
     report = {"accuracy": sum(scored) / len(scored) if scored else None, "scored": len(scored), "count": len(pairs),
-              "ties": len(pairs) - len(scored), "ties_unknown_words": same_tokens, "unknown_tokens": unknown,
-              "tokens": total}
+              "ties": len(pairs) - len(scored), "ties_same_sentence": reasons.count("same"),
+              "ties_unknown_words": reasons.count("unknown"), "unknown_tokens": unknown, "tokens": total}
     if all(pair.distance is not None for pair in pairs):
         report["by_distance"] = accuracy_by(pairs, outcomes, "distance", DISTANCE_BUCKETS)
         report["by_attractors"] = accuracy_by(pairs, outcomes, "attractors", ATTRACTOR_BUCKETS)
     if any(pair.group is not None for pair in pairs):
         report["by_group"] = accuracy_by_group(pairs, outcomes)
     return report
+
+
+def _tie_reasons(report: dict) -> str:
+    """" (N of them ...; M of them ...)" for the ties that the tokens explain, or "" where none do."""
+    reasons = [f"{report[key]:,} of them {text}" for key, text in (
+        ("ties_same_sentence", "have the same sentence on both sides, as the model reads it"),
+        ("ties_unknown_words", "differ only in words the model does not know")) if report.get(key)]
+    return f" ({'; '.join(reasons)})" if reasons else ""
 
 
 def format_report(report: dict) -> str:
@@ -207,8 +238,7 @@ def format_report(report: dict) -> str:
     lines = [f"accuracy {cell(report['accuracy'])}  pairs {report['scored']:,}"
              + (f" of {report['count']:,}" if report["ties"] else "")]
     if report["ties"]:
-        lines.append(f"ties: {report['ties']:,} pairs score the same and count neither way "
-                     f"({report['ties_unknown_words']:,} of them differ only in words the model does not know)")
+        lines.append(f"ties: {report['ties']:,} pairs score the same and count neither way{_tie_reasons(report)}")
     for key, title in (("by_distance", "words between"), ("by_attractors", "attractors"), ("by_group", "group")):
         rows = [(label, accuracy, count) for label, (accuracy, count) in report.get(key, {}).items() if count]
         if rows:

@@ -75,6 +75,8 @@ def gradient_report(*, checkpoint: str | None = None, config_path: str | None = 
     Returns a description of the model and one row per distance shown."""
     if (checkpoint is None) == (config_path is None):
         raise LmtrainError("give exactly one of --checkpoint and --config")
+    if checkpoint is not None and overrides:  # a trained model is what it is: the overrides would be ignored
+        raise LmtrainError(f"KEY=VALUE overrides go with --config, not --checkpoint; got {' '.join(overrides)}")
     if length < 2 or count < 1:
         raise LmtrainError(f"--length must be >= 2 and --count >= 1; got {length} and {count}")
     texts = None  # the corpus splits, read at most once
@@ -116,4 +118,5 @@ def plot_rows(curves: dict[str, list[dict[str, float]]], path: str) -> None:
     axes.set(xlabel="distance T - t", ylabel="‖∂L(T)/∂a(t)‖ / ‖∂L(T)/∂a(T)‖", yscale="log",
              title="How far back the gradient reaches")
     axes.legend()
+    figure.tight_layout()
     save_figure(plt, figure, path)

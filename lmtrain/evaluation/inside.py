@@ -198,9 +198,15 @@ def read_labels(path: str, name: str, count: int) -> dict[str, list[float]]:
     if not given:
         raise LmtrainError(f"the feature file {path} labels no position")
     try:
-        return {name: [math.nan if label in missing else float(label) for label in labels]}
+        numbers = [math.nan if label in missing else float(label) for label in labels]
     except ValueError:
         pass
+    else:
+        infinite = next((line for line, number in enumerate(numbers, 1) if math.isinf(number)), None)
+        if infinite is not None:
+            raise LmtrainError(f"the feature file {path} has an infinite label at line {infinite} "
+                               f"({labels[infinite - 1]}): a label is a finite number, a word, or nan for none")
+        return {name: numbers}
     kinds = sorted(set(given))
     if len(kinds) > 20:
         raise LmtrainError(f"the feature file {path} has {len(kinds)} different non-numeric labels; at most 20 "
@@ -227,6 +233,7 @@ def correlations(values: Tensor, feature: Sequence[float]) -> Tensor:
     x, y = values.double()[keep], target[keep]
     if y.numel() < 3:
         return torch.zeros(values.size(1), dtype=torch.float64)
+    y = y / y.abs().max().clamp(min=1e-300)  # r does not depend on the scale; labels near 1e300 would overflow
     x, y = x - x.mean(dim=0), y - y.mean()
     denominator = x.norm(dim=0) * y.norm()
     return torch.where(denominator > 0, (x * y.unsqueeze(1)).sum(dim=0) / denominator.clamp(min=1e-300),

@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import metric_events
+from lmtrain.files import check_output, metric_events, replacing
+
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+# A plotted value outside this range is no step, loss or time a run writes (a hand-edited or damaged
+# file): drawn, such values overflow matplotlib's axis arithmetic.
+PLAUSIBLE = (0.0, 1e15)
 
 
 def pyplot() -> Any:
     """matplotlib's pyplot on a file-only backend, or a clear error when matplotlib is missing."""
+    # Its import logs warnings of its own (a home folder it cannot write, a first font cache): not a user's concern.
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         import matplotlib
 
@@ -22,6 +32,8 @@ def pyplot() -> Any:
     except ImportError:
         raise LmtrainError("plotting needs matplotlib: pip install 'lmtrain[plot]' (or pip install matplotlib)"
                            ) from None
+    finally:
+        logger.setLevel(level)
     return plt
 
 
@@ -32,6 +44,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise LmtrainError(f"no metrics.jsonl in {run_dir} (is it a train.out_dir?)")
+    if not path.is_file():  # a device (a link to /dev/zero) would be read until memory runs out
+        raise LmtrainError(f"{path} is not a regular file")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -45,14 +59,19 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _number(value: Any) -> float:
-    """A field to plot: a missing or null one (a loss that diverged, a window of skipped steps) is NaN,
-    which matplotlib leaves as a gap in the line."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    """A field to plot: a missing or null one (a loss that diverged, a window of skipped steps), or one
+    outside `PLAUSIBLE`, is NaN, which matplotlib leaves as a gap in the line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value) if PLAUSIBLE[0] <= value <= PLAUSIBLE[1] else math.nan
 
 
-def plot_runs(run_dirs: list[str], output: str) -> None:
+def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> None:
     """Train and validation loss against step (left) and against wall-clock time (right), one
-    colour per run, validation dashed."""
+    colour per run, validation dashed, written to `output` (.png, .svg or .pdf; `option` names it in
+    an error)."""
+    check_output(option, output, suffixes=FIGURE_SUFFIXES,
+                 inputs=[Path(run_dir) / "metrics.jsonl" for run_dir in run_dirs])
     runs = {run_dir: read_metrics(run_dir) for run_dir in run_dirs}
     empty = [str(run_dir) for run_dir, events in runs.items() if not any(event.get("split") in ("train", "valid")
                                                                         for event in events)]
@@ -75,15 +94,19 @@ def plot_runs(run_dirs: list[str], output: str) -> None:
     by_step.set(xlabel="step", ylabel="loss (nats/token)")
     by_time.set(xlabel="wall-clock seconds")
     by_step.legend(fontsize="small")
+    figure.tight_layout()
     save_figure(plt, figure, output)
 
 
-def save_figure(plt: Any, figure: Any, path: str) -> None:
-    """Write the figure (format from the file name) and free it; a bad path is one line of error."""
-    figure.tight_layout()
+def save_figure(plt: Any, figure: Any, path: str, **options: Any) -> None:
+    """Write the figure whole or not at all (an existing file stays as it was if the write fails or the
+    process is killed), in the format its name ends with, and free it."""
     try:
-        figure.savefig(path)
-    except (OSError, ValueError) as error:
-        raise LmtrainError(f"cannot write the plot {path}: {error}") from None
+        with replacing(path) as handle:
+            figure.savefig(handle, format=Path(path).suffix[1:].lower(), **options)
+    except OSError as error:
+        raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None
+    except ValueError as error:  # a format this matplotlib cannot write
+        raise LmtrainError(f"cannot write {path}: {error}") from None
     finally:
         plt.close(figure)

@@ -236,21 +236,6 @@ def _scatter(gates: list[Saturation], size: int = 220) -> str:
 NOT_VARYING = "does not vary on the positions read (or labels fewer than 3)"
 
 
-def check_output(option: str, path: str, *, suffixes: tuple[str, ...]) -> None:
-    """Refuse, before any work, an output path that cannot be written: empty, a folder, in a folder that
-    does not exist, or not ending in one of `suffixes` (which also keeps a slip of the keyboard from
-    writing over a checkpoint or the text being read)."""
-    target = Path(path)
-    if not path:
-        raise LmtrainError(f"{option} needs a file name")
-    if target.suffix.lower() not in suffixes:
-        raise LmtrainError(f"{option} must name a {' or '.join(suffixes)} file; got {path}")
-    if target.is_dir():
-        raise LmtrainError(f"cannot write {path}: it is a directory")
-    if not target.parent.is_dir():
-        raise LmtrainError(f"cannot write {path}: the folder {target.parent} does not exist")
-
-
 def write_page(path: str, text: str) -> None:
     """Write the page whole or not at all."""
     try:
@@ -263,7 +248,7 @@ def write_page(path: str, text: str) -> None:
 
 def unit_png(inside: Inside, unit: Unit, path: str, *, positions: int = 600, columns: int = 100) -> None:
     """The first `positions` tokens coloured by one unit, as the paper's figures draw them (needs matplotlib)."""
-    from lmtrain.evaluation.plots import pyplot
+    from lmtrain.evaluation.plots import pyplot, save_figure
 
     plt = pyplot()
     values = values_of(inside, unit)[:positions]
@@ -283,12 +268,7 @@ def unit_png(inside: Inside, unit: Unit, path: str, *, positions: int = 600, col
     middle = (scale[0] + scale[1]) / 2
     axes.text(0, rows + 0.9, f"layer {unit.layer}, {unit.quantity}, unit {unit.unit}: {inside.description}; "
               f"blue {scale[0]:.2f}, white {middle:.2f}, red {scale[1]:.2f}", fontsize=8, color="#444")
-    try:
-        figure.savefig(path, dpi=150)
-    except OSError as error:
-        raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None
-    finally:
-        plt.close(figure)
+    save_figure(plt, figure, path, dpi=150)
 
 
 def _layout(tokens: list[str], level: str, columns: int) -> list[tuple[int, int, str]]:
