@@ -12,6 +12,7 @@ are relative to the current directory. The resolved config holds absolute data p
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import functools
 import math
@@ -390,7 +391,12 @@ def _expanded_size(root: yaml.Node) -> int:
 
 
 def shown(value: Any) -> str:
-    """`value` as an error message shows it: its repr, cut short (a value may be enormous)."""
+    """`value` as an error message shows it: in YAML's words where YAML made it from something that read
+    as a word or a string (yes, on, 2024-01-01), otherwise its repr, cut short (a value may be enormous)."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (YAML reads yes, no, on and off as true and false: quote a word to keep it)"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return f"the date {value.isoformat()} (quote it to keep it a string)"
     return _SHORT.repr(value)
 
 

@@ -263,6 +263,19 @@ def test_wrong_type_in_yaml(tmp_path: Path):
     assert config_error(path) == "model.num_layers must be an integer; got 'two'"
 
 
+@pytest.mark.parametrize(("text", "overrides", "message"), [
+    ("", ["train.out_dir=2024-01-01"],
+     "train.out_dir must be a string; got the date 2024-01-01 (quote it to keep it a string)"),
+    ("model:\n  hidden_size: yes\n", [], "model.hidden_size must be an integer; got true (YAML reads yes, no, on "
+                                          "and off as true and false: quote a word to keep it)"),
+    ("yes:\n  lr: 1\n", [], "unknown config section true (YAML reads yes, no, on and off as true and false: "
+                             "quote a word to keep it)"),
+])
+def test_values_yaml_made_from_words_are_shown_in_yaml_s_words(tmp_path: Path, text: str, overrides: list[str],
+                                                                message: str):
+    assert message in config_error(write(tmp_path / "c.yaml", MINIMAL_YAML + text), overrides)
+
+
 # --- impossible values -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["model.embed_size", "model.hidden_size", "model.num_layers", "train.batch_size",
