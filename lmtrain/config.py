@@ -6,7 +6,8 @@ be checked before anything heavy loads. Every mistake raises `ConfigError` namin
 
 Paths: a relative `data.*` path written in a YAML file is relative to that file's folder (so a
 config works from any directory); a relative path given on the command line, and `train.out_dir`,
-are relative to the current directory. The resolved config holds absolute data paths.
+are relative to the current directory; `~` is the home folder, as in a shell. The resolved config
+holds absolute data paths.
 """
 
 from __future__ import annotations
@@ -292,10 +293,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         values[key] = _absolute(key, value, Path.cwd()) if key in DATA_PATHS and isinstance(value, str) else value
     for old in set(values) & set(RENAMED) - {old for old, new in RENAMED.items() if new in values}:  # both: an error
         warnings.warn(f"{old} is now called {RENAMED[old]}: read as {RENAMED[old]}", stacklevel=2)
-    # Files named on the command line win over the file's other way of naming the text: its corpus, and
-    # its data.train/valid/test for a data.path (or its data.path for a data.train) given here.
+    if isinstance(values.get("train.out_dir"), str) and values["train.out_dir"].startswith("~"):
+        values["train.out_dir"] = str(Path(values["train.out_dir"]).expanduser())  # as a shell would: not a "~" folder
+    # What the command line names wins over the file's other way of naming the text: files over its
+    # corpus, a corpus over its files, and its data.train/valid/test for a data.path (or its data.path for
+    # a data.train) given here.
     if overridden & set(DATA_PATHS) and "data.corpus" not in overridden:
         values.pop("data.corpus", None)
+    if "data.corpus" in overridden and not overridden & set(DATA_PATHS):
+        for key in DATA_PATHS:
+            values.pop(key, None)
     if "data.path" in overridden:
         for key in set(DATA_PATHS) - overridden:
             values.pop(key, None)
@@ -307,7 +314,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def _absolute(key: str, path: str, base: Path) -> str:
     if "\0" in path:
         raise ConfigError(f"{key} holds a NUL character: {shown(path)}")
-    absolute = base / path
+    absolute = base / Path(path).expanduser()  # `~/corpus.txt` as a shell would read it
     try:
         if absolute.exists() and not (absolute.is_file() or absolute.is_dir()):
             return str(absolute.absolute())  # a pipe (/dev/fd/63) resolves to no path at all: keep its name

@@ -51,13 +51,14 @@ def page() -> str:
              "Every key of a config file, its type, its default and what it does. A config is YAML with three",
              "sections, `data`, `model` and `train`; `lmtrain train CONFIG key=value ...` overrides any key on the",
              "command line (`model.hidden_size=512`). Relative `data.*` paths in a file are relative to the file's",
-             "folder. Written by `python scripts/config_reference.py` from the typed fields of `lmtrain/config.py`,",
+             "folder; a path starting with `~` is in the home folder, as in a shell. Written by `python scripts/config_reference.py` from the typed fields of `lmtrain/config.py`,",
              "which also give the choices, defaults and error messages `lmtrain` uses, and the defaults of the",
              "Python constructors. An integer is a 64-bit one (up to about 9.2e18, the range torch and the",
              "checkpoints hold); a key given twice in a file, or one that is not a name, is an error. A key given",
              "twice on the command line takes its last value. Files named on the command line replace the file's",
              "way of naming the text: `data.path=mine.txt` drops its `data.corpus` and `data.train/valid/test`,",
-             "`data.train=...` its `data.corpus` and `data.path`.", ""]
+             "`data.train=...` its `data.corpus` and `data.path`; and a corpus named there replaces its files:",
+             "`data.corpus=ptb` drops its `data.path` and `data.train/valid/test`.", ""]
     for section, cls in config.SECTIONS.items():
         docs = field_docstrings(cls)
         lines += [f"## `{section}`", "", " ".join(inspect.getdoc(cls).split()), "",

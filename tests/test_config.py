@@ -185,8 +185,29 @@ def test_files_on_the_command_line_replace_the_files_way_of_naming_the_text(tmp_
         load_config(one_file, ["data.test=c.txt"])  # a test file beside data.path's split: which is meant?
 
 
+def test_a_corpus_on_the_command_line_replaces_the_files_files(tmp_path: Path):
+    split_files = write(tmp_path / "split.yaml",
+                        "data: {train: a.txt, valid: b.txt, test: c.txt}\ntrain: {max_steps: 1}\n")
+    data = load_config(write(tmp_path / "one.yaml", MINIMAL_YAML), ["data.corpus=ptb"]).data
+    assert (data.corpus, data.path) == ("ptb", None)
+    data = load_config(split_files, ["data.corpus=ptb"]).data
+    assert (data.corpus, data.train, data.valid, data.test) == ("ptb", None, None, None)
+    with pytest.raises(ConfigError, match="not both"):  # both on the command line: which is meant?
+        load_config(split_files, ["data.corpus=ptb", "data.path=x.txt"])
+
+
 def test_out_dir_is_not_resolved(minimal: Path):
     assert load_config(minimal, ["train.out_dir=runs/x"]).train.out_dir == "runs/x"
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write(tmp_path / "c.yaml", "data:\n  path: ~/corpus.txt\ntrain:\n  max_steps: 1\n  out_dir: ~/runs/x\n")
+    config = load_config(path)
+    assert (config.data.path, config.train.out_dir) == (str(tmp_path / "home" / "corpus.txt"),
+                                                        str(tmp_path / "home" / "runs" / "x"))
+    config = load_config(path, ["data.path=~/other.txt", "train.out_dir=~/"])
+    assert (config.data.path, config.train.out_dir) == (str(tmp_path / "home" / "other.txt"), str(tmp_path / "home"))
 
 
 # --- unknown keys and sections ---------------------------------------------------------------------
