@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluation.plots import plot_runs, read_metrics
+from lmtrain.evaluation.plots import legend_names, plot_runs, read_metrics
 
 
 def write_run(folder, events, tail=""):
@@ -99,3 +99,13 @@ def test_matplotlib_s_own_messages_stay_quiet(tmp_path):
     done = subprocess.run([sys.executable, "-c", "from lmtrain.evaluation.plots import pyplot; pyplot()"],
                           env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_runs_are_named_apart_and_drawn_once(tmp_path, monkeypatch):
+    assert legend_names(["runs/char", "other/char", "runs/word"]) == ["runs/char", "other/char", "word"]
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", EVENTS)
+    read = []
+    monkeypatch.setattr("lmtrain.evaluation.plots.read_metrics", lambda run_dir: read.append(run_dir) or EVENTS)
+    plot_runs([str(run), f"{run}/", str(run)], str(tmp_path / "curves.png"))
+    assert read == [str(run)]

@@ -72,7 +72,9 @@ def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> No
     an error)."""
     check_output(option, output, suffixes=FIGURE_SUFFIXES,
                  inputs=[Path(run_dir) / "metrics.jsonl" for run_dir in run_dirs])
+    run_dirs = list({Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)}.values())[::-1]  # once each
     runs = {run_dir: read_metrics(run_dir) for run_dir in run_dirs}
+    names = legend_names(run_dirs)
     empty = [str(run_dir) for run_dir, events in runs.items() if not any(event.get("split") in ("train", "valid")
                                                                         for event in events)]
     if empty:  # an empty figure, and matplotlib's own warning about its legend, would say less
@@ -80,7 +82,7 @@ def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> No
     plt = pyplot()
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for index, (run_dir, events) in enumerate(runs.items()):
-        colour, name = f"C{index}", Path(run_dir).name or str(run_dir)
+        colour, name = f"C{index}", names[index]
         for split, style in (("train", "-"), ("valid", "--o")):
             chosen = [event for event in events if event.get("split") == split]
             if not chosen:
@@ -96,6 +98,12 @@ def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> No
     by_step.legend(fontsize="small")
     figure.tight_layout()
     save_figure(plt, figure, output)
+
+
+def legend_names(run_dirs: list[str]) -> list[str]:
+    """Each run by its folder's name, or by the path given where two folders share a name."""
+    names = [Path(run_dir).name or str(run_dir) for run_dir in run_dirs]
+    return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
 
 
 def save_figure(plt: Any, figure: Any, path: str, **options: Any) -> None:
