@@ -541,9 +541,11 @@ def data_list(
             typer.echo(json.dumps(rows))
             return
         for row in rows:
+            other = (f"  (not the corpus's: {', '.join(row['other'])}; lmtrain data download {row['name']} "
+                     f"replaces {'them' if len(row['other']) > 1 else 'it'})" if row["other"] else "")
             typer.echo(f"{row['name']:<16} {'cached' if row['cached'] else 'not cached':<11} "
                        f"{', '.join(row['files'])}  "
-                       f"{row['path']}")
+                       f"{row['path']}{other}")
 
 
 @kernels_app.command("build", short_help="Compile the kernels now.")

@@ -235,8 +235,13 @@ def test_cache_dir_follows_lmtrain_cache(server, tmp_path, monkeypatch):
 def test_listing_shows_what_is_cached(server, tmp_path):
     fetch("tiny", server, tmp_path)
     rows = {row["name"]: row for row in listing(directory=tmp_path, catalog=CATALOG)}
-    assert rows["tiny"] == {"name": "tiny", "files": ["input.txt"], "cached": True, "path": str(tmp_path / "tiny")}
-    assert rows["pair"]["cached"] is False
+    assert rows["tiny"] == {"name": "tiny", "files": ["input.txt"], "cached": True, "other": [],
+                            "path": str(tmp_path / "tiny")}
+    assert rows["pair"]["cached"] is False and rows["pair"]["other"] == []
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "ptb.valid.txt").write_text("another text")
+    row = listing(directory=tmp_path, catalog=CATALOG)[1]
+    assert (row["name"], row["cached"], row["other"]) == ("pair", False, ["ptb.valid.txt"])
     assert rows["pair"]["files"] == ["ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"]
 
 

@@ -98,12 +98,15 @@ def download(name: str, *, directory: str | Path | None = None, base_url: str | 
 
 def listing(*, directory: str | Path | None = None,
             catalog: dict[str, tuple[CorpusFile, ...]] = CORPORA) -> list[dict[str, Any]]:
-    """One row per known corpus: name, files, cached (all files present at their size), path."""
+    """One row per known corpus: name, files, cached (all files present at their size), other (the files
+    there of another size: not the corpus, which `download` replaces), path."""
     rows = []
     for name, files in catalog.items():
         folder = _folder(name, directory)
         rows.append({"name": name, "files": [file.filename for file in files],
                      "cached": all(_present(folder / file.filename, file) for file in files),
+                     "other": [file.filename for file in files if (folder / file.filename).exists()
+                               and not _present(folder / file.filename, file)],
                      "path": str(folder)})
     return rows
 
