@@ -373,6 +373,17 @@ def no_page(folder: Path, result: Result) -> None:
 def checkpoint_kept(folder: Path, result: Result) -> None:
     assert (folder / "model.pt").read_bytes()[:2] == b"PK", "the checkpoint was written over"  # a torch.save zip
 
+
+def text_kept(folder: Path, result: Result) -> None:
+    assert (folder / "text.html").read_text(encoding="utf-8") == "to be or not\n", "the text was written over"
+
+
+def no_image(folder: Path, result: Result) -> None:
+    assert not [path.name for path in folder.glob("curves*")], "an image was written"
+
+
+EVENTS = "".join(f'{{"step": {step}, "split": "train", "loss": 2.0, "elapsed_s": {step}}}\n' for step in (1, 2))
+
 CASES: list[Case] = [
     # config file
     Case("config-missing", "config file that does not exist", (*TRAIN, "nowhere.yaml"),
@@ -640,6 +651,16 @@ CASES: list[Case] = [
          note="resumed from best.pt and trained"),
     Case("plot-no-events", "`lmtrain plot` of a run whose metrics.jsonl is empty", ("plot", "run"),
          {"run/metrics.jsonl": ""}, expect=("no train or valid events", "run/metrics.jsonl")),
+    Case("plot-output-not-an-image", "`lmtrain plot -o` naming no .png, .svg or .pdf file",
+         ("plot", "run", "-o", "curves"), {"run/metrics.jsonl": EVENTS},
+         expect=("-o must name a .png or .svg or .pdf file", "curves"), check=no_image,
+         note="no file written (it wrote curves.png and said `wrote curves`)"),
+    Case("diagnose-overrides-with-checkpoint", "`diagnose gradients --checkpoint` with KEY=VALUE overrides",
+         ("diagnose", "gradients", "--checkpoint", "model.pt", "model.hidden_size=4"), {"model.pt": CHAR_PT},
+         expect=("overrides go with --config", "model.hidden_size=4")),
+    Case("agreement-group-by-tsv", "`eval agreement --group-by` with pairs in a TSV",
+         ("eval", "agreement", "--checkpoint", "model.pt", "--data", "pairs.tsv", "--group-by", "UID"),
+         {"model.pt": CHAR_PT, "pairs.tsv": "the cat is .\tthe cat are .\n"}, expect=("pairs.tsv", "--group-by")),
     Case("resume-damaged-data-files", "`--resume` when last.pt's record of the corpus files is a string",
          (*TRAIN, "--resume", "tiny.yaml", "train.max_steps=4"),
          tiny_with(run=run_with_damaged_last(data_files="a string")), outcome="ok", exit_code=0,
@@ -684,6 +705,10 @@ CASES: list[Case] = [
     Case("visualize-output-folder", "`visualize -o` into a folder that does not exist",
          (*VISUALIZE, "-o", "nowhere/page.html"), {"model.pt": CHAR_PT, "text.txt": "to be or not\n"},
          expect=("cannot write", "nowhere/page.html")),
+    Case("visualize-output-text", "`visualize -o` naming the text it reads (text.html)",
+         ("visualize", "--checkpoint", "model.pt", "--text", "text.html", "-o", "text.html"),
+         {"model.pt": CHAR_PT, "text.html": "to be or not\n"}, expect=("-o text.html is the input text.html",),
+         check=text_kept, note="the text is unchanged"),
     Case("visualize-output-checkpoint", "`visualize -o` naming the checkpoint it reads",
          (*VISUALIZE, "-o", "model.pt"), {"model.pt": CHAR_PT, "text.txt": "to be or not\n"},
          expect=("-o must name a .html or .htm file", "model.pt"), check=checkpoint_kept),
