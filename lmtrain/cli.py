@@ -86,9 +86,9 @@ def _version(value: bool) -> None:
     import torch
 
     import lmtrain
-    from lmtrain.speed.kernels import status
+    from lmtrain.speed.kernels import state
 
-    kernels = status()["state"]
+    kernels = state()  # a few words, never a traceback: the cache can be another user's
     typer.echo(f"lmtrain {lmtrain.__version__}, torch {torch.__version__}, compiled kernels: "
                f"{'in use' if kernels == 'built' else kernels}")
     raise typer.Exit(0)

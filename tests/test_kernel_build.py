@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_kernels import as_a_user
 
 from lmtrain.speed import kernel_build, kernels
 
@@ -221,6 +222,46 @@ def test_an_unwritable_cache_builds_in_a_private_folder_with_one_line(tmp_path, 
     assert kernel_build.obtain(spec, announce=lines.append, wait_seconds=5)[0].answer() == 6 and len(lines) == 2
 
 
+def test_an_unreadable_cache_builds_in_a_private_folder_with_one_line(tmp_path):
+    """A build another user published with mode 700, as this user sees it: passed over, as an unwritable
+    cache is, not an error."""
+    cache = tmp_path / "extensions" / "lmtrain"
+    spec = kernel_build.Spec("tiny", (SOURCE,), cflags=("-DANSWER=12",))
+    shut = cache / spec.module
+    shut.mkdir(parents=True)
+    shut.chmod(0)
+    (tmp_path / "tmp").mkdir()
+    script = ("import sys\nfrom pathlib import Path\nfrom lmtrain.speed import kernel_build\n"
+              f"spec = kernel_build.Spec('tiny', (Path({str(SOURCE)!r}),), cflags=('-DANSWER=12',))\n"
+              "module, reason = kernel_build.obtain(spec, announce=lambda line: print(line, file=sys.stderr), "
+              "wait_seconds=5)\n"
+              "print(module.answer() if module else reason)")
+    try:
+        result = subprocess.run(as_a_user([sys.executable, "-c", script]), capture_output=True, text=True,
+                                env=environment(tmp_path, TORCH_EXTENSIONS_DIR=str(cache.parent)), timeout=120)
+    finally:
+        shut.chmod(0o755)
+    private = tmp_path / "tmp" / f"lmtrain-kernels-{os.getuid()}"
+    assert result.returncode == 0 and result.stdout == "12\n", result.stderr
+    assert result.stderr.splitlines()[0] == (f"lmtrain: the kernel cache {cache} is not readable (Permission "
+                                             f"denied); compiling into {private}")
+    assert (private / spec.module).is_dir()
+
+
+@pytest.mark.parametrize("umask, answer", [(0o022, 11), (0o027, 13)])  # one process loads one module per name
+def test_a_published_build_is_made_as_mkdir_makes_a_folder(tmp_path, umask, answer):
+    """Readable by every user (less the umask): an image built as root is run as another user."""
+    root = tmp_path / "cache"
+    spec = kernel_build.Spec("tiny", (SOURCE,), cflags=(f"-DANSWER={answer}",))
+    previous = os.umask(umask)
+    try:
+        module, reason = kernel_build.obtain(spec, announce=print, wait_seconds=5, root=root)
+    finally:
+        os.umask(previous)
+    assert module.answer() == answer, reason
+    assert kernel_build.Paths(root, spec).folder.stat().st_mode & 0o777 == 0o755 & ~umask
+
+
 def test_a_private_folder_that_others_can_write_is_not_used(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -234,6 +275,24 @@ def test_a_private_folder_that_others_can_write_is_not_used(tmp_path, monkeypatc
     module, reason = kernel_build.obtain(spec, announce=print, wait_seconds=5)
     assert module is None and reason.startswith("no folder to compile into: ")
     assert "owned or writable by another user" in reason and not list(private.iterdir())
+
+
+def test_a_library_in_a_private_folder_others_can_write_is_not_loaded(tmp_path, monkeypatch):
+    """Another user could have planted it: loading it would run their code as this user."""
+    spec = kernel_build.Spec("tiny", (SOURCE,), cflags=("-DANSWER=14",))
+    built = kernel_build.Paths(tmp_path / "elsewhere", spec)
+    assert kernel_build.obtain(spec, announce=print, wait_seconds=5, root=built.root)[0].answer() == 14
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "extensions"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(kernel_build.tempfile, "tempdir", None)
+    private = tmp_path / f"lmtrain-kernels-{os.getuid()}"
+    shutil.copytree(built.folder, private / spec.module)
+    private.chmod(0o777)
+    monkeypatch.setattr(kernel_build, "_import", lambda paths: pytest.fail(f"loaded {paths.library}"))
+    module, reason = kernel_build.obtain(spec, announce=print, wait_seconds=5)
+    assert module is None and "owned or writable by another user" in reason
 
 
 def test_torch_log_lines_go_to_the_build_log_not_the_terminal(tmp_path, monkeypatch, capfd):
@@ -286,8 +345,8 @@ def test_status_and_clear_show_and_remove_every_build(tmp_path):
     (root / f"{kernel_build.BUILDING}tiny_0123456789abcdef-xyz").mkdir()
     states = sorted(build["state"] for build in kernel_build.builds(root))
     assert states == ["abandoned", "built", "built", "failed"]
-    removed, kept = kernel_build.clear(root)
-    assert len(removed) == 4 and kept == [] and list(root.iterdir()) == []
+    cleared = kernel_build.clear(root)
+    assert len(cleared.removed) == 4 and cleared.kept == [] and cleared.failed == {} and list(root.iterdir()) == []
 
 
 # -- the real kernels, through the CLI -------------------------------------------------------------

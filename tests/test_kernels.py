@@ -356,3 +356,106 @@ def test_the_source_compiles_without_the_x86_bfloat16_instructions():
             break
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode == 0 and not errors, "\n".join(errors[:20])
+
+
+# -- a kernel cache this user cannot read or change --------------------------------------------------
+
+def as_a_user(command: list[str]) -> list[str]:
+    """`command` as a user runs it, without root's power to read and change every file: under setpriv where
+    the tests run as root (skipped where setpriv cannot drop it), as it is otherwise."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return command
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    if shutil.which("setpriv") is None or subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("runs as root, and setpriv cannot drop root's power over files here")
+    return [*drop, *command]
+
+
+def fake_cache(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A cache folder holding this lmtrain's build (a stand-in library: nothing here loads it), and the
+    environment of an lmtrain process that uses it."""
+    root = tmp_path / "extensions" / "lmtrain"
+    folder = root / kernels.spec().module
+    folder.mkdir(parents=True)
+    (folder / f"{folder.name}.so").write_bytes(b"")
+    (root / f"{folder.name}.lock").write_bytes(b"")
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root.parent), "TMPDIR": str(tmp_path / "tmp"),
+           "PYTHONWARNINGS": "ignore"}
+    env.pop(kernels.SWITCH, None)
+    return root, env
+
+
+def lmtrain(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(as_a_user([sys.executable, "-m", "lmtrain", *args]), env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("closed", ["build", "cache"])
+def test_a_cache_that_cannot_be_read_is_a_state_not_a_traceback(tmp_path, closed):
+    """An image built as root and run as another user, a cache folder with mode 000: `--version` and
+    `kernels status` say that the kernels are unusable, and why."""
+    root, env = fake_cache(tmp_path)
+    shut = root / kernels.spec().module if closed == "build" else root
+    shut.chmod(0)
+    try:
+        version, status = lmtrain(env, "--version"), lmtrain(env, "kernels", "status")
+    finally:
+        shut.chmod(0o755)
+    unusable = f"unusable (cannot read the kernel cache {root}: permission denied)"
+    assert version.returncode == 0 and version.stderr == "", version.stderr
+    assert version.stdout.endswith(f", compiled kernels: {unusable}\n")
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    assert status.stdout.splitlines()[0] == f"kernels: {unusable}"
+    seen = f"  {shut.name}  unreadable (permission denied)" if closed == "build" else \
+        f"cache {root}: cannot be read: permission denied"
+    assert any(line.startswith(seen) for line in status.stdout.splitlines()), status.stdout
+
+
+def test_the_state_of_a_cache_that_cannot_be_read_in_process(monkeypatch, tmp_path):
+    """The same, wherever the permission itself cannot be taken away (a root without setpriv)."""
+    root, env = fake_cache(tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    monkeypatch.delenv(kernels.SWITCH, raising=False)
+    assert kernels.status()["state"] == "built"
+    real_open = os.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).startswith(str(root)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    unusable = f"unusable (cannot read the kernel cache {root}: permission denied)"
+    assert kernels.status()["state"] == unusable and kernels.state() == unusable
+
+
+def test_clear_of_a_read_only_cache_removes_nothing_and_says_so(tmp_path):
+    root, env = fake_cache(tmp_path)
+    (root / "lmtrain_kernels_0123456789abcdef.failed").write_text("error: an older build\n")
+    before = sorted(root.rglob("*"))
+    root.chmod(0o555)
+    try:
+        cleared = lmtrain(env, "kernels", "clear")
+        after = sorted(root.rglob("*"))
+    finally:
+        root.chmod(0o755)
+    assert cleared.returncode == 2 and cleared.stdout == ""
+    assert cleared.stderr == f"error: cannot clear the kernel cache {root}: permission denied; nothing was removed\n"
+    assert after == before
+
+
+def test_clear_names_what_it_could_not_remove_and_what_it_removed(tmp_path):
+    root, env = fake_cache(tmp_path)
+    stuck = root / "lmtrain_kernels_0123456789abcdef"
+    stuck.mkdir()
+    (stuck / "lmtrain_kernels_0123456789abcdef.so").write_bytes(b"")
+    stuck.chmod(0o555)  # its library cannot be removed
+    try:
+        cleared = lmtrain(env, "kernels", "clear")
+    finally:
+        stuck.chmod(0o755)
+    built = root / kernels.spec().module
+    assert cleared.returncode == 2 and cleared.stdout == ""
+    assert cleared.stderr == f"error: cannot remove {stuck}: permission denied; removed {built}\n"
+    assert not built.exists() and (stuck / "lmtrain_kernels_0123456789abcdef.so").exists()

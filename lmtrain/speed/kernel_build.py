@@ -8,7 +8,8 @@ and Python's versions, lmtrain's version and the machine (`Spec.digest`). Under 
     <module>/           the published build: <module>.so and lmtrain-build.json (what went into it)
     <module>.lock       held with flock(2) by the one process building it
     <module>.failed     the log of a failed build, so that later runs do not retry it at every start
-    .building-<module>-XXXX/   a build in progress, private to the process making it
+    .building-<module>-XXXX/   a build in progress, private to the process making it (mode 755 less the
+                               umask, as mkdir makes a folder: once published, every user loads from it)
 
 - The library is compiled in a private folder and published by renaming that folder (atomic on one
   file system): a process finds either a whole build or none, never half of one.
@@ -18,7 +19,8 @@ and Python's versions, lmtrain's version and the machine (`Spec.digest`). Under 
   most `wait_seconds`, then goes on without the library.
 - A cache folder that cannot be written (a read-only image, a cluster's home) is read as it is (a
   build published there ahead of time, `lmtrain kernels build`, loads), and a build goes to a private
-  folder under the system's temporary folder instead.
+  folder under the system's temporary folder instead. A cache folder that cannot be read (another user's
+  build, mode 700) is passed over the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import stat
@@ -46,6 +49,7 @@ from types import ModuleType
 import torch
 
 import lmtrain
+from lmtrain.errors import os_reason
 from lmtrain.files import atomic_write, sync, user_cache
 from lmtrain.speed.torch_internals import torch_logs_captured
 
@@ -134,9 +138,59 @@ def roots() -> list[Path]:
     return [default_root(), private_root()]
 
 
+@dataclass
+class Look:
+    """What the cache folders hold of one spec: its published build, else its failed one (and the log's first
+    line), and the folders that could not be read, each with the reason."""
+
+    published: Paths | None = None
+    failed: Paths | None = None
+    failure: str = ""
+    unreadable: dict[Path, str] = field(default_factory=dict)
+
+
+def look(spec: Spec, candidates: list[Path] | None = None) -> Look:
+    """Look for `spec` in `candidates` (the cache folder, then the private fallback), opening its library and
+    reading a failure's log, nothing else; a folder this user may not read is noted and passed over."""
+    found = Look()
+    for root in candidates if candidates is not None else roots():
+        if root == private_root() and not _ours(root):  # another user's library there would run as ours
+            continue
+        paths = Paths(root, spec)
+        try:
+            if _readable(paths.library):
+                found.published = paths
+                return found
+            if found.failed is None and _readable(paths.failure):
+                found.failed, found.failure = paths, paths.failure.read_text(errors="replace").partition("\n")[0]
+        except OSError as error:  # another user's build or folder (mode 700), a folder with mode 000
+            found.unreadable[root] = os_reason(error)
+    return found
+
+
+def _ours(folder: Path) -> bool:
+    """Whether `folder` is a folder (not a link: another user could point it anywhere) of this user's that
+    no one else may write into: the private fallback under the shared temporary folder must be."""
+    try:
+        status = folder.lstat()
+    except OSError:
+        return False
+    return status.st_uid == os.getuid() and not status.st_mode & 0o022 and stat.S_ISDIR(status.st_mode)
+
+
+def _readable(path: Path) -> bool:
+    """Whether `path` is there, opening it to be sure it can be read; an OSError where it cannot (stat alone
+    would not tell a library that only its owner can read)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 def published(spec: Spec) -> Paths | None:
-    """Where `spec` is built, if it is, in either folder."""
-    return next((paths for root in roots() if (paths := Paths(root, spec)).library.exists()), None)
+    """Where `spec` is built, if it is, in a folder that can be read."""
+    return look(spec).published
 
 
 def obtain(spec: Spec, *, announce: Announce, wait_seconds: float, root: Path | None = None,
@@ -148,15 +202,14 @@ def obtain(spec: Spec, *, announce: Announce, wait_seconds: float, root: Path | 
     `building` is the line announced when a build starts. A failed build is recorded and not tried again
     by later calls, unless `retry_failed`."""
     candidates = [root] if root is not None else roots()
-    for candidate in candidates:  # a build published in either: load it, no lock, no write
-        paths = Paths(candidate, spec)
-        if paths.library.exists():
-            return _import(paths)
-        if paths.failure.exists() and not retry_failed:
-            return None, _failure_reason(paths)
+    found = look(spec, candidates)
+    if found.published is not None:  # a build published in either: load it, no lock, no write
+        return _import(found.published)
+    if found.failed is not None and not retry_failed:
+        return None, _failure_reason(found.failed, found.failure)
     if (reason := can_build()) is not None:
         return None, reason
-    folder, note = _writable(candidates)
+    folder, note = _writable(candidates, found.unreadable)
     if folder is None:
         return None, note
     paths = Paths(folder, spec)
@@ -168,7 +221,7 @@ def obtain(spec: Spec, *, announce: Announce, wait_seconds: float, root: Path | 
         if paths.library.exists():  # built by the process we waited for
             return _import(paths)
         if paths.failure.exists() and not retry_failed:  # ... or failed by it
-            return None, _failure_reason(paths)
+            return None, _failure_reason(paths, paths.failure.read_text(errors="replace").partition("\n")[0])
         announce(building.format(sources=", ".join(source.name for source in spec.sources)))
         try:
             module = _build(paths)
@@ -189,32 +242,35 @@ def _import(paths: Paths) -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
-def _failure_reason(paths: Paths) -> str:
-    summary = paths.failure.read_text(errors="replace").partition("\n")[0]
+def _failure_reason(paths: Paths, summary: str) -> str:
     return f"the build failed earlier: {summary} (log: {paths.failure}; `lmtrain kernels build` tries again)"
 
 
-def _writable(candidates: list[Path]) -> tuple[Path | None, str | None]:
-    """The first of `candidates` this process can build in, and a line saying so when it is not the first."""
+def _writable(candidates: list[Path], unreadable: dict[Path, str]) -> tuple[Path | None, str | None]:
+    """The first of `candidates` this process can build in, and a line saying so when it is not the first;
+    those in `unreadable` are not used: a build there could be neither found nor published."""
     reasons = []
     for index, root in enumerate(candidates):
+        if root in unreadable:
+            reasons.append((root, "not readable", unreadable[root]))
+            continue
         try:
             if index > 0:  # under the shared temporary folder: ours alone, or not used at all
                 root.mkdir(mode=0o700, exist_ok=True)
-                status = root.lstat()  # not a link: another user could point it anywhere
-                if status.st_uid != os.getuid() or status.st_mode & 0o022 or not stat.S_ISDIR(status.st_mode):
+                if not _ours(root):
                     raise PermissionError(errno.EPERM, "owned or writable by another user")
             root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=root):
                 pass
         except OSError as error:
-            reasons.append((root, error.strerror or str(error)))
+            reasons.append((root, "not writable", os_reason(error)))
             continue
         if index == 0:
             return root, None
-        return root, (f"lmtrain: the kernel cache {candidates[0]} is not writable ({reasons[0][1]}); "
-                      f"compiling into {root}")
-    return None, "no folder to compile into: " + "; ".join(f"{root} ({why})" for root, why in reasons)
+        _, what, why = reasons[0]
+        return root, f"lmtrain: the kernel cache {candidates[0]} is {what} ({why}); compiling into {root}"
+    return None, "no folder to compile into: " + "; ".join(
+        f"{root} ({why})" if what == "not writable" else f"{root} ({what}: {why})" for root, what, why in reasons)
 
 
 @contextmanager
@@ -257,7 +313,7 @@ def _build(paths: Paths) -> ModuleType:
     spec, begin = paths.spec, time.monotonic()
     for stale in paths.root.glob(f"{BUILDING}{spec.module}-*"):  # left by a builder that died: we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
-    private = Path(tempfile.mkdtemp(prefix=f"{BUILDING}{spec.module}-", dir=paths.root))
+    private = _new_folder(paths.root, f"{BUILDING}{spec.module}-")
     try:
         with torch_logs_captured() as log:
             try:
@@ -282,6 +338,18 @@ def _build(paths: Paths) -> ModuleType:
         return module
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def _new_folder(root: Path, prefix: str) -> Path:
+    """A folder of a name no other process has, made as mkdir makes one (755 less the umask), not 700 as
+    mkdtemp's: published, it is read by every user (an image built as root, run as another user)."""
+    while True:
+        folder = root / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir(mode=0o755)
+        except FileExistsError:
+            continue
+        return folder
 
 
 def _summary(error: Exception) -> str:
@@ -309,43 +377,92 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def builds(root: Path) -> list[dict]:
     """Every build under `root`, of any version: {module, state, path, bytes, record}. The states:
-    built, failed, building (a process holds its lock), abandoned (a build folder whose process died)."""
+    built, failed, building (a process holds its lock), abandoned (a build folder whose process died),
+    unreadable (another user's, say; with the reason). An OSError where `root` itself cannot be read."""
     if not root.is_dir():
         return []
     found: dict[str, dict] = {}
     for entry in sorted(root.iterdir()):
-        name = entry.name
-        if name.startswith(BUILDING):
-            module = name[len(BUILDING):].rpartition("-")[0]
-            state = "building" if _locked(root / f"{module}.lock") else "abandoned"
-            found[name] = {"module": module, "state": state, "path": str(entry), "bytes": _size(entry)}
-        elif entry.suffix == ".failed":
-            found[name] = {"module": entry.stem, "state": "failed", "path": str(entry), "bytes": _size(entry),
-                           "reason": entry.read_text(errors="replace").partition("\n")[0]}
-        elif entry.is_dir():
-            record = _read_record(entry / RECORD)
-            found[name] = {"module": name, "state": "built", "path": str(entry), "bytes": _size(entry),
-                           "record": record}
+        try:
+            facts = _entry(root, entry)
+        except OSError as error:  # this one entry: the others are still shown
+            facts = {"module": _module(entry), "state": "unreadable", "path": str(entry), "bytes": 0,
+                     "reason": os_reason(error)}
+        if facts is not None:
+            found[entry.name] = facts
     return list(found.values())
 
 
-def clear(root: Path) -> tuple[list[str], list[str]]:
-    """Remove every build under `root` but those being built now; (removed paths, kept paths)."""
-    removed, kept = [], []
-    for build in builds(root):
+def _module(entry: Path) -> str:
+    """The module an entry of the cache folder belongs to."""
+    if entry.name.startswith(BUILDING):
+        return entry.name[len(BUILDING):].rpartition("-")[0]
+    return entry.stem if entry.suffix in (".failed", ".lock") else entry.name
+
+
+def _entry(root: Path, entry: Path) -> dict | None:
+    """One entry of `builds`, or None for what is not a build (a lock, a stray file)."""
+    module, path = _module(entry), str(entry)
+    if entry.name.startswith(BUILDING):
+        state = "building" if _locked(root / f"{module}.lock") else "abandoned"
+        return {"module": module, "state": state, "path": path, "bytes": _size(entry)}
+    if entry.suffix == ".failed":
+        return {"module": module, "state": "failed", "path": path, "bytes": _size(entry),
+                "reason": entry.read_text(errors="replace").partition("\n")[0]}
+    if entry.is_dir():
+        os.listdir(entry)  # a folder this user may not read is unreadable, not an empty build
+        return {"module": module, "state": "built", "path": path, "bytes": _size(entry),
+                "record": _read_record(entry / RECORD)}
+    return None
+
+
+@dataclass
+class Cleared:
+    """What `clear` did under one folder: the paths removed, kept (being built now), and not removed, each
+    with the reason (the folder itself where nothing could be removed)."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def clear(root: Path) -> Cleared:
+    """Remove every build under `root` but those being built now. A folder this user may not change is
+    left whole: a removal that would fail part way is not started."""
+    cleared = Cleared()
+    try:
+        if not root.is_dir():
+            return cleared
+        with tempfile.TemporaryFile(dir=root):  # a read-only cache: nothing removed, rather than half
+            pass
+        found = builds(root)
+    except OSError as error:
+        cleared.failed[str(root)] = os_reason(error)
+        return cleared
+    for build in found:
         if build["state"] == "building":
-            kept.append(build["path"])
+            cleared.kept.append(build["path"])
             continue
-        path = Path(build["path"])
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        try:
+            _remove(Path(build["path"]))
+        except OSError as error:
+            cleared.failed[build["path"]] = os_reason(error)
         else:
-            path.unlink(missing_ok=True)
-        removed.append(build["path"])
-    for lock in root.glob("*.lock") if root.is_dir() else ():
-        if not _locked(lock):
-            lock.unlink(missing_ok=True)
-    return removed, kept
+            cleared.removed.append(build["path"])
+    for lock in root.glob("*.lock"):
+        try:
+            if not _locked(lock):
+                lock.unlink(missing_ok=True)
+        except OSError as error:
+            cleared.failed[str(lock)] = os_reason(error)
+    return cleared
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _locked(lock: Path) -> bool:

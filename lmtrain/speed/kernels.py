@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.speed import kernel_build
 from lmtrain.speed.torch_internals import cpu_capability
 
@@ -199,8 +199,12 @@ def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, 
                                    can_build=build_obstacle,
                                    building="lmtrain: compiling the kernels for this machine (once, under a minute): "
                                             "{sources}")
-    except OSError as error:  # the sources missing from an installation, an unreadable cache folder
-        return None, f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+    except OSError as error:  # the sources missing from an installation, a folder that cannot be written
+        return None, _os_problem(error)
+
+
+def _os_problem(error: OSError) -> str:
+    return f"{os_reason(error)}: {error.filename or ''}".rstrip(": ")
 
 
 # -- `lmtrain kernels build | status | clear` ------------------------------------------------------
@@ -217,25 +221,48 @@ def build_now(announce) -> str:
     return str(kernel_build.published(spec()).folder)
 
 
+def state() -> str:
+    """This lmtrain's kernels in a few words (`lmtrain --version`): built, failed, not built, off, or
+    unusable and why; never an error for a cache that cannot be read."""
+    try:
+        return _state(kernel_build.look(spec()))
+    except OSError as error:  # the sources missing from an installation
+        return f"unusable ({_os_problem(error)})"
+
+
+def _state(found: kernel_build.Look) -> str:
+    """The state, in the order a run meets it (`kernel_build.obtain`)."""
+    if switch() == "0":
+        return f"off ({SWITCH}=0)"
+    if found.published is not None:
+        return "built"
+    if found.failed is not None:
+        return "failed"
+    if found.unreadable:
+        root, reason = next(iter(found.unreadable.items()))
+        return f"unusable (cannot read the kernel cache {root}: {reason.lower()})"
+    return "not built (the first run on this CPU builds them, or `lmtrain kernels build`)"
+
+
 def status() -> dict:
     """What `lmtrain kernels status` shows: this lmtrain's build and its state, what a build would need,
     and every build in the cache folders (other versions' included)."""
     this = spec()
-    paths = kernel_build.published(this)
-    failed = next((p for root in kernel_build.roots() if (p := kernel_build.Paths(root, this)).failure.exists()), None)
-    if switch() == "0":
-        state = f"off ({SWITCH}=0)"
-    elif paths is not None:
-        state = "built"
-    elif failed is not None:
-        state = "failed"
-    else:
-        state = "not built (the first run on this CPU builds them, or `lmtrain kernels build`)"
+    found = kernel_build.look(this)
+    paths, failed, state = found.published, found.failed, _state(found)
     return {"state": state, "module": this.module, "folder": str(paths.folder) if paths else None,
             "failure_log": str(failed.failure) if failed and not paths else None,
             "compiler": shutil.which(this.compiler), "ninja": shutil.which("ninja") if _ninja_on_path() else None,
             "wait_seconds": wait_seconds(), "bfloat16_products": _bfloat16_products(state),
-            "caches": [{"root": str(root), "builds": kernel_build.builds(root)} for root in kernel_build.roots()]}
+            "caches": [_cache(root) for root in kernel_build.roots()]}
+
+
+def _cache(root: Path) -> dict:
+    """One cache folder's builds for `status`; where the folder cannot be read, why (`error`)."""
+    try:
+        return {"root": str(root), "builds": kernel_build.builds(root), "error": None}
+    except OSError as error:
+        return {"root": str(root), "builds": [], "error": f"cannot be read: {os_reason(error).lower()}"}
 
 
 def _bfloat16_products(state: str) -> bool | None:
@@ -263,6 +290,8 @@ def status_lines(facts: dict) -> list[str]:
     lines.append(f"compiler: {facts['compiler'] or 'none found'}; ninja: {facts['ninja'] or 'none found'}")
     lines.append(f"train.precision bfloat16: {BFLOAT16_LINES[facts['bfloat16_products']]}")
     for cache in facts["caches"]:
+        if cache.get("error"):
+            lines.append(f"cache {cache['root']}: {cache['error']}")
         if not cache["builds"]:
             continue
         total, count = sum(build["bytes"] for build in cache["builds"]), len(cache["builds"])
@@ -271,15 +300,32 @@ def status_lines(facts: dict) -> list[str]:
             record = build.get("record") or {}
             made = f"  lmtrain {record['lmtrain']}, torch {record['torch']}" if "lmtrain" in record else ""
             mine = "  (this lmtrain)" if build["module"] == facts["module"] else ""
-            lines.append(f"  {build['module']}  {build['state']}  {build['bytes'] / 1e6:.1f} MB{made}{mine}")
+            why = f" ({build['reason'].lower()})" if build["state"] == "unreadable" else ""
+            lines.append(f"  {build['module']}  {build['state']}{why}  {build['bytes'] / 1e6:.1f} MB{made}{mine}")
     return lines
 
 
 def clear() -> list[str]:
-    """Remove every build in the cache folders but those being built now; lines saying what went."""
+    """Remove every build in the cache folders but those being built now; lines saying what went. What
+    could not be removed is an LmtrainError naming it, and what was removed all the same."""
     switch()  # a mistyped LMTRAIN_COMPILED is refused here too, as by every other command
-    lines = []
+    lines, removed, failed = [], [], {}
     for root in kernel_build.roots():
-        removed, kept = kernel_build.clear(root)
-        lines += [f"removed {path}" for path in removed] + [f"kept {path} (being built now)" for path in kept]
+        cleared = kernel_build.clear(root)
+        removed += cleared.removed
+        failed.update(cleared.failed)
+        lines += [f"removed {path}" for path in cleared.removed]
+        lines += [f"kept {path} (being built now)" for path in cleared.kept]
+    if failed:
+        raise LmtrainError(_not_cleared(failed, removed, [str(root) for root in kernel_build.roots()]))
     return lines or ["nothing to clear"]
+
+
+def _not_cleared(failed: dict[str, str], removed: list[str], roots: list[str]) -> str:
+    """One line for a clear that could not remove everything: the first path and why, the others, and
+    what was removed nonetheless."""
+    (path, reason), others = next(iter(failed.items())), list(failed)[1:]
+    line = f"cannot {'clear the kernel cache' if path in roots else 'remove'} {path}: {reason.lower()}"
+    if others:
+        line += f"; nor {', '.join(others)}"
+    return line + (f"; removed {', '.join(removed)}" if removed else "; nothing was removed")
