@@ -654,7 +654,7 @@ CASES: list[Case] = [
     Case("plot-output-not-an-image", "`lmtrain plot -o` naming no .png, .svg or .pdf file",
          ("plot", "run", "-o", "curves"), {"run/metrics.jsonl": EVENTS},
          expect=("-o must name a .png or .svg or .pdf file", "curves"), check=no_image,
-         note="no file written (it wrote curves.png and said `wrote curves`)"),
+         note="no image written"),
     Case("diagnose-overrides-with-checkpoint", "`diagnose gradients --checkpoint` with KEY=VALUE overrides",
          ("diagnose", "gradients", "--checkpoint", "model.pt", "model.hidden_size=4"), {"model.pt": CHAR_PT},
          expect=("overrides go with --config", "model.hidden_size=4")),
