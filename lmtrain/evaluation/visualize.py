@@ -99,7 +99,7 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
         notes.append(f"warning: {unknown} of {len(traced.unknown)} positions ({share:.2f}%) read a token the model "
                      f"never saw, as <unk>; they are shown as written and marked")
     if sum(inputs.numel() for inputs, _ in every) > max_positions:
-        notes.append(f"note: the text holds more than {max_positions:,} positions; read the first {max_positions:,} "
+        notes.append(f"warning: the text holds more than {max_positions:,} positions; read the first {max_positions:,} "
                      f"(--max-tokens)")
     found = {}  # the user's features first: they are what the user came to ask about
     for name, path in (features or {}).items():
