@@ -51,6 +51,27 @@ def test_the_step_gives_the_models_logits_and_state(compiled, cell, B, E, H, lay
             torch.testing.assert_close(got_part, want_part, rtol=0, atol=2e-5 * float(want_part.abs().max()))
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 2, 16])
+def test_step_after_step_follows_the_models_forward_and_leaves_the_weights(compiled, cell, B):
+    """Sampling calls one step many times: each must read the weights as packed, whatever the earlier
+    calls did (at B = 1 the LSTM's gate buffer was once the packed bias itself, overwritten by the first)."""
+    torch.manual_seed(0)
+    model = LanguageModel(11, embed_size=8, hidden_size=20, num_layers=2, dropout=0.0, **CELLS[cell]).eval()
+    step = model.token_step()
+    packed = [[part.clone() for part in layer if isinstance(part, torch.Tensor)] for layer in step.layers]
+    tokens = torch.randint(0, 11, (B, 6))
+    state = None
+    with torch.no_grad():
+        want, _ = model(tokens)
+        for t in range(tokens.size(1)):
+            logits, state = step(tokens[:, t], state if state is not None else model.initial_state(B))
+            torch.testing.assert_close(logits, want[:, t], rtol=0, atol=2e-5 * float(want.abs().max()))
+    for layer, before in zip(step.layers, packed, strict=True):
+        tensors = [part for part in layer if isinstance(part, torch.Tensor)]
+        assert all(torch.equal(tensor, kept) for tensor, kept in zip(tensors, before, strict=True))
+
+
 def test_saturated_gates_stay_finite_and_match(compiled):
     torch.manual_seed(0)
     for options in CELLS.values():

@@ -62,7 +62,9 @@ std::vector<at::Tensor> lstm_token_step(at::Tensor packed, at::Tensor b, at::Ten
   TORCH_CHECK(W.gates == 4 && W.K == input.size(1) && b.numel() == 4 * H && c_prev.sizes() == a_prev.sizes(),
               "packed must hold 4 gates over H + E inputs, b 4H values, c_prev be shaped like a_prev");
   at::Tensor a = at::empty_like(a_prev), c = at::empty_like(a_prev), tanh_c = at::empty_like(a_prev);
-  at::Tensor gates = b.view({1, 4 * H}).expand({B, 4 * H}).contiguous();   // b, then the activations
+  // b, then the activations: a copy for every B (expand().contiguous() of one row would be b itself,
+  // and the activations would be written over the packed bias).
+  at::Tensor gates = b.view({1, 4 * H}).repeat({B, 1});
   const float* const in = input.data_ptr<float>();
   on_blocks(W.blocks, [&](int64_t j) {
     floats z(B * 4 * COLUMNS);
