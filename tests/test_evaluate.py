@@ -170,8 +170,49 @@ def test_evaluate_checkpoint_segment_zero_carries_the_state_through_the_whole_sp
     pieces = score(model, stream_segments(ids, 5))
     assert whole.loss != pytest.approx(pieces.loss, abs=1e-4)  # the state matters, so the test can tell them apart
     for segment, expected in ((0, whole), (5, pieces)):
-        numbers, _ = evaluate.evaluate_checkpoint(checkpoint, segment=segment)
+        numbers, warnings = evaluate.evaluate_checkpoint(checkpoint, segment=segment)
         assert numbers["loss"] == pytest.approx(expected.loss, abs=1e-6) and numbers["tokens"] == expected.tokens
+        assert warnings == []
+
+
+def test_segment_for_a_sentences_model_is_said_to_change_nothing(tmp_path):
+    from corpus_helpers import sentences, write_lines
+    from test_train import make_config
+
+    from lmtrain.training.trainer import train
+
+    lines = sentences(50, seed=5)
+    corpus = {"train": write_lines(tmp_path / "train.txt", lines[:40]),
+              "valid": write_lines(tmp_path / "valid.txt", lines[40:])}
+    train(make_config(corpus, tmp_path / "run", train__max_steps=2, data__mode="sentences"), progress_bar=False)
+    checkpoint = str(tmp_path / "run" / "best.pt")
+    plain, _ = evaluate.evaluate_checkpoint(checkpoint)
+    numbers, warnings = evaluate.evaluate_checkpoint(checkpoint, segment=1)
+    assert numbers == plain and warnings == [
+        "warning: the segment length (--segment) is for stream-mode models: this one reads each line from a zero "
+        "state, as it trained"]
+
+
+def test_a_split_of_a_corpus_changed_since_the_checkpoint_is_scored_with_a_warning(tmp_path):
+    """The checkpoint records its corpus files (as `--resume` checks them): a split cut from files that
+    changed since is not the text the run was evaluated on, and the numbers say so."""
+    from corpus_helpers import sentences, write_lines
+    from test_train import make_config
+
+    from lmtrain.training.trainer import train
+
+    lines = sentences(50, seed=4)
+    corpus = {"train": write_lines(tmp_path / "train.txt", lines[:40]),
+              "valid": write_lines(tmp_path / "valid.txt", lines[40:])}
+    train(make_config(corpus, tmp_path / "run", train__max_steps=2), progress_bar=False)
+    checkpoint = str(tmp_path / "run" / "best.pt")
+    assert evaluate.evaluate_checkpoint(checkpoint)[1] == []
+    write_lines(corpus["valid"], lines[40:45])
+    _, warnings = evaluate.evaluate_checkpoint(checkpoint)
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: the corpus changed since the checkpoint: "
+                                                         f"data.valid {corpus['valid']} (")
+    assert warnings[0].endswith("; the valid split scored is cut from it as it is now")
+    assert evaluate.evaluate_checkpoint(checkpoint, data_file=str(corpus["valid"]))[1] == []  # a file of one's own
 
 
 def test_the_python_api_refuses_counts_and_devices_it_cannot_use(tmp_path):

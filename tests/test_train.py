@@ -372,6 +372,7 @@ def test_bidirectional_lm_trains_both_directions(tmp_path, corpus):
     assert {"loss", "perplexity", "bpc", "right_to_left_loss", "right_to_left_perplexity",
             "right_to_left_bpc"} <= set(numbers)
     assert numbers["loss"] != numbers["right_to_left_loss"]  # two models, two numbers
+    assert numbers["mean_loss"] == pytest.approx(result.progress.best_valid_loss, abs=1e-5)  # the loss best.pt has
     payload = load_payload(out_dir / "best.pt")
     assert any(name.startswith("rnn_right_to_left.") for name in payload["model"])
     # Both LMs learned: each is far below the uniform loss ln(V).

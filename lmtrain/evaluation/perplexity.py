@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lmtrain.checkpoint import load_model
+from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint, usable_device
 from lmtrain.config import Config
+from lmtrain.data.cache import changed_files, data_fingerprints
 from lmtrain.data.dataset import (
     IGNORE,
     InputsTargets,
@@ -122,8 +123,15 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
         raise LmtrainError(f"batch_size must be >= 1; got {batch_size}")
     if segment is not None and not segment >= 0:
         raise LmtrainError(f"segment must be >= 0 (0: the whole text as one stream); got {segment}")
-    model, tokenizer, config = load_model(path, device)
-    if segment is not None:
+    device = usable_device(device)
+    payload = load_checkpoint(path)
+    model, tokenizer, config = model_from_checkpoint(payload, path)
+    model = model.to(device)
+    warnings = []
+    if segment is not None and config.data.mode == "sentences":
+        warnings.append("warning: the segment length (--segment) is for stream-mode models: this one reads each "
+                        "line from a zero state, as it trained")
+    elif segment is not None:
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
     if data_file is not None:
         text = read_text(data_file, encoding=config.data.encoding, errors=config.data.encoding_errors,
@@ -135,10 +143,14 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
             raise LmtrainError(f"the checkpoint's corpus has no {split} split (it has {', '.join(texts)}); "
                                f"give --data FILE")
         text, origin = texts[split], f"{split} split"
+        saved = payload.get("data_files")  # what the run trained on (none in a checkpoint made by hand)
+        if saved and (changes := changed_files(saved, data_fingerprints(config.data))):
+            # The split is cut from the files as they are now: not the text the run was evaluated on.
+            warnings.append(f"warning: the corpus changed since the checkpoint: {'; '.join(changes)}; the {split} "
+                            f"split scored is cut from it as it is now")
     sequences = evaluation_sequences(tokenizer, text, config)
     if not sequences:
         raise LmtrainError(f"{origin} holds no tokens to evaluate")
-    warnings = []
     unknown, total = tokenizer.count_unknown(text)
     if unknown:
         warnings.append(f"warning: {unknown} of {total} tokens ({100 * unknown / total:.2f}%) in {origin} are not "
@@ -150,6 +162,7 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
                          batch_size=batch_size or EVAL_BATCH_SIZE, device=device, right_to_left=True)
         numbers.update({f"right_to_left_{key}": value for key, value in report(right_to_left, tokenizer).items()
                         if key != "tokens"})
+        numbers["mean_loss"] = (numbers["loss"] + numbers["right_to_left_loss"]) / 2  # what picks best.pt
     if not all(math.isfinite(value) for key, value in numbers.items() if key.endswith("loss")):
         raise LmtrainError(f"{path}: the model's outputs are not finite numbers (NaN or infinity) on this text: its "
                            f"weights diverged; evaluate another checkpoint (best.pt, an earlier step-*.pt)")
