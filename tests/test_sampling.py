@@ -315,7 +315,7 @@ def test_printable_escapes_what_a_terminal_would_act_on():
     assert printable("x\u202eevil\u2066y\u200f") == "x\\u202eevil\\u2066y\\u200f"  # bidirectional overrides
 
 
-def test_a_model_that_never_saw_eos_says_samples_end_only_at_max_tokens(tmp_path, config_factory):
+def test_a_model_that_never_saw_eos_samples_to_max_tokens_without_a_warning(tmp_path, config_factory):
     from lmtrain.checkpoint import save_checkpoint
     from lmtrain.config import to_dict
     from lmtrain.evaluation.sampling import sample_checkpoint
@@ -324,18 +324,14 @@ def test_a_model_that_never_saw_eos_says_samples_end_only_at_max_tokens(tmp_path
     config = config_factory(**{"data.eos": "none", "model.cell": "gru", "model.embed_size": 8,
                                "model.hidden_size": 16, "model.num_layers": 1})
     model = small_model(tokenizer)
-    with torch.no_grad():
-        model.projection.bias[tokenizer.eos_id] = -1e4
     path = tmp_path / "model.pt"
-    save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
-    samples, notes = sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)
-    assert [len(sample) for sample in samples] == [7] * 3
-    assert notes == ["warning: no sample reached <eos> within --max-tokens 7: the model was trained with data.eos: "
-                     "none and never saw <eos>, so samples end only at --max-tokens"]
-    with torch.no_grad():
-        model.projection.bias[tokenizer.eos_id] = 1e4  # always <eos>: no warning
-    save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(), "model": model.state_dict()})
-    assert sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)[1] == []
+    for eos_bias in (-1e4, 1e4):  # <eos> never or always the likeliest: it is not drawn either way
+        with torch.no_grad():
+            model.projection.bias[tokenizer.eos_id] = eos_bias
+        save_checkpoint(path, {"config": to_dict(config), "tokenizer": tokenizer.to_dict(),
+                               "model": model.state_dict()})
+        samples, notes = sample_checkpoint(str(path), num=3, max_tokens=7, seed=0)
+        assert [len(sample) for sample in samples] == [7] * 3 and notes == []
 
 
 def test_a_vanishing_temperature_is_greedy_not_nan():
@@ -389,3 +385,23 @@ def test_the_python_api_refuses_shapes_and_counts_it_cannot_draw_from():
         generate(LanguageModel(9, embed_size=4, hidden_size=4, num_layers=1), tokenizer)
     with pytest.raises(TypeError, match=r"prime must be a string \(\"\" for none\); got NoneType"):
         generate(model, tokenizer, prime=None)
+
+
+def test_a_model_trained_without_eos_never_draws_it():
+    """`data.eos: none`: <eos> was never a target, so its probability means nothing; it is not drawn, and
+    every sample runs to max_tokens, greedy or not (with <eos> the likeliest token)."""
+    tokenizer = Tokenizer.fit("hello world\n", level="char")
+    model = small_model(tokenizer)
+    with torch.no_grad():
+        model.projection.bias[tokenizer.unk_id] = -1e4
+        model.projection.bias[tokenizer.eos_id] = 5.0
+    for temperature in (0.0, 1.0):
+        samples = generate(model, tokenizer, num=8, max_tokens=9, temperature=temperature, eos="none",
+                           generator=generator())
+        assert [len(sample) for sample in samples] == [9] * 8
+    assert generate(model, tokenizer, num=8, max_tokens=9, temperature=0) == [""] * 8  # with eos="line"
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample_next(logits, temperature=0, never=1).item() == 2
+    assert set(sample_next(logits.expand(500, 3), never=1, generator=generator()).tolist()) == {0, 2}
+    with pytest.raises(ValueError, match=r"^eos must be line or none \(the model's data.eos\); got 'lines'"):
+        generate(model, tokenizer, eos="lines")

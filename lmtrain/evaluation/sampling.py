@@ -39,11 +39,13 @@ GREEDY_BELOW = 1e-30
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                never: int | None = None) -> Tensor:
     """One token per row of `logits` (B, V) -> (B,).
 
     temperature 0 (or below GREEDY_BELOW) is greedy (argmax); top_k keeps the k most likely tokens;
-    top_p keeps the smallest set whose probabilities reach p (nucleus sampling, Holtzman et al. 2020).
+    top_p keeps the smallest set whose probabilities reach p (nucleus sampling, Holtzman et al. 2020);
+    `never` is a token id not to draw.
     """
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
     if logits.dim() != 2 or logits.size(1) == 0:
@@ -54,6 +56,8 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
     if not math.isfinite(float(logits.sum(dtype=torch.float64))):
         raise NonFiniteOutputs("the model's outputs are not finite numbers (NaN or infinity): its weights are "
                            "damaged or diverged; sample from another checkpoint (best.pt, an earlier step-*.pt)")
+    if never is not None:
+        logits = logits.index_fill(-1, torch.tensor([never], device=logits.device), -math.inf)
     # Below GREEDY_BELOW, logits / temperature would overflow float32 to infinities (NaN after the softmax),
     # and any two logits that differ at all are already a certain choice: that is the greedy draw.
     if temperature < GREEDY_BELOW or top_k == 1:
@@ -102,24 +106,27 @@ def prime_ids(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:
 
 def generate(model: LanguageModel, tokenizer: Tokenizer, *, num: int = 1, prime: str = "",
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             max_tokens: int = 200, sentence_start: bool = True,
+             max_tokens: int = 200, sentence_start: bool = True, eos: str = "line",
              generator: torch.Generator | None = None) -> list[str]:
     """`num` samples drawn side by side, each until `<eos>` (not included) or `max_tokens` new tokens.
 
     `sentence_start`: start from the zero input x(1) = 0 (sentences mode); otherwise from `<eos>`.
-    The prime text is fed first and starts every returned sample.
+    `eos`: the model's `data.eos`; with "none" it never saw `<eos>` as a target, which is then never
+    drawn, and samples end at `max_tokens`. The prime text is fed first and starts every returned sample.
     """
     rows = draw(model, tokenizer, num=num, prime=prime, temperature=temperature, top_k=top_k, top_p=top_p,
-                max_tokens=max_tokens, sentence_start=sentence_start, generator=generator)
+                max_tokens=max_tokens, sentence_start=sentence_start, eos=eos, generator=generator)
     return [_join(tokenizer, prime, _until_eos(row, tokenizer.eos_id)) for row in rows]
 
 
 @torch.no_grad()
 def draw(model: LanguageModel, tokenizer: Tokenizer, *, num: int, prime: str, temperature: float,
          top_k: int | None, top_p: float | None, max_tokens: int, sentence_start: bool,
-         generator: torch.Generator | None) -> list[list[int]]:
+         generator: torch.Generator | None, eos: str = "line") -> list[list[int]]:
     """The ids `generate` draws, one row per sample, each ending in `<eos>` if it reached one."""
     check_options(temperature=temperature, top_k=top_k, top_p=top_p)
+    if eos not in ("line", "none"):
+        raise ValueError(f"eos must be line or none (the model's data.eos); got {eos!r}")
     counts = (num, max_tokens)
     if any(isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1 for count in counts):
         raise LmtrainError(f"num and max_tokens must be whole numbers >= 1; got {num!r} and {max_tokens!r}")
@@ -141,7 +148,9 @@ def draw(model: LanguageModel, tokenizer: Tokenizer, *, num: int, prime: str, te
     drawn: list[Tensor] = []
     finished = torch.zeros(num, dtype=torch.bool, device=device)
     for _ in range(max_tokens):
-        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        # With data.eos: none the model was never trained to predict <eos>: it is not drawn.
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                            never=tokenizer.eos_id if eos == "none" else None)
         token = token.masked_fill(finished, tokenizer.eos_id)
         drawn.append(token)
         finished |= token == tokenizer.eos_id
@@ -202,12 +211,11 @@ def sample_checkpoint(path: str, *, num: int = 1, prime: str = "", temperature: 
     warnings = [f"warning: {unknown} token(s) of --prime are not in the vocabulary and are read as <unk>"
                 ] if unknown else []
     rows = draw(model, tokenizer, num=num, prime=prime, temperature=temperature, top_k=top_k, top_p=top_p,
-                max_tokens=max_tokens, sentence_start=config.data.mode == "sentences", generator=generator)
-    if not any(tokenizer.eos_id in row for row in rows):
-        why = ("the model was trained with data.eos: none and never saw <eos>, so samples end only at --max-tokens"
-               if config.data.eos == "none" else "each stopped there (a larger --max-tokens lets them end, unless "
-               "the model rarely ends a line)")
-        warnings.append(f"warning: no sample reached <eos> within --max-tokens {max_tokens}: {why}")
+                max_tokens=max_tokens, sentence_start=config.data.mode == "sentences", eos=config.data.eos,
+                generator=generator)
+    if config.data.eos == "line" and not any(tokenizer.eos_id in row for row in rows):
+        warnings.append(f"warning: no sample reached <eos> within --max-tokens {max_tokens}: each stopped there (a "
+                        f"larger --max-tokens lets them end, unless the model rarely ends a line)")
     return [_join(tokenizer, prime, _until_eos(row, tokenizer.eos_id)) for row in rows], warnings
 
 

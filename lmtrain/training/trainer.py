@@ -435,7 +435,8 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
         try:
             return generate(self.model, self.tokenizer, num=count,
-                            sentence_start=self.config.data.mode == "sentences", max_tokens=200, generator=generator)
+                            sentence_start=self.config.data.mode == "sentences", eos=self.config.data.eos,
+                            max_tokens=200, generator=generator)
         except NonFiniteOutputs:  # the run itself is done and saved: say why there are no samples, and go on
             self.warn(f"warning: no samples at step {self.progress.step}: the model's outputs are not finite numbers "
                       f"(its weights diverged; a lower train.lr or train.clip may help)")
