@@ -308,7 +308,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             values.pop(key, None)
     elif "data.train" in overridden:
         values.pop("data.path", None)
-    return build_config(values)
+    config = build_config(values)
+    for line in unused_settings(values, config):  # a Python warning: the CLI prints it as one `warning:` line
+        warnings.warn(line, stacklevel=2)
+    return config
+
+
+def unused_settings(values: dict[str, Any], config: Config) -> list[str]:
+    """What the given `values` set that the rest of `config` leaves unused: each, a sentence saying so.
+    (The cell-only keys, `forget_bias` and the GRU's, are left out: one config serves every cell.)"""
+    train = config.train
+
+    def given(key: str) -> bool:
+        section, _, name = key.partition(".")
+        return key in values and values[key] != SECTIONS[section].__dataclass_fields__[name].default
+
+    notes = []
+    if given("train.momentum") and train.optimizer != "sgd":
+        notes.append(f"train.momentum is for optimizer: sgd; {train.optimizer} leaves it unused")
+    unused = {"constant": ("min_lr", "decay_start", "decay_every", "decay_rate"),
+              "cosine": ("decay_start", "decay_every", "decay_rate"), "step": ()}[train.schedule]
+    notes += [f"train.{name} is unused with schedule: {train.schedule}" for name in unused if given(f"train.{name}")]
+    if train.max_steps is not None and train.warmup_steps > train.max_steps:
+        notes.append(f"train.warmup_steps {train.warmup_steps} is more than train.max_steps {train.max_steps}: the "
+                     f"learning rate never reaches train.lr")
+    return notes
 
 
 def _absolute(key: str, path: str, base: Path) -> str:

@@ -59,7 +59,9 @@ def page() -> str:
              "twice on the command line takes its last value. Files named on the command line replace the file's",
              "way of naming the text: `data.path=mine.txt` drops its `data.corpus` and `data.train/valid/test`,",
              "`data.train=...` its `data.corpus` and `data.path`; and a corpus named there replaces its files:",
-             "`data.corpus=ptb` drops its `data.path` and `data.train/valid/test`.", ""]
+             "`data.corpus=ptb` drops its `data.path` and `data.train/valid/test`. A value the rest of the config",
+             "leaves unused (`train.momentum` with Adam, `train.min_lr` with the constant schedule, the step",
+             "schedule's keys with another) and warmup longer than `train.max_steps` each get a `warning:` line.", ""]
     for section, cls in config.SECTIONS.items():
         docs = field_docstrings(cls)
         lines += [f"## `{section}`", "", " ".join(inspect.getdoc(cls).split()), "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,21 @@ def test_overrides_given_as_one_string_are_refused(tmp_path):
     """A string is iterable: its characters were read as overrides ("override 't' is not KEY=VALUE")."""
     with pytest.raises(TypeError, match="overrides must be a list of KEY=VALUE strings; got the string"):
         load_config(None, "train.max_steps=5")
+
+
+def test_settings_the_rest_of_the_config_leaves_unused_are_warned_of(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", MINIMAL_YAML)
+    with pytest.warns(UserWarning) as caught:
+        load_config(path, ["train.momentum=0.9", "train.min_lr=0.001", "train.decay_every=10",
+                           "train.warmup_steps=11"])
+    assert [str(warning.message) for warning in caught] == [
+        "train.momentum is for optimizer: sgd; adam leaves it unused",
+        "train.min_lr is unused with schedule: constant",
+        "train.decay_every is unused with schedule: constant",
+        "train.warmup_steps 11 is more than train.max_steps 10: the learning rate never reaches train.lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # used, or left at their defaults: no word
+        load_config(path, ["train.optimizer=sgd", "train.momentum=0.9", "train.schedule=step", "train.min_lr=0.001",
+                           "train.decay_every=10", "train.warmup_steps=10", "train.decay_rate=0.5"])
+        for bundled in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
+            load_config(bundled)
