@@ -198,7 +198,10 @@ def train(
         if config is not None and "=" in config and not Path(config).exists():
             config, overrides = None, [config, *overrides]  # `lmtrain train key=value` on the default config
         path = Path(config) if config is not None else _default_config()
-        resolved = load_config(path, overrides)
+        with warnings.catch_warnings():
+            if nproc != 1 or os.environ.get("RANK", "0") != "0":  # the config's warnings once: from process 0
+                warnings.simplefilter("ignore")
+            resolved = load_config(path, overrides)
         if nproc != 1:
             from lmtrain.training.distributed import launch
 

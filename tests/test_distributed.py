@@ -271,10 +271,10 @@ def test_two_processes_equal_one_on_the_same_global_batch(runs, name):
     assert sum(parameter.numel() for parameter in model.parameters()) > 0
 
 
-def lmtrain(*args: object) -> subprocess.CompletedProcess:
+def lmtrain(*args: object, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
     """`lmtrain train ARGS`; if it hangs, its whole process group (the launcher's workers too) is killed."""
     command = [sys.executable, "-m", "lmtrain", "train", *map(str, args), "--no-progress"]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=300)
@@ -329,9 +329,12 @@ def test_stop_and_resume_under_nproc_equals_straight_through(runs):
 @needs_gloo
 def test_an_error_in_process_zero_alone_stops_both_with_one_line(runs):
     # Only process 0 looks at the run folder; it already holds a run, and the other process must not wait.
-    result = lmtrain(runs / "stream.yaml", "--nproc", "2")
+    # A warning of the config's is said once too, not by the launcher and each process.
+    result = lmtrain(runs / "stream.yaml", "--nproc", "2", "train.decay_every=7",
+                     env={**ENV, "PYTHONWARNINGS": "default"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
+        "warning: train.decay_every is unused with schedule: constant",
         f"error: {runs / 'stream-ddp'} already holds a run (last.pt): add --resume to continue it, "
         f"or choose another train.out_dir"]
 
