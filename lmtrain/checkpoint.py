@@ -266,11 +266,13 @@ def describe(path: str | Path) -> dict[str, Any]:
     payload = load_checkpoint(path)
     model, tokenizer, config = model_from_checkpoint(payload, path)
     progress = payload.get("progress", {})
+    epoch = progress.get("epoch")
+    between_epochs = bool(epoch) and progress.get("batch_index") == 0  # a run stopped at an epoch's end
     return {"format_version": payload["format_version"], "cell": config.model.cell,
             "layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
             "direction": config.model.direction, "parameters": parameter_count(model),
             "level": tokenizer.level, "vocab_size": tokenizer.vocab_size, "first_tokens": tokenizer.tokens[:12],
             "step": progress.get("step"), "epochs_completed": progress.get("epoch"),
-            "epoch_in_progress": None if progress.get("epoch") is None else progress["epoch"] + 1,
+            "epoch_in_progress": None if epoch is None or between_epochs else epoch + 1,
             "best_valid_loss": progress.get("best_valid_loss"), "train_seconds": progress.get("train_seconds"),
             "config": payload["config"]}

@@ -285,8 +285,7 @@ def info(
                    f"{facts['parameters']:,} parameters\n"
                    f"vocabulary: {facts['vocab_size']:,} {facts['level']} tokens: "
                    f"{' '.join(map(repr, facts['first_tokens']))} ...\n"
-                   f"trained: step {facts['step']}, epoch {facts['epoch_in_progress'] or 1} in progress "
-                   f"({facts['epochs_completed'] or 0} completed), "
+                   f"trained: step {facts['step']}, {_epochs(facts['epoch_in_progress'], facts['epochs_completed'])}, "
                    f"{'?' if seconds is None else f'{seconds:.0f}'} s of training, best valid loss "
                    f"{'none' if best is None else f'{best:.4f}'}\nconfig:\n"
                    + yaml.safe_dump(facts["config"], sort_keys=False, default_flow_style=False).rstrip())
@@ -579,6 +578,13 @@ def kernels_clear(ctx: typer.Context) -> None:
 
     with user_errors(ctx.obj):
         typer.echo("\n".join(clear()))
+
+
+def _epochs(in_progress: int | None, completed: int | None) -> str:
+    """`info`'s words for where a run stands in its epochs."""
+    if in_progress is None and completed:
+        return f"{completed} epoch{'s' * (completed != 1)} completed"
+    return f"epoch {in_progress or 1} in progress ({completed or 0} completed)"
 
 
 def _format(key: str, value: float | int) -> str:

@@ -243,8 +243,12 @@ def test_info_labels_the_epoch_in_progress_and_the_completed_ones(tmp_path):
     assert_ok(run(["train", "--no-progress", config], tmp_path))
     text = run(["info", tmp_path / "epochs" / "run" / "last.pt"], tmp_path)
     facts = json_output(run(["info", "--json", tmp_path / "epochs" / "run" / "last.pt"], tmp_path))
-    assert facts["epochs_completed"] == 2 and facts["epoch_in_progress"] == 3 and "epoch" not in facts
-    assert "epoch 3 in progress (2 completed)" in text.stdout
+    assert facts["epochs_completed"] == 2 and facts["epoch_in_progress"] is None and "epoch" not in facts
+    assert "trained: step" in text.stdout and ", 2 epochs completed, " in text.stdout  # stopped at the end of one
+    config = tiny_char_run(tmp_path / "steps", **{"train.max_steps": 3})
+    assert_ok(run(["train", "--no-progress", config], tmp_path))
+    facts = json_output(run(["info", "--json", tmp_path / "steps" / "run" / "last.pt"], tmp_path))
+    assert facts["epochs_completed"] == 0 and facts["epoch_in_progress"] == 1
 
 
 def test_sample_escapes_control_characters_unless_raw(tmp_path, config_factory):
