@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import unicodedata
 
 import torch
 from torch import Tensor
@@ -234,5 +235,15 @@ def _escape(char: str) -> str:
 
 def printable(text: str) -> str:
     """`text` safe to print on one line of a terminal: every control character but the tab, and every
-    bidirectional override, written as its escape (`\\r`, `\\n`, `\\x1b`, `\\x00`, `\\u202e`)."""
-    return "".join(map(_escape, text))
+    bidirectional override, written as its escape (`\\r`, `\\n`, `\\x1b`, `\\x00`, `\\u202e`). A
+    combining mark right after an escape is escaped too: it would join the escape's last letter
+    (`\\u202e` and U+0301 would read `\\u202é`)."""
+    parts, after_escape = [], False
+    for char in text:
+        escaped = _escape(char)
+        if escaped == char and after_escape and unicodedata.category(char) in ("Mn", "Mc", "Me"):
+            escaped = f"\\u{ord(char):04x}"
+        parts.append(escaped)
+        after_escape = escaped != char
+    return "".join(parts)
+
