@@ -262,13 +262,18 @@ def test_a_published_build_is_made_as_mkdir_makes_a_folder(tmp_path, umask, answ
     assert kernel_build.Paths(root, spec).folder.stat().st_mode & 0o777 == 0o755 & ~umask
 
 
-def test_a_private_folder_that_others_can_write_is_not_used(tmp_path, monkeypatch):
+def only_the_private_folder(tmp_path: Path, monkeypatch) -> Path:
+    """A cache folder that cannot be made (under a file), and the private fallback's path under tmp_path."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "extensions"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(kernel_build.tempfile, "tempdir", None)
-    private = tmp_path / f"lmtrain-kernels-{os.getuid()}"
+    monkeypatch.setattr(kernel_build.tempfile, "tempdir", None)  # TMPDIR is read again
+    return tmp_path / f"lmtrain-kernels-{os.getuid()}"
+
+
+def test_a_private_folder_that_others_can_write_is_not_used(tmp_path, monkeypatch):
+    private = only_the_private_folder(tmp_path, monkeypatch)
     private.mkdir()
     private.chmod(0o777)  # anyone could plant a library here
     spec = kernel_build.Spec("tiny", (SOURCE,), cflags=("-DANSWER=8",))
@@ -282,12 +287,7 @@ def test_a_library_in_a_private_folder_others_can_write_is_not_loaded(tmp_path, 
     spec = kernel_build.Spec("tiny", (SOURCE,), cflags=("-DANSWER=14",))
     built = kernel_build.Paths(tmp_path / "elsewhere", spec)
     assert kernel_build.obtain(spec, announce=print, wait_seconds=5, root=built.root)[0].answer() == 14
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "extensions"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(kernel_build.tempfile, "tempdir", None)
-    private = tmp_path / f"lmtrain-kernels-{os.getuid()}"
+    private = only_the_private_folder(tmp_path, monkeypatch)
     shutil.copytree(built.folder, private / spec.module)
     private.chmod(0o777)
     monkeypatch.setattr(kernel_build, "_import", lambda paths: pytest.fail(f"loaded {paths.library}"))
