@@ -294,7 +294,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for old in set(values) & set(RENAMED) - {old for old, new in RENAMED.items() if new in values}:  # both: an error
         warnings.warn(f"{old} is now called {RENAMED[old]}: read as {RENAMED[old]}", stacklevel=2)
     if isinstance(values.get("train.out_dir"), str) and values["train.out_dir"].startswith("~"):
-        values["train.out_dir"] = str(Path(values["train.out_dir"]).expanduser())  # as a shell would: not a "~" folder
+        values["train.out_dir"] = str(_home("train.out_dir", values["train.out_dir"]))  # not a "~" folder
     # What the command line names wins over the file's other way of naming the text: files over its
     # corpus, a corpus over its files, and its data.train/valid/test for a data.path (or its data.path for
     # a data.train) given here.
@@ -324,6 +324,8 @@ def unused_settings(values: dict[str, Any], config: Config) -> list[str]:
         return key in values and values[key] != SECTIONS[section].__dataclass_fields__[name].default
 
     notes = []
+    if given("data.split") and config.data.train is not None:
+        notes.append("data.split is unused: the config names its splits' files (data.train, data.valid)")
     if given("train.momentum") and train.optimizer != "sgd":
         notes.append(f"train.momentum is for optimizer: sgd; {train.optimizer} leaves it unused")
     unused = {"constant": ("min_lr", "decay_start", "decay_every", "decay_rate"),
@@ -338,13 +340,21 @@ def unused_settings(values: dict[str, Any], config: Config) -> list[str]:
 def _absolute(key: str, path: str, base: Path) -> str:
     if "\0" in path:
         raise ConfigError(f"{key} holds a NUL character: {shown(path)}")
-    absolute = base / Path(path).expanduser()  # `~/corpus.txt` as a shell would read it
+    absolute = base / _home(key, path)
     try:
         if absolute.exists() and not (absolute.is_file() or absolute.is_dir()):
             return str(absolute.absolute())  # a pipe (/dev/fd/63) resolves to no path at all: keep its name
         return str(absolute.resolve())
     except (OSError, RuntimeError):  # a loop of symbolic links: left to the reader of the file to name
         return str(absolute.absolute())
+
+
+def _home(key: str, path: str) -> Path:
+    """`path` with a leading `~` or `~user` read as a shell reads it: that user's home folder."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # no such user, or no home folder to be found
+        raise ConfigError(f"{key} {shown(path)}: there is no home folder for {path.split('/')[0]}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -58,6 +58,14 @@ def _umask() -> int:
     return mask
 
 
+def through_link(path: str | Path) -> Path:
+    """`path`, or the file it is a symbolic link to: a user's output named by a link (`latest.png ->
+    runs/x/curves.png`) replaces the file the link names, as writing in place would, and the link stays.
+    (A run folder's own files never go through a link: lmtrain.training.rundir.)"""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader sees either the old file or the whole new one."""
     with replacing(path) as handle:

@@ -201,6 +201,12 @@ def test_out_dir_is_not_resolved(minimal: Path):
     assert load_config(minimal, ["train.out_dir=runs/x"]).train.out_dir == "runs/x"
 
 
+def test_a_tilde_of_a_user_with_no_home_is_one_line(minimal: Path):
+    assert config_error(minimal, ["data.path=~no-such-user-here/c.txt"]) == (
+        "data.path '~no-such-user-here/c.txt': there is no home folder for ~no-such-user-here")
+    assert config_error(minimal, ["train.out_dir=~no-such-user-here/x"]).startswith("train.out_dir '~no-such")
+
+
 def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     path = write(tmp_path / "c.yaml", "data:\n  path: ~/corpus.txt\ntrain:\n  max_steps: 1\n  out_dir: ~/runs/x\n")
@@ -552,6 +558,9 @@ def test_settings_the_rest_of_the_config_leaves_unused_are_warned_of(tmp_path: P
         "train.min_lr is unused with schedule: constant",
         "train.decay_every is unused with schedule: constant",
         "train.warmup_steps 11 is more than train.max_steps 10: the learning rate never reaches train.lr"]
+    split_files = write(tmp_path / "split.yaml", "data: {train: a.txt, valid: b.txt}\ntrain: {max_steps: 1}\n")
+    with pytest.warns(UserWarning, match=r"^data.split is unused: the config names its splits' files"):
+        load_config(split_files, ["data.split=[0.8, 0.2]"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # used, or left at their defaults: no word
         load_config(path, ["train.optimizer=sgd", "train.momentum=0.9", "train.schedule=step", "train.min_lr=0.001",

@@ -207,11 +207,13 @@ def test_a_split_of_a_corpus_changed_since_the_checkpoint_is_scored_with_a_warni
     train(make_config(corpus, tmp_path / "run", train__max_steps=2), progress_bar=False)
     checkpoint = str(tmp_path / "run" / "best.pt")
     assert evaluate.evaluate_checkpoint(checkpoint)[1] == []
+    write_lines(corpus["train"], lines[:30])  # another split's file: the valid split is what it was
+    assert evaluate.evaluate_checkpoint(checkpoint)[1] == []
     write_lines(corpus["valid"], lines[40:45])
     _, warnings = evaluate.evaluate_checkpoint(checkpoint)
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: the corpus changed since the checkpoint: "
                                                          f"data.valid {corpus['valid']} (")
-    assert warnings[0].endswith("; the valid split scored is cut from it as it is now")
+    assert warnings[0].endswith("; the valid split scored is the file as it is now")
     assert evaluate.evaluate_checkpoint(checkpoint, data_file=str(corpus["valid"]))[1] == []  # a file of one's own
 
 

@@ -109,3 +109,13 @@ def test_runs_are_named_apart_and_drawn_once(tmp_path, monkeypatch):
     monkeypatch.setattr("lmtrain.evaluation.plots.read_metrics", lambda run_dir: read.append(run_dir) or EVENTS)
     plot_runs([str(run), f"{run}/", str(run)], str(tmp_path / "curves.png"))
     assert read == [str(run)]
+
+
+def test_an_output_named_by_a_link_replaces_the_file_it_names(tmp_path):
+    """As writing in place would: the link (latest.png -> runs/x/curves.png) stays, its file is new."""
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "target.png"
+    target.write_bytes(b"the old image")
+    (tmp_path / "latest.png").symlink_to(target)
+    plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(tmp_path / "latest.png"))
+    assert (tmp_path / "latest.png").is_symlink() and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -315,6 +315,7 @@ def test_printable_escapes_what_a_terminal_would_act_on():
     assert printable("x\u202eevil\u2066y\u200f") == "x\\u202eevil\\u2066y\\u200f"  # bidirectional overrides
     # A combining mark after an escape would join its last letter; after a letter it is the letter's accent.
     assert printable("\u202e\u0301\u0301e\u0301") == "\\u202e\\u0301\\u0301e\u0301"
+    assert printable("\u202e\U000e0100") == "\\u202e\\U000e0100"  # past U+FFFF: eight digits
 
 
 def test_a_model_that_never_saw_eos_samples_to_max_tokens_without_a_warning(tmp_path, config_factory):

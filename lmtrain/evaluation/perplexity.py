@@ -113,6 +113,21 @@ def report(result: Score, tokenizer: Tokenizer) -> dict[str, float | int]:
 WHOLE_TEXT = 1 << 62  # an eval_segment no text reaches: one segment, the state carried through it
 
 
+def split_changed(saved: dict | None, config: Config, split: str) -> str | None:
+    """A warning if the file `split` is read from changed since the checkpoint recorded it (`saved`, its
+    `data_files`; none in a checkpoint made by hand): the numbers are then not of the text the run was
+    evaluated on. The split's own file, or the one file every split is cut from."""
+    if not saved:
+        return None
+    now = data_fingerprints(config.data)
+    role = "path" if "path" in now else split
+    changes = changed_files({role: saved[role]} if role in saved else {}, {role: now[role]} if role in now else {})
+    if not changes:
+        return None
+    how = "cut from it as it is now" if role == "path" else "the file as it is now"
+    return f"warning: the corpus changed since the checkpoint: {'; '.join(changes)}; the {split} split scored is {how}"
+
+
 def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str = "valid",
                         batch_size: int | None = None, device: str = "cpu",
                         segment: int | None = None) -> tuple[dict[str, float | int], list[str]]:
@@ -143,11 +158,8 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
             raise LmtrainError(f"the checkpoint's corpus has no {split} split (it has {', '.join(texts)}); "
                                f"give --data FILE")
         text, origin = texts[split], f"{split} split"
-        saved = payload.get("data_files")  # what the run trained on (none in a checkpoint made by hand)
-        if saved and (changes := changed_files(saved, data_fingerprints(config.data))):
-            # The split is cut from the files as they are now: not the text the run was evaluated on.
-            warnings.append(f"warning: the corpus changed since the checkpoint: {'; '.join(changes)}; the {split} "
-                            f"split scored is cut from it as it is now")
+        if changed := split_changed(payload.get("data_files"), config, split):
+            warnings.append(changed)
     sequences = evaluation_sequences(tokenizer, text, config)
     if not sequences:
         raise LmtrainError(f"{origin} holds no tokens to evaluate")

@@ -230,7 +230,12 @@ def _escape(char: str) -> str:
     code = ord(char)
     if (code < 0x20 and char != "\t") or 0x7F <= code <= 0x9F:
         return {"\n": "\\n", "\r": "\\r"}.get(char, f"\\x{code:02x}")
-    return f"\\u{code:04x}" if code in _BIDI else char
+    return _code_point(code) if code in _BIDI else char
+
+
+def _code_point(code: int) -> str:
+    """Python's escape of a code point: four hex digits, or eight past U+FFFF (`\\u0301`, `\\U000e0100`)."""
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def printable(text: str) -> str:
@@ -242,7 +247,7 @@ def printable(text: str) -> str:
     for char in text:
         escaped = _escape(char)
         if escaped == char and after_escape and unicodedata.category(char) in ("Mn", "Mc", "Me"):
-            escaped = f"\\u{ord(char):04x}"
+            escaped = _code_point(ord(char))
         parts.append(escaped)
         after_escape = escaped != char
     return "".join(parts)
