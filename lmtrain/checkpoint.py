@@ -231,9 +231,17 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoin
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, Tokenizer, Config]:
     """Load a checkpoint for sampling or evaluation: (model on `device`, tokenizer, config)."""
+    model, tokenizer, config, _ = load_model_and_payload(path, device)
+    return model, tokenizer, config
+
+
+def load_model_and_payload(path: str | Path, device: torch.device | str = "cpu"
+                           ) -> tuple[LanguageModel, Tokenizer, Config, dict[str, Any]]:
+    """`load_model`, and the checkpoint's whole payload for what else it records (progress, data files)."""
     device = usable_device(device)
-    model, tokenizer, config = model_from_checkpoint(load_checkpoint(path), path)
-    return model.to(device), tokenizer, config
+    payload = load_checkpoint(path)
+    model, tokenizer, config = model_from_checkpoint(payload, path)
+    return model.to(device), tokenizer, config, payload
 
 
 def usable_device(device: torch.device | str, option: str = "device") -> torch.device:

@@ -217,6 +217,25 @@ def test_a_split_of_a_corpus_changed_since_the_checkpoint_is_scored_with_a_warni
     assert evaluate.evaluate_checkpoint(checkpoint, data_file=str(corpus["valid"]))[1] == []  # a file of one's own
 
 
+def test_the_corpus_check_of_eval_reads_only_the_scored_file(tmp_path, monkeypatch):
+    """Scoring the valid split hashes the valid file alone: the training file may be gigabytes."""
+    from corpus_helpers import sentences, write_lines
+    from test_train import make_config
+
+    from lmtrain.data import cache
+    from lmtrain.training.trainer import train
+
+    lines = sentences(50, seed=4)
+    corpus = {"train": write_lines(tmp_path / "train.txt", lines[:40]),
+              "valid": write_lines(tmp_path / "valid.txt", lines[40:])}
+    train(make_config(corpus, tmp_path / "run", train__max_steps=2), progress_bar=False)
+    hashed = []
+    digest = cache.content_digest
+    monkeypatch.setattr(cache, "content_digest", lambda path, folder: hashed.append(path) or digest(path, folder))
+    assert evaluate.evaluate_checkpoint(str(tmp_path / "run" / "best.pt"))[1] == []
+    assert hashed == [corpus["valid"]]
+
+
 def test_the_python_api_refuses_counts_and_devices_it_cannot_use(tmp_path):
     """evaluate_checkpoint, score and load_model name the argument (a negative batch size read as a
     diverged checkpoint, a device torch cannot use as an AssertionError from inside torch)."""

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lmtrain.errors import LmtrainError
-from lmtrain.evaluation.plots import legend_names, plot_runs, read_metrics
+from lmtrain.evaluation.plots import first_of_each_folder, legend_names, plot_runs, read_metrics
 
 
 def write_run(folder, events, tail=""):
@@ -103,6 +103,7 @@ def test_matplotlib_s_own_messages_stay_quiet(tmp_path):
 
 def test_runs_are_named_apart_and_drawn_once(tmp_path, monkeypatch):
     assert legend_names(["runs/char", "other/char", "runs/word"]) == ["runs/char", "other/char", "word"]
+    assert first_of_each_folder(["b", "a", "./b/", "c", "a"]) == ["b", "a", "c"]
     pytest.importorskip("matplotlib")
     run = write_run(tmp_path / "run", EVENTS)
     read = []

@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -247,15 +247,16 @@ def content_digest(path: Path, folder: Path) -> str:
     return record["sha256"]
 
 
-def data_fingerprints(config: DataConfig, folder: Path | None = None) -> dict[str, dict[str, Any]]:
+def data_fingerprints(config: DataConfig, folder: Path | None = None,
+                      roles: Iterable[str] = ("path", *SPLITS)) -> dict[str, dict[str, Any]]:
     """{role: {"path", "size", "sha256"}} for every corpus file of `config` (`data.path` or
-    train/valid/test, a downloaded corpus's files included): what a checkpoint records so that
-    `--resume` can tell the data it trained on from changed data. The hash is the token cache's, kept
-    per file while its size and times stay the same, so a start reads each file at most once."""
+    train/valid/test, a downloaded corpus's files included), or those of `roles` only: what a checkpoint
+    records so that `--resume` can tell the data it trained on from changed data. The hash is the token
+    cache's, kept per file while its size and times stay the same, so a start reads each file at most once."""
     folder = folder or cache_dir() / "tokens"
     config = with_corpus_files(config)
     fingerprints = {}
-    for role in ("path", *SPLITS):
+    for role in roles:
         if (path := getattr(config, role)) is not None:
             path = Path(path)
             digest = content_digest(path, folder)  # a missing or unreadable file: the error reading it gives

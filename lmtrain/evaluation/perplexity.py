@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint, usable_device
+from lmtrain.checkpoint import load_model_and_payload
 from lmtrain.config import Config
 from lmtrain.data.cache import changed_files, data_fingerprints
 from lmtrain.data.dataset import (
@@ -27,7 +27,7 @@ from lmtrain.data.dataset import (
     sentence_pieces,
     stream_segments,
 )
-from lmtrain.data.encoding import load_splits, stream_ids
+from lmtrain.data.encoding import load_splits, stream_ids, with_corpus_files
 from lmtrain.data.tokenizer import Tokenizer, model_remedy, read_text
 from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
@@ -119,8 +119,9 @@ def split_changed(saved: dict | None, config: Config, split: str) -> str | None:
     evaluated on. The split's own file, or the one file every split is cut from."""
     if not saved:
         return None
-    now = data_fingerprints(config.data)
-    role = "path" if "path" in now else split
+    files = with_corpus_files(config.data)
+    role = "path" if files.path is not None else split
+    now = data_fingerprints(files, roles=(role,))  # hashing only the file scored: the others may be large
     changes = changed_files({role: saved[role]} if role in saved else {}, {role: now[role]} if role in now else {})
     if not changes:
         return None
@@ -138,10 +139,7 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
         raise LmtrainError(f"batch_size must be >= 1; got {batch_size}")
     if segment is not None and not segment >= 0:
         raise LmtrainError(f"segment must be >= 0 (0: the whole text as one stream); got {segment}")
-    device = usable_device(device)
-    payload = load_checkpoint(path)
-    model, tokenizer, config = model_from_checkpoint(payload, path)
-    model = model.to(device)
+    model, tokenizer, config, payload = load_model_and_payload(path, device)
     warnings = []
     if segment is not None and config.data.mode == "sentences":
         warnings.append("warning: the segment length (--segment) is for stream-mode models: this one reads each "

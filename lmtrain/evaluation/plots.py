@@ -72,7 +72,7 @@ def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> No
     an error)."""
     check_output(option, output, suffixes=FIGURE_SUFFIXES,
                  inputs=[Path(run_dir) / "metrics.jsonl" for run_dir in run_dirs])
-    run_dirs = list({Path(run_dir).resolve(): run_dir for run_dir in reversed(run_dirs)}.values())[::-1]  # once each
+    run_dirs = first_of_each_folder(run_dirs)
     runs = {run_dir: read_metrics(run_dir) for run_dir in run_dirs}
     names = legend_names(run_dirs)
     empty = [str(run_dir) for run_dir, events in runs.items() if not any(event.get("split") in ("train", "valid")
@@ -98,6 +98,16 @@ def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> No
     by_step.legend(fontsize="small")
     figure.tight_layout()
     save_figure(plt, figure, output)
+
+
+def first_of_each_folder(run_dirs: list[str]) -> list[str]:
+    """`run_dirs` in their order, a folder given twice (under any path) kept where it first appears."""
+    seen, kept = set(), []
+    for run_dir in run_dirs:
+        if (folder := Path(run_dir).resolve()) not in seen:
+            seen.add(folder)
+            kept.append(run_dir)
+    return kept
 
 
 def legend_names(run_dirs: list[str]) -> list[str]:
