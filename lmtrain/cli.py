@@ -372,15 +372,13 @@ def visualize(
                 check_output(option, path, suffixes=suffixes, inputs=[text, *labels.values()])
         _set_threads(ctx.obj)
         inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
-                                  top=top, device=_device(device))
+                                  top=top, device=_device(device), layer=layer, quantity=quantity, unit=unit)
         for note in inside.notes:
             typer.echo(note, err=True)
         if tokens:
             typer.echo("\n".join(view.printable_token(token) for token in inside.trace.tokens))
             return
-        chosen = view.default_unit(inside) if layer is None and quantity is None and unit is None else view.Unit(
-            layer if layer is not None else len(inside.trace.values), quantity or "a", unit or 0)
-        view.check_unit(inside, chosen)
+        chosen = inside.chosen
         if png is not None:
             view.unit_png(inside, chosen, png)
         if page_path is not None:

@@ -312,6 +312,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, config_factory, argu
     assert not (tmp_path / "page.html").exists() or "-o" in arguments
 
 
+@pytest.mark.parametrize("arguments", [["--unit", "7"], ["--layer", "3"], ["--quantity", "x"]])
+def test_a_unit_the_model_lacks_is_refused_before_the_text_is_read(tmp_path, config_factory, monkeypatch, arguments):
+    """The forward pass over a long text is not spent on a unit that cannot be shown."""
+    path = checkpoint(tmp_path, config_factory, cell="lstm")
+    monkeypatch.setattr("lmtrain.evaluation.visualize.read_text", lambda *a, **k: pytest.fail("the text was read"))
+    result = invoke("--checkpoint", path, "--text", tmp_path / "text.txt", *arguments)
+    assert result.exit_code == 2 and result.output.startswith(f"error: {arguments[0]} must be"), result.output
+
+
 def test_the_page_is_never_written_over_a_checkpoint(tmp_path, config_factory):
     path = checkpoint(tmp_path, config_factory)
     before = Path(path).read_bytes()

@@ -62,14 +62,23 @@ class Inside:
     hidden_size: int
     user_features: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings for the user: unknown tokens, a text cut short
+    chosen: Unit | None = None  # the unit to show first (`look_inside`)
 
 
 def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | None = None, segment: int | None = None,
-                max_positions: int = MAX_POSITIONS, top: int = 5, device: str = "cpu") -> Inside:
+                max_positions: int = MAX_POSITIONS, top: int = 5, device: str = "cpu",
+                layer: int | None = None, quantity: str | None = None, unit: int | None = None) -> Inside:
     """Load the checkpoint, read the text as `eval perplexity` does (`segment` as its --segment), trace
     at most `max_positions` positions, and find the units that follow each feature (the text's own and
-    `features`: name -> a file of one label a position)."""
+    `features`: name -> a file of one label a position). The unit to show (`Inside.chosen`): the one
+    named by `layer`, `quantity` and `unit` (what is left out: the top layer, its a(t), unit 0), refused
+    before the text is read if the model has none such; none named, the one that follows a feature best."""
     model, tokenizer, config = load_model(checkpoint, device)
+    cells = [cell_layer.cell for cell_layer in model.rnn.layers]
+    named = None
+    if (layer, quantity, unit) != (None, None, None):
+        named = Unit(len(cells) if layer is None else layer, quantity or "a", unit or 0)
+        check_unit(named, layers=len(cells), quantities=quantities(cells[0]), hidden_size=config.model.hidden_size)
     if segment is not None:
         config = replace(config, train=replace(config.train, eval_segment=segment or WHOLE_TEXT))
     if Path(text_file).is_dir():
@@ -107,13 +116,14 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
     user_features = list(found)
     found.update({name: values for name, values in text_features(traced.tokens, level=config.data.level).items()
                   if name not in found})
-    cells = [layer.cell for layer in model.rnn.layers]
     m = config.model
     description = (f"{m.cell} {m.num_layers}x{m.hidden_size}, {config.data.level} level, {Path(checkpoint).name}"
                    + (" (its left-to-right LM)" if m.direction == "bi" else ""))
-    return Inside(description, config.data.level, traced, found,
-                  {name: strongest_units(traced, values, count=top) for name, values in found.items()},
-                  saturation(traced, cells), quantities(cells[0]), m.hidden_size, user_features, notes)
+    inside = Inside(description, config.data.level, traced, found,
+                    {name: strongest_units(traced, values, count=top) for name, values in found.items()},
+                    saturation(traced, cells), quantities(cells[0]), m.hidden_size, user_features, notes)
+    inside.chosen = named or default_unit(inside)
+    return inside
 
 
 def _first_positions(sequences: list, limit: int) -> list:
@@ -126,17 +136,16 @@ def _first_positions(sequences: list, limit: int) -> list:
     return kept
 
 
-def check_unit(inside: Inside, unit: Unit) -> None:
-    """Refuse, in one line, a layer, quantity or unit the model does not have."""
-    layers = len(inside.trace.values)
+def check_unit(unit: Unit, *, layers: int, quantities: list[str], hidden_size: int) -> None:
+    """Refuse, in one line, a layer, quantity or unit a model of `layers` layers of `hidden_size` units,
+    showing `quantities`, does not have."""
     if not 1 <= unit.layer <= layers:
         allowed = "1 (the model has 1 layer)" if layers == 1 else f"1 to {layers} (the model has {layers} layers)"
         raise LmtrainError(f"--layer must be {allowed}; got {unit.layer}")
-    if unit.quantity not in inside.quantities:
-        raise LmtrainError(f"--quantity must be one of {', '.join(inside.quantities)} for this cell; "
-                           f"got {unit.quantity!r}")
-    if not 0 <= unit.unit < inside.hidden_size:
-        raise LmtrainError(f"--unit must be 0 to {inside.hidden_size - 1}; got {unit.unit}")
+    if unit.quantity not in quantities:
+        raise LmtrainError(f"--quantity must be one of {', '.join(quantities)} for this cell; got {unit.quantity!r}")
+    if not 0 <= unit.unit < hidden_size:
+        raise LmtrainError(f"--unit must be 0 to {hidden_size - 1}; got {unit.unit}")
 
 
 def default_unit(inside: Inside) -> Unit:
