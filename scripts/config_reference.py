@@ -61,7 +61,8 @@ def page() -> str:
              "`data.train=...` its `data.corpus` and `data.path`; and a corpus named there replaces its files:",
              "`data.corpus=ptb` drops its `data.path` and `data.train/valid/test`. A value the rest of the config",
              "leaves unused (`train.momentum` with Adam, `train.min_lr` with the constant schedule, the step",
-             "schedule's keys with another) and warmup longer than `train.max_steps` each get a `warning:` line.", ""]
+             "schedule's keys with another) and warmup longer than `train.max_steps` each get a `warning:` line,",
+             "as does warmup longer than `train.max_epochs` allows, once `lmtrain train` has counted an epoch.", ""]
     for section, cls in config.SECTIONS.items():
         docs = field_docstrings(cls)
         lines += [f"## `{section}`", "", " ".join(inspect.getdoc(cls).split()), "",

@@ -173,3 +173,17 @@ def test_cosine_follows_whichever_budget_is_further_along():
     options = dict(lr=1.0, schedule="cosine", total_steps=100, min_lr=0.0)
     assert lr_at(50, **options, time_fraction=0.1) == pytest.approx(0.5)    # the steps are further along
     assert lr_at(10, **options, time_fraction=0.5) == pytest.approx(0.5)    # the time is
+
+
+def test_a_warmup_longer_than_the_epochs_budget_is_warned_of_once_an_epoch_is_known():
+    from lmtrain.config import TrainConfig
+    from lmtrain.training.optim import warmup_past_epochs
+
+    budget = TrainConfig(max_steps=None, max_epochs=2, warmup_steps=50)
+    assert warmup_past_epochs(budget, per_epoch=20) == (
+        "warning: train.warmup_steps 50 is more than the 40 steps of train.max_epochs 2 (20 an epoch): the learning "
+        "rate never reaches train.lr")
+    assert warmup_past_epochs(budget, per_epoch=25) is None  # reached on the last step
+    assert warmup_past_epochs(TrainConfig(max_steps=None, max_epochs=None, warmup_steps=50), per_epoch=1) is None
+    # max_steps nearer and shorter than the warmup: the config's own warning says it, once
+    assert warmup_past_epochs(TrainConfig(max_steps=30, max_epochs=2, warmup_steps=50), per_epoch=20) is None

@@ -210,6 +210,15 @@ def test_a_non_finite_loss_is_null_in_metrics_jsonl(tmp_path, corpus, monkeypatc
     assert valid and all(event["loss"] is None and event["ppl"] is None for event in valid)
 
 
+def test_a_warmup_the_epochs_budget_never_finishes_is_warned_of(tmp_path, corpus):
+    warnings = []
+    train(make_config(corpus, tmp_path / "run", train__max_steps=None, train__max_epochs=1, train__warmup_steps=10**6),
+          progress_bar=False, warn=warnings.append)
+    warmup = [line for line in warnings if "warmup" in line]
+    assert len(warmup) == 1 and warmup[0].startswith("warning: train.warmup_steps 1000000 is more than the "), warnings
+    assert "steps of train.max_epochs 1 (" in warmup[0] and warmup[0].endswith("never reaches train.lr")
+
+
 def test_a_huge_vocabulary_is_warned_about_and_a_pipe_refused(tmp_path, corpus, monkeypatch):
     from lmtrain.training import optim
 

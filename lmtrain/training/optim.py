@@ -41,6 +41,18 @@ def total_steps(config: TrainConfig, per_epoch: int) -> int | None:
     return min((limit for limit in limits if limit), default=None)
 
 
+def warmup_past_epochs(config: TrainConfig, per_epoch: int) -> str | None:
+    """A warning where train.max_epochs ends the run before its warmup does, found once the steps of an
+    epoch are known (a warmup beyond train.max_steps is the config's own warning)."""
+    if not config.max_epochs or config.max_steps is not None and config.warmup_steps > config.max_steps:
+        return None
+    steps = config.max_epochs * per_epoch
+    if config.warmup_steps <= steps:
+        return None
+    return (f"warning: train.warmup_steps {config.warmup_steps} is more than the {steps:,} steps of train.max_epochs "
+            f"{config.max_epochs} ({per_epoch:,} an epoch): the learning rate never reaches train.lr")
+
+
 def scheduled_rate(config: TrainConfig, *, step: int, train_seconds: float, total_steps: int | None) -> float:
     """`learning_rate` with a run's `train.*` settings."""
     return learning_rate(step, lr=config.lr, schedule=config.schedule, warmup_steps=config.warmup_steps,

@@ -60,7 +60,14 @@ from lmtrain.training.metrics import (
     summary_writer_class,
     time_left,
 )
-from lmtrain.training.optim import build_optimizer, check_fits, gradient_norm, scheduled_rate, total_steps
+from lmtrain.training.optim import (
+    build_optimizer,
+    check_fits,
+    gradient_norm,
+    scheduled_rate,
+    total_steps,
+    warmup_past_epochs,
+)
 from lmtrain.training.resume import (
     Progress,
     checkpoint_payload,
@@ -180,6 +187,8 @@ class Trainer:
                                         bptt=config.train.bptt, seed=config.train.seed)
                         for right_to_left in self.model.directions]
         self.per_epoch = self.batches[0].per_epoch
+        if short_budget := warmup_past_epochs(config.train, self.per_epoch):
+            warn(short_budget)
         self.validation = Validation(self.corpus, config, self.model.directions)
         for line in self.corpus.line_end_warnings():
             warn(line)
