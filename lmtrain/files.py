@@ -5,9 +5,11 @@ whole new one, never a mixture."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,9 +37,10 @@ def sync(path: Path) -> None:
 def replacing(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file to write `path`'s new content into; when the block ends without an error it
     replaces `path` at once, and otherwise it is removed and `path` is left as it was. The temporary
-    file is `.NAME.XXXXXXXX.tmp` beside it (what a cleanup of a killed writer's leftovers looks for)."""
+    file is `.NAME.HOST-PID.XXXXXXXX.tmp` beside it: a cleanup of a killed writer's leftovers looks for
+    the pattern, and `writing_output` also for the writer's process."""
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from its group and others
         with os.fdopen(descriptor, "wb") as handle:
@@ -49,6 +52,36 @@ def replacing(path: str | Path) -> Iterator[BinaryIO]:
         Path(temporary).unlink(missing_ok=True)
         raise
     sync(path.parent)
+
+
+def _writer() -> str:
+    """This process, as the name of its temporary files holds it."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@contextmanager
+def writing_output(path: str | Path) -> Iterator[BinaryIO]:
+    """`replacing` for a file the user named (a plot, a page), through a link as `through_link` says,
+    first removing the temporary files of this name that a writer on this host left when it was
+    killed (its process is gone: nothing else would ever remove them)."""
+    target = through_link(path)
+    prefix = f".{target.name}.{socket.gethostname()}-"
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        process = leftover.name[len(prefix):].partition(".")[0]
+        if process.isdigit() and not _running(int(process)):
+            leftover.unlink(missing_ok=True)
+    with replacing(target) as handle:
+        yield handle
+
+
+def _running(process: int) -> bool:
+    try:
+        os.kill(process, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # none has that number; none can have it
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _umask() -> int:

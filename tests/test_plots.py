@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -63,6 +64,27 @@ def test_a_failed_write_leaves_the_old_image_as_it_was(tmp_path, monkeypatch):
         plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(output))
     assert output.read_bytes() == b"the old image"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    """A write killed mid-way (kill -9: no handler runs) leaves its hidden temporary file; the next
+    write of that name removes it, since its process is gone, and leaves one a running writer holds."""
+    pytest.importorskip("matplotlib")
+    output = tmp_path / "curves.png"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lmtrain.files import writing_output\n"
+                               "with writing_output(sys.argv[1]) as handle:\n"
+                               "    handle.write(b'half'); print('writing', flush=True); time.sleep(120)", str(output)],
+        stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    killed = [p.name for p in tmp_path.iterdir()]
+    assert len(killed) == 1 and killed[0].startswith(".curves.png.") and killed[0].endswith(".tmp")
+    alive = tmp_path / f".curves.png.{socket.gethostname()}-{os.getpid()}.abcdefgh.tmp"  # this process: running
+    alive.write_bytes(b"")
+    plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(output))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "curves.png", "run"])
 
 
 @pytest.mark.parametrize("output", ["curves", "", "curves.jpg", "run"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import check_output, metric_events, replacing, through_link
+from lmtrain.files import check_output, metric_events, writing_output
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 # A plotted value outside this range is no step, loss or time a run writes (a hand-edited or damaged
@@ -120,7 +120,7 @@ def save_figure(plt: Any, figure: Any, path: str, **options: Any) -> None:
     """Write the figure whole or not at all (an existing file stays as it was if the write fails or the
     process is killed), in the format its name ends with, and free it."""
     try:
-        with replacing(through_link(path)) as handle:
+        with writing_output(path) as handle:
             figure.savefig(handle, format=Path(path).suffix[1:].lower(), **options)
     except OSError as error:
         raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None

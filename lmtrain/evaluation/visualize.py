@@ -35,7 +35,7 @@ from lmtrain.evaluation.inside import (
     trace,
 )
 from lmtrain.evaluation.perplexity import WHOLE_TEXT, evaluation_sequences
-from lmtrain.files import atomic_write, through_link
+from lmtrain.files import writing_output
 
 MAX_POSITIONS = 10_000
 # Dots of the saturation plots, by layer: not the text's red and blue, which mean high and low.
@@ -248,7 +248,8 @@ NOT_VARYING = "does not vary on the positions read (or labels fewer than 3)"
 def write_page(path: str, text: str) -> None:
     """Write the page whole or not at all."""
     try:
-        atomic_write(through_link(path), text.encode("utf-8"))
+        with writing_output(path) as handle:
+            handle.write(text.encode("utf-8"))
     except OSError as error:
         raise LmtrainError(f"cannot write {path}: {os_reason(error)}") from None
 
