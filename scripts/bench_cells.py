@@ -25,6 +25,7 @@ memory column is the peak of `torch.cuda.max_memory_allocated` during three step
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -138,15 +139,26 @@ def peak_cuda_mb(variant: str, cell: str, size: tuple[int, int, int]) -> float:
 def peak_rss_mb(variant: str | None, cell: str, size: tuple[int, int, int], setup: str = "pass") -> float:
     """Peak RSS (MB) of a fresh process that runs 3 steps of `variant` (None: only builds the input),
     after the Python statement `setup` (run with this folder on the path)."""
+    return process_memory(variant, cell, size, setup)["VmHWM"]
+
+
+def process_memory(variant: str | None, cell: str, size: tuple[int, int, int], setup: str = "pass",
+                   environment: dict[str, str] | None = None) -> dict[str, float]:
+    """`/proc/self/status`'s VmHWM (peak RSS), RssAnon and RssFile (MB) of a fresh process, run with
+    `environment` if given, after 3 steps of `variant` as `peak_rss_mb` runs them."""
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the forking parent,
     # so a child of this (large) process would report the parent's peak.
-    code = ("import sys, torch; sys.path.insert(0, %r); from bench_cells import *; %s\n"
+    code = ("import json, sys, torch; sys.path.insert(0, %r); from bench_cells import *; %s\n"
             "B, T, H = %r; x = torch.randn(B, T, H, requires_grad=True); v = %r\n"
             "if v: s = step_function(build(v, %r, H), x, **switches(v)); [s() for _ in range(3)]\n"
-            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)"
-            % (str(Path(__file__).parent), setup, size, variant, cell))
-    result = run_child([sys.executable, "-c", code])
-    return float(result.stdout.strip().splitlines()[-1])
+            "fields = [line.split() for line in open('/proc/self/status')]\n"
+            "print(json.dumps({f[0][:-1]: int(f[1]) / 1024 for f in fields if f[0] in %r}))"
+            % (str(Path(__file__).parent), setup, size, variant, cell, MEMORY_FIELDS))
+    result = run_child([sys.executable, "-c", code], **({} if environment is None else {"env": environment}))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+MEMORY_FIELDS = ("VmHWM:", "RssAnon:", "RssFile:")
 
 
 def peak_rss_medians(cell: str, size: tuple[int, int, int], processes: int,

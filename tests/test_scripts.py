@@ -36,13 +36,25 @@ def test_layer_sizes_refuses_what_is_not_a_list_of_sizes(text):
 
 @pytest.mark.parametrize("script", ["bench_cells.py", "profile_layer.py", "compare_gemms.py", "compare_tiles.py",
                                     "compare_input_gradient.py", "speed_targets.py", "bench_placement.py",
-                                    "loops_over_time.py"])
+                                    "loops_over_time.py", "rss_parts.py"])
 def test_every_layer_benchmark_refuses_malformed_sizes_in_one_line(script):
     result = subprocess.run([sys.executable, str(SCRIPTS / script), "--sizes", "[[1, 2]]"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: argument --sizes: ")
+
+
+def test_rss_parts_measures_both_sides_three_ways_and_wants_cells_with_sizes():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "rss_parts.py"), "--cells", "rnn", "--sizes", "[[2, 3, 8]]",
+                             "--processes", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| rnn | 2, 3, 8 |")]
+    assert len(re.findall(r"-?\d+\.\d / -?\d+\.\d \(-?\d+\.\d\dx\)", row)) == 4, row
+    alone = subprocess.run([sys.executable, str(SCRIPTS / "rss_parts.py"), "--cells", "rnn"],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1].endswith(
+        "error: give --cells and --sizes together, or neither")
 
 
 def test_speed_targets_prints_each_target_with_its_verdict():
