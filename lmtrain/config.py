@@ -321,7 +321,7 @@ def unused_settings(values: dict[str, Any], config: Config) -> list[str]:
 
     def given(key: str) -> bool:
         section, _, name = key.partition(".")
-        return key in values and values[key] != SECTIONS[section].__dataclass_fields__[name].default
+        return key in values and values[key] != default(SECTIONS[section].__dataclass_fields__[name])
 
     notes = []
     if given("data.split") and config.data.train is not None:
@@ -335,6 +335,11 @@ def unused_settings(values: dict[str, Any], config: Config) -> list[str]:
         notes.append(f"train.warmup_steps {train.warmup_steps} is more than train.max_steps {train.max_steps}: the "
                      f"learning rate never reaches train.lr")
     return notes
+
+
+def default(field_: dataclasses.Field) -> Any:
+    """A field's default value, whether given as a value or as a factory (a list's)."""
+    return field_.default_factory() if field_.default is dataclasses.MISSING else field_.default
 
 
 def _absolute(key: str, path: str, base: Path) -> str:

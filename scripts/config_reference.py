@@ -36,7 +36,7 @@ def field_docstrings(cls: type) -> dict[str, str]:
 
 
 def default_text(field: dataclasses.Field) -> str:
-    value = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    value = config.default(field)
     return "null" if value is None else config.to_yaml_value(value)
 
 

@@ -559,6 +559,9 @@ def test_settings_the_rest_of_the_config_leaves_unused_are_warned_of(tmp_path: P
         "train.decay_every is unused with schedule: constant",
         "train.warmup_steps 11 is more than train.max_steps 10: the learning rate never reaches train.lr"]
     split_files = write(tmp_path / "split.yaml", "data: {train: a.txt, valid: b.txt}\ntrain: {max_steps: 1}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default split, as a run's own config.yaml writes it: no word
+        load_config(split_files, ["data.split=[0.9, 0.1]"])
     with pytest.warns(UserWarning, match=r"^data.split is unused: the config names its splits' files"):
         load_config(split_files, ["data.split=[0.8, 0.2]"])
     with warnings.catch_warnings():

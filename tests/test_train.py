@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import yaml
 from corpus_helpers import sentences, write_lines
 
 from lmtrain.checkpoint import FORMAT_VERSION
-from lmtrain.config import Config, build_config
+from lmtrain.config import Config, build_config, load_config
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.perplexity import evaluate_checkpoint
 from lmtrain.training.rundir import RunDirectory
@@ -342,6 +343,9 @@ def test_saved_config_equals_the_resolved_config(tmp_path, corpus):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
     assert saved == dataclasses.asdict(config)
     assert load_payload(tmp_path / "run" / "last.pt")["config"] == dataclasses.asdict(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the resume command a run prints reads this file: not a word about it
+        assert load_config(tmp_path / "run" / "config.yaml") == config
 
 
 def test_cosine_schedule_lowers_the_learning_rate(tmp_path, corpus):
