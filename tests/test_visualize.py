@@ -266,6 +266,18 @@ def test_unseen_tokens_are_shown_as_written_and_counted(tmp_path, config_factory
     assert numbers["features"]["bracket depth"]  # measured on the text as written, not on <unk>
 
 
+def test_a_literal_unk_in_a_word_text_is_the_models_own_token_not_an_unseen_one(tmp_path, config_factory):
+    """Penn Treebank writes its rare words as <unk>: the model saw that token in training, as eval perplexity
+    counts it; only a word outside the vocabulary is marked."""
+    path = checkpoint(tmp_path, config_factory, level="word", mode="sentences", cell="lstm", num_layers=1)
+    text = tmp_path / "unk.txt"
+    text.write_text("the <unk> cat zyzzyva cats\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["visualize", "--checkpoint", str(path), "--text", str(text), "--json"])
+    numbers = json.loads(result.stdout)
+    assert [token for token, unknown in zip(numbers["tokens"], numbers["unknown"]) if unknown] == ["zyzzyva"]
+    assert "warning: 1 of " in result.stderr
+
+
 def test_three_labelled_positions_at_least(tmp_path, config_factory):
     path = checkpoint(tmp_path, config_factory, level="char", mode="stream")
     tokens = invoke("--checkpoint", path, "--text", tmp_path / "text.txt", "--tokens").stdout.splitlines()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import load_model
-from lmtrain.data.tokenizer import ZERO_INPUT, Tokenizer, model_remedy, read_text
+from lmtrain.data.tokenizer import UNK, ZERO_INPUT, Tokenizer, model_remedy, read_text
 from lmtrain.errors import LmtrainError, os_reason
 from lmtrain.evaluation.inside import (
     SATURATED,
@@ -102,6 +102,8 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
                    zip(traced.came, torch.cat([targets for _, targets in shown]).tolist(), strict=True)]
     if len(traced.tokens) != len(traced.unknown):
         raise RuntimeError("the text as written and as the model reads it gave different positions")
+    # A literal <unk> in the text (Penn Treebank's) is the model's own token, as eval perplexity counts it.
+    traced.unknown = [read_as_unk and token != UNK for read_as_unk, token in zip(traced.unknown, traced.tokens)]
     notes = []
     if unknown := sum(traced.unknown):
         share = 100 * unknown / len(traced.unknown)
