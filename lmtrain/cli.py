@@ -405,8 +405,8 @@ def perplexity(
     data: Annotated[Optional[str], typer.Option(
         metavar="FILE", help="Text file to score, - for standard input (default: the checkpoint corpus's "
                              "--split).")] = None,
-    split: Annotated[str, typer.Option(
-        metavar="valid|test", help="valid or test split of the checkpoint's corpus.")] = "valid",
+    split: Annotated[Optional[str], typer.Option(
+        metavar="valid|test", help="valid or test split of the checkpoint's corpus (default: valid).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(callback=_whole,
         metavar="N", help="Sequences scored at once (the result does not depend on it).")] = None,
     segment: Annotated[Optional[int], typer.Option(callback=_whole,
@@ -421,8 +421,10 @@ def perplexity(
     from lmtrain.files import strict_json
 
     with user_errors(ctx.obj):
-        if split not in ("valid", "test"):
+        if split is not None and split not in ("valid", "test"):
             raise LmtrainError(f"--split must be valid or test; got {split!r}")
+        if split is not None and data is not None:
+            raise LmtrainError("give --data FILE or --split, not both: --data scores that file instead of a split")
         if batch_size is not None and batch_size < 1:
             raise LmtrainError(f"--batch-size must be >= 1; got {batch_size}")
         if segment is not None and segment < 0:
@@ -430,7 +432,7 @@ def perplexity(
         _set_threads(ctx.obj)
         if data == "-":
             data = "/dev/stdin"
-        numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split, batch_size=batch_size,
+        numbers, notes = evaluate_checkpoint(checkpoint, data_file=data, split=split or "valid", batch_size=batch_size,
                                              device=_device(device), segment=segment)
         for note in notes:
             typer.echo(note, err=True)
