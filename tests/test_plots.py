@@ -48,6 +48,18 @@ def test_plot_writes_an_image(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_bi_models_right_to_left_validation_is_drawn_too(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    events = EVENTS + [{"step": s, "split": "valid_right_to_left", "loss": 2.0 / s, "elapsed_s": 0.1 * s}
+                       for s in (1, 2)]
+    drawn = []
+    monkeypatch.setattr("lmtrain.evaluation.plots.save_figure", lambda plt, figure, path: drawn.append(figure))
+    plot_runs([str(write_run(tmp_path / "bi", events))], str(tmp_path / "curves.png"))
+    by_step = drawn[0].axes[0]
+    assert [line.get_label() for line in by_step.get_lines()] == ["bi train", "bi valid", "bi valid_right_to_left"]
+    assert list(by_step.get_lines()[2].get_ydata()) == [2.0, 1.0]
+
+
 def test_a_failed_write_leaves_the_old_image_as_it_was(tmp_path, monkeypatch):
     """The figure goes to a temporary file renamed over the old one: a full disk, a size limit or a kill
     mid-write never leaves half an image where the old one was."""

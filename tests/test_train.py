@@ -375,9 +375,14 @@ def test_bidirectional_lm_trains_both_directions(tmp_path, corpus):
     out_dir = tmp_path / "bi"
     config = make_config(corpus, out_dir, model__direction="bi", train__max_steps=80, train__eval_every=40,
                          train__lr=0.02)
-    result = train(config, progress_bar=False)
+    lines = []
+    result = train(config, progress_bar=False, echo=lines.append)
     forward, backward = events(out_dir, "valid"), events(out_dir, "valid_right_to_left")
     assert [e["step"] for e in forward] == [e["step"] for e in backward] == [40, 80]
+    # Each evaluation line ends in the mean of the two, the number "(best)" marks and best.pt is picked by.
+    shown = [line for line in lines if line.startswith(("step 40: ", "step 80: "))]
+    assert [line.split("; mean loss ")[1].removesuffix(" (best)") for line in shown] == [
+        f"{(f['loss'] + b['loss']) / 2:.4f}" for f, b in zip(forward, backward)]
     # best.pt follows the mean of the two directions, the training objective.
     assert result.progress.best_valid_loss == pytest.approx(
         min((f["loss"] + b["loss"]) / 2 for f, b in zip(forward, backward)), abs=1e-5)

@@ -67,9 +67,9 @@ def _number(value: Any) -> float:
 
 
 def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> None:
-    """Train and validation loss against step (left) and against wall-clock time (right), one
-    colour per run, validation dashed, written to `output` (.png, .svg or .pdf; `option` names it in
-    an error)."""
+    """Train and validation loss against step (left) and against wall-clock time (right), one colour
+    per run, validation dashed (a bi model's right-to-left LM dotted), written to `output` (.png, .svg
+    or .pdf; `option` names it in an error)."""
     check_output(option, output, suffixes=FIGURE_SUFFIXES,
                  inputs=[Path(run_dir) / "metrics.jsonl" for run_dir in run_dirs])
     run_dirs = first_of_each_folder(run_dirs)
@@ -83,7 +83,7 @@ def plot_runs(run_dirs: list[str], output: str, *, option: str = "output") -> No
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for index, (run_dir, events) in enumerate(runs.items()):
         colour, name = f"C{index}", names[index]
-        for split, style in (("train", "-"), ("valid", "--o")):
+        for split, style in (("train", "-"), ("valid", "--o"), ("valid_right_to_left", ":s")):  # the last: bi models
             chosen = [event for event in events if event.get("split") == split]
             if not chosen:
                 continue

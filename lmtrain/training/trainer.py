@@ -403,10 +403,12 @@ class Trainer:
         if math.isfinite(loss) and (best is None or loss < best):  # the same loss, so the same choice, in all
             self.progress.best_valid_loss = loss
             self._write(self.run_dir.save_best)
+        parts = [f"{split} loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
+                 for split, (result, _) in scores.items()]
+        if len(scores) > 1:  # a bi model: the mean is what picks best.pt, and what the run's end reports
+            parts.append(f"mean loss {loss:.4f}")
         marker = " (best)" if self.progress.best_valid_loss == loss else ""
-        self.echo(f"step {self.progress.step}: "
-                  + "; ".join(f"{split} loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
-                              for split, (result, _) in scores.items()) + marker)
+        self.echo(f"step {self.progress.step}: " + "; ".join(parts) + marker)
         return loss
 
     def _log_event(self, split: str, loss: float | None, tokens_per_s: float, skipped: int = 0) -> None:
