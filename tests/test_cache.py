@@ -115,6 +115,14 @@ def test_second_load_neither_hashes_nor_tokenizes(folder: Path, tmp_path: Path, 
     assert second.tokenizer == first.tokenizer and torch.equal(second.splits["train"], first.splits["train"])
 
 
+def test_the_tokenized_count_is_the_texts_tokens(folder: Path, tmp_path: Path):
+    """Each split's stream starts with an <eos> of its own (the first target's context), not the text's."""
+    text = "ab\ncd\n" * 50  # 300 characters, the line ends <eos>
+    lines: list[str] = []
+    cached_corpus(DataConfig(path=write(tmp_path / "corpus.txt", text), level="char"), echo=lines.append)
+    assert lines[0].startswith("tokenized 0.0 MB into 300 tokens in "), lines
+
+
 def test_changed_content_makes_a_new_entry(folder: Path, tmp_path: Path):
     path = tmp_path / "corpus.txt"
     config = DataConfig(path=write(path, "a b\nc d\n" * 5), level="word")

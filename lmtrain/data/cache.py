@@ -357,7 +357,8 @@ def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokeni
         raise CacheUnwritable(f"cannot write the token cache {folder}: {os_reason(error)}") from None
     seconds = time.perf_counter() - begin
     megabytes = sum(signature[0] for signature in signatures.values()) / 1e6
-    echo(f"tokenized {megabytes:,.1f} MB into {sum(length for _, length, _ in splits):,} tokens in {seconds:.1f} s "
+    tokens = sum(length - 1 for _, length, _ in splits)  # the text's: each stream's leading <eos> is not
+    echo(f"tokenized {megabytes:,.1f} MB into {tokens:,} tokens in {seconds:.1f} s "
          f"({megabytes / max(seconds, 1e-9):,.1f} MB/s), cached in {folder}")
 
 
