@@ -641,6 +641,19 @@ def _end_at_once_on_ctrl_c(code: int) -> None:
     signal.signal(signal.SIGINT, lambda number, frame: os._exit(code))
 
 
+def _command_path(arguments: list[str]) -> str:
+    """The command that `arguments` name (`lmtrain eval perplexity`), passing over a group's options."""
+    command, path = typer.main.get_command(app), ["lmtrain"]
+    for word in arguments:
+        commands = getattr(command, "commands", None)  # a group's (click's, or the copy newer typers carry)
+        if commands is None:
+            break
+        if word in commands:
+            command = commands[word]
+            path.append(word)
+    return " ".join(path)
+
+
 def _exit_code() -> int:
     try:
         code = app(prog_name="lmtrain", standalone_mode=False)
@@ -654,7 +667,8 @@ def _exit_code() -> int:
         if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
             typer.echo(context.get_help())
             return 0
-        command = context.command_path if context is not None else "lmtrain"
+        # An option's missing value comes with no context of its command: the command line names it.
+        command = context.command_path if context is not None else _command_path(sys.argv[1:])
         typer.echo(f"error: {error.format_message()} (see: {command} --help)", err=True)
         return error.exit_code
     except typer.Abort:

@@ -599,6 +599,8 @@ CASES: list[Case] = [
          expect=("--max-tokens",)),
     Case("sample-num-not-a-number", "`--num many` (not a number)", (*SAMPLE, "--num", "many"),
          {"model.pt": CHAR_PT}, expect=("--num", "valid int", "lmtrain sample --help")),  # 0.27: "not a valid int"
+    Case("sample-checkpoint-no-value", "`--checkpoint` with no value after it", ("sample", "--checkpoint"), {},
+         expect=("Option '--checkpoint' requires an argument", "(see: lmtrain sample --help)")),
     Case("unknown-option", "an option the command does not have", (*TRAIN, "--no-such-flag", "tiny.yaml"),
          tiny_with(), expect=("No such option", "--no-such-flag")),
     Case("sample-temperature-tiny", "`--temperature 1e-45` (as good as greedy)",
