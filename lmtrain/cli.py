@@ -477,6 +477,8 @@ def gradients(
         typer.echo(f"{description}\n{'T - t':>6}  {'norm':>10}  {'relative':>10}")
         for row in rows:
             typer.echo(f"{row['distance']:>6}  {row['norm']:>10.3e}  {row['relative']:>10.3e}")
+        if plot is not None:
+            typer.echo(f"wrote {plot}")
 
 
 @eval_app.command(short_help="Subject-verb agreement on minimal pairs.")

@@ -120,6 +120,15 @@ def test_a_bad_plot_name_is_refused_before_the_measurement(config_file, tmp_path
     assert result.output == f"error: --plot must name a .png or .svg or .pdf file; got {tmp_path / 'plot'}\n"
 
 
+def test_the_plot_written_is_named_as_plot_and_visualize_name_theirs(config_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "decay.png"
+    result = CliRunner().invoke(app, ["diagnose", "gradients", "--config", str(config_file), "--length", "8",
+                                      "--count", "2", "--plot", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"wrote {picture}" and picture.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_json(config_file):
     result = CliRunner().invoke(app, ["diagnose", "gradients", "--config", str(config_file), "--length", "8",
                                       "--count", "2", "--json"])
