@@ -567,7 +567,8 @@ CASES: list[Case] = [
          expect=("run/lock is a symbolic link", "remove it"), check=notes_unchanged,
          note="the file the link names unchanged"),
     Case("resume-without-run", "--resume with no run in train.out_dir", (*TRAIN, "--resume", "tiny.yaml"),
-         tiny_with(), expect=("nothing to resume", "last.pt")),
+         tiny_with(), expect=("nothing to resume", "last.pt", "a relative train.out_dir is read from the current "
+                                                               "folder")),
     # checkpoints
     Case("checkpoint-missing", "checkpoint that does not exist", ("sample", "--checkpoint", "nowhere.pt"),
          expect=("checkpoint not found", "nowhere.pt")),

@@ -151,7 +151,9 @@ class RunDirectory:
                 notes.append(f"warning: {str(error).removesuffix(f'; {ANOTHER}')}; trying an older checkpoint")
         if notes:
             raise LmtrainError(f"no intact checkpoint to resume in {self.path} ({len(notes)} damaged)")
-        raise LmtrainError(f"nothing to resume: no last.pt in {self.path}")
+        where = "" if self.path.is_absolute() else (f" ({self.path.absolute()}: a relative train.out_dir is read "
+                                                     f"from the current folder)")
+        raise LmtrainError(f"nothing to resume: no last.pt in {self.path}{where}")
 
     # -- metrics -------------------------------------------------------------------------------------
 
