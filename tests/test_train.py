@@ -518,3 +518,26 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_last_steps(tmp_path, corpu
     result = train(make_config(corpus, tmp_path / "run", train__max_steps=5), progress_bar=False)
     assert result.progress.step == 5 and result.valid_loss is not None
     assert load_payload(tmp_path / "run" / "last.pt")["progress"]["step"] == 5
+
+
+def test_a_terminal_that_reports_no_size_still_gets_a_bar():
+    """tqdm on a terminal of 0 x 0 (`script` on a terminal of unset size) drew nothing."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from lmtrain.training.trainer import bar_size
+
+    main, side = pty.openpty()  # a new pseudo-terminal has no size until one is set
+    try:
+        with os.fdopen(side, "w", closefd=False) as stream:
+            fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            assert bar_size(stream) == {"ncols": 80, "nrows": 24}
+            fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 100, 0, 0))
+            assert bar_size(stream) == {"ncols": 100, "nrows": 24}
+            fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+            assert bar_size(stream) == {"dynamic_ncols": True}
+    finally:
+        os.close(main)
+        os.close(side)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
@@ -79,6 +80,17 @@ from lmtrain.training.resume import (
 from lmtrain.training.rundir import RunDirectory
 from lmtrain.training.signals import StopSignals, TrainingInterrupted  # noqa: F401 - TrainingInterrupted: the API's
 from lmtrain.training.validation import Validation
+
+
+def bar_size(stream: TextIO) -> dict[str, Any]:
+    """tqdm's size options for a bar on `stream`: the terminal's width as it changes, or 80 x 24 where the
+    terminal says it has no columns or no rows (`script` on a terminal of unset size): tqdm draws nothing
+    on a screen of no rows."""
+    try:
+        columns, rows = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError):
+        columns = rows = 0
+    return {"dynamic_ncols": True} if columns > 0 and rows > 0 else {"ncols": columns or 80, "nrows": rows or 24}
 
 
 @dataclass
@@ -242,7 +254,7 @@ class Trainer:
         self.plain_progress = self.progress_bar and not sys.stderr.isatty()
         shown = self.progress_bar and not self.plain_progress
         bar = tqdm(total=self._total_steps(), initial=self.progress.step, disable=not shown, unit="step",
-                   dynamic_ncols=True)
+                   **bar_size(sys.stderr))
         echo, warn = self.echo, self.warn
         if shown:  # lines written through the bar, so that it is redrawn below them
             self.echo, self.warn = bar.write, lambda line: bar.write(line, file=sys.stderr)
