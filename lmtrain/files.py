@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -55,8 +56,13 @@ def replacing(path: str | Path) -> Iterator[BinaryIO]:
 
 
 def _writer() -> str:
-    """This process, as the name of its temporary files holds it."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """This process, as the name of its temporary files holds it: host and process id."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _host() -> str:
+    """The host's name as a file name may hold it (a host name may be set to any bytes, a `/` included)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
 
 
 @contextmanager
@@ -65,7 +71,7 @@ def writing_output(path: str | Path) -> Iterator[BinaryIO]:
     first removing the temporary files of this name that a writer on this host left when it was
     killed (its process is gone: nothing else would ever remove them)."""
     target = through_link(path)
-    prefix = f".{target.name}.{socket.gethostname()}-"
+    prefix = f".{target.name}.{_host()}-"
     for leftover in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         process = leftover.name[len(prefix):].partition(".")[0]
         if process.isdigit() and not _running(int(process)):

@@ -99,6 +99,19 @@ def test_a_killed_writers_leftover_is_removed_by_the_next_write_and_a_live_ones_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "curves.png", "run"])
 
 
+def test_a_host_name_no_file_name_can_hold_is_written_safely(tmp_path, monkeypatch):
+    """A host name may be set to anything, `/` included: the temporary files' names must stay in the folder."""
+    from lmtrain.files import atomic_write, writing_output
+
+    monkeypatch.setattr("lmtrain.files.socket.gethostname", lambda: "rack/7 node*")
+    atomic_write(tmp_path / "a.txt", b"whole")
+    dead = tmp_path / ".b.txt.rack_7_node_-4194304999.abcdefgh.tmp"  # no process has that number
+    dead.write_bytes(b"half")
+    with writing_output(tmp_path / "b.txt") as handle:
+        handle.write(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
 @pytest.mark.parametrize("output", ["curves", "", "curves.jpg", "run"])
 def test_an_output_that_is_no_image_file_name_is_refused_before_reading(tmp_path, output):
     run = write_run(tmp_path / "run", EVENTS)
