@@ -5,13 +5,15 @@ whole new one, never a mixture."""
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import math
 import os
 import re
-import socket
+import stat
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +40,9 @@ def sync(path: Path) -> None:
 def replacing(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file to write `path`'s new content into; when the block ends without an error it
     replaces `path` at once, and otherwise it is removed and `path` is left as it was. The temporary
-    file is `.NAME.HOST-PID.XXXXXXXX.tmp` beside it: a cleanup of a killed writer's leftovers looks for
-    the pattern, and `writing_output` also for the writer's process."""
+    file is `.NAME.XXXXXXXX.tmp` beside it (what a cleanup of a killed writer's leftovers looks for)."""
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from its group and others
         with os.fdopen(descriptor, "wb") as handle:
@@ -55,39 +56,46 @@ def replacing(path: str | Path) -> Iterator[BinaryIO]:
     sync(path.parent)
 
 
-def _writer() -> str:
-    """This process, as the name of its temporary files holds it: host and process id."""
-    return f"{_host()}-{os.getpid()}"
-
-
-def _host() -> str:
-    """The host's name as a file name may hold it (a host name may be set to any bytes, a `/` included)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+# A temporary file younger than this is never taken for a leftover: its writer locks it just after making it.
+LEFTOVER_SECONDS = 60
 
 
 @contextmanager
 def writing_output(path: str | Path) -> Iterator[BinaryIO]:
-    """`replacing` for a file the user named (a plot, a page), through a link as `through_link` says,
-    first removing the temporary files of this name that a writer on this host left when it was
-    killed (its process is gone: nothing else would ever remove them)."""
+    """`replacing` for a file the user named (a plot, a page), through a link as `through_link` says.
+    The writer holds a lock on its temporary file while it writes; first, the temporary files of this
+    name that no writer holds (one killed mid-write left them, and nothing else would ever remove them)
+    are removed."""
     target = through_link(path)
-    prefix = f".{target.name}.{_host()}-"
-    for leftover in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        process = leftover.name[len(prefix):].partition(".")[0]
-        if process.isdigit() and not _running(int(process)):
-            leftover.unlink(missing_ok=True)
+    leftover = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")  # `replacing`'s names, no other's
+    for candidate in target.parent.glob(f"{glob.escape(f'.{target.name}.')}*.tmp"):
+        if leftover.fullmatch(candidate.name):
+            _remove_if_abandoned(candidate)
     with replacing(target) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel if this process dies
+        except OSError:  # a file system without locks: its leftovers are then never removed, as before
+            pass
         yield handle
 
 
-def _running(process: int) -> bool:
+def _remove_if_abandoned(path: Path) -> None:
+    """Remove `path` if it is a regular file older than LEFTOVER_SECONDS whose lock no process holds;
+    leave it, without a word, where any of that cannot be known or done (another user's file, say)."""
     try:
-        os.kill(process, 0)  # signal 0: only asks whether the process exists
-    except (ProcessLookupError, OverflowError):  # none has that number; none can have it
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or time.time() - status.st_mtime < LEFTOVER_SECONDS:
+            return
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its writer is alive
+        path.unlink()
+    except OSError:
+        return
+    finally:
+        os.close(descriptor)
 
 
 def _umask() -> int:

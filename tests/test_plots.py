@@ -6,14 +6,16 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from lmtrain.errors import LmtrainError
 from lmtrain.evaluation.plots import first_of_each_folder, legend_names, plot_runs, read_metrics
+from lmtrain.files import LEFTOVER_SECONDS
 
 
 def write_run(folder, events, tail=""):
@@ -78,38 +80,71 @@ def test_a_failed_write_leaves_the_old_image_as_it_was(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]
 
 
+def aged(path, seconds=2 * LEFTOVER_SECONDS):
+    """`path` with its times set back, as a leftover of some time ago."""
+    before = time.time() - seconds
+    os.utime(path, (before, before))
+    return path
+
+
 def test_a_killed_writers_leftover_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
     """A write killed mid-way (kill -9: no handler runs) leaves its hidden temporary file; the next
-    write of that name removes it, since its process is gone, and leaves one a running writer holds."""
+    write of that name removes it, since no process holds its lock, and leaves one a running writer holds."""
     pytest.importorskip("matplotlib")
     output = tmp_path / "curves.png"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lmtrain.files import writing_output\n"
-                               "with writing_output(sys.argv[1]) as handle:\n"
-                               "    handle.write(b'half'); print('writing', flush=True); time.sleep(120)", str(output)],
-        stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline() == "writing\n"
-    writer.kill()
-    writer.wait()
-    killed = [p.name for p in tmp_path.iterdir()]
-    assert len(killed) == 1 and killed[0].startswith(".curves.png.") and killed[0].endswith(".tmp")
-    alive = tmp_path / f".curves.png.{socket.gethostname()}-{os.getpid()}.abcdefgh.tmp"  # this process: running
-    alive.write_bytes(b"")
-    plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(output))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "curves.png", "run"])
+    script = ("import sys, time\nfrom lmtrain.files import writing_output\n"
+              "with writing_output(sys.argv[1]) as handle:\n"
+              "    handle.write(b'half'); print('writing', flush=True); time.sleep(120)")
+    killed, alive = (subprocess.Popen([sys.executable, "-c", script, str(output)], stdout=subprocess.PIPE, text=True)
+                     for _ in range(2))
+    try:
+        for writer in (killed, alive):
+            assert writer.stdout.readline() == "writing\n"
+        leftovers = sorted(tmp_path.iterdir())
+        assert len(leftovers) == 2 and all(p.name.startswith(".curves.png.") for p in leftovers)
+        for leftover in leftovers:
+            aged(leftover)
+        killed.kill()
+        killed.wait()
+        young = tmp_path / ".curves.png.abcdefgh.tmp"  # just made: its writer may not have locked it yet
+        young.write_bytes(b"")
+        held = [os.readlink(link) for link in Path(f"/proc/{alive.pid}/fd").iterdir()]
+        (writing,) = [p.name for p in leftovers if str(p) in held]  # the live writer's own temporary file
+        plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(output))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["curves.png", "run", young.name, writing])
+    finally:
+        alive.kill()
+        alive.wait()
 
 
-def test_a_host_name_no_file_name_can_hold_is_written_safely(tmp_path, monkeypatch):
-    """A host name may be set to anything, `/` included: the temporary files' names must stay in the folder."""
-    from lmtrain.files import atomic_write, writing_output
+def test_what_is_no_leftover_of_this_output_stays_and_does_not_stop_the_write(tmp_path, monkeypatch):
+    """Another output's temporary file whose name begins like this one's, a folder of such a name, and a
+    leftover that cannot be removed (another user's, in a shared folder) are left, and the write goes on."""
+    from lmtrain import files
 
-    monkeypatch.setattr("lmtrain.files.socket.gethostname", lambda: "rack/7 node*")
-    atomic_write(tmp_path / "a.txt", b"whole")
-    dead = tmp_path / ".b.txt.rack_7_node_-4194304999.abcdefgh.tmp"  # no process has that number
-    dead.write_bytes(b"half")
-    with writing_output(tmp_path / "b.txt") as handle:
+    other = tmp_path / ".a.png.vm-999999.png.abcdefgh.tmp"  # a leftover of the output `a.png.vm-999999.png`
+    stuck = tmp_path / ".a.png.stuck000.tmp"
+    for leftover in (other, stuck):
+        leftover.write_bytes(b"half")
+        aged(leftover)
+    folder = tmp_path / ".a.png.folder00.tmp"
+    folder.mkdir()
+    aged(folder)
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == stuck.name:  # as another user's file in a sticky folder (/tmp) is
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with files.writing_output(tmp_path / "a.png") as handle:
         handle.write(b"whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, folder.name, stuck.name, "a.png"])
+    monkeypatch.undo()
+    with files.writing_output(tmp_path / "a.png") as handle:  # removable now: an abandoned file of this output
+        handle.write(b"whole")
+    assert not stuck.exists() and other.exists()
 
 
 @pytest.mark.parametrize("output", ["curves", "", "curves.jpg", "run"])
