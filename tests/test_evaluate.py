@@ -217,8 +217,8 @@ def test_a_split_of_a_corpus_changed_since_the_checkpoint_is_scored_with_a_warni
     assert evaluate.evaluate_checkpoint(checkpoint, data_file=str(corpus["valid"]))[1] == []  # a file of one's own
 
 
-def test_the_corpus_check_of_eval_reads_only_the_scored_file(tmp_path, monkeypatch):
-    """Scoring the valid split hashes the valid file alone: the training file may be gigabytes."""
+def test_eval_reads_only_the_scored_file(tmp_path, monkeypatch):
+    """Scoring the valid split reads and hashes the valid file alone: the training file may be gigabytes."""
     from corpus_helpers import sentences, write_lines
     from test_train import make_config
 
@@ -232,8 +232,10 @@ def test_the_corpus_check_of_eval_reads_only_the_scored_file(tmp_path, monkeypat
     hashed = []
     digest = cache.content_digest
     monkeypatch.setattr(cache, "content_digest", lambda path, folder: hashed.append(path) or digest(path, folder))
-    assert evaluate.evaluate_checkpoint(str(tmp_path / "run" / "best.pt"))[1] == []
-    assert hashed == [corpus["valid"]]
+    numbers, notes = evaluate.evaluate_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert notes == [] and hashed == [corpus["valid"]]
+    corpus["train"].unlink()  # nor read: the scored split's file alone (data.path is cut whole)
+    assert evaluate.evaluate_checkpoint(str(tmp_path / "run" / "best.pt")) == (numbers, [])
 
 
 def test_the_python_api_refuses_counts_and_devices_it_cannot_use(tmp_path):

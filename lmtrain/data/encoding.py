@@ -50,6 +50,23 @@ def load_splits(config: DataConfig) -> dict[str, str]:
     return texts
 
 
+def split_names(config: DataConfig) -> list[str]:
+    """The splits the config has: train, valid and, where it names or cuts one, test."""
+    config = with_corpus_files(config)
+    if config.path is not None:
+        return list(SPLITS[:len(config.split)])
+    return [name for name in SPLITS if getattr(config, name) is not None]
+
+
+def load_split(config: DataConfig, name: str) -> str:
+    """The text of one split, as `load_splits` gives it: a split file is read alone (the training file
+    may be far larger than the one scored), a split of `data.path` is cut from the whole file."""
+    files = with_corpus_files(config)
+    if files.path is not None:
+        return load_splits(config)[name]
+    return read_text(getattr(files, name), encoding=files.encoding, errors=files.encoding_errors)
+
+
 def with_corpus_files(config: DataConfig) -> DataConfig:
     """`config` with a downloaded corpus (`data.corpus`) replaced by its files: its one file (cut by
     data.split) or its three."""

@@ -27,7 +27,7 @@ from lmtrain.data.dataset import (
     sentence_pieces,
     stream_segments,
 )
-from lmtrain.data.encoding import load_splits, stream_ids, with_corpus_files
+from lmtrain.data.encoding import load_split, split_names, stream_ids, with_corpus_files
 from lmtrain.data.tokenizer import Tokenizer, model_remedy, read_text
 from lmtrain.errors import LmtrainError
 from lmtrain.model.language_model import LanguageModel
@@ -151,11 +151,10 @@ def evaluate_checkpoint(path: str, *, data_file: str | None = None, split: str =
                          remedy=model_remedy(config.data.encoding))
         origin = data_file
     else:
-        texts = load_splits(config.data)
-        if split not in texts:
-            raise LmtrainError(f"the checkpoint's corpus has no {split} split (it has {', '.join(texts)}); "
+        if split not in (names := split_names(config.data)):
+            raise LmtrainError(f"the checkpoint's corpus has no {split} split (it has {', '.join(names)}); "
                                f"give --data FILE")
-        text, origin = texts[split], f"{split} split"
+        text, origin = load_split(config.data, split), f"{split} split"
         if changed := split_changed(payload.get("data_files"), config, split):
             warnings.append(changed)
     sequences = evaluation_sequences(tokenizer, text, config)
