@@ -166,12 +166,21 @@ def peak_rss_medians(cell: str, size: tuple[int, int, int], processes: int,
     """Each variant's peak RSS over the input-only process's, medians of `processes` fresh processes
     taken in turn: one process's peak moves by a few (T, B, H) buffers from run to run, with where
     glibc's heaps happen to fit them."""
-    peaks: dict[str | None, list[float]] = {variant: [] for variant in (None, *variants)}
+    return {variant: fields["VmHWM"] for variant, fields in memory_medians(cell, size, processes, variants).items()}
+
+
+def memory_medians(cell: str, size: tuple[int, int, int], processes: int, variants: tuple[str, ...] = VARIANTS,
+                   environment: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """{variant: {field: MB}}: each of `process_memory`'s fields less the input-only process's, medians of
+    `processes` fresh processes (run with `environment` if given) taken in turn."""
+    runs: dict[str | None, list[dict[str, float]]] = {variant: [] for variant in (None, *variants)}
     for _ in range(processes):
-        for variant in peaks:
-            peaks[variant].append(peak_rss_mb(variant, cell, size))
-    base = statistics.median(peaks[None])
-    return {variant: statistics.median(values) - base for variant, values in peaks.items() if variant}
+        for variant in runs:
+            runs[variant].append(process_memory(variant, cell, size, environment=environment))
+    median = {variant: {field: statistics.median(run[field] for run in values) for field in values[0]}
+              for variant, values in runs.items()}
+    return {variant: {field: value - median[None][field] for field, value in median[variant].items()}
+            for variant in variants}
 
 
 def main() -> None:

@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import sys
 
 import torch
-from bench_cells import REFERENCE, process_memory
+from bench_cells import REFERENCE, memory_medians
 from comparison import allocator_settings, cpu_name, doc_file, layer_sizes, positive_integer
 from doc_sections import write_section
 
@@ -37,19 +36,6 @@ CASES = (("rnn", (32, 64, 128)), ("rnn", (64, 128, 256)), ("gru", (32, 64, 128))
          ("gru-lecture", (1, 256, 512)))
 LIVE = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 SIDES = ("torch.nn", "lmtrain manual")
-
-
-def medians_above_input(cell: str, size: tuple[int, int, int], processes: int,
-                        environment: dict[str, str]) -> dict[str, dict[str, float]]:
-    """{side: {field: MB}}: each side's memory fields less those of a process that only built the input,
-    medians of `processes` processes taken in turn."""
-    runs: dict[str | None, list[dict[str, float]]] = {side: [] for side in (None, *SIDES)}
-    for _ in range(processes):
-        for side in runs:
-            runs[side].append(process_memory(side, cell, size, environment=environment))
-    median = {side: {field: statistics.median(run[field] for run in values) for field in values[0]}
-              for side, values in runs.items()}
-    return {side: {field: value - median[None][field] for field, value in median[side].items()} for side in SIDES}
 
 
 def ratio(numbers: dict[str, float]) -> str:
@@ -80,7 +66,7 @@ def main() -> None:
     print("\n".join(header), flush=True)
     rows = []
     for cell, (B, T, H) in cases:
-        kept, alone = (medians_above_input(cell, (B, T, H), args.processes, environment)
+        kept, alone = (memory_medians(cell, (B, T, H), args.processes, SIDES, environment)
                        for environment in (settings, live))
         code = {side: alone[side]["RssFile"] for side in SIDES}
         rows.append(f"| {cell} | {B}, {T}, {H} | {ratio({side: kept[side]['VmHWM'] for side in SIDES})} | "

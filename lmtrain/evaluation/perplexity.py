@@ -122,7 +122,7 @@ def split_changed(saved: dict | None, config: Config, split: str) -> str | None:
     files = with_corpus_files(config.data)
     role = "path" if files.path is not None else split
     now = data_fingerprints(files, roles=(role,))  # hashing only the file scored: the others may be large
-    changes = changed_files({role: saved[role]} if role in saved else {}, {role: now[role]} if role in now else {})
+    changes = changed_files({role: saved[role]} if role in saved else {}, now)
     if not changes:
         return None
     how = "cut from it as it is now" if role == "path" else "the file as it is now"
