@@ -10,7 +10,7 @@ The Python API (each module imports torch; this package file does not, so `lmtra
 
 The folders follow the design (docs/architecture.md): model/ is the lecture's network, backprop/ its
 hand-written backpropagation through time, speed/ the one place that picks how they run, data/ turns
-text into batches, training/ and evaluation/ use them, and cli.py is the command line on top.
+text into batches, training/ and evaluation/ use them, and cli/ is the command line on top.
 """
 
 __version__ = "0.1.0"

@@ -69,6 +69,16 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, Any]:
     """The checkpoint's contents on the CPU; a clear error for anything that is not one of ours, or whose
     weights are not finite. `training`: it is to be resumed, so its training state is checked too."""
+    path = _checkpoint_file(path)
+    payload = _read(path)
+    _check_contents(payload, path)
+    if training:
+        _check_training_state(payload, path)
+    return migrated(payload)
+
+
+def _checkpoint_file(path: str | Path) -> Path:
+    """`path` as a Path, once it names a file that is there to read."""
     if not str(path):  # Path("") is the current folder
         raise LmtrainError("no checkpoint path given (an empty string)")
     path = Path(path)
@@ -83,6 +93,11 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
     if path.is_dir():
         advice = "a checkpoint is a file" if path.suffix == ".pt" else f"give the .pt file, e.g. {path}/best.pt"
         raise LmtrainError(f"checkpoint path is a directory: {path} ({advice})")
+    return path
+
+
+def _read(path: Path) -> Any:
+    """What the file holds, read with torch's safe loader after its checksums are checked."""
     # torch.load does not check the archive's CRC-32s, so a flipped bit in the weights would load as other
     # weights; the file is read once more to check them (from the page cache, as torch.load reads it next).
     try:
@@ -109,6 +124,12 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
         raise LmtrainError(f"{path}: not a readable lmtrain checkpoint (truncated, corrupt, or another kind "
                            f"of file)") from None
+    return payload
+
+
+def _check_contents(payload: Any, path: Path) -> None:
+    """Refuse what lmtrain never writes: a missing part, another format version, a section of the wrong
+    kind, progress that is no number, weights that are not finite floating-point numbers, a broken tokenizer."""
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED):
         raise LmtrainError(f"{path}: not an lmtrain checkpoint")
     version = payload["format_version"]
@@ -144,9 +165,7 @@ def load_checkpoint(path: str | Path, *, training: bool = False) -> dict[str, An
     except (LmtrainError, KeyError, TypeError) as error:
         reason = str(error) if isinstance(error, LmtrainError) else "its tokenizer is not what lmtrain writes"
         raise LmtrainError(f"{path}: damaged: {reason}; {ANOTHER}") from None
-    if training:
-        _check_training_state(payload, path)
-    return migrated(payload)
+
 
 
 def _check_training_state(payload: dict[str, Any], path: Path) -> None:

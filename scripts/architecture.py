@@ -45,7 +45,12 @@ def imports(path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.Import):
             names.update(alias.name.removeprefix("lmtrain.") for alias in node.names
                          if alias.name.startswith("lmtrain."))
-    return {name for name in names if name in known}
+    return {name for name in names if name in known or is_package(name)}
+
+
+def is_package(name: str) -> bool:
+    """Whether `name` is a folder with its own `__init__.py` (`config`), imported as a whole."""
+    return (PACKAGE.joinpath(*name.split(".")) / "__init__.py").exists()
 
 
 def first_line(path: Path) -> str:

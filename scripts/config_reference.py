@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Write docs/config.md: every config key with its type, default and description, read from the typed
-fields of lmtrain/config.py (their annotations, defaults and docstrings). tests/test_config_source.py
+fields of lmtrain/config/sections.py (their annotations, defaults and docstrings). tests/test_config_source.py
 checks the page is current.
 
     python scripts/config_reference.py          # writes docs/config.md
@@ -52,7 +52,7 @@ def page() -> str:
              "sections, `data`, `model` and `train`; `lmtrain train CONFIG key=value ...` overrides any key on the",
              "command line (`model.hidden_size=512`). Relative `data.*` paths in a file are relative to the file's",
              "folder; a path starting with `~` is in the home folder, as in a shell. Written by",
-             "`python scripts/config_reference.py` from the typed fields of `lmtrain/config.py`,",
+             "`python scripts/config_reference.py` from the typed fields of `lmtrain/config/sections.py`,",
              "which also give the choices, defaults and error messages `lmtrain` uses, and the defaults of the",
              "Python constructors. An integer is a 64-bit one (up to about 9.2e18, the range torch and the",
              "checkpoints hold); a key given twice in a file, or one that is not a name, is an error. A key given",
@@ -69,7 +69,7 @@ def page() -> str:
                   "| key | type | default | what it does |", "|---|---|---|---|"]
         for field in dataclasses.fields(cls):
             key = f"{section}.{field.name}"
-            kind = config.type_name(config._annotation(key)) + rules(key)
+            kind = config.type_name(config.field_type(key)) + rules(key)
             lines.append(f"| `{key}` | {kind} | `{default_text(field)}` | {docs.get(field.name, '')} |")
         lines.append("")
     renamed = ", ".join(f"`{old}` (now `{new}`)" for old, new in config.RENAMED.items())

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import warnings
 
-# torch warns at import when NumPy is absent; lmtrain does not use NumPy (as lmtrain/cli.py does).
+# torch warns at import when NumPy is absent; lmtrain does not use NumPy (as lmtrain/cli/app.py does).
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 # Training in stream mode writes the token cache: into a temporary folder, never ~/.cache/lmtrain. Set

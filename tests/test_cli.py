@@ -138,6 +138,15 @@ def test_help_lists_the_commands(tmp_path):
     assert "perplexity" in eval_help.stdout
 
 
+def test_help_lists_the_commands_in_the_order_of_a_run(tmp_path):
+    """Train first, then what reads its checkpoints, then the groups: the order the cli modules register them."""
+    listed = run(["--help"], tmp_path).stdout.partition("Commands:")[2]
+    names = re.findall(r"^  (\w+)", listed, flags=re.MULTILINE)
+    assert names == ["train", "sample", "info", "plot", "visualize", "eval", "diagnose", "data", "kernels"]
+    assert re.findall(r"^  (\w+)", run(["eval", "--help"], tmp_path).stdout.partition("Commands:")[2],
+                      flags=re.MULTILINE) == ["perplexity", "agreement"]
+
+
 def run_python(code: str, folder: Path) -> subprocess.CompletedProcess:
     """`code` in a fresh Python, as lmtrain's console script would run it (the CLI's environment)."""
     return subprocess.run([sys.executable, "-c", code], cwd=folder, env=ENV, capture_output=True, text=True,
@@ -706,9 +715,9 @@ def test_training_into_an_existing_run_leaves_it_unchanged(mistakes):
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_library_warning_is_one_line_with_its_source_under_debug(debug: bool, capsys):
-    from lmtrain.cli import _warning_printer
+    from lmtrain.cli.app import warning_printer
 
-    _warning_printer(debug)(UserWarning("a library's warning\nits second line"), UserWarning, "/lib/x.py", 7)
+    warning_printer(debug)(UserWarning("a library's warning\nits second line"), UserWarning, "/lib/x.py", 7)
     line = capsys.readouterr().err
     assert line == f"warning: a library's warning{' (/lib/x.py:7)' if debug else ''}\n"
 

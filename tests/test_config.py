@@ -12,16 +12,16 @@ import yaml
 from lmtrain.config import (
     Config,
     ConfigError,
-    _annotation,
-    _options,
     all_keys,
     build_config,
     differences,
+    field_type,
     from_dict,
     load_config,
     parse_override,
     to_dict,
     to_yaml,
+    type_options,
 )
 from lmtrain.errors import LmtrainError
 
@@ -503,7 +503,7 @@ def test_deep_nesting_is_an_error_not_a_crash(tmp_path):
         load_config(tmp_path / "deep.yaml")
 
 
-FLOAT_KEYS = [key for key in all_keys() if float in _options(_annotation(key))]
+FLOAT_KEYS = [key for key in all_keys() if float in type_options(field_type(key))]
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])

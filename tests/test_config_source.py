@@ -1,4 +1,4 @@
-"""One config source: the typed fields of lmtrain/config.py give the choices, the checks, the error
+"""One config source: the typed fields of lmtrain/config/sections.py give the choices, the checks, the error
 messages, the constructors' defaults and docs/config.md; the code's tables of choices agree with them."""
 
 from __future__ import annotations

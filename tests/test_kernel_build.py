@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_kernels import as_a_user
 
-from lmtrain.speed import kernel_build, kernels
+from lmtrain.speed import kernel_build, kernel_cache, kernels
 
 HERE = Path(__file__).parent
 WORKER = HERE / "build_worker.py"
@@ -36,7 +36,10 @@ pytestmark = [pytest.mark.slow,
 
 
 def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A process's environment with a temporary folder of its own: the private fallback cache under it
+    holds no build another lmtrain left (Python passes over a TMPDIR that is not there, for /tmp)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # ninja from the venv
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     return {**os.environ, "PATH": path, "TMPDIR": str(tmp_path / "tmp"), "PYTHONWARNINGS": "ignore", **extra}
 
 
@@ -343,9 +346,9 @@ def test_status_and_clear_show_and_remove_every_build(tmp_path):
     kernel_build.obtain(kernel_build.Spec("tiny", (SOURCE,), cflags=("-DANSWER=(",)), announce=print,
                         wait_seconds=5, root=root)
     (root / f"{kernel_build.BUILDING}tiny_0123456789abcdef-xyz").mkdir()
-    states = sorted(build["state"] for build in kernel_build.builds(root))
+    states = sorted(build["state"] for build in kernel_cache.builds(root))
     assert states == ["abandoned", "built", "built", "failed"]
-    cleared = kernel_build.clear(root)
+    cleared = kernel_cache.clear(root)
     assert len(cleared.removed) == 4 and cleared.kept == [] and cleared.failed == {} and list(root.iterdir()) == []
 
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -416,6 +417,7 @@ def test_the_state_of_a_cache_that_cannot_be_read_in_process(monkeypatch, tmp_pa
     """The same, wherever the permission itself cannot be taken away (a root without setpriv)."""
     root, env = fake_cache(tmp_path)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    monkeypatch.setattr(tempfile, "tempdir", env["TMPDIR"])  # the private fallback: empty, as fake_cache's env has it
     monkeypatch.delenv(kernels.SWITCH, raising=False)
     assert kernels.status()["state"] == "built"
     real_open = os.open

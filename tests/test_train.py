@@ -132,6 +132,20 @@ def test_resume_refuses_a_changed_key(tmp_path, corpus, key, value):
     assert (out_dir / "last.pt").read_bytes() == before
 
 
+def test_resume_passes_over_keys_neither_run_reads(tmp_path, corpus):
+    """A run's files named by data.train and data.valid leave data.split unread, Adam leaves train.momentum
+    unread, a constant rate train.min_lr: a resume whose config changes them goes on. A key the resumed
+    config reads is still a difference: train.min_lr with a cosine schedule."""
+    out_dir = tmp_path / "run"
+    train(make_config(corpus, out_dir, train__max_steps=3), progress_bar=False)
+    unread = {"data__split": [0.5, 0.5], "train__momentum": 0.5, "train__min_lr": 1e-4}
+    train(make_config(corpus, out_dir, train__max_steps=5, **unread), resume=True, progress_bar=False)
+    assert load_payload(out_dir / "last.pt")["progress"]["step"] == 5
+    with pytest.raises(LmtrainError, match=r"train\.schedule"):
+        train(make_config(corpus, out_dir, train__max_steps=7, train__schedule="cosine", train__min_lr=1e-4),
+              resume=True, progress_bar=False)
+
+
 def test_a_run_started_with_another_initialisation_resumes_with_its_own(tmp_path, corpus):
     """A run started when Zaremba's initialisation was the default (its checkpoint says init: zaremba,
     forget_bias: 1) resumes from the same config, whose `model.init: auto` now means torch's: the keys

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,10 @@ from lmtrain.evaluation.inside import (
 )
 from lmtrain.evaluation.perplexity import WHOLE_TEXT, evaluation_sequences
 from lmtrain.files import writing_output
+
+if TYPE_CHECKING:
+    from lmtrain.config import Config
+    from lmtrain.model.language_model import LanguageModel
 
 MAX_POSITIONS = 10_000
 # Dots of the saturation plots, by layer: not the text's red and blue, which mean high and low.
@@ -85,33 +90,10 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
         raise LmtrainError(f"--text {text_file} is a directory, not a file")
     text = read_text(text_file, encoding=config.data.encoding, errors=config.data.encoding_errors,
                      remedy=model_remedy(config.data.encoding))
-    # A token is at most a few dozen characters: tokenize only the start of a long text.
-    text = text[: max_positions * 64]
-    every = evaluation_sequences(tokenizer, text, config)
-    sequences = _first_positions(every, max_positions)
-    if not sequences:
+    traced, positions = _traced_as_written(model, tokenizer, text, config, max_positions)
+    if traced is None:
         raise LmtrainError(f"{text_file} holds no tokens to read")
-    traced = trace(model, tokenizer, sequences)
-    # The same positions in a vocabulary of every token of the text, to show and measure the text as written
-    # (the model reads a token it never saw as <unk>).
-    written = Tokenizer.fit(text, level=config.data.level, eos=config.data.eos)
-    shown = _first_positions(evaluation_sequences(written, text, config), max_positions)
-    traced.tokens = [START if index == ZERO_INPUT else written.tokens[index]
-                     for inputs, _ in shown for index in inputs.tolist()]
-    traced.came = [(written.tokens[index], p) for (_, p), index in
-                   zip(traced.came, torch.cat([targets for _, targets in shown]).tolist(), strict=True)]
-    if len(traced.tokens) != len(traced.unknown):
-        raise RuntimeError("the text as written and as the model reads it gave different positions")
-    # A literal <unk> in the text (Penn Treebank's) is the model's own token, as eval perplexity counts it.
-    traced.unknown = [read_as_unk and token != UNK for read_as_unk, token in zip(traced.unknown, traced.tokens)]
-    notes = []
-    if unknown := sum(traced.unknown):
-        share = 100 * unknown / len(traced.unknown)
-        notes.append(f"warning: {unknown} of {len(traced.unknown)} positions ({share:.2f}%) read a token the model "
-                     f"never saw, as <unk>; they are shown as written and marked")
-    if sum(inputs.numel() for inputs, _ in every) > max_positions:
-        notes.append(f"warning: the text holds more than {max_positions:,} positions; read the first {max_positions:,} "
-                     f"(--max-tokens)")
+    notes = _warnings(traced, positions, max_positions)
     found = {}  # the user's features first: they are what the user came to ask about
     for name, path in (features or {}).items():
         found.update(read_labels(path, name, len(traced.tokens)))
@@ -126,6 +108,44 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
                     saturation(traced, cells), quantities(cells[0]), m.hidden_size, user_features, notes)
     inside.chosen = named or default_unit(inside)
     return inside
+
+
+def _traced_as_written(model: LanguageModel, tokenizer: Tokenizer, text: str, config: Config, max_positions: int
+                       ) -> tuple[Trace | None, int]:
+    """The model's trace of the first `max_positions` positions of `text`, read as `eval perplexity`
+    reads it, with its tokens and next tokens as written (the model reads a token it never saw as <unk>);
+    and how many positions the whole text holds. None for a text of no tokens."""
+    text = text[: max_positions * 64]  # a token is at most a few dozen characters: only the start is read
+    every = evaluation_sequences(tokenizer, text, config)
+    sequences = _first_positions(every, max_positions)
+    if not sequences:
+        return None, 0
+    traced = trace(model, tokenizer, sequences)
+    # The same positions in a vocabulary of every token of the text, to show and measure the text as written.
+    written = Tokenizer.fit(text, level=config.data.level, eos=config.data.eos)
+    shown = _first_positions(evaluation_sequences(written, text, config), max_positions)
+    traced.tokens = [START if index == ZERO_INPUT else written.tokens[index]
+                     for inputs, _ in shown for index in inputs.tolist()]
+    traced.came = [(written.tokens[index], p) for (_, p), index in
+                   zip(traced.came, torch.cat([targets for _, targets in shown]).tolist(), strict=True)]
+    if len(traced.tokens) != len(traced.unknown):
+        raise RuntimeError("the text as written and as the model reads it gave different positions")
+    # A literal <unk> in the text (Penn Treebank's) is the model's own token, as eval perplexity counts it.
+    traced.unknown = [read_as_unk and token != UNK for read_as_unk, token in zip(traced.unknown, traced.tokens)]
+    return traced, sum(inputs.numel() for inputs, _ in every)
+
+
+def _warnings(traced: Trace, positions: int, max_positions: int) -> list[str]:
+    """What `visualize` warns of: tokens read as <unk>, and a text longer than it reads."""
+    notes = []
+    if unknown := sum(traced.unknown):
+        share = 100 * unknown / len(traced.unknown)
+        notes.append(f"warning: {unknown} of {len(traced.unknown)} positions ({share:.2f}%) read a token the model "
+                     f"never saw, as <unk>; they are shown as written and marked")
+    if positions > max_positions:
+        notes.append(f"warning: the text holds more than {max_positions:,} positions; read the first {max_positions:,} "
+                     f"(--max-tokens)")
+    return notes
 
 
 def _first_positions(sequences: list, limit: int) -> list:

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import ModuleType
 
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.speed import kernel_build
+from lmtrain.speed import kernel_build, kernel_cache
 from lmtrain.speed.torch_internals import cpu_capability
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
@@ -260,7 +260,7 @@ def status() -> dict:
 def _cache(root: Path) -> dict:
     """One cache folder's builds for `status`; where the folder cannot be read, why (`error`)."""
     try:
-        return {"root": str(root), "builds": kernel_build.builds(root), "error": None}
+        return {"root": str(root), "builds": kernel_cache.builds(root), "error": None}
     except OSError as error:
         return {"root": str(root), "builds": [], "error": f"cannot be read: {os_reason(error).lower()}"}
 
@@ -311,7 +311,7 @@ def clear() -> list[str]:
     switch()  # a mistyped LMTRAIN_COMPILED is refused here too, as by every other command
     lines, removed, failed = [], [], {}
     for root in kernel_build.roots():
-        cleared = kernel_build.clear(root)
+        cleared = kernel_cache.clear(root)
         removed += cleared.removed
         failed.update(cleared.failed)
         lines += [f"removed {path}" for path in cleared.removed]

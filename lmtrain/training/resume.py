@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.config import Config, TrainConfig, differences, from_dict, get_value, to_dict
+from lmtrain.config import Config, TrainConfig, differences, from_dict, get_value, to_dict, unused_keys
 from lmtrain.data.cache import changed_files
 from lmtrain.errors import LmtrainError
 from lmtrain.training import rng
@@ -115,7 +115,8 @@ def checked_resume(payload: dict, config: Config, data_files: dict, *, allow_cha
     """`config` as the resumed run goes on with it (the run's own initialisation keys), after refusing a
     config that differs in what is learned and a corpus that changed since the checkpoint."""
     saved = from_dict(payload["config"])
-    changed = differences(saved, config, ignore=RESUMABLE + INITIAL_ONLY)
+    unused_by_both = tuple(unused_keys(saved).keys() & unused_keys(config).keys())  # read by neither run
+    changed = differences(saved, config, ignore=RESUMABLE + INITIAL_ONLY + unused_by_both)
     if changed:
         raise LmtrainError("--resume: the config differs from the run's in " + ", ".join(
             f"{key} ({get_value(saved, key)!r} -> {get_value(config, key)!r})" for key in changed))

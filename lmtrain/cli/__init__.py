@@ -1,0 +1,98 @@
+"""The `lmtrain` command: parses arguments and delegates. A user's mistake ends in one line on stderr
+and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports).
+
+`app` holds the command tree and the error handling every command shares; `training`, `evaluating`,
+`views` and `caches` add the commands; `run` is the console script.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import typer
+
+# Each module registers its commands; --help lists them in this order.
+from lmtrain.cli import training  # noqa: F401
+
+# isort: split
+from lmtrain.cli import evaluating  # noqa: F401
+
+# isort: split
+from lmtrain.cli import caches, views  # noqa: F401
+from lmtrain.cli.app import app, user_errors  # noqa: F401 - the command tree, for tests and scripts
+from lmtrain.config import MAX_THREADS
+from lmtrain.errors import LmtrainError, error_line
+
+
+def drop_unusable_thread_setting(environment: dict[str, str] | os._Environ) -> str | None:
+    """Remove an `OMP_NUM_THREADS` that is no thread count from 1 to MAX_THREADS (0, a word, a million)
+    before torch loads: OpenMP would print its own complaint about it, or start that many threads.
+    Returns the warning to print."""
+    text = environment.get("OMP_NUM_THREADS")
+    if text is None or (text.strip().isdecimal() and 1 <= int(text) <= MAX_THREADS):
+        return None
+    del environment["OMP_NUM_THREADS"]
+    return (f"warning: OMP_NUM_THREADS={text!r} is not a thread count from 1 to {MAX_THREADS}: ignored, the "
+            f"threads follow the free cores")
+
+
+def run() -> None:
+    """Console-script entry point. A mistake on the command line (an unknown option, a missing one, a
+    value of the wrong type) is one `error:` line, like every other mistake; a command group given no
+    command (`lmtrain`, `lmtrain eval`) prints its help and exits 0."""
+    if (dropped := drop_unusable_thread_setting(os.environ)) is not None:  # before torch loads OpenMP
+        print(dropped, file=sys.stderr)
+    code = _exit_code()
+    _end_at_once_on_ctrl_c(code)
+    if "lmtrain.training.distributed" in sys.modules:  # a training process may hold a process group to the end
+        from lmtrain.training.distributed import end_process
+
+        end_process(code)
+    sys.exit(code)
+
+
+def _end_at_once_on_ctrl_c(code: int) -> None:
+    """Once the command is done, a Ctrl-C while the interpreter shuts down (torch's exit hooks) ends the
+    process at once with the command's exit code, where it printed a KeyboardInterrupt traceback from
+    inside a library: what the command did is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, lambda number, frame: os._exit(code))
+
+
+def _command_path(arguments: list[str]) -> str:
+    """The command that `arguments` name (`lmtrain eval perplexity`), passing over a group's options."""
+    command, path = typer.main.get_command(app), ["lmtrain"]
+    for word in arguments:
+        commands = getattr(command, "commands", None)  # a group's (click's, or the copy newer typers carry)
+        if commands is None:
+            break
+        if word in commands:
+            command = commands[word]
+            path.append(word)
+    return " ".join(path)
+
+
+def _exit_code() -> int:
+    try:
+        code = app(prog_name="lmtrain", standalone_mode=False)
+    except LmtrainError as error:  # raised before a command's user_errors (an eager option: --version)
+        typer.echo(error_line(error), err=True)
+        return getattr(error, "exit_code", None) or 2
+    except Exception as error:  # the command-line parser's errors (click's, inside typer)
+        if not (hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)):
+            raise
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
+            typer.echo(context.get_help())
+            return 0
+        # An option's missing value comes with no context of its command: the command line names it.
+        command = context.command_path if context is not None else _command_path(sys.argv[1:])
+        typer.echo(f"error: {error.format_message()} (see: {command} --help)", err=True)
+        return error.exit_code
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        return 130
+    return code if isinstance(code, int) else 0
