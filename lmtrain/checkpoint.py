@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmtrain.config import DEVICE_NAME, Config, from_dict, shown
-from lmtrain.data.tokenizer import Tokenizer
+from lmtrain.data.tokenizer import Tokenizer, file_kind
 from lmtrain.errors import LmtrainError
 from lmtrain.files import atomic_write
 from lmtrain.model.language_model import LanguageModel, check_size
@@ -93,6 +93,8 @@ def _checkpoint_file(path: str | Path) -> Path:
     if path.is_dir():
         advice = "a checkpoint is a file" if path.suffix == ".pt" else f"give the .pt file, e.g. {path}/best.pt"
         raise LmtrainError(f"checkpoint path is a directory: {path} ({advice})")
+    if (kind := file_kind(path)) != "file":  # a device would be read forever, a pipe cannot be seeked in
+        raise LmtrainError(f"{path} is a {kind}, not a checkpoint file: save it to a file and give that")
     return path
 
 

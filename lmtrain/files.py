@@ -130,14 +130,20 @@ def check_output(option: str, path: str, *, suffixes: tuple[str, ...], inputs: I
         raise LmtrainError(f"{option} must name a {' or '.join(suffixes)} file; got {path}")
     if target.is_dir():
         raise LmtrainError(f"cannot write {path}: it is a directory")
+    # The output is written through a link, to the file it names: that file's name must fit as well.
+    named = Path(os.path.realpath(target))
+    if target.is_symlink() and named.suffix.lower() not in suffixes:
+        raise LmtrainError(f"{option} {path} is a link to {named}, not a {' or '.join(suffixes)} file: writing "
+                           f"it would replace that file")
     if not target.parent.is_dir():
         raise LmtrainError(f"cannot write {path}: the folder {target.parent} does not exist")
     for source in inputs:
-        if _same_file(target, Path(source)):
+        if same_file(target, Path(source)):
             raise LmtrainError(f"{option} {path} is the input {source}: writing it would replace what is read")
 
 
-def _same_file(first: Path, second: Path) -> bool:
+def same_file(first: str | Path, second: str | Path) -> bool:
+    """Whether both name one file (links followed); False where either is not there."""
     try:
         return os.path.samefile(first, second)
     except OSError:  # one of them does not exist (yet)

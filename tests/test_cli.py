@@ -185,6 +185,66 @@ def test_version_bare_command_and_plain_help(tmp_path):
             in " ".join(run(["train", "--help"], tmp_path).stdout.split()))
 
 
+def test_a_closed_output_is_no_traceback(tmp_path):
+    """`lmtrain ... >&-` and `2>&-`: what would be printed goes nowhere; the command does its work."""
+    for closed in (1, 2):
+        result = subprocess.run([*LMTRAIN, "data", "list"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                                timeout=120, preexec_fn=lambda number=closed: os.close(number))
+        assert result.returncode == 0 and result.stderr == "", result
+        assert ("tinyshakespeare" in result.stdout) == (closed == 2), result
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_output_cut_short_by_a_file_size_limit_is_an_error(tmp_path, unbuffered):
+    """Output the system cuts short (`ulimit -f`, a full disk) is one error line and exit 2, also with
+    PYTHONUNBUFFERED=1 (as container images set it), where Python's text layer dropped the rest silently."""
+    import resource
+
+    output = tmp_path / "out.txt"
+    with output.open("w") as file:
+        result = subprocess.run([*LMTRAIN, "data", "list"], cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": unbuffered},
+                                stdout=file, stderr=subprocess.PIPE, text=True, timeout=120,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)))
+    assert (result.returncode, result.stderr) == (2, "error: cannot write the output: File too large\n")
+
+
+def test_no_room_to_load_torch_is_one_line(tmp_path):
+    """A limit on the address space (ulimit -v) that leaves no room to map torch's libraries, met while
+    a command imports them: one line, no traceback."""
+    code = ("import builtins, sys\n"
+            "import lmtrain.cli\n"
+            "real_import = builtins.__import__\n"
+            "def refusing(name, *args, **kwargs):\n"
+            "    if name == 'torch' or name.startswith('torch.'):\n"
+            "        raise ImportError('libtorch_cpu.so: failed to map segment from shared object')\n"
+            "    return real_import(name, *args, **kwargs)\n"
+            "builtins.__import__ = refusing\n"
+            "sys.argv = ['lmtrain', 'info', 'x.pt']\n"
+            "lmtrain.cli.run()\n")
+    result = run_python(code, tmp_path)
+    assert (result.returncode, result.stderr) == (2, "error: out of memory: no room to load torch's libraries; give "
+                                                     "the process more memory (ulimit -v, a container's limit)\n")
+
+
+def test_a_runs_own_config_yaml_read_back_starts_a_new_run(tmp_path):
+    """A new run from the config.yaml a run wrote in the same train.out_dir (one stopped before its first
+    checkpoint) goes ahead: writing the resolved config there changes nothing."""
+    from lmtrain.config import to_yaml
+
+    write_lines(tmp_path / "corpus.txt", sentences(40, seed=3))
+    tiny = write_config(tmp_path / "tiny.yaml", {
+        "data.path": "corpus.txt", "model.embed_size": 8, "model.hidden_size": 8, "model.num_layers": 1,
+        "train.batch_size": 2, "train.bptt": 8, "train.max_steps": 2, "train.final_samples": 0,
+        "train.device": "cpu", "train.out_dir": str(tmp_path / "run")})
+    own = tmp_path / "run" / "config.yaml"
+    own.parent.mkdir()
+    own.write_text(to_yaml(load_config(tiny)), encoding="utf-8")
+    before = own.read_text(encoding="utf-8")
+    result = run(["train", "--no-progress", own], tmp_path)
+    assert_ok(result)
+    assert own.read_text(encoding="utf-8") == before and (own.parent / "last.pt").exists()
+
+
 def test_a_ctrl_c_while_the_process_exits_is_no_traceback(tmp_path):
     """The command done, a Ctrl-C during the interpreter's exit hooks (torch's) ends it quietly, with the
     command's exit code."""

@@ -9,12 +9,14 @@ The pure parts first; then the processes, started once (`runs`) for the tests th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -337,6 +339,50 @@ def test_an_error_in_process_zero_alone_stops_both_with_one_line(runs):
         "warning: train.decay_every is unused with schedule: constant",
         f"error: {runs / 'stream-ddp'} already holds a run (last.pt): add --resume to continue it, "
         f"or choose another train.out_dir"]
+
+
+def processes_naming(folder: Path) -> list[int]:
+    """The processes whose command line names `folder` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdecimal() and str(folder).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+@needs_gloo
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists() or not sys.platform.startswith("linux"),
+                    reason="the launcher's end is signalled by Linux's prctl; the processes are found in /proc")
+def test_a_killed_launcher_stops_its_processes_which_save_and_resume(runs, tmp_path):
+    """SIGKILL of `lmtrain train --nproc 2` leaves the launcher no time to stop its processes: the system
+    sends them SIGTERM, so they finish the step, write last.pt and end, and the run resumes; they trained
+    on alone, holding the run folder."""
+    out_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "lmtrain", "train", str(runs / "stream.yaml"), f"train.out_dir={out_dir}",
+               "train.max_steps=1000000", "train.eval_every=1000000", "--nproc", "2", "--no-progress"]
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while '"train"' not in ((out_dir / "metrics.jsonl").read_text() if (out_dir / "metrics.jsonl").exists()
+                                else ""):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the run did not start training"
+            time.sleep(0.2)
+        launcher.kill()
+        launcher.wait()
+        while processes_naming(out_dir):  # the workers (torchrun starts them in sessions of their own)
+            assert time.monotonic() < deadline, "the training processes outlived their launcher by two minutes"
+            time.sleep(0.2)
+    finally:
+        for pid in [launcher.pid, *processes_naming(out_dir)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    step = load(out_dir / "last.pt")["progress"]["step"]
+    resumed = lmtrain(runs / "stream.yaml", f"train.out_dir={out_dir}", f"train.max_steps={step + 2}", "--resume",
+                      "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out_dir / 'last.pt'} at step {step}" in resumed.stdout
 
 
 def test_more_processes_than_cores_on_the_cpu_is_refused():

@@ -370,6 +370,10 @@ def no_page(folder: Path, result: Result) -> None:
     assert not (folder / "visualize.html").exists(), "a page was written"
 
 
+def config_kept(folder: Path, result: Result) -> None:
+    assert (folder / "run" / "config.yaml").read_text(encoding="utf-8") == config_text(data__path="../corpus.txt")
+
+
 def checkpoint_kept(folder: Path, result: Result) -> None:
     assert (folder / "model.pt").read_bytes()[:2] == b"PK", "the checkpoint was written over"  # a torch.save zip
 
@@ -405,6 +409,11 @@ CASES: list[Case] = [
          expect=("pasted.yaml", "invalid YAML")),
     Case("config-nul-in-path", "config whose data.path holds a NUL character", (*TRAIN, "nul.yaml"),
          {"nul.yaml": TINY.replace("path: corpus.txt", 'path: "corpus\\0.txt"')}, expect=("data.path",)),
+    Case("config-in-out-dir", "a new run whose config is its own `train.out_dir`'s config.yaml, written by hand",
+         (*TRAIN, "run/config.yaml"),
+         {"corpus.txt": CORPUS, "run/config.yaml": config_text(data__path="../corpus.txt")},
+         expect=("run/config.yaml is the config.yaml a run writes", "train.out_dir"), check=config_kept,
+         note="the config is unchanged"),
     Case("config-is-a-device", "`lmtrain train /dev/zero` (a config that never ends)", (*TRAIN, "/dev/zero"), {},
          expect=("/dev/zero", "device", "not a YAML file")),
     Case("config-threads-too-many", "`train.threads=100000`", (*TRAIN, "tiny.yaml", "train.threads=100000"),
@@ -715,6 +724,13 @@ CASES: list[Case] = [
     Case("visualize-output-checkpoint", "`visualize -o` naming the checkpoint it reads",
          (*VISUALIZE, "-o", "model.pt"), {"model.pt": CHAR_PT, "text.txt": "to be or not\n"},
          expect=("-o must name a .html or .htm file", "model.pt"), check=checkpoint_kept),
+    Case("visualize-output-link-to-checkpoint", "`visualize -o page.html`, page.html a link to the checkpoint",
+         (*VISUALIZE, "-o", "page.html"),
+         {"model.pt": CHAR_PT, "text.txt": "to be or not\n", "page.html": lambda target: target.symlink_to("model.pt")},
+         expect=("-o page.html is a link to", "model.pt", "not a .html or .htm file"), check=checkpoint_kept,
+         note="the checkpoint is unchanged"),
+    Case("checkpoint-device", "`sample --checkpoint /dev/zero` (a device that never ends)",
+         ("sample", "--checkpoint", "/dev/zero"), {}, expect=("/dev/zero is a character device", "not a checkpoint")),
     # eval
     Case("eval-empty-data", "`eval perplexity --data` on an empty file",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--data", "empty.txt"),

@@ -7,6 +7,7 @@ and a non-zero exit code, never a traceback (`--debug` shows it, for bug reports
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from lmtrain.cli import evaluating  # noqa: F401
 
 # isort: split
 from lmtrain.cli import caches, views  # noqa: F401
-from lmtrain.cli.app import app, user_errors  # noqa: F401 - the command tree, for tests and scripts
+from lmtrain.cli.app import app, user_errors  # app: the command tree, which tests and scripts import from here
 from lmtrain.config import MAX_THREADS
 from lmtrain.errors import LmtrainError, error_line
 
@@ -42,6 +43,7 @@ def run() -> None:
     """Console-script entry point. A mistake on the command line (an unknown option, a missing one, a
     value of the wrong type) is one `error:` line, like every other mistake; a command group given no
     command (`lmtrain`, `lmtrain eval`) prints its help and exits 0."""
+    open_standard_streams()
     if (dropped := drop_unusable_thread_setting(os.environ)) is not None:  # before torch loads OpenMP
         print(dropped, file=sys.stderr)
     code = _exit_code()
@@ -51,6 +53,30 @@ def run() -> None:
 
         end_process(code)
     sys.exit(code)
+
+
+def open_standard_streams() -> None:
+    """Standard input, output and error as the command needs them. One that was closed (`>&-`) is
+    /dev/null: left closed, the first file lmtrain opened would take its number, and a library's print
+    would land in a checkpoint. An unbuffered output (PYTHONUNBUFFERED=1, as container images set it) is
+    written through a buffer: Python's text layer drops the rest of a write that the system cut short
+    (a full disk, `ulimit -f`), where the buffer writes it or raises the error that says so."""
+    for number in (0, 1, 2):
+        try:
+            os.fstat(number)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if opened != number:
+                os.dup2(opened, number)
+                os.close(opened)
+    for name, number in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None:  # closed when Python started
+            setattr(sys, name, open(number, "w", errors="backslashreplace", closefd=False))
+        elif isinstance(getattr(stream, "buffer", None), io.FileIO):
+            setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(stream.buffer), encoding=stream.encoding,
+                                                errors=stream.errors, line_buffering=stream.line_buffering,
+                                                write_through=True))
 
 
 def _end_at_once_on_ctrl_c(code: int) -> None:
@@ -76,6 +102,16 @@ def _command_path(arguments: list[str]) -> str:
 
 
 def _exit_code() -> int:
+    """The command's exit code; an error raised outside any command's own handling (loading a library it
+    imports, say) is one line too."""
+    try:
+        with user_errors():
+            return _parsed_and_run()
+    except typer.Exit as done:
+        return done.exit_code
+
+
+def _parsed_and_run() -> int:
     try:
         code = app(prog_name="lmtrain", standalone_mode=False)
     except LmtrainError as error:  # raised before a command's user_errors (an eager option: --version)

@@ -119,8 +119,10 @@ def check_segment(segment: int | None) -> None:
         raise LmtrainError(f"--segment must be >= 0 (0: the whole text as one stream); got {segment}")
 
 
-# torch's words for an allocation it could not make (its allocator's, C++'s), or whose size does not fit in 64 bits.
-OUT_OF_MEMORY = ("can't allocate memory", "std::bad_alloc", "Storage size calculation overflowed")
+# torch's words for an allocation it could not make (its allocator's, C++'s), or whose size does not fit in 64 bits,
+# and the loader's for a library it had no room to map (ulimit -v).
+OUT_OF_MEMORY = ("can't allocate memory", "std::bad_alloc", "Storage size calculation overflowed",
+                 "failed to map segment")
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -170,8 +172,10 @@ def user_errors(options: CommandOptions | None = None) -> Iterator[None]:
             # checks of physical memory: name the resource, not an internal error.
             tried = re.search(r"allocate (\d+) bytes", str(error))
             amount = f" (it asked for {int(tried.group(1)) / 1e9:,.1f} GB)" if tried else ""
-            typer.echo(f"error: out of memory{amount}: make the model, the batch or the number of samples smaller, "
-                       f"or give the process more memory", err=True)
+            remedy = ("no room to load torch's libraries; give the process more memory (ulimit -v, a container's "
+                      "limit)" if isinstance(error, ImportError) else "make the model, the batch or the number of "
+                      "samples smaller, or give the process more memory")
+            typer.echo(f"error: out of memory{amount}: {remedy}", err=True)
             raise typer.Exit(2) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         typer.echo(f"error: internal error {type(error).__name__}: {first_line} (rerun with lmtrain --debug ... "

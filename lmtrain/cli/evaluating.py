@@ -168,7 +168,8 @@ def gradients(
 
     with user_errors(ctx.obj):
         if plot is not None:  # before the measurement
-            check_output("--plot", plot, suffixes=FIGURE_SUFFIXES)
+            check_output("--plot", plot, suffixes=FIGURE_SUFFIXES,
+                         inputs=[path for path in (checkpoint, config, data) if path is not None])
         set_threads(ctx.obj)
         description, rows = gradient_report(checkpoint=checkpoint, config_path=config, overrides=overrides or [],
                                             data_file=data, length=length, count=count, seed=seed)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from lmtrain.cli.app import app, user_errors, whole
 from lmtrain.errors import LmtrainError
+
+if TYPE_CHECKING:
+    from lmtrain.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -44,6 +47,8 @@ def train(
             if nproc != 1 or os.environ.get("RANK", "0") != "0":  # the config's warnings once: from process 0
                 warnings.simplefilter("ignore")
             resolved = load_config(path, overrides)
+        if not resume:
+            _check_not_written_over(path, resolved)
         if nproc != 1:
             from lmtrain.training.distributed import launch
 
@@ -78,3 +83,17 @@ def _default_config() -> Path:
         raise LmtrainError("no config given and the bundled configs/quickstart.yaml is not installed here; "
                            "pass a config file: lmtrain train CONFIG.yaml")
     return DEFAULT_CONFIG
+
+
+def _check_not_written_over(path: Path, config: Config) -> None:
+    """Refuse a new run whose config file is the `config.yaml` it is about to write in `train.out_dir`,
+    where writing the resolved config would change it: a file of the user's own, its comments and
+    relative paths, would be gone. (A run's own config.yaml, read back as written, stays as it is.)"""
+    from lmtrain.config import to_yaml
+    from lmtrain.files import same_file
+
+    written = Path(config.train.out_dir) / "config.yaml"
+    if same_file(path, written) and path.read_text(encoding="utf-8", errors="replace") != to_yaml(config):
+        raise LmtrainError(f"{path} is the config.yaml a run writes in train.out_dir {config.train.out_dir}: "
+                           f"it would be replaced by the resolved config; keep the config outside train.out_dir or "
+                           f"choose another train.out_dir")

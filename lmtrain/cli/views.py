@@ -86,7 +86,7 @@ def visualize(
         page_path = output if output is not None else None if as_json or png or tokens else "visualize.html"
         for option, path, suffixes in (("-o", page_path, (".html", ".htm")), ("--png", png, (".png",))):
             if path is not None:  # before the work, and before either is written
-                check_output(option, path, suffixes=suffixes, inputs=[text, *labels.values()])
+                check_output(option, path, suffixes=suffixes, inputs=[checkpoint, text, *labels.values()])
         set_threads(ctx.obj)
         inside = view.look_inside(checkpoint, text, features=labels, segment=segment, max_positions=max_tokens,
                                   top=top, device=chosen_device(device), layer=layer, quantity=quantity, unit=unit)

@@ -246,6 +246,11 @@ def _failure_reason(paths: Paths, summary: str) -> str:
     return f"the build failed earlier: {summary} (log: {paths.failure}; `lmtrain kernels build` tries again)"
 
 
+def writable(root: Path) -> bool:
+    """Whether this process can build in the cache folder `root` (made if it is not there)."""
+    return _writable([root], {})[0] is not None
+
+
 def _writable(candidates: list[Path], unreadable: dict[Path, str]) -> tuple[Path | None, str | None]:
     """The first of `candidates` this process can build in, and a line saying so when it is not the first;
     those in `unreadable` are not used: a build there could be neither found nor published."""

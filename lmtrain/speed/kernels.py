@@ -191,12 +191,13 @@ def _ninja_on_path() -> bool:
     return shutil.which("ninja") is not None
 
 
-def _build(announce, *, retry_failed: bool = False) -> tuple[ModuleType | None, str | None]:
+def _build(announce, *, retry_failed: bool = False, root: Path | None = None) -> tuple[ModuleType | None, str | None]:
+    """The kernels' module, loaded or built (in `root` alone, where given), or None and the reason."""
     if switch() == "0":
         return None, f"{SWITCH}=0"
     try:
         return kernel_build.obtain(spec(), announce=announce, wait_seconds=wait_seconds(), retry_failed=retry_failed,
-                                   can_build=build_obstacle,
+                                   can_build=build_obstacle, root=root,
                                    building="lmtrain: compiling the kernels for this machine (once, under a minute): "
                                             "{sources}")
     except OSError as error:  # the sources missing from an installation, a folder that cannot be written
@@ -214,7 +215,10 @@ def build_now(announce) -> str:
     are in. For `lmtrain kernels build`: ahead of time, e.g. in a container image that runs read-only."""
     if switch() == "0":
         raise LmtrainError(f"{SWITCH}=0 turns the compiled kernels off; unset it to build them")
-    module, reason = _build(announce, retry_failed=True)
+    # Into the cache folder wherever it can be written, as a container image's build must be, even with a
+    # build in the private fallback already (a run once made where the cache folder was read-only).
+    cache = kernel_build.default_root()
+    module, reason = _build(announce, retry_failed=True, root=cache if kernel_build.writable(cache) else None)
     if module is None:
         raise LmtrainError(f"the compiled kernels could not be built: {reason}")
     _built.update(module=module, reason=None)

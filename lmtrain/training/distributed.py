@@ -17,6 +17,7 @@ and an error in one process is handed to all (`run_on_all`, `from_main`) before 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import io
@@ -50,6 +51,9 @@ GROUP_ENDS_WITH_TRAINING = torch.__version__ >= "2.8"
 
 # Before torch 2.8, the groups of the trainings this process ran, never freed: see `process_group`.
 _GROUPS_KEPT_TO_THE_END: list[dist.ProcessGroup] = []
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     if not world.distributed:
         yield
         return
+    stop_with_launcher()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL works on the current device
@@ -150,6 +155,19 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
         if GROUP_ENDS_WITH_TRAINING:
             gc.collect()  # the model's reference cycles go now, and the group with them: its threads are joined
+
+
+def stop_with_launcher() -> None:
+    """Have the system send this process SIGTERM when the launcher that started it (torchrun, `--nproc`)
+    ends, however it ends: killed with SIGKILL, it cannot stop its processes, which then trained on alone,
+    holding the run folder. SIGTERM stops a run after its step with last.pt written, so `--resume` goes on.
+    Linux only (prctl's PR_SET_PDEATHSIG); elsewhere nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the launcher ended before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def end_process(code: int) -> NoReturn:
