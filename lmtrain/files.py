@@ -62,16 +62,22 @@ LEFTOVER_SECONDS = 60
 
 @contextmanager
 def writing_output(path: str | Path) -> Iterator[BinaryIO]:
-    """`replacing` for a file the user named (a plot, a page), through a link as `through_link` says.
-    The writer holds a lock on its temporary file while it writes; first, the temporary files of this
-    name that no writer holds (one killed mid-write left them, and nothing else would ever remove them)
-    are removed."""
-    target = through_link(path)
-    leftover = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")  # `replacing`'s names, no other's
-    for candidate in target.parent.glob(f"{glob.escape(f'.{target.name}.')}*.tmp"):
+    """`replacing_held` for a file the user named (a plot, a page), through a link as `through_link` says."""
+    with replacing_held(through_link(path)) as handle:
+        yield handle
+
+
+@contextmanager
+def replacing_held(path: Path) -> Iterator[BinaryIO]:
+    """`replacing`, for a file whose writing can take long enough to be killed part way (an output, the
+    token cache's ids): the writer holds a lock on its temporary file while it writes, and first, the
+    temporary files of this name that no writer holds (one killed mid-write left them, and nothing else
+    would ever remove them) are removed."""
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # `replacing`'s names, no other's
+    for candidate in path.parent.glob(f"{glob.escape(f'.{path.name}.')}*.tmp"):
         if leftover.fullmatch(candidate.name):
             _remove_if_abandoned(candidate)
-    with replacing(target) as handle:
+    with replacing(path) as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel if this process dies
         except OSError:  # a file system without locks: its leftovers are then never removed, as before
@@ -140,6 +146,12 @@ def check_output(option: str, path: str, *, suffixes: tuple[str, ...], inputs: I
     for source in inputs:
         if same_file(target, Path(source)):
             raise LmtrainError(f"{option} {path} is the input {source}: writing it would replace what is read")
+
+
+def printable_name(path: str | Path) -> str:
+    """A file's name as text that can be written anywhere (a page, a plot's legend): bytes of the name
+    that are no UTF-8, which Python holds as lone surrogates, shown as U+FFFD."""
+    return os.fsencode(Path(path).name or str(path)).decode("utf-8", errors="replace")
 
 
 def same_file(first: str | Path, second: str | Path) -> bool:

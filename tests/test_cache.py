@@ -4,6 +4,7 @@ when damaged or out of date, and steps aside (one warning) when it cannot be wri
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -207,6 +208,23 @@ def test_an_interrupted_tokenization_leaves_no_entry(folder: Path, tmp_path: Pat
     assert list(folder.glob("*.json")) == [] and list(folder.glob(".*tmp")) == []
     monkeypatch.setattr(cache, "encode_pieces", real)
     assert_same_as_in_memory(config)
+
+
+def test_a_killed_tokenizations_leftover_goes_at_the_next_one(folder: Path, tmp_path: Path):
+    """SIGKILL mid-tokenization leaves `.KEY.ids.XXXXXXXX.tmp` (no handler runs): the next tokenization
+    of that key removes it once no process holds its lock; a live writer's file, held, stays."""
+    config = DataConfig(path=write(tmp_path / "corpus.txt", TEXTS["plain"]))
+    cached_corpus(config)
+    (ids,) = folder.glob("*.ids")
+    killed, live = folder / f".{ids.name}.k1ll3d00.tmp", folder / f".{ids.name}.l1ve0000.tmp"
+    for leftover in (killed, live):
+        leftover.write_bytes(b"\0" * 64)
+        os.utime(leftover, (0, 0))  # older than a writer could still be starting
+    ids.unlink()  # the entry is tokenized again
+    with live.open("rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert_same_as_in_memory(config)
+    assert not killed.exists() and live.exists()
 
 
 def test_an_unwritable_cache_falls_back_to_memory(tmp_path: Path, monkeypatch):

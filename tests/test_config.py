@@ -477,6 +477,19 @@ def test_a_key_or_section_given_twice_is_an_error_naming_both_lines(tmp_path):
         load_config(path)
 
 
+def test_a_merge_key_gives_its_mappings_keys_and_the_mappings_own_win(tmp_path):
+    """YAML's `<<: *anchor`, as one writes shared settings once: its keys are read, a key the mapping
+    gives itself wins, and only the mapping's own keys count as given twice."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("data:\n  path: c.txt\nmodel: &small\n  hidden_size: 16\n  embed_size: 16\n"
+                    "train:\n  <<: {max_steps: 2, device: cpu}\n  max_steps: 3\n")
+    config = load_config(path)
+    assert (config.train.max_steps, config.train.device, config.model.hidden_size) == (3, "cpu", 16)
+    path.write_text("data:\n  path: c.txt\ntrain:\n  <<: {device: cpu}\n  max_steps: 3\n  max_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"key 'max_steps' appears twice, on lines 5 and 6"):
+        load_config(path)
+
+
 def test_an_alias_bomb_is_refused_at_once_and_plain_aliases_work(tmp_path):
     import time
 

@@ -382,7 +382,7 @@ def test_a_killed_launcher_stops_its_processes_which_save_and_resume(runs, tmp_p
     resumed = lmtrain(runs / "stream.yaml", f"train.out_dir={out_dir}", f"train.max_steps={step + 2}", "--resume",
                       "--nproc", "2")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {out_dir / 'last.pt'} at step {step}" in resumed.stdout
+    assert f"resuming {out_dir / 'last.pt'} at step {step:,}" in resumed.stdout
 
 
 def test_more_processes_than_cores_on_the_cpu_is_refused():

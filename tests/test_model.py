@@ -196,6 +196,23 @@ def test_numpy_numbers_are_taken_as_python_numbers():
     assert model.output_dropout.p == 0.25 and model(torch.randint(0, V, (2, 3)))[0].shape == (2, 3, V)
 
 
+def test_numpy_bools_are_taken_as_python_bools():
+    numpy = pytest.importorskip("numpy")
+    model = LanguageModel(V, embed_size=8, hidden_size=8, tie_weights=numpy.True_)
+    assert model.projection.weight is model.embedding.weight
+    stack = RecurrentStack("gru", 4, 4, bidirectional=numpy.bool_(True), relevance_gate=numpy.False_)
+    assert stack.layers[0].left_to_right_layer.cell.gates == ("u", "c")
+
+
+def test_the_gru_cells_refusals_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"^gru_reset 'after' needs relevance_gate=True"):
+        make_cell("gru", 5, 6, gru_reset="after", relevance_gate=False)
+    with pytest.raises(ValueError, match=r"^gru_reset must be 'before' or 'after'; got 'later'"):
+        make_cell("gru", 5, 6, gru_reset="later")
+    with pytest.raises(ValueError, match=r"^gradients must be one of manual, autograd; got 'foo'"):
+        RecurrentStack("lstm", 4, 4, gradients="foo")
+
+
 def test_a_state_that_is_not_the_layers_is_refused_naming_it():
     """A state of another batch size was read past its end by the compiled loops (a crash or wrong numbers)."""
     model = LanguageModel(V, embed_size=6, hidden_size=8, num_layers=1)

@@ -202,3 +202,13 @@ def test_an_output_named_by_a_link_replaces_the_file_it_names(tmp_path):
     (tmp_path / "latest.png").symlink_to(target)
     plot_runs([str(write_run(tmp_path / "run", EVENTS))], str(tmp_path / "latest.png"))
     assert (tmp_path / "latest.png").is_symlink() and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch):
+    """lmtrain is installed from its folder, not from PyPI: the message names commands that work."""
+    from lmtrain.evaluation.plots import pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(LmtrainError, match=r"^plotting needs matplotlib: pip install matplotlib \(or, in lmtrain's "
+                                           r"folder, pip install -e '\.\[plot\]'\)$"):
+        pyplot()

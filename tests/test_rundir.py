@@ -237,6 +237,9 @@ def test_train_checks_a_config_changed_in_python(tmp_path, corpus):
     changed.train.eval_every, changed.model.cell = 1000, "LSTM"
     with pytest.raises(LmtrainError, match=r"^model.cell must be one of rnn, gru, lstm; got 'LSTM'"):
         train(changed, progress_bar=False)
+    changed.model.cell, changed.train.learning_rate = "lstm", 1e-3  # no such key: it would change nothing
+    with pytest.raises(LmtrainError, match=r"^unknown config key 'train.learning_rate'"):
+        train(changed, progress_bar=False)
     assert not (tmp_path / "run").exists()
     with pytest.raises(TypeError, match="config must be an lmtrain.config.Config"):
         train("configs/quickstart.yaml", progress_bar=False)

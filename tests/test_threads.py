@@ -157,8 +157,8 @@ def test_training_says_its_threads_and_records_them(tmp_path, config_factory, mo
 
 
 @pytest.mark.parametrize("value, kept", [("3", True), (" 2 ", True), ("1024", True), ("0", False), ("-1", False),
-                                         ("abc", False), ("", False), ("2.5", False), ("1025", False),
-                                         ("99999999999999999999", False)])
+                                         ("abc", False), ("", False), ("\uff12", False), ("\u0662", False),
+                                         ("2.5", False), ("1025", False), ("99999999999999999999", False)])
 def test_omp_num_threads_is_kept_only_as_a_sane_count(value, kept):
     from lmtrain.cli import drop_unusable_thread_setting
 

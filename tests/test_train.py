@@ -555,3 +555,17 @@ def test_a_terminal_that_reports_no_size_still_gets_a_bar():
     finally:
         os.close(main)
         os.close(side)
+
+
+def test_the_printed_resume_command_pastes_into_a_shell_as_it_is():
+    """A folder name with spaces or `$(...)` is quoted, so pasting the line runs lmtrain on that folder."""
+    import shlex
+
+    from lmtrain.training.distributed import World
+    from lmtrain.training.resume import resume_command
+
+    out_dir = Path("runs/my run ☃ $(id)")
+    command = resume_command(out_dir, World())
+    assert shlex.split(command) == ["lmtrain", "train", str(out_dir / "config.yaml"), "--resume"]
+    assert resume_command(Path("/tmp/run"), World(size=2, local_size=2)) == \
+        "lmtrain train /tmp/run/config.yaml --resume --nproc 2"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import sys
 
@@ -32,7 +33,8 @@ def drop_unusable_thread_setting(environment: dict[str, str] | os._Environ) -> s
     before torch loads: OpenMP would print its own complaint about it, or start that many threads.
     Returns the warning to print."""
     text = environment.get("OMP_NUM_THREADS")
-    if text is None or (text.strip().isdecimal() and 1 <= int(text) <= MAX_THREADS):
+    # Digits as OpenMP reads them: ASCII ones (Python's int() takes "２" too).
+    if text is None or (re.fullmatch(r"\s*[0-9]+\s*", text) and 1 <= int(text) <= MAX_THREADS):
         return None
     del environment["OMP_NUM_THREADS"]
     return (f"warning: OMP_NUM_THREADS={text!r} is not a thread count from 1 to {MAX_THREADS}: ignored, the "

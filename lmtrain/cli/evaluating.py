@@ -82,7 +82,7 @@ def perplexity(
     split: Annotated[Optional[str], typer.Option(
         metavar="valid|test", help="valid or test split of the checkpoint's corpus (default: valid).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(callback=whole,
-        metavar="N", help="Sequences scored at once (the result does not depend on it).")] = None,
+        metavar="N", help="Sequences scored at once (the result does not depend on it, up to float rounding).")] = None,
     segment: Annotated[Optional[int], typer.Option(callback=whole,
         metavar="N", help="Stream mode: score in segments of this many tokens, each from a zero state (default: "
                           "the run's train.eval_segment); 0: the whole text as one stream, the state carried "
@@ -97,6 +97,8 @@ def perplexity(
     with user_errors(ctx.obj):
         if split is not None and split not in ("valid", "test"):
             raise LmtrainError(f"--split must be valid or test; got {split!r}")
+        if data == "":
+            raise LmtrainError("--data needs a file name (or - for standard input)")
         if split is not None and data is not None:
             raise LmtrainError("give --data FILE or --split, not both: --data scores that file instead of a split")
         if batch_size is not None and batch_size < 1:

@@ -70,7 +70,7 @@ def train(
                               progress_bar=progress, on_start=lambda run: echo(f"# config: {path}\n{to_yaml(run)}"),
                               allow_changed_data=allow_changed_data)
         best = result.progress.best_valid_loss
-        echo(f"done: {result.progress.step} steps ({result.stopped_by}), best valid loss "
+        echo(f"done: {result.progress.step:,} steps ({result.stopped_by}), best valid loss "
              f"{'none finite' if best is None else f'{best:.4f}'}, checkpoints in {result.out_dir}")
         if result.samples:
             from lmtrain.evaluation.sampling import printable

@@ -4,7 +4,6 @@ gates on a text."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -70,9 +69,11 @@ def visualize(
     unit with the model's next-token guesses, the units that follow features of the text, and the gates'
     saturation, in one HTML file that works offline."""
     from lmtrain.evaluation import visualize as view
-    from lmtrain.files import check_output
+    from lmtrain.files import check_output, printable_name
 
     with user_errors(ctx.obj):
+        if not text:
+            raise LmtrainError("--text needs a file name")
         if max_tokens < 1:
             raise LmtrainError(f"--max-tokens must be >= 1; got {max_tokens}")
         if top < 1:
@@ -99,8 +100,8 @@ def visualize(
         if png is not None:
             view.unit_png(inside, chosen, png)
         if page_path is not None:
-            view.write_page(page_path, view.page(inside, chosen, title=f"Inside {Path(checkpoint).name} on "
-                                                                      f"{Path(text).name}"))
+            view.write_page(page_path, view.page(inside, chosen, title=f"Inside {printable_name(checkpoint)} on "
+                                                                      f"{printable_name(text)}"))
         if as_json:
             listed = [view.Unit(m.layer + 1, m.quantity, m.unit) for ms in inside.matches.values() for m in ms]
             typer.echo(json.dumps(view.as_json(inside, [chosen, *listed], all_values=all_values)))

@@ -179,6 +179,12 @@ def checked(config: Config) -> Config:
     if not isinstance(config, Config):
         raise TypeError(f"config must be an lmtrain.config.Config (from load_config or build_config); got "
                         f"{type(config).__name__}")
+    for name, cls in SECTIONS.items():  # an attribute set by a misspelt name would be dropped unseen
+        section = getattr(config, name)
+        for attribute in vars(section) if isinstance(section, cls) else ():
+            if attribute not in cls.__dataclass_fields__:
+                raise ConfigError(f"unknown config key {shown(f'{name}.{attribute}')}"
+                                  f"{suggestion(f'{name}.{attribute}')}")
     return from_dict(to_dict(config))
 
 
@@ -214,8 +220,9 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
             if isinstance(value, list):
                 return [_coerce(key, item, item_type) for item in value]
             continue
-        if option is bool and isinstance(value, bool):
-            return value
+        if option is bool and (isinstance(value, bool) or (type(value).__module__ == "numpy"
+                                                          and type(value).__name__ in ("bool_", "bool"))):
+            return bool(value)  # a NumPy bool too
         if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)  # a NumPy integer too
             if not INT64[0] <= value <= INT64[1]:  # torch, the RNG seeds and the checkpoints hold 64-bit integers

@@ -48,7 +48,7 @@ from lmtrain.data.encoding import (
 )
 from lmtrain.data.tokenizer import Tokenizer, open_corpus
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import atomic_write, replacing
+from lmtrain.files import atomic_write, replacing_held
 
 FORMAT = 2  # 2: a lone CR is a line end
 HASH_BLOCK = 1 << 24
@@ -131,7 +131,7 @@ class Corpus:
 
     def unknown_warnings(self) -> list[str]:
         """One warning line per evaluation split with tokens the training vocabulary lacks."""
-        return [f"warning: {unknown} of {total} {split} tokens ({100 * unknown / max(total, 1):.2f}%) are not in "
+        return [f"warning: {unknown:,} of {total:,} {split} tokens ({100 * unknown / max(total, 1):.2f}%) are not in "
                 f"the training vocabulary and count as <unk>"
                 for split, (unknown, total) in self.unknown.items() if unknown]
 
@@ -230,7 +230,7 @@ def file_signature(path: Path) -> list[int]:
 def content_digest(path: Path, folder: Path) -> str:
     """sha256 of the file's bytes; taken from its `files/` record when its signature still matches."""
     path = path.resolve()
-    record_path = folder / "files" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:40]}.json"
+    record_path = folder / "files" / f"{hashlib.sha256(os.fsencode(path)).hexdigest()[:40]}.json"
     signature = file_signature(path)
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -341,7 +341,7 @@ def write_entry(folder: Path, key: str, config: DataConfig, *, tokenizer: Tokeni
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # Opened before the passes: a read-only cache is found out at once.
-        with replacing(folder / f"{key}.ids") as file:
+        with replacing_held(folder / f"{key}.ids") as file:  # a killed run's leftover goes at the next
             characters = text_length(config.path, encoding=config.encoding, errors=config.encoding_errors) \
                 if config.path is not None else None  # the cuts between the splits depend on it
             tokenizer = tokenizer or fit_tokenizer(config, next(split_texts(config, length=characters))[1])

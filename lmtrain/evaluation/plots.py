@@ -1,5 +1,5 @@
 """Learning curves from runs' `metrics.jsonl`, drawn with matplotlib (an optional extra:
-`pip install "lmtrain[plot]"`)."""
+`pip install -e ".[plot]"` in lmtrain's folder)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import LmtrainError, os_reason
-from lmtrain.files import check_output, metric_events, writing_output
+from lmtrain.files import check_output, metric_events, printable_name, writing_output
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 # A plotted value outside this range is no step, loss or time a run writes (a hand-edited or damaged
@@ -30,8 +30,8 @@ def pyplot() -> Any:
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
     except ImportError:
-        raise LmtrainError("plotting needs matplotlib: pip install 'lmtrain[plot]' (or pip install matplotlib)"
-                           ) from None
+        raise LmtrainError("plotting needs matplotlib: pip install matplotlib (or, in lmtrain's folder, "
+                           "pip install -e '.[plot]')") from None
     finally:
         logger.setLevel(level)
     return plt
@@ -112,7 +112,7 @@ def first_of_each_folder(run_dirs: list[str]) -> list[str]:
 
 def legend_names(run_dirs: list[str]) -> list[str]:
     """Each run by its folder's name, or by the path given where two folders share a name."""
-    names = [Path(run_dir).name or str(run_dir) for run_dir in run_dirs]
+    names = [printable_name(run_dir) for run_dir in run_dirs]
     return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
 
 

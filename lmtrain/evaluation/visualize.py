@@ -36,7 +36,7 @@ from lmtrain.evaluation.inside import (
     trace,
 )
 from lmtrain.evaluation.perplexity import WHOLE_TEXT, evaluation_sequences
-from lmtrain.files import writing_output
+from lmtrain.files import printable_name, writing_output
 
 if TYPE_CHECKING:
     from lmtrain.config import Config
@@ -101,7 +101,7 @@ def look_inside(checkpoint: str, text_file: str, *, features: dict[str, str] | N
     found.update({name: values for name, values in text_features(traced.tokens, level=config.data.level).items()
                   if name not in found})
     m = config.model
-    description = (f"{m.cell} {m.num_layers}x{m.hidden_size}, {config.data.level} level, {Path(checkpoint).name}"
+    description = (f"{m.cell} {m.num_layers}x{m.hidden_size}, {config.data.level} level, {printable_name(checkpoint)}"
                    + (" (its left-to-right LM)" if m.direction == "bi" else ""))
     inside = Inside(description, config.data.level, traced, found,
                     {name: strongest_units(traced, values, count=top) for name, values in found.items()},
@@ -143,7 +143,8 @@ def _warnings(traced: Trace, positions: int, max_positions: int) -> list[str]:
         notes.append(f"warning: {unknown} of {len(traced.unknown)} positions ({share:.2f}%) read a token the model "
                      f"never saw, as <unk>; they are shown as written and marked")
     if positions > max_positions:
-        notes.append(f"warning: the text holds more than {max_positions:,} positions; read the first {max_positions:,} "
+        unit = "position" if max_positions == 1 else "positions"
+        notes.append(f"warning: the text holds more than {max_positions:,} {unit}; read the first {max_positions:,} "
                      f"(--max-tokens)")
     return notes
 

@@ -16,10 +16,15 @@ def size(name: str, value: Any) -> int:
 
 
 def flags(**values: Any) -> None:
-    """Refuse any of `values` that is not True or False."""
+    """Refuse any of `values` that is not True or False (a NumPy bool is taken, as NumPy numbers are)."""
     for name, value in values.items():
-        if not isinstance(value, bool):
+        if not is_bool(value):
             raise ValueError(f"{name} must be True or False; got {value!r}")
+
+
+def is_bool(value: Any) -> bool:
+    """Whether `value` is True or False, as Python's bool or NumPy's (np.True_), without importing NumPy."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
 
 
 def number_or_none(name: str, value: Any) -> float | None:

@@ -142,9 +142,10 @@ class GRUCell(Cell):
     def __init__(self, input_size: int, hidden_size: int, *, relevance_gate: bool = True,
                  gru_reset: str = "before") -> None:
         arguments.flags(relevance_gate=relevance_gate)
-        if gru_reset not in ("before", "after") or (gru_reset == "after" and not relevance_gate):
-            raise ValueError("gru_reset must be 'before' or 'after' (the latter with the relevance gate); "
-                             f"got {gru_reset!r}")
+        if gru_reset not in ("before", "after"):
+            raise ValueError(f"gru_reset must be 'before' or 'after'; got {gru_reset!r}")
+        if gru_reset == "after" and not relevance_gate:
+            raise ValueError("gru_reset 'after' needs relevance_gate=True (it places the relevance gate)")
         self.relevance_gate, self.gru_reset = relevance_gate, gru_reset
         self.gates = ("u", "r", "c") if relevance_gate else ("u", "c")
         super().__init__(input_size, hidden_size)

@@ -105,7 +105,7 @@ class RecurrentLayer(nn.Module):
             raise TypeError(f"cell must be a Cell (RNNCell, GRUCell, LSTMCell, or make_cell's); got {cell!r}")
         arguments.flags(reverse=reverse)
         if gradients not in choices("model.gradients"):
-            raise ValueError(f"gradients must be one of {choices('model.gradients')}; got {gradients!r}")
+            raise ValueError(f"gradients must be one of {', '.join(choices('model.gradients'))}; got {gradients!r}")
         if not 0.0 <= weight_drop < 1.0:
             raise ValueError(f"weight_drop must be in [0, 1); got {weight_drop}")
         self.cell, self.reverse, self.gradients, self.weight_drop = cell, reverse, gradients, weight_drop

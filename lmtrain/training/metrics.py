@@ -135,7 +135,7 @@ def run_line(model: ModelConfig, *, parameters: int, vocab_size: int, per_epoch:
              threads: str, processes: int) -> str:
     """The line a run starts with: the model, its data, and where it runs."""
     return (f"model: {model.cell} {model.num_layers}x{model.hidden_size}, {parameters:,} parameters, vocabulary "
-            f"{vocab_size}, {per_epoch} batches per epoch, device {device}"
+            f"{vocab_size:,}, {per_epoch:,} batches per epoch, device {device}"
             + (f", {threads}" if device.type == "cpu" else "")
             + (f", {processes} processes" if processes > 1 else "")
             + (", with a right-to-left LM (direction: bi)" if model.direction == "bi" else ""))

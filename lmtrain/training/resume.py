@@ -7,6 +7,7 @@ since, unless asked to go on (`--allow-changed-data`)."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -105,7 +106,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 def resume_command(out_dir: Path, world: World) -> str:
     """The command that continues a stopped run (with its number of processes, when they ran on one machine)."""
-    command = f"lmtrain train {out_dir / 'config.yaml'} --resume"
+    command = f"lmtrain train {shlex.quote(str(out_dir / 'config.yaml'))} --resume"  # to paste into a shell
     one_machine = world.distributed and world.local_size == world.size
     return command + (f" --nproc {world.size}" if one_machine else "")
 

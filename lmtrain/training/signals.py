@@ -43,5 +43,5 @@ class StopSignals:
 
     def interrupted(self, signal_number: int, *, step: int, written: str, resume_command: str) -> TrainingInterrupted:
         """The error that ends a run stopped by `signal_number` at `step`, `written` saved."""
-        return TrainingInterrupted(f"stopped by {signal.Signals(signal_number).name} at step {step}; {written} "
+        return TrainingInterrupted(f"stopped by {signal.Signals(signal_number).name} at step {step:,}; {written} "
                                    f"written; continue with: {resume_command}", 128 + signal_number)

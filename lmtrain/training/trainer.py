@@ -213,7 +213,7 @@ class Trainer:
         if payload:
             self.progress, self.states = restore(payload, model=self.model, optimizer=self.optimizer, world=world,
                                                  device=self.device)
-            echo(f"resuming {self.resume_path} at step {self.progress.step} (epoch {self.progress.epoch + 1})")
+            echo(f"resuming {self.resume_path} at step {self.progress.step:,} (epoch {self.progress.epoch + 1})")
         self.resumed_at = self.progress.step if payload else None
 
     def run(self, on_start: Callable[[Config], None] | None = None) -> TrainResult:
@@ -290,7 +290,7 @@ class Trainer:
                 if step % train_config.eval_every == 0:
                     valid_loss, last_eval_step = self._evaluate(), step
                 if train_config.sample_every and step % train_config.sample_every == 0 and world.is_main:
-                    self.echo(f"step {step} samples:\n" + "\n".join(map(printable, self._samples(3))))
+                    self.echo(f"step {step:,} samples:\n" + "\n".join(map(printable, self._samples(3))))
                 if step % train_config.checkpoint_every == 0 and self.bad_steps == 0:
                     self._save_last()  # not while steps are failing: the last good checkpoint stays
                 if stop_signal is not None:
@@ -368,7 +368,7 @@ class Trainer:
         self.warn(f"warning: step {self.progress.step} skipped: loss {loss}, gradient norm {norm}")
         if self.bad_steps >= self.config.train.max_bad_steps:
             raise self._everywhere(LmtrainError(
-                f"stopped at step {self.progress.step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                f"stopped at step {self.progress.step:,}: {self.bad_steps} steps in a row had a non-finite loss or "
                 f"gradient (train.max_bad_steps); {self._checkpoints_kept()}; a lower train.lr or train.clip may help"))
 
     def _checkpoints_kept(self) -> str:
@@ -420,7 +420,7 @@ class Trainer:
         if len(scores) > 1:  # a bi model: the mean is what picks best.pt, and what the run's end reports
             parts.append(f"mean loss {loss:.4f}")
         marker = " (best)" if self.progress.best_valid_loss == loss else ""
-        self.echo(f"step {self.progress.step}: " + "; ".join(parts) + marker)
+        self.echo(f"step {self.progress.step:,}: " + "; ".join(parts) + marker)
         return loss
 
     def _log_event(self, split: str, loss: float | None, tokens_per_s: float, skipped: int = 0) -> None:
@@ -438,7 +438,7 @@ class Trainer:
         that are no longer finite numbers are never written: the run stops, the last good checkpoint kept."""
         if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
             raise self._everywhere(LmtrainError(
-                f"stopped at step {self.progress.step}: the weights are no longer finite numbers (NaN or "
+                f"stopped at step {self.progress.step:,}: the weights are no longer finite numbers (NaN or "
                 f"infinity), so no checkpoint is written; {self._checkpoints_kept()}; a lower train.lr or "
                 f"train.clip may help"))
         payload = checkpoint_payload(config=self.config, tokenizer=self.tokenizer, model=self.model,
@@ -461,6 +461,6 @@ class Trainer:
                             sentence_start=self.config.data.mode == "sentences", eos=self.config.data.eos,
                             max_tokens=200, generator=generator)
         except NonFiniteOutputs:  # the run itself is done and saved: say why there are no samples, and go on
-            self.warn(f"warning: no samples at step {self.progress.step}: the model's outputs are not finite numbers "
+            self.warn(f"warning: no samples at step {self.progress.step:,}: the model's outputs are not finite numbers "
                       f"(its weights diverged; a lower train.lr or train.clip may help)")
             return []
