@@ -90,8 +90,9 @@ def shorten(text: str, folder: Path, root: Path) -> str:
 
 
 def cell(text: str) -> str:
-    """Markdown table cell: inline code with pipes escaped."""
-    text = text.replace("|", "\\|")
+    """Markdown table cell: inline code with pipes escaped, and a file name's bytes that are no UTF-8
+    (held by Python as lone surrogates) written as \\xNN."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("|", "\\|")
     fence = "``" if "`" in text else "`"
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
@@ -172,7 +173,7 @@ def main() -> int:
         text += ("\n## Not yet as specified\n\nRows marked ⚠ print what is shown above, which is not yet what "
                  "the test expects:\n\n" + "\n".join(gaps) + "\n")
     options.output.parent.mkdir(parents=True, exist_ok=True)
-    options.output.write_text(text, encoding="utf-8")
+    options.output.write_bytes(text.encode("utf-8"))  # encoded first: a text that cannot be leaves the page whole
     print(f"wrote {options.output} ({len(CASES)} cases, {len(gaps)} not as specified, "
           f"{time.perf_counter() - begin:.0f} s)", file=sys.stderr)
     return 0

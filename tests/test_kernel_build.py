@@ -233,7 +233,7 @@ def test_an_unreadable_cache_builds_in_a_private_folder_with_one_line(tmp_path):
     shut = cache / spec.module
     shut.mkdir(parents=True)
     shut.chmod(0)
-    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     script = ("import sys\nfrom pathlib import Path\nfrom lmtrain.speed import kernel_build\n"
               f"spec = kernel_build.Spec('tiny', (Path({str(SOURCE)!r}),), cflags=('-DANSWER=12',))\n"
               "module, reason = kernel_build.obtain(spec, announce=lambda line: print(line, file=sys.stderr), "
@@ -369,7 +369,7 @@ def test_a_training_killed_while_compiling_the_kernels_does_not_wedge_the_next(t
     train` again, on a cold cache: the second one compiles and trains, and says nothing of waiting."""
     config, command = tiny_run(tmp_path)
     env = environment(tmp_path, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"), LMTRAIN_COMPILED="1")
-    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     victim = subprocess.Popen([*command, f"train.out_dir={tmp_path / 'killed'}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -392,7 +392,7 @@ def test_without_a_compiler_training_runs_the_python_code_with_one_line(tmp_path
     no_tools.mkdir()
     env = {**environment(tmp_path, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions")), "PATH": str(no_tools)}
     env.pop("LMTRAIN_COMPILED", None)
-    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     result = subprocess.run([*command, f"train.out_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
