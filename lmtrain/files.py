@@ -148,10 +148,10 @@ def check_output(option: str, path: str, *, suffixes: tuple[str, ...], inputs: I
             raise LmtrainError(f"{option} {path} is the input {source}: writing it would replace what is read")
 
 
-def printable_name(path: str | Path) -> str:
-    """A file's name as text that can be written anywhere (a page, a plot's legend): bytes of the name
-    that are no UTF-8, which Python holds as lone surrogates, shown as U+FFFD."""
-    return os.fsencode(Path(path).name or str(path)).decode("utf-8", errors="replace")
+def printable_name(path: str | Path, *, whole: bool = False) -> str:
+    """A file's name (`whole`: the path as given) as text that can be written anywhere (a page, a plot's
+    legend): bytes of it that are no UTF-8, which Python holds as lone surrogates, shown as U+FFFD."""
+    return os.fsencode(str(path) if whole else Path(path).name or str(path)).decode("utf-8", errors="replace")
 
 
 def same_file(first: str | Path, second: str | Path) -> bool:

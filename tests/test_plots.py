@@ -185,6 +185,8 @@ def test_matplotlib_s_own_messages_stay_quiet(tmp_path):
 
 def test_runs_are_named_apart_and_drawn_once(tmp_path, monkeypatch):
     assert legend_names(["runs/char", "other/char", "runs/word"]) == ["runs/char", "other/char", "word"]
+    # A name's bytes that are no UTF-8 (Python's lone surrogates) would stop matplotlib drawing the legend.
+    assert legend_names(["a/r\udce9", "b/r\udce9", "c\udce9"]) == ["a/r\ufffd", "b/r\ufffd", "c\ufffd"]
     assert first_of_each_folder(["b", "a", "./b/", "c", "a"]) == ["b", "a", "c"]
     pytest.importorskip("matplotlib")
     run = write_run(tmp_path / "run", EVENTS)

@@ -113,7 +113,8 @@ def first_of_each_folder(run_dirs: list[str]) -> list[str]:
 def legend_names(run_dirs: list[str]) -> list[str]:
     """Each run by its folder's name, or by the path given where two folders share a name."""
     names = [printable_name(run_dir) for run_dir in run_dirs]
-    return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
+    return [name if names.count(name) == 1 else printable_name(run_dir, whole=True)
+            for name, run_dir in zip(names, run_dirs)]
 
 
 def save_figure(plt: Any, figure: Any, path: str, **options: Any) -> None:
