@@ -61,8 +61,9 @@ def open_standard_streams() -> None:
     """Standard input, output and error as the command needs them. One that was closed (`>&-`) is
     /dev/null: left closed, the first file lmtrain opened would take its number, and a library's print
     would land in a checkpoint. An unbuffered output (PYTHONUNBUFFERED=1, as container images set it) is
-    written through a buffer: Python's text layer drops the rest of a write that the system cut short
-    (a full disk, `ulimit -f`), where the buffer writes it or raises the error that says so."""
+    written through a buffer, emptied at every line end: Python's text layer drops the rest of a write
+    that the system cut short (a full disk, `ulimit -f`), where the buffer writes it or raises the error
+    that says so."""
     for number in (0, 1, 2):
         try:
             os.fstat(number)
@@ -77,8 +78,7 @@ def open_standard_streams() -> None:
             setattr(sys, name, open(number, "w", errors="backslashreplace", closefd=False))
         elif isinstance(getattr(stream, "buffer", None), io.FileIO):
             setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(stream.buffer), encoding=stream.encoding,
-                                                errors=stream.errors, line_buffering=stream.line_buffering,
-                                                write_through=True))
+                                                errors=stream.errors, line_buffering=True, write_through=True))
 
 
 def _end_at_once_on_ctrl_c(code: int) -> None:
