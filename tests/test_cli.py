@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,21 @@ def test_output_cut_short_by_a_file_size_limit_is_an_error(tmp_path, unbuffered)
                                 stdout=file, stderr=subprocess.PIPE, text=True, timeout=120,
                                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)))
     assert (result.returncode, result.stderr) == (2, "error: cannot write the output: File too large\n")
+
+
+def test_unbuffered_output_still_shows_each_line_at_once(tmp_path):
+    """Under PYTHONUNBUFFERED=1 (torchrun's processes run with -u) the output goes through a buffer of
+    lmtrain's, which must not hold a line back: a watcher sees it while the process still runs."""
+    code = ("import time\nimport lmtrain.cli\nlmtrain.cli.open_standard_streams()\n"
+            "print('first line')\ntime.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready and process.stdout.readline() == "first line\n"
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_no_room_to_load_torch_is_one_line(tmp_path):
