@@ -136,10 +136,10 @@ def check_output(option: str, path: str, *, suffixes: tuple[str, ...], inputs: I
         raise LmtrainError(f"{option} must name a {' or '.join(suffixes)} file; got {path}")
     if target.is_dir():
         raise LmtrainError(f"cannot write {path}: it is a directory")
-    # The output is written through a link, to the file it names: that file's name must fit as well.
+    # The output is written through a link, to the file it names: that file must be of the output's kind.
     named = Path(os.path.realpath(target))
-    if target.is_symlink() and named.suffix.lower() not in suffixes:
-        raise LmtrainError(f"{option} {path} is a link to {named}, not a {' or '.join(suffixes)} file: writing "
+    if target.is_symlink() and named.suffix.lower() != target.suffix.lower():
+        raise LmtrainError(f"{option} {path} is a link to {named}, not a {target.suffix.lower()} file: writing "
                            f"it would replace that file")
     if not target.parent.is_dir():
         raise LmtrainError(f"cannot write {path}: the folder {target.parent} does not exist")

@@ -244,7 +244,7 @@ def test_no_room_to_load_torch_is_one_line(tmp_path):
 
 def test_a_runs_own_config_yaml_read_back_starts_a_new_run(tmp_path):
     """A new run from the config.yaml a run wrote in the same train.out_dir (one stopped before its first
-    checkpoint) goes ahead: writing the resolved config there changes nothing."""
+    checkpoint) goes ahead, with overrides too: the file is lmtrain's resolved config, nothing of the user's."""
     from lmtrain.config import to_yaml
 
     write_lines(tmp_path / "corpus.txt", sentences(40, seed=3))
@@ -259,6 +259,11 @@ def test_a_runs_own_config_yaml_read_back_starts_a_new_run(tmp_path):
     result = run(["train", "--no-progress", own], tmp_path)
     assert_ok(result)
     assert own.read_text(encoding="utf-8") == before and (own.parent / "last.pt").exists()
+    shutil.rmtree(own.parent)  # again, stopped before its first checkpoint, now with a setting changed
+    own.parent.mkdir()
+    own.write_text(before, encoding="utf-8")
+    assert_ok(run(["train", "--no-progress", own, "train.max_steps=3"], tmp_path))
+    assert "max_steps: 3" in own.read_text(encoding="utf-8")
 
 
 def test_a_ctrl_c_while_the_process_exits_is_no_traceback(tmp_path):

@@ -341,6 +341,26 @@ def test_an_error_in_process_zero_alone_stops_both_with_one_line(runs):
         f"or choose another train.out_dir"]
 
 
+@pytest.mark.parametrize("started_by_nproc", [True, False])
+def test_only_processes_that_nproc_started_end_with_their_launcher(monkeypatch, started_by_nproc):
+    """A process that a script, a shell or torchrun started need not end with its parent (a shell that
+    exits after `nohup ... &`): only `--nproc`'s processes ask for SIGTERM at their launcher's end."""
+    asked = []
+
+    class Libc:
+        def prctl(self, *arguments):
+            asked.append(arguments)
+
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda *args, **kwargs: Libc())
+    monkeypatch.setattr(distributed.sys, "platform", "linux")
+    if started_by_nproc:
+        monkeypatch.setenv(distributed.STARTED_BY_NPROC, "1")
+    else:
+        monkeypatch.delenv(distributed.STARTED_BY_NPROC, raising=False)
+    distributed.stop_with_launcher()
+    assert asked == ([(distributed.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)] if started_by_nproc else [])
+
+
 def processes_naming(folder: Path) -> list[int]:
     """The processes whose command line names `folder` (read from /proc)."""
     found = []

@@ -214,3 +214,17 @@ def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch):
     with pytest.raises(LmtrainError, match=r"^plotting needs matplotlib: pip install matplotlib \(or, in lmtrain's "
                                            r"folder, pip install -e '\.\[plot\]'\)$"):
         pyplot()
+
+
+def test_an_output_that_is_a_link_must_name_a_file_of_its_own_kind(tmp_path):
+    """The output is written through a link: `curves.png` pointing to `fig.svg` (or a checkpoint) would
+    have that file replaced by a PNG. A link to a file of the output's own kind is written through."""
+    from lmtrain.files import check_output
+
+    (tmp_path / "fig.svg").write_text("<svg/>")
+    (tmp_path / "curves.png").symlink_to("fig.svg")
+    with pytest.raises(LmtrainError, match=r"^-o .*curves.png is a link to .*fig.svg, not a .png file"):
+        check_output("-o", str(tmp_path / "curves.png"), suffixes=(".png", ".svg", ".pdf"))
+    (tmp_path / "kept.png").write_bytes(b"")
+    (tmp_path / "other.png").symlink_to("kept.png")
+    check_output("-o", str(tmp_path / "other.png"), suffixes=(".png", ".svg", ".pdf"))

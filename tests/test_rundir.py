@@ -365,3 +365,15 @@ def test_a_single_bad_step_is_skipped_and_training_goes_on(tmp_path, corpus, mon
     result = train(config(corpus, out_dir), echo=messages.append, progress_bar=False)
     assert result.progress.step == 10 and sum("skipped" in m for m in messages) == 1
     assert all(torch.isfinite(t).all() for t in weights(out_dir / "last.pt").values())
+
+
+def test_a_misspelt_section_or_a_name_of_ones_own_on_a_config(tmp_path, corpus):
+    """A section set under a misspelt name is refused like a key; a name of one's own (`_note`) is left
+    alone: it is no setting."""
+    changed = config(corpus, tmp_path / "run", train__max_steps=1)
+    changed.trian = changed.train
+    with pytest.raises(LmtrainError, match=r"^unknown config section 'trian' \(did you mean 'train'\?\)"):
+        train(changed, progress_bar=False)
+    del changed.trian
+    changed._note, changed.train._note = "mine", "mine too"
+    assert train(changed, progress_bar=False).progress.step == 1

@@ -87,13 +87,21 @@ def _default_config() -> Path:
 
 def _check_not_written_over(path: Path, config: Config) -> None:
     """Refuse a new run whose config file is the `config.yaml` it is about to write in `train.out_dir`,
-    where writing the resolved config would change it: a file of the user's own, its comments and
-    relative paths, would be gone. (A run's own config.yaml, read back as written, stays as it is.)"""
-    from lmtrain.config import to_yaml
+    when that file is the user's own: its comments and relative paths would be gone. A run's own
+    config.yaml (a run stopped before its first checkpoint), the resolved config as lmtrain writes it,
+    may be read back, with overrides too."""
+    from lmtrain.config import load_config, to_yaml
     from lmtrain.files import same_file
 
-    written = Path(config.train.out_dir) / "config.yaml"
-    if same_file(path, written) and path.read_text(encoding="utf-8", errors="replace") != to_yaml(config):
+    if not same_file(path, Path(config.train.out_dir) / "config.yaml"):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once already, by the load with the overrides
+            as_written = to_yaml(load_config(path))
+    except LmtrainError:  # not a whole config without the overrides: no file lmtrain wrote
+        as_written = None
+    if path.read_text(encoding="utf-8", errors="replace") != as_written:
         raise LmtrainError(f"{path} is the config.yaml a run writes in train.out_dir {config.train.out_dir}: "
                            f"it would be replaced by the resolved config; keep the config outside train.out_dir or "
                            f"choose another train.out_dir")

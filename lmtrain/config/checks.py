@@ -179,10 +179,14 @@ def checked(config: Config) -> Config:
     if not isinstance(config, Config):
         raise TypeError(f"config must be an lmtrain.config.Config (from load_config or build_config); got "
                         f"{type(config).__name__}")
-    for name, cls in SECTIONS.items():  # an attribute set by a misspelt name would be dropped unseen
+    # An attribute set under a misspelt name would be dropped unseen (a name of one's own, `_note`, is one's own).
+    for attribute in vars(config):
+        if attribute not in SECTIONS and not attribute.startswith("_"):
+            raise ConfigError(f"unknown config section {shown(attribute)}{suggestion(attribute, list(SECTIONS))}")
+    for name, cls in SECTIONS.items():
         section = getattr(config, name)
         for attribute in vars(section) if isinstance(section, cls) else ():
-            if attribute not in cls.__dataclass_fields__:
+            if attribute not in cls.__dataclass_fields__ and not attribute.startswith("_"):
                 raise ConfigError(f"unknown config key {shown(f'{name}.{attribute}')}"
                                   f"{suggestion(f'{name}.{attribute}')}")
     return from_dict(to_dict(config))

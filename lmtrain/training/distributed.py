@@ -54,6 +54,7 @@ _GROUPS_KEPT_TO_THE_END: list[dist.ProcessGroup] = []
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+STARTED_BY_NPROC = "LMTRAIN_STARTED_BY_NPROC"  # set by `launch` for the processes it starts
 
 
 @dataclass(frozen=True)
@@ -158,11 +159,12 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
 
 
 def stop_with_launcher() -> None:
-    """Have the system send this process SIGTERM when the launcher that started it (torchrun, `--nproc`)
-    ends, however it ends: killed with SIGKILL, it cannot stop its processes, which then trained on alone,
-    holding the run folder. SIGTERM stops a run after its step with last.pt written, so `--resume` goes on.
-    Linux only (prctl's PR_SET_PDEATHSIG); elsewhere nothing changes."""
-    if not sys.platform.startswith("linux"):
+    """In a process that `--nproc` started, have the system send it SIGTERM when the launcher ends, however
+    it ends: killed with SIGKILL, it cannot stop its processes, which then trained on alone, holding the
+    run folder. SIGTERM stops a run after its step with last.pt written, so `--resume` goes on. Linux only
+    (prctl's PR_SET_PDEATHSIG). Processes started otherwise (torchrun, a script, a shell that exits after
+    starting them) are left as they are: their parent's end need not be theirs."""
+    if not sys.platform.startswith("linux") or os.environ.get(STARTED_BY_NPROC) != "1":
         return
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -395,6 +397,7 @@ def launch(nproc: int, arguments: list[str], *, batch_size: int, on_cpu: bool) -
 
     # An equal share of the cores for each process, as torchrun would otherwise set 1 with a warning.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    os.environ[STARTED_BY_NPROC] = "1"  # the processes end with this launcher (`stop_with_launcher`)
     # The launcher logs every signal and worker exit at length; the workers say for themselves why they
     # stopped. (Its loggers each have a level of their own, set when its modules load.)
     for name, logger in list(logging.root.manager.loggerDict.items()):

@@ -365,7 +365,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.states = [None for _ in self.states]
         self.bad_steps += 1
-        self.warn(f"warning: step {self.progress.step} skipped: loss {loss}, gradient norm {norm}")
+        self.warn(f"warning: step {self.progress.step:,} skipped: loss {loss}, gradient norm {norm}")
         if self.bad_steps >= self.config.train.max_bad_steps:
             raise self._everywhere(LmtrainError(
                 f"stopped at step {self.progress.step:,}: {self.bad_steps} steps in a row had a non-finite loss or "
