@@ -25,7 +25,6 @@ from lmtrain.cli import evaluating  # noqa: F401
 from lmtrain.cli import caches, views  # noqa: F401
 from lmtrain.cli.app import app, user_errors  # app: the command tree, which tests and scripts import from here
 from lmtrain.config import MAX_THREADS
-from lmtrain.errors import LmtrainError, error_line
 
 
 def drop_unusable_thread_setting(environment: dict[str, str] | os._Environ) -> str | None:
@@ -116,10 +115,7 @@ def _exit_code() -> int:
 def _parsed_and_run() -> int:
     try:
         code = app(prog_name="lmtrain", standalone_mode=False)
-    except LmtrainError as error:  # raised before a command's user_errors (an eager option: --version)
-        typer.echo(error_line(error), err=True)
-        return getattr(error, "exit_code", None) or 2
-    except Exception as error:  # the command-line parser's errors (click's, inside typer)
+    except Exception as error:  # the command-line parser's errors (click's, inside typer); the rest: user_errors
         if not (hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int)):
             raise
         context = getattr(error, "ctx", None)
